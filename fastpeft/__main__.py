@@ -1,0 +1,3 @@
+from fastpeft.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""The ``fastpeft`` command: ``fastpeft <subcommand> [args]`` (also ``python -m fastpeft``).
+
+Each subcommand lives in its own module as ``main(argv: list[str]) -> int``; this table maps names
+to ``"module:function"`` and is imported lazily so ``fastpeft --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+DEFAULT_COMMAND = "demo"
+
+
+def _usage() -> str:
+    lines = ["usage: fastpeft <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
+    lines += ["", f"With no command, runs `{DEFAULT_COMMAND}`. `fastpeft <command> --help` for its options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name = argv.pop(0) if argv and not argv[0].startswith("-") else DEFAULT_COMMAND
+    if name not in COMMANDS:
+        print(f"fastpeft: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)

@@ -1,0 +1,365 @@
+"""NF4 4-bit weights in exactly bitsandbytes' format, and their dequantization.
+
+Format (bitsandbytes ``quantize_4bit(..., quant_type="nf4")``):
+
+- the weight is flattened row-major and cut into blocks of ``blocksize`` consecutive elements
+  (a trailing partial block gets its own scale);
+- each block is scaled by its fp32 absmax into [-1, 1] and each element rounded to the nearest of
+  the 16 NF4 values (``NF4_CODE``); ties go to the lower code, as ``torch.bucketize`` does;
+- two codes per byte, the first element in the high nibble;
+- with double quantization the absmax vector is stored as ``absmax - offset`` (offset = its mean)
+  quantized blockwise (256 per block) to uint8 with bitsandbytes' signed dynamic 8-bit map, plus
+  one fp32 ``nested_absmax`` per 256 blocks.
+
+The Triton kernel below dequantizes into a dense tensor; the fused linear kernels reuse
+:func:`nf4_dequant_tile` to dequantize in registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.kernels.backend import backend
+
+# The 16 NF4 values (QLoRA, normal-distribution quantiles), fp32, as bitsandbytes stores them.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+NESTED_BLOCKSIZE = 256
+ALLOWED_BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code_cpu() -> torch.Tensor:
+    return torch.tensor(NF4_VALUES, dtype=torch.float32)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The NF4 table as an fp32 tensor ``[16]`` on ``device``."""
+    return _nf4_code_cpu().to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cpu() -> torch.Tensor:
+    # bitsandbytes' signed dynamic 8-bit map (7 exponent bits): a sign, a run of zero bits that
+    # sets the decade, then a linear fraction in that decade. The values are built with the same
+    # fp32 linspace/means as bitsandbytes so the table matches it bit for bit.
+    max_exponent_bits, non_sign_bits = 7, 7
+    values: list[float] = []
+    for i in range(max_exponent_bits):
+        items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        values += (scale * means).tolist()
+        values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit quantization map, fp32 ``[256]``, sorted."""
+    return _dynamic_map_cpu().to(device)
+
+
+@dataclasses.dataclass
+class NF4Weight:
+    """A 4-bit NF4 weight: the same bytes and statistics as a bitsandbytes ``QuantState``.
+
+    Attributes:
+        packed: uint8 ``[ceil(numel / 2)]``, two codes per byte, first element in the high nibble.
+        absmax: fp32 ``[n_blocks]``; with double quant uint8 ``[n_blocks]`` (codes of absmax - offset).
+        shape: the dense weight's shape, e.g. ``(out_features, in_features)``.
+        blocksize: elements per absmax block.
+        dtype: dtype of the dense weight (the default dequantization dtype).
+        nested_absmax: fp32 ``[ceil(n_blocks / 256)]`` with double quant, else None.
+        nested_code: fp32 ``[256]`` dynamic map with double quant, else None.
+        offset: fp32 scalar tensor (mean of the absmax) with double quant, else None.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    blocksize: int
+    dtype: torch.dtype
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        _check_blocksize(self.blocksize)
+        n = self.shape.numel()
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
+            raise ValueError(
+                f"NF4Weight.packed must be uint8 with {(n + 1) // 2} bytes for shape {tuple(self.shape)}, "
+                f"got {self.packed.dtype} with {self.packed.numel()}"
+            )
+        n_blocks = -(-n // self.blocksize)
+        if self.absmax.numel() != n_blocks:
+            raise ValueError(f"NF4Weight.absmax must have {n_blocks} entries, got {self.absmax.numel()}")
+        nested = (self.nested_absmax, self.nested_code, self.offset)
+        if any(t is not None for t in nested) and any(t is None for t in nested):
+            raise ValueError("double quantization needs nested_absmax, nested_code and offset together")
+        if self.double_quant and self.absmax.dtype != torch.uint8:
+            raise ValueError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
+        if not self.double_quant and self.absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be float32, got {self.absmax.dtype}")
+        self.packed = self.packed.reshape(-1)
+        self.absmax = self.absmax.reshape(-1)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device (packed codes plus statistics)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to store (state_dict buffers), by name."""
+        out = {"packed": self.packed, "absmax": self.absmax}
+        if self.double_quant:
+            out.update(nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset)
+        return out
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return NF4Weight(shape=self.shape, blocksize=self.blocksize, dtype=self.dtype, **moved)
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """The per-block scales as fp32 ``[n_blocks]`` (undoing double quantization if used)."""
+        if not self.double_quant:
+            return self.absmax
+        # Same op order as bitsandbytes: code[q] * nested_absmax[block], then + offset, in fp32.
+        idx = torch.arange(self.absmax.numel(), device=self.device) // NESTED_BLOCKSIZE
+        return self.nested_code[self.absmax.long()] * self.nested_absmax[idx] + self.offset
+
+    @classmethod
+    def from_bnb(cls, weight: Any, quant_state: Any = None) -> NF4Weight:
+        """Wrap a bitsandbytes ``Params4bit`` (or packed tensor + ``QuantState``) without re-quantizing."""
+        state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
+        if state is None:
+            raise ValueError("NF4Weight.from_bnb needs a Params4bit with a quant_state (is the layer quantized?)")
+        if getattr(state, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")
+        packed = weight.data if hasattr(weight, "data") else weight
+        if packed.dtype != torch.uint8:
+            packed = packed.contiguous().view(torch.uint8)
+        if state.nested:
+            return cls(
+                packed=packed.reshape(-1), absmax=state.absmax, shape=state.shape, blocksize=state.blocksize,
+                dtype=state.dtype, nested_absmax=state.state2.absmax, nested_code=state.state2.code,
+                offset=state.offset.reshape(()).float(),
+            )  # fmt: skip
+        return cls(packed=packed.reshape(-1), absmax=state.absmax.float(), shape=state.shape,
+                   blocksize=state.blocksize, dtype=state.dtype)  # fmt: skip
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+
+
+def _blockwise_absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale fp32 ``flat`` [n] by per-block absmax into [-1, 1]; returns (scaled [n], absmax [n_blocks]).
+
+    Mirrors bitsandbytes' CPU arithmetic exactly (multiply by the reciprocal for full blocks, divide
+    for the trailing one, absmax clamped to 1e-38 before use) so the codes agree bit for bit.
+    """
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < n:
+        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.reshape(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    return scaled, absmax
+
+
+def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of sorted ``code`` for each value (ties to the lower entry)."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+
+
+def _quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of fp32 ``x`` [n] as bitsandbytes' CPU library does it.
+
+    Returns (uint8 codes [n], fp32 absmax [n_blocks]). Unlike the 4-bit path this divides by the
+    unclamped absmax and picks the nearer of the two neighbouring codes by fp32 distance (ties to
+    the lower one); an all-zero block divides 0 by 0 and bitsandbytes stores code 0 for it.
+    """
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    padded = torch.cat([x, x.new_zeros(n_blocks * blocksize - n)]).reshape(n_blocks, blocksize)
+    absmax = padded.abs().amax(dim=-1)
+    normed = (padded / absmax.view(-1, 1)).reshape(-1)[:n]
+    # the library searches a copy of the map whose first entry is exactly -1.0
+    search = code.clone()
+    search[0] = -1.0
+    left = (torch.searchsorted(search, normed.contiguous(), right=True) - 1).clamp(0, 254)
+    closer_right = (normed - search[left + 1]).abs() < (normed - search[left]).abs()
+    idx = torch.where(closer_right, left + 1, left)
+    idx = torch.where(normed >= search[-1], torch.full_like(idx, 255), idx)
+    idx = torch.where(torch.isnan(normed), torch.zeros_like(idx), idx)
+    return idx.to(torch.uint8), absmax
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+    """Quantize a dense weight to NF4 exactly as ``bitsandbytes.functional.quantize_4bit`` does.
+
+    Args:
+        w: fp32/fp16/bf16 tensor of any shape (usually ``[out_features, in_features]``).
+        blocksize: elements per absmax block, a power of two from 32 to 4096.
+        double_quant: also quantize the absmax vector (bitsandbytes' ``compress_statistics``).
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"quantize_nf4 expects a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_nf4 supports float32/float16/bfloat16 weights, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor of shape {tuple(w.shape)}")
+    _check_blocksize(blocksize)
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_nf4 got a weight with NaN or inf values")
+    w = w.detach()
+    scaled, absmax = _blockwise_absmax_scale(w.reshape(-1).float(), blocksize)
+    codes = _nearest_code(scaled, nf4_code(w.device))
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad with the code of 0.0, as bnb does
+    packed = (codes[0::2] << 4) | codes[1::2]
+    if not double_quant:
+        return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, blocksize=blocksize, dtype=w.dtype)
+    offset = absmax.mean()
+    nested_code = dynamic_map(w.device)
+    nested_codes, nested_absmax = _quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    return NF4Weight(
+        packed=packed, absmax=nested_codes, shape=w.shape, blocksize=blocksize,
+        dtype=w.dtype, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: dequantize in registers (shared by the fused linear kernels) and to a dense tensor.
+
+
+@triton.jit
+def nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, mask,
+                    DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr):  # fmt: skip
+    """fp32 absmax of the blocks ``block_idx`` (any shape), undoing double quantization."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block_idx, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block_idx // NESTED_BLOCK, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + q, mask=mask, other=0.0) * nested + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + block_idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                     flat_idx, mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     NESTED_BLOCK: tl.constexpr):  # fmt: skip
+    """fp32 values of the weight at flat (row-major) indices ``flat_idx`` (int64, any shape)."""
+    byte = tl.load(packed_ptr + flat_idx // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((flat_idx % 2) == 0, byte >> 4, byte & 0xF)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat_idx // BLOCKSIZE,
+                            mask, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+    return value * scale
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    value = nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                             idx, mask, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+    tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def kernel_args(q: NF4Weight) -> tuple[Any, ...]:
+    """(packed, code, absmax, nested_absmax, nested_code, offset) pointers for the Triton kernels.
+
+    The offset travels as a one-element tensor (no host sync); without double quant the unused
+    nested pointers are filled with ``absmax`` so every kernel keeps one signature.
+    """
+    code = nf4_code(q.device)
+    if q.double_quant:
+        return q.packed, code, q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1)
+    return q.packed, code, q.absmax, q.absmax, q.absmax, q.absmax
+
+
+def _check_dequant_args(q: NF4Weight, dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.dtype:
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"expected an NF4Weight, got {type(q).__name__}")
+    dtype = dtype or q.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"NF4 dequantizes to float32/float16/bfloat16, got {dtype}")
+    if out is not None and (out.shape != q.shape or out.dtype != dtype or out.device != q.device):
+        raise ValueError(
+            f"out must be {dtype} of shape {tuple(q.shape)} on {q.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return dtype
+
+
+def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Launch the Triton dequantization kernel; ``out`` (if given) is reused as the buffer."""
+    dtype = _check_dequant_args(q, dtype, out)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
+    packed, code, absmax, nested_absmax, nested_code, offset = kernel_args(q)
+    block = 1024
+    grid = (triton.cdiv(q.numel, block),)
+    _nf4_dequant_kernel[grid](
+        packed, code, absmax, nested_absmax, nested_code, offset, out, q.numel,
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK=block,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_nf4_reference(q: NF4Weight, dtype: torch.dtype | None = None,
+                             out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Torch reference: the same values as bitsandbytes' ``dequantize_4bit`` (fp32 math, then cast)."""
+    dtype = _check_dequant_args(q, dtype, out)
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[: q.numel]
+    values = nf4_code(q.device)[codes.long()]
+    scale = q.absmax_fp32().repeat_interleave(q.blocksize)[: q.numel]
+    result = (values * scale).reshape(q.shape).to(dtype)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense weight of ``q`` in ``dtype`` (default: the original dtype), shape ``q.shape``."""
+    if backend(q.packed) == "triton":
+        return dequantize_nf4_triton(q, dtype, out)
+    return dequantize_nf4_reference(q, dtype, out)

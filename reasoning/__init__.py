@@ -1,0 +1,1 @@
+"""Batched sampling, verifier-guided search and verifiers."""

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the test suite in .venv (created and filled on first use). Extra args go to pytest.
+set -euo pipefail
+source "$(dirname "$0")/venv.sh" "[test]"
+cd "$ROOT"
+exec python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""Post-training recipes: SFT, reward model, DPO, GRPO, PPO."""
