@@ -11,6 +11,8 @@ import sys
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("fastpeft.cli_bench:main", "benchmark scenarios side by side with baselines (table, JSON, plots)"),
+    "search": ("fastpeft.reasoning.cli_search:main", "answer JSONL prompts with verifier-guided search under a compute budget"),
 }
 DEFAULT_COMMAND = "demo"
 

@@ -6,17 +6,34 @@ None, A ``[r, K]``, B ``[N, r]``, s a Python float (alpha/r, or alpha/sqrt(r) fo
 Backward (W frozen, so no dW):
     dX = dY·W + s·(dY·B)·A      dA = s·(dY·B)ᵀ·x      dB = s·dYᵀ·(x·Aᵀ)      db = Σ_rows dY
 
-This file holds the torch reference and the autograd Function; the Triton launchers are chosen
-through :func:`fastpeft.kernels.backend.backend`.
+Two regimes on the "triton" backend (chosen by :func:`fastpeft.kernels.backend.backend`):
+
+- decode, M <= 16: :func:`fastpeft.kernels.nf4_lora_decode.nf4_lora_decode`, one Triton kernel
+  that streams the 4-bit weight once (memory-bound; see that file).
+- training, M > 16 (and every backward): compute-bound, so cuBLAS does the GEMMs. An NF4 weight is
+  dequantized by the Triton kernel into ONE reused workspace (:mod:`fastpeft.kernels.workspace`,
+  shared by all layers of that dtype), then ``addmm`` with the bias, then the LoRA term
+  accumulated into the same output by a second ``addmm_`` (beta=1, alpha=s): no [M, N] temporary.
+  The backward dequantizes again into the workspace rather than keeping a dense copy alive.
+
+The "torch" backend runs :func:`lora_linear_reference` / :func:`lora_linear_backward_reference`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastpeft.kernels.backend import backend
+from fastpeft.kernels.lora_linear_args import Weight, check_lora_linear_args, check_scaling
 from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4
+from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
+from fastpeft.kernels.workspace import get_workspace
 
-Weight = torch.Tensor | NF4Weight
+__all__ = [
+    "DECODE_MAX_ROWS", "LoRALinearFn", "check_lora_linear_args", "dense_weight", "lora_linear",
+    "lora_linear_backward_reference", "lora_linear_reference", "lora_linear_training_backward",
+    "lora_linear_training_forward",
+]  # fmt: skip
 
 
 def _dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -25,32 +42,18 @@ def _dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
-def check_lora_linear_args(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
-                           lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:  # fmt: skip
-    """Raise a ValueError/TypeError naming the offending shape, dtype or device."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+def dense_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W ``[N, K]`` in ``dtype`` for a GEMM: a dense W as is, an NF4 W dequantized into the shared
+    workspace. The result is only valid until the next call for a layer of the same dtype."""
+    if not isinstance(weight, NF4Weight):
+        return weight
     n, k = weight.shape
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} features but the weight {tuple(weight.shape)} expects {k}")
-    r = lora_A.shape[0]
-    if lora_A.dim() != 2 or lora_A.shape[1] != k:
-        raise ValueError(f"lora_A must be [r, {k}], got {tuple(lora_A.shape)}")
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
-        raise ValueError(f"lora_B must be [{n}, {r}], got {tuple(lora_B.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    tensors = {"lora_A": lora_A, "lora_B": lora_B, "bias": bias}
-    if isinstance(weight, torch.Tensor):
-        tensors["weight"] = weight
-    else:
-        tensors["weight.packed"] = weight.packed
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
-    for name in ("lora_A", "lora_B"):
-        if tensors[name].dtype != x.dtype:
-            raise TypeError(f"x is {x.dtype} but {name} is {tensors[name].dtype}")
+    buf = get_workspace("nf4_dequant", n * k, dtype, weight.device).view(n, k)
+    return dequantize_nf4(weight, dtype, out=buf)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference (ground truth for tests, the CPU path)
 
 
 def lora_linear_reference(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
@@ -73,28 +76,101 @@ def lora_linear_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight
     return grad_x, grad_a, grad_b
 
 
+# ----------------------------------------------------------------------------------------------
+# training regime: Triton dequant into the workspace + cuBLAS
+
+
+def lora_linear_training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
+                                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
+                                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward for large M: returns (y ``[M, N]``, x·Aᵀ ``[M, r]``, kept for the backward).
+
+    ``out`` (``[M, N]``, x's dtype, contiguous) receives y when given.
+    """
+    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
+    return _training_forward(x, weight, bias, lora_A, lora_B, check_scaling(scaling), out)
+
+
+def _training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, scaling: float, out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    m, n = x.shape[0], lora_B.shape[0]
+    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+    w = dense_weight(weight, x.dtype)
+    if bias is None:
+        y = torch.mm(x, w.t(), out=out)
+    else:
+        y = torch.addmm(bias, x, w.t(), out=out)
+    xa = torch.mm(x, lora_A.t())  # [M, r]
+    y.addmm_(xa, lora_B.t(), alpha=scaling)  # one GEMM with beta=1: no [M, N] temporary
+    return y, xa
+
+
+def lora_linear_training_backward(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, weight: Weight,
+                                  lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                                  needs: tuple[bool, bool, bool] = (True, True, True),
+                                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(dX ``[M, K]``, dA ``[r, K]``, dB ``[N, r]``), each None where ``needs`` says so.
+
+    ``xa`` is x·Aᵀ ``[M, r]`` from the forward (recomputed when None). dX reuses the dequant
+    workspace: dX = dY·W, then s·(dY·B)·A accumulated into it by ``addmm_``.
+    """
+    scaling = check_scaling(scaling)
+    need_x, need_a, need_b = needs
+    grad_x = grad_a = grad_b = None
+    g_b = torch.mm(grad_y, lora_B) if (need_x or need_a) else None  # [M, r]
+    if need_x:
+        grad_x = torch.mm(grad_y, dense_weight(weight, grad_y.dtype))
+        grad_x.addmm_(g_b, lora_A, alpha=scaling)
+    if need_a:
+        grad_a = torch.mm(g_b.t(), x).mul_(scaling)
+    if need_b:
+        xa = torch.mm(x, lora_A.t()) if xa is None else xa
+        grad_b = torch.mm(grad_y.t(), xa).mul_(scaling)
+    return grad_x, grad_a, grad_b
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+
+
 class LoRALinearFn(torch.autograd.Function):
-    """Autograd wrapper: saves only x (and the frozen weight by reference), never a dense copy of W."""
+    """Autograd wrapper: saves x (and x·Aᵀ on the training path), never a dense copy of W."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):  # type: ignore[override]
-        ctx.save_for_backward(x, lora_A, lora_B)
-        ctx.weight, ctx.scaling, ctx.has_bias = weight, scaling, bias is not None
-        with torch.no_grad():
-            return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
+        use_triton = backend(x) == "triton"
+        xa = None
+        if not use_triton:
+            y = lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
+        elif x.shape[0] <= DECODE_MAX_ROWS:
+            y = launch_nf4_lora_decode(x, weight, bias, lora_A, lora_B, scaling)
+        else:
+            y, xa = _training_forward(x, weight, bias, lora_A, lora_B, scaling)
+        ctx.save_for_backward(x, lora_A, lora_B, xa)
+        ctx.weight, ctx.scaling, ctx.has_bias, ctx.use_triton = weight, scaling, bias is not None, use_triton
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, lora_A, lora_B = ctx.saved_tensors
-        grad_x, grad_a, grad_b = lora_linear_backward_reference(
-            grad_y.contiguous(), x, ctx.weight, lora_A, lora_B, ctx.scaling
-        )
-        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        x, lora_A, lora_B, xa = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        if ctx.use_triton:
+            grad_x, grad_a, grad_b = lora_linear_training_backward(
+                grad_y, x, xa, ctx.weight, lora_A, lora_B, ctx.scaling, (need_x, need_a, need_b)
+            )
+        else:
+            grad_x, grad_a, grad_b = lora_linear_backward_reference(
+                grad_y.contiguous(), x, ctx.weight, lora_A, lora_B, ctx.scaling
+            )
+        grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
         return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
 def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
     """Fused (Q)LoRA linear, ``x [M, K] -> y [M, N]``; differentiable in x, A, B (and b)."""
-    check_lora_linear_args(x, weight, bias, lora_A, lora_B)
-    return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, scaling)
+    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
+    return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, check_scaling(scaling))

@@ -5,11 +5,13 @@ Format (bitsandbytes ``quantize_4bit(..., quant_type="nf4")``):
 - the weight is flattened row-major and cut into blocks of ``blocksize`` consecutive elements
   (a trailing partial block gets its own scale);
 - each block is scaled by its fp32 absmax into [-1, 1] and each element rounded to the nearest of
-  the 16 NF4 values (``NF4_CODE``); ties go to the lower code, as ``torch.bucketize`` does;
+  the 16 NF4 values (``NF4_VALUES``); ties go to the lower code, as ``torch.bucketize`` does;
 - two codes per byte, the first element in the high nibble;
 - with double quantization the absmax vector is stored as ``absmax - offset`` (offset = its mean)
   quantized blockwise (256 per block) to uint8 with bitsandbytes' signed dynamic 8-bit map, plus
-  one fp32 ``nested_absmax`` per 256 blocks.
+  one fp32 ``nested_absmax`` per 256 blocks. The 8-bit codes reproduce bitsandbytes' CPU library
+  (a 65536-point lookup grid, not an exact nearest-code search); bitsandbytes' CUDA kernel searches
+  the map directly and can pick the neighbouring code in rare near-midpoint cases.
 
 The Triton kernel below dequantizes into a dense tensor; the fused linear kernels reuse
 :func:`nf4_dequant_tile` to dequantize in registers.
@@ -206,27 +208,43 @@ def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
 
 
-def _quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization of fp32 ``x`` [n] as bitsandbytes' CPU library does it.
+# bitsandbytes' CPU 8-bit quantizer does not search the map per element: it rounds each normalized
+# value onto a 65536-point grid over [-1, 1] and reads the code from a table built once per map.
+_LUT_POINTS = 65536
 
-    Returns (uint8 codes [n], fp32 absmax [n_blocks]). Unlike the 4-bit path this divides by the
-    unclamped absmax and picks the nearer of the two neighbouring codes by fp32 distance (ties to
-    the lower one); an all-zero block divides 0 by 0 and bitsandbytes stores code 0 for it.
+
+def _code_lookup_table(code: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[65536]``: for grid point i (value -1 + 2i/65535), the index of the nearest code.
+
+    Same fp32 arithmetic as bitsandbytes' ``build_quantize_lut``: midpoints ``0.5 * (c[j] + c[j+1])``
+    and the entry is the number of midpoints strictly below the grid value (ties to the lower code).
+    """
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = torch.arange(_LUT_POINTS, dtype=torch.float32, device=code.device)
+    grid = -1.0 + (2.0 * grid) / (_LUT_POINTS - 1)
+    return torch.searchsorted(midpoints, grid, right=False).to(torch.uint8)
+
+
+def _quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of fp32 ``x`` [n] as bitsandbytes' CPU library (0.50) does it.
+
+    Returns (uint8 codes [n], fp32 absmax [n_blocks]). Per block: ``v = clamp(x * (1 / absmax), -1, 1)``,
+    grid index ``trunc(((v + 1) * 0.5) * 65535 + 0.5)`` (each step rounded to fp32), code = table[index];
+    an all-zero block stores code 0. The grid is coarser than the map near 0 (step 3e-5 vs entries
+    of 1e-6), so this is not always the nearest code, and matching bitsandbytes needs the same grid.
     """
     n = x.numel()
     n_blocks = -(-n // blocksize)
     padded = torch.cat([x, x.new_zeros(n_blocks * blocksize - n)]).reshape(n_blocks, blocksize)
     absmax = padded.abs().amax(dim=-1)
-    normed = (padded / absmax.view(-1, 1)).reshape(-1)[:n]
-    # the library searches a copy of the map whose first entry is exactly -1.0
-    search = code.clone()
-    search[0] = -1.0
-    left = (torch.searchsorted(search, normed.contiguous(), right=True) - 1).clamp(0, 254)
-    closer_right = (normed - search[left + 1]).abs() < (normed - search[left]).abs()
-    idx = torch.where(closer_right, left + 1, left)
-    idx = torch.where(normed >= search[-1], torch.full_like(idx, 255), idx)
-    idx = torch.where(torch.isnan(normed), torch.zeros_like(idx), idx)
-    return idx.to(torch.uint8), absmax
+    zero_block = absmax == 0
+    # reciprocal first, then multiply: bitsandbytes never divides element by element here
+    inv = torch.where(zero_block, torch.zeros_like(absmax), 1.0 / absmax)
+    normed = torch.clamp(padded * inv.view(-1, 1), -1.0, 1.0)
+    grid_idx = ((((normed + 1.0) * 0.5) * (_LUT_POINTS - 1)) + 0.5).to(torch.int64)  # truncation
+    codes = _code_lookup_table(code)[grid_idx]
+    codes = torch.where(zero_block.view(-1, 1), torch.zeros_like(codes), codes)
+    return codes.reshape(-1)[:n], absmax
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

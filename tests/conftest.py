@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 
 from fastpeft.kernels.backend import force_backend, interpreting  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist each worker gets one thread so two workers share the two cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):

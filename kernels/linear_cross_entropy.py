@@ -1,0 +1,233 @@
+"""Linear + cross-entropy without materializing the full ``[N, V]`` logits.
+
+    loss_i = logsumexp_v(h_i · W_v) − h_i · W_{y_i}        (rows with y_i == ignore_index give 0)
+    dL/dlogits_i = softmax(logits_i) − onehot(y_i)
+    dH = dlogits · W        dW = dlogitsᵀ · H
+
+Shapes: hidden ``[N, H]``, weight ``[V, H]`` (an LM head, PEFT/nn.Linear layout), labels ``[N]``.
+
+The rows are processed in chunks of ``C`` (only rows whose label is not ignored, so prompt tokens
+under completion-only loss cost nothing). For each chunk the logits ``[C, V]`` come from one
+GEMM (cuBLAS on GPU), then ONE Triton row kernel reads them twice — online max/sum for the
+log-sum-exp, then ``softmax − onehot`` written over the logits in place — and two more GEMMs turn
+that into the chunk's dH rows and its dW contribution. Gradients are therefore accumulated during
+the forward (no recomputation in backward); the backward only scales them by the incoming
+gradient. Peak extra memory: one ``[C, V]`` fp32 chunk plus dW ``[V, H]`` and dH ``[N, H]``.
+Without grad mode only the loss is computed.
+
+On CPU the same loop runs with the torch reference of the row kernel (the "chunked" path).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.kernels.backend import backend
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _cross_entropy_grad_kernel(
+    logits_ptr, labels_ptr, loss_ptr, lse_ptr,
+    n_cols, stride_row, ignore_index,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """One program per row: loss and log-sum-exp out, softmax − onehot written over the logits."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    # pass 1: online max and rescaled sum of exponentials, fp32
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    safe_label = tl.where(ignored, 0, label).to(tl.int64)
+    target = tl.load(row_ptr + safe_label).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - target))
+    tl.store(lse_ptr + row, lse)
+    # pass 2: the gradient of this row's loss with respect to its logits, in place
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(cols == safe_label, 1.0, 0.0)
+        g = tl.where(ignored, 0.0, g)
+        tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_chunk_args(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D [C, V] with unit column stride, got shape {tuple(logits.shape)} "
+                         f"strides {logits.stride()}")  # fmt: skip
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32/float16/bfloat16, got {logits.dtype}")
+    if labels.shape != (logits.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 [{logits.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"logits are on {logits.device} but labels on {labels.device}")
+
+
+def _outputs(logits: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows = logits.shape[0]
+    if out is None:
+        return tuple(torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(2))  # type: ignore[return-value]
+    for t in out:
+        if t.shape != (n_rows,) or t.dtype != torch.float32 or t.device != logits.device:
+            raise ValueError(f"out tensors must be float32 [{n_rows}] on {logits.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")  # fmt: skip
+    return out
+
+
+def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                              out: tuple[torch.Tensor, torch.Tensor] | None = None, block_v: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Launch the row kernel on ``logits [C, V]`` (overwritten with dloss/dlogits); returns fp32
+    ``(loss [C], lse [C])``, written into ``out`` when given. ``block_v`` (a power of two) overrides
+    the vocabulary tile, e.g. to exercise the multi-tile loop on small V."""
+    _check_chunk_args(logits, labels)
+    n_rows, n_cols = logits.shape
+    loss, lse = _outputs(logits, out)
+    if n_rows == 0:
+        return loss, lse
+    block_v = block_v or min(triton.next_power_of_2(n_cols), 8192)
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    num_warps = 4 if block_v <= 2048 else 8  # row kernels are bandwidth bound: a cheap heuristic, no autotune
+    _cross_entropy_grad_kernel[(n_rows,)](
+        logits, labels, loss, lse, n_cols, logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=num_warps
+    )
+    return loss, lse
+
+
+def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                                 out: tuple[torch.Tensor, torch.Tensor] | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Torch reference of :func:`cross_entropy_grad_triton` (same in-place contract, fp32 math)."""
+    _check_chunk_args(logits, labels)
+    loss_out, lse_out = _outputs(logits, out)
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    ignored = labels == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(labels), labels)
+    loss = torch.where(ignored, 0.0, lse - x.gather(1, safe[:, None]).squeeze(1))
+    grad = torch.exp(x - lse[:, None])
+    grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+    grad.masked_fill_(ignored[:, None], 0.0)
+    logits.copy_(grad)
+    return loss_out.copy_(loss), lse_out.copy_(lse)
+
+
+def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor,
+                       ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Dispatch the row step (Triton on CUDA / interpreter, torch reference otherwise)."""
+    if backend(logits) == "triton":
+        return cross_entropy_grad_triton(logits, labels, ignore_index)
+    return cross_entropy_grad_reference(logits, labels, ignore_index)
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                   ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+    """Ground truth that materializes the logits (differentiable by plain autograd)."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index,
+                                             reduction=reduction)  # fmt: skip
+
+
+def default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk: about ``n_rows / ceil(V/H)`` (so a chunk's logits are no bigger than the
+    hidden states), rounded to a power of two; Liger-Kernel uses the same rule."""
+    n_chunks = max(1, -(-vocab // hidden))
+    return max(1, triton.next_power_of_2(-(-max(n_rows, 1) // n_chunks)))
+
+
+class LinearCrossEntropyFn(torch.autograd.Function):
+    """Chunked forward that also produces dH and dW; backward scales them by the output grad."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, compute_grad):  # type: ignore[override]
+        n, v = hidden.shape[0], weight.shape[0]
+        want_h = compute_grad and ctx.needs_input_grad[0]
+        want_w = compute_grad and ctx.needs_input_grad[1]
+        rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
+        count = rows.numel()
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        # fp32 weights accumulate dW in fp32; half weights accumulate through addmm in their dtype
+        grad_w = torch.zeros_like(weight) if want_w else None
+        chunk = chunk_size or default_chunk_size(count, v, hidden.shape[1])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, count, chunk):
+            idx = rows[start : start + chunk]
+            h_c = hidden.index_select(0, idx)  # [C, H]
+            logits = h_c @ weight.t()  # [C, V]
+            if logits.dtype != torch.float32:
+                logits = logits.float()  # the softmax and its gradient want fp32
+            loss_c, _ = cross_entropy_grad(logits, labels.index_select(0, idx), ignore_index)
+            total += loss_c.sum()
+            if want_h or want_w:
+                g = logits.to(hidden.dtype)  # [C, V] = softmax − onehot
+                if want_h:
+                    grad_h.index_copy_(0, idx, g @ weight)
+                if want_w:
+                    grad_w.addmm_(g.t(), h_c)
+        scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+        ctx.scale = scale
+        ctx.save_for_backward(grad_h if grad_h is not None else hidden.new_empty(0),
+                              grad_w if grad_w is not None else weight.new_empty(0))  # fmt: skip
+        ctx.has = (want_h, want_w)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        factor = grad_out * ctx.scale
+        dh = grad_h * factor.to(grad_h.dtype) if ctx.has[0] else None
+        dw = grad_w * factor.to(grad_w.dtype) if ctx.has[1] else None
+        return dh, dw, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of ``hidden [*, H] @ weight[V, H]ᵀ`` against ``labels [*]``, chunked.
+
+    ``reduction``: ``"mean"`` over non-ignored rows (0 when there are none) or ``"sum"``.
+    Under autocast, hidden and weight are cast to the autocast dtype first (the casts are
+    differentiable, so fp32 master weights get fp32 gradients).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit: "
+                         "expected hidden [*, H] and weight [V, H]")  # fmt: skip
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if hidden.device != weight.device or labels.device != hidden.device:
+        raise ValueError(f"hidden on {hidden.device}, weight on {weight.device}, labels on {labels.device}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if hidden.dtype not in FLOAT_DTYPES or hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype")
+    labels = labels.reshape(-1).long()
+    v = weight.shape[0]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) "
+                         f"and is not ignore_index={ignore_index}")  # fmt: skip
+    with torch.autocast(device_type, enabled=False):
+        return LinearCrossEntropyFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels, ignore_index,
+                                          reduction, chunk_size, torch.is_grad_enabled())  # fmt: skip

@@ -1,0 +1,410 @@
+"""Backward of :mod:`fastpeft.kernels.prefix_attention` (math and layouts in that module's docstring),
+plus the argument checks and launch heuristics both directions share.
+
+Three kernels, FlashAttention-2 style (no atomics):
+1. ``δ = rowsum(dO ∘ O)`` per query row;
+2. dK/dV: one program per (block of keys, b, kv head). Prefix key blocks come first in the grid and
+   loop over every query of the kv head's query-head group; sequence key blocks start at the first
+   query that can see them. A shared prefix's gradient is written per sample in fp32 and summed
+   over the batch afterwards (P·H_kv·D floats per sample, small); the prefix-logit-bias gradient
+   is a per-program partial sum, reduced in torch;
+3. dQ: one program per (block of queries, b, query head), over the prefix then the causal keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def attention_dot(a, b, DOT_PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. "upcast" exists only because the Triton interpreter multiplies
+    bfloat16 tiles as their raw uint16 bits; on a GPU bf16 goes to the tensor cores unchanged."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _prefix_attn_bwd_delta_kernel(
+    O, DO, DELTA, H_q, T_q,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_gb, stride_gh, stride_gt, stride_gd,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < T_q
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+    do = tl.load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+                 mask=row_ok[:, None], other=0.0)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * T_q + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_over_queries(dk, dv, dbias, k, v, cols, key_ok,
+                       Q, DO, LSE, DELTA, b, h_kv, H_q, T_q, GROUP, start_m, CAUSAL_OFFSET,
+                       stride_qb, stride_qh, stride_qt, stride_qd,
+                       stride_gb, stride_gh, stride_gt, stride_gd,
+                       qk_scale, bias2,
+                       IS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Accumulate dK, dV ``[BN, D]`` (and Σ dS for the prefix) of one key block over its queries."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for g in range(GROUP):
+        h = h_kv * GROUP + g
+        bh = b * H_q + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_gb + h * stride_gh
+        for start in range(start_m, T_q, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            rows64 = rows.to(tl.int64)
+            row_ok = rows < T_q
+            qT = tl.load(q_base + rows64[None, :] * stride_qt + offs_d[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_base + rows64[:, None] * stride_gt + offs_d[None, :] * stride_gd, mask=row_ok[:, None], other=0.0)
+            # rows past T_q get lse = +inf, hence p = 0
+            lse2 = tl.load(LSE + bh * T_q + rows64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * T_q + rows64, mask=row_ok, other=0.0)
+            sT = attention_dot(k, qT, DOT_PRECISION) * qk_scale + bias2  # [BN, BM]
+            ok = key_ok[:, None] & row_ok[None, :]
+            if not IS_PREFIX:
+                ok = ok & (cols[:, None] <= rows[None, :] + CAUSAL_OFFSET)
+            pT = tl.where(ok, tl.exp2(sT - lse2[None, :]), 0.0)
+            dv += attention_dot(pT.to(do.dtype), do, DOT_PRECISION)
+            dpT = attention_dot(v, tl.trans(do), DOT_PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk += attention_dot(dsT.to(qT.dtype), tl.trans(qT), DOT_PRECISION)
+            if IS_PREFIX:
+                dbias += tl.sum(tl.sum(dsT, 1), 0)
+    return dk, dv, dbias
+
+
+@triton.jit
+def _prefix_attn_bwd_dkdv_kernel(
+    Q, K, V, PK, PV, KMASK, BIAS, DO, LSE, DELTA, DK, DV, DPK, DPV, DBIAS_PART,
+    H_q, H_kv, T_q, T_k, P, GROUP, CAUSAL_OFFSET, N_PREFIX_BLOCKS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_pkb, stride_pkp, stride_pkh, stride_pkd,
+    stride_pvb, stride_pvp, stride_pvh, stride_pvd,
+    stride_mb, stride_mt,
+    stride_gb, stride_gh, stride_gt, stride_gd,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    qk_scale, sm_scale,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1).to(tl.int64)
+    b = pid_bkv // H_kv
+    h_kv = pid_bkv % H_kv
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dbias = tl.zeros([], tl.float32)
+    if pid_n < N_PREFIX_BLOCKS:
+        cols = pid_n * BLOCK_N + offs_n
+        col_ok = cols < P
+        pk_base = PK + b * stride_pkb + h_kv * stride_pkh
+        pv_base = PV + b * stride_pvb + h_kv * stride_pvh
+        k = tl.load(pk_base + cols[:, None] * stride_pkp + offs_d[None, :] * stride_pkd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(pv_base + cols[:, None] * stride_pvp + offs_d[None, :] * stride_pvd, mask=col_ok[:, None], other=0.0)
+        bias2 = 0.0
+        if HAS_BIAS:
+            bias2 = tl.load(BIAS).to(tl.float32) * 1.4426950408889634
+        dk, dv, dbias = _dkdv_over_queries(
+            dk, dv, dbias, k, v, cols, col_ok, Q, DO, LSE, DELTA, b, h_kv, H_q, T_q, GROUP, 0, CAUSAL_OFFSET,
+            stride_qb, stride_qh, stride_qt, stride_qd, stride_gb, stride_gh, stride_gt, stride_gd,
+            qk_scale, bias2, True, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+        )  # fmt: skip
+        # fp32 [B, P, H_kv, D], contiguous; summed over B by the launcher for a shared prefix
+        dst = (b * P + cols[:, None]) * H_kv * HEAD_DIM + h_kv * HEAD_DIM + offs_d[None, :]
+        tl.store(DPK + dst, dk * sm_scale, mask=col_ok[:, None])
+        tl.store(DPV + dst, dv, mask=col_ok[:, None])
+        if HAS_BIAS:
+            tl.store(DBIAS_PART + pid_bkv * N_PREFIX_BLOCKS + pid_n, dbias)
+    else:
+        n0 = (pid_n - N_PREFIX_BLOCKS) * BLOCK_N
+        cols = n0 + offs_n
+        cols64 = cols.to(tl.int64)
+        col_ok = cols < T_k
+        key_ok = col_ok
+        if HAS_MASK:
+            keep = tl.load(KMASK + b * stride_mb + cols64 * stride_mt, mask=col_ok, other=0)
+            key_ok = key_ok & (keep != 0)
+        k_ptrs = K + b * stride_kb + h_kv * stride_kh + cols64[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        v_ptrs = V + b * stride_vb + h_kv * stride_vh + cols64[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        # the first query that sees key n0 is row n0 - CAUSAL_OFFSET
+        start_m = (tl.maximum(n0 - CAUSAL_OFFSET, 0) // BLOCK_M) * BLOCK_M
+        dk, dv, dbias = _dkdv_over_queries(
+            dk, dv, dbias, k, v, cols, key_ok, Q, DO, LSE, DELTA, b, h_kv, H_q, T_q, GROUP, start_m,
+            CAUSAL_OFFSET, stride_qb, stride_qh, stride_qt, stride_qd, stride_gb, stride_gh, stride_gt, stride_gd,
+            qk_scale, 0.0, False, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+        )  # fmt: skip
+        dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols64[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+        dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols64[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, kT, vT, ok, qk_scale, bias2, DOT_PRECISION: tl.constexpr):
+    """dq ``[BM, D]`` += dS·K for one key block (kT, vT ``[D, BN]``; ok ``[BM, BN]``)."""
+    s = attention_dot(q, kT, DOT_PRECISION) * qk_scale + bias2
+    p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = attention_dot(do, vT, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + attention_dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION)
+
+
+@triton.jit
+def _prefix_attn_bwd_dq_kernel(
+    Q, K, V, PK, PV, KMASK, BIAS, DO, LSE, DELTA, DQ,
+    H_q, T_q, T_k, P, GROUP, CAUSAL_OFFSET,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_pkb, stride_pkp, stride_pkh, stride_pkd,
+    stride_pvb, stride_pvp, stride_pvh, stride_pvd,
+    stride_mb, stride_mt,
+    stride_gb, stride_gh, stride_gt, stride_gd,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    qk_scale, sm_scale,
+    HAS_PREFIX: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    h_kv = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    row_ok = rows < T_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+    do = tl.load(DO + b * stride_gb + h * stride_gh + rows64[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+                 mask=row_ok[:, None], other=0.0)  # fmt: skip
+    lse2 = tl.load(LSE + pid_bh * T_q + rows64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh * T_q + rows64, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if HAS_PREFIX:
+        bias2 = 0.0
+        if HAS_BIAS:
+            bias2 = tl.load(BIAS).to(tl.float32) * 1.4426950408889634
+        pk_base = PK + b * stride_pkb + h_kv * stride_pkh
+        pv_base = PV + b * stride_pvb + h_kv * stride_pvh
+        for start in range(0, P, BLOCK_N):
+            cols = start + offs_n
+            col_ok = cols < P
+            kT = tl.load(pk_base + cols[None, :] * stride_pkp + offs_d[:, None] * stride_pkd, mask=col_ok[None, :], other=0.0)
+            vT = tl.load(pv_base + cols[None, :] * stride_pvp + offs_d[:, None] * stride_pvd, mask=col_ok[None, :], other=0.0)
+            dq = _dq_step(dq, q, do, lse2, delta, kT, vT, col_ok[None, :], qk_scale, bias2, DOT_PRECISION)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    hi = tl.minimum((pid_m + 1) * BLOCK_M + CAUSAL_OFFSET, T_k)
+    for start in range(0, hi, BLOCK_N):
+        cols = start + offs_n
+        cols64 = cols.to(tl.int64)
+        col_ok = cols < T_k
+        kT = tl.load(k_base + cols64[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
+        vT = tl.load(v_base + cols64[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=col_ok[None, :], other=0.0)
+        ok = col_ok[None, :] & (cols[None, :] <= rows[:, None] + CAUSAL_OFFSET)
+        if HAS_MASK:
+            keep = tl.load(KMASK + b * stride_mb + cols64 * stride_mt, mask=col_ok, other=0)
+            ok = ok & (keep[None, :] != 0)
+        dq = _dq_step(dq, q, do, lse2, delta, kT, vT, ok, qk_scale, 0.0, DOT_PRECISION)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def attention_launch_config(head_dim: int, device: torch.device, phase: str) -> LaunchConfig:
+    """Block sizes for ``phase`` in {"fwd", "dkdv", "dq"}; a cheap heuristic, not autotuned."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"prefix attention kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={head_dim}")
+    if device.type != "cuda":
+        # Triton interpreter: the smallest tiles tl.dot accepts keep the numpy work small
+        return LaunchConfig(16, 16, 1, 1)
+    wide = head_dim > 64
+    if phase == "fwd":
+        return LaunchConfig(128, 64, 8 if wide else 4, 3)
+    if phase == "dkdv":
+        # dK and dV accumulators are [BLOCK_N, D] fp32 each: keep them in registers at D=128
+        return LaunchConfig(32, 64 if wide else 128, 4, 2 if wide else 3)
+    if phase == "dq":
+        return LaunchConfig(64 if wide else 128, 32, 4, 2 if wide else 3)
+    raise ValueError(f"unknown phase {phase!r}; expected 'fwd', 'dkdv' or 'dq'")
+
+
+def attention_dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 inputs get exact fp32 dots (tests compare against float64); 16-bit inputs use tensor cores
+    (bf16 in the interpreter is upcast, see :func:`attention_dot`)."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if dtype == torch.bfloat16 and device.type != "cuda" else "tf32"
+
+
+def empty_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every launcher output comes from here (tests replace it with a NaN-filled allocation)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def strides_of_prefix(prefix: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, position, head, dim) strides; batch stride 0 for a shared ``[P, H_kv, D]`` prefix."""
+    if prefix.dim() == 3:
+        return (0, *prefix.stride())
+    return tuple(prefix.stride())  # type: ignore[return-value]
+
+
+def check_prefix_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                                key_padding_mask: torch.Tensor | None,
+                                prefix_logit_bias: torch.Tensor | None) -> None:  # fmt: skip
+    """Raise a ValueError/TypeError naming the offending shape, dtype or device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {getattr(t, 'shape', type(t))}")
+    batch, h_q, t_q, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected [{batch}, H_kv, T_k, {head_dim}]")
+    h_kv, t_k = k.shape[1], k.shape[2]
+    if h_kv == 0 or h_q % h_kv != 0:
+        raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
+    if t_q > t_k:
+        raise ValueError(f"q has {t_q} positions but k only {t_k}; queries must be the last T_q of the keys")
+    if q.dtype not in SUPPORTED_DTYPES and q.dtype != torch.float64:
+        raise TypeError(f"q dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t is not None and t.dtype != q.dtype:
+            raise TypeError(f"q is {q.dtype} but {name} is {t.dtype}")
+        if t is not None and t.device != q.device:
+            raise ValueError(f"q is on {q.device} but {name} is on {t.device}")
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k and prefix_v must be given together")
+    if prefix_k is not None:
+        if prefix_k.shape != prefix_v.shape:
+            raise ValueError(f"prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} differ")
+        expected = f"[P, {h_kv}, {head_dim}] or [{batch}, P, {h_kv}, {head_dim}]"
+        if prefix_k.dim() not in (3, 4) or tuple(prefix_k.shape[-2:]) != (h_kv, head_dim):
+            raise ValueError(f"prefix_k must be {expected}, got {tuple(prefix_k.shape)}")
+        if prefix_k.dim() == 4 and prefix_k.shape[0] != batch:
+            raise ValueError(f"per-sample prefix_k must be {expected}, got {tuple(prefix_k.shape)}")
+        if prefix_k.shape[-3] == 0:
+            raise ValueError("prefix_k has P=0 positions; pass prefix_k=None for plain causal attention")
+    elif prefix_logit_bias is not None:
+        raise ValueError("prefix_logit_bias given without a prefix")
+    if prefix_logit_bias is not None:
+        if prefix_logit_bias.numel() != 1 or not prefix_logit_bias.is_floating_point():
+            raise ValueError(f"prefix_logit_bias must be a one-element float tensor, got {tuple(prefix_logit_bias.shape)} "
+                             f"{prefix_logit_bias.dtype}")  # fmt: skip
+        if prefix_logit_bias.device != q.device:
+            raise ValueError(f"q is on {q.device} but prefix_logit_bias is on {prefix_logit_bias.device}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (batch, t_k):
+            raise ValueError(f"key_padding_mask must be [{batch}, {t_k}], got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"q is on {q.device} but key_padding_mask is on {key_padding_mask.device}")
+
+
+def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                              key_padding_mask: torch.Tensor | None, prefix_logit_bias: torch.Tensor | None,
+                              out: torch.Tensor, lse: torch.Tensor, scale: float, need_bias_grad: bool = True,
+                              need_dq: bool = True) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Triton backward: (dq, dk, dv, dprefix_k, dprefix_v, dbias), shapes as the inputs (None where
+    there is no prefix / bias, and dq None when not ``need_dq``: a frozen first layer needs only
+    the prefix gradient)."""
+    batch, h_q, t_q, head_dim = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    group, device = h_q // h_kv, q.device
+    qk_scale = scale * LOG2E
+    precision = attention_dot_precision(q.dtype, device)
+    has_prefix, has_bias = prefix_k is not None, prefix_logit_bias is not None
+    n_prefix = prefix_k.shape[-3] if has_prefix else 0
+    pk_strides = strides_of_prefix(prefix_k) if has_prefix else (0, 0, 0, 0)
+    pv_strides = strides_of_prefix(prefix_v) if has_prefix else (0, 0, 0, 0)
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    mask_strides = mask.stride() if mask is not None else (0, 0)
+    bias = prefix_logit_bias.detach().reshape(1).float() if has_bias else None
+
+    delta = empty_output((batch, h_q, t_q), torch.float32, device)
+    cfg = attention_launch_config(head_dim, device, "dq")
+    _prefix_attn_bwd_delta_kernel[(triton.cdiv(t_q, cfg.block_m), batch * h_q)](
+        out, grad_out, delta, h_q, t_q, *out.stride(), *grad_out.stride(), HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
+    )  # fmt: skip
+
+    dq = None
+    if need_dq:
+        dq = empty_output((batch, t_q, h_q, head_dim), q.dtype, device).transpose(1, 2)
+        _prefix_attn_bwd_dq_kernel[(triton.cdiv(t_q, cfg.block_m), batch * h_q)](
+            q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q, mask if mask is not None else q,
+            bias if has_bias else delta, grad_out, lse, delta, dq,
+            h_q, t_q, t_k, n_prefix, group, t_k - t_q,
+            *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides,
+            *grad_out.stride(), *dq.stride(), qk_scale, scale,
+            HAS_PREFIX=has_prefix, HAS_MASK=mask is not None, HAS_BIAS=has_bias, HEAD_DIM=head_dim,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    cfg = attention_launch_config(head_dim, device, "dkdv")
+    dk = empty_output((batch, t_k, h_kv, head_dim), k.dtype, device).transpose(1, 2)
+    dv = empty_output((batch, t_k, h_kv, head_dim), v.dtype, device).transpose(1, 2)
+    n_prefix_blocks = triton.cdiv(n_prefix, cfg.block_n) if has_prefix else 0
+    dpk = empty_output((batch, n_prefix, h_kv, head_dim), torch.float32, device) if has_prefix else None
+    dpv = empty_output((batch, n_prefix, h_kv, head_dim), torch.float32, device) if has_prefix else None
+    dbias_part = empty_output((batch * h_kv, n_prefix_blocks), torch.float32, device) if has_bias else None
+    grid = (n_prefix_blocks + triton.cdiv(t_k, cfg.block_n), batch * h_kv)
+    _prefix_attn_bwd_dkdv_kernel[grid](
+        q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q, mask if mask is not None else q,
+        bias if has_bias else delta, grad_out, lse, delta, dk, dv,
+        dpk if has_prefix else delta, dpv if has_prefix else delta, dbias_part if has_bias else delta,
+        h_q, h_kv, t_q, t_k, n_prefix, group, t_k - t_q, n_prefix_blocks,
+        *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides,
+        *grad_out.stride(), *dk.stride(), *dv.stride(), qk_scale, scale,
+        HAS_MASK=mask is not None, HAS_BIAS=has_bias, HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    dprefix_k = dprefix_v = dbias = None
+    if has_prefix:
+        if prefix_k.dim() == 3:  # shared prefix: one gradient for the whole batch
+            dpk, dpv = dpk.sum(0), dpv.sum(0)
+        dprefix_k, dprefix_v = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+    if has_bias and need_bias_grad:
+        dbias = dbias_part.sum().reshape(prefix_logit_bias.shape).to(prefix_logit_bias.dtype)
+    return dq, dk, dv, dprefix_k, dprefix_v, dbias

@@ -1,0 +1,85 @@
+"""Token choice for one decode step, and stop-string detection.
+
+Logprob convention (``Completion.token_logprobs``): the log-probability of the sampled token under
+the distribution it was actually drawn from, i.e. ``log_softmax(logits / temperature)`` restricted
+to the top-k / top-p set and renormalised over it. Greedy decoding (``temperature == 0``) has no
+sampling distribution; there we report the model's own ``log_softmax(logits)`` (temperature 1,
+no filtering), which is what verifiers and search strategies score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fastpeft.reasoning.types import SamplingParams
+
+
+def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probabilities ``[B, V]`` of the distribution a token is drawn from (``-inf`` = filtered out).
+
+    logits: ``[B, V]`` in float32 or float64.
+    """
+    if params.temperature == 0:
+        return torch.log_softmax(logits, dim=-1)
+    scaled = logits / params.temperature
+    vocab = scaled.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        # keep the smallest prefix whose mass reaches top_p; the top token always survives
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Pick one token per row. Returns (tokens ``[B]`` long, their logprobs ``[B]``).
+
+    logits: ``[B, V]``; half-precision logits are upcast to float32 first (float64 stays float64).
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logprobs = sampling_logprobs(logits, params)
+    if params.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> str | None:
+    """``text`` cut right after the stop string that ends first (kept), or None if none occurs."""
+    ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
+    return text[: min(ends)] if ends else None
+
+
+class StopStringChecker:
+    """Detects stop strings in a growing continuation without re-decoding all of it every step.
+
+    Each step decodes only the last few tokens (enough to span the longest stop string even with
+    byte-level tokens); a hit there is confirmed on the full decoded text, so a decode artefact at
+    the window's left edge can neither cause nor hide a stop.
+    """
+
+    def __init__(self, stops: Sequence[str], decode: Callable[[list[int]], str]):
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop strings must be non-empty str, got {list(stops)!r}")
+        self.stops = tuple(stops)
+        self.decode = decode
+        self.window = 4 * max(len(s) for s in self.stops) + 8
+
+    def check(self, token_ids: list[int]) -> str | None:
+        """The full text truncated after its first stop string, or None if no stop string occurs yet."""
+        tail = self.decode(token_ids[-self.window :])
+        if not any(s in tail for s in self.stops):
+            return None
+        return truncate_at_stop(self.decode(token_ids), self.stops)

@@ -1,0 +1,177 @@
+"""Chunked / fused linear-cross-entropy against a float64 reference that materializes the logits."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from fastpeft.kernels.backend import force_backend
+from fastpeft.kernels.linear_cross_entropy import (
+    cross_entropy_grad_reference,
+    cross_entropy_grad_triton,
+    linear_cross_entropy,
+)
+
+# (dtype, atol, rtol) for loss and gradients; bf16 logits carry ~3 significant digits
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def _float64_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """Hand-written float64 loss per row and dloss/dlogits (softmax − onehot, 0 on ignored rows)."""
+    x = logits.double()
+    lse = x.exp().sum(-1).log() if x.abs().max() < 50 else torch.logsumexp(x, -1)
+    keep = labels != ignore_index
+    safe = labels.clamp(min=0)
+    loss = torch.where(keep, lse - x.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(lse))
+    grad = (x - lse[:, None]).exp()
+    grad[torch.arange(len(labels)), safe] -= 1.0
+    grad[~keep] = 0.0
+    return loss, lse, grad
+
+
+def _labels(n: int, v: int, gen: torch.Generator, ignore_frac: float = 0.3) -> torch.Tensor:
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
+    return labels
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("rows,vocab", [(1, 5), (3, 37), (17, 130)])
+def test_row_kernel_matches_float64(impl, rows, vocab):
+    gen = torch.Generator().manual_seed(rows * 1000 + vocab)
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    labels = _labels(rows, vocab, gen)
+    labels[0] = vocab - 1  # the last column, a classic off-by-one spot
+    want_loss, want_lse, want_grad = _float64_ce(logits, labels)
+    buf = logits.clone()
+    out = (torch.full((rows,), float("nan")), torch.full((rows,), float("nan")))
+    if impl == "triton":
+        # a 32-wide tile makes V=37/130 span several tiles of the online loop, the last one partial
+        loss, lse = cross_entropy_grad_triton(buf, labels, -100, out=out, block_v=32)
+    else:
+        loss, lse = cross_entropy_grad_reference(buf, labels, -100, out=out)
+    assert loss.data_ptr() == out[0].data_ptr() and lse.data_ptr() == out[1].data_ptr()
+    torch.testing.assert_close(loss.double(), want_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buf.double(), want_grad, atol=1e-6, rtol=1e-5)
+
+
+def _check_against_reference(n, h, v, dtype, chunk_size, reduction, seed):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    labels = _labels(n, v, gen)
+    labels[0] = 0  # at least one counted row (torch's mean over none is NaN; ours is 0, tested below)
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels, ignore_index=-100, reduction=reduction)
+    want.backward()
+
+    hid = hidden.to(dtype).requires_grad_()
+    wt = weight.to(dtype).requires_grad_()
+    got = linear_cross_entropy(hid, wt, labels, reduction=reduction, chunk_size=chunk_size)
+    got.backward()
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, abs(want.item()))
+    torch.testing.assert_close(got.double(), want.detach(), atol=atol * scale, rtol=rtol)
+    torch.testing.assert_close(hid.grad.double(), h64.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(wt.grad.double(), w64.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("n,h,v", [(1, 8, 11), (3, 16, 37), (17, 24, 130), (33, 20, 7)])
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_matches_float64(n, h, v, chunk_size, reduction):
+    _check_against_reference(n, h, v, torch.float32, chunk_size, reduction, seed=n * 7 + v)
+
+
+def test_chunked_bfloat16():
+    _check_against_reference(29, 32, 70, torch.bfloat16, 8, "mean", seed=3)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n,h,v,chunk", [(1, 16, 5, None), (9, 16, 33, 4)])
+def test_triton_path_matches_float64(n, h, v, chunk):
+    _check_against_reference(n, h, v, torch.float32, chunk, "mean", seed=n + v)
+
+
+def test_leading_dims_and_all_ignored():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 8, generator=gen, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    assert hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+    labels[1, 2] = 4
+    hidden.grad = weight.grad = None
+    got = linear_cross_entropy(hidden, weight, labels, reduction="sum")
+    want = torch.nn.functional.cross_entropy((hidden @ weight.t()).reshape(-1, 13), labels.reshape(-1),
+                                             reduction="sum")  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
+def test_frozen_weight_and_no_grad():
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(9, 8, generator=gen)  # frozen LM head (LoRA training)
+    labels = torch.randint(0, 9, (6,), generator=gen)
+    linear_cross_entropy(hidden, weight, labels).backward()
+    assert hidden.grad is not None and weight.grad is None
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels)
+    want = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels)
+    torch.testing.assert_close(loss, want)
+
+
+def test_autocast_bf16_gives_fp32_master_grads():
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(10, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(21, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 21, (10,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert weight.grad.dtype == torch.float32
+    want = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().t(), labels)
+    torch.testing.assert_close(loss.double(), want, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(hidden=(4, 8), weight=(9, 7), labels=(4,)), ValueError, "do not fit"),
+        (dict(hidden=(4, 8), weight=(9, 8), labels=(5,)), ValueError, "labels"),
+        (dict(hidden=(4, 8), weight=(9, 8), labels=(4,), bad_label=9), ValueError, "outside the vocabulary"),
+        (dict(hidden=(4, 8), weight=(9, 8), labels=(4,), wdtype=torch.float64), TypeError, "dtype"),
+        (dict(hidden=(4, 8), weight=(9, 8), labels=(4,), reduction="none"), ValueError, "reduction"),
+    ],
+)
+def test_bad_inputs(kwargs, exc, match):
+    hidden = torch.randn(*kwargs["hidden"])
+    weight = torch.randn(*kwargs["weight"], dtype=kwargs.get("wdtype", torch.float32))
+    labels = torch.randint(0, 3, kwargs["labels"])
+    if "bad_label" in kwargs:
+        labels[1] = kwargs["bad_label"]
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(hidden, weight, labels, reduction=kwargs.get("reduction", "mean"))
+
+
+def test_row_kernel_rejects_bad_chunk():
+    with pytest.raises(ValueError, match="labels must be int64"):
+        cross_entropy_grad_reference(torch.randn(3, 4), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="unit column stride"):
+        cross_entropy_grad_reference(torch.randn(4, 3).t(), torch.zeros(3, dtype=torch.int64))
+
+
+def test_dispatch_uses_forced_backend():
+    # the torch path must be what CPU tests run when not marked triton
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(force_backend("torch"))
+        hidden = torch.randn(3, 4, requires_grad=True)
+        weight = torch.randn(5, 4)
+        linear_cross_entropy(hidden, weight, torch.tensor([1, -100, 4])).backward()
+        assert torch.isfinite(hidden.grad).all()

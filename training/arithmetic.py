@@ -1,0 +1,123 @@
+"""The bundled verifiable task: multi-digit addition (and subtraction) with worked column steps.
+
+One record looks like::
+
+    {"prompt": "Q: 47+38=?\\nA:",
+     "completion": " 7+8=15 write 5 carry 1; 4+3+1=8; answer 85",
+     "answer": "85"}
+
+Steps go column by column from the least significant digit, so every step is a one-digit fact a
+tiny model can learn; the final ``answer N`` is what :func:`extract_answer` reads back. The
+reward, RL and search code reuse :func:`make_arithmetic_dataset`, :func:`extract_answer` and
+:func:`is_correct`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+PROMPT_TEMPLATE = "Q: {a}{op}{b}=?\nA:"
+_ANSWER_RE = re.compile(r"answer\s*:?\s*(-?\d[\d,]*)")
+SUPPORTED_OPS = ("+", "-")
+
+
+def _digits_rev(x: int, width: int) -> list[int]:
+    return [(x // 10**i) % 10 for i in range(width)]
+
+
+def addition_steps(a: int, b: int) -> str:
+    """Worked steps for ``a + b`` (non-negative), e.g. ``"7+8=15 write 5 carry 1; 4+3+1=8"``."""
+    width = max(len(str(a)), len(str(b)))
+    steps, carry = [], 0
+    for da, db in zip(_digits_rev(a, width), _digits_rev(b, width)):
+        s = da + db + carry
+        step = f"{da}+{db}" + ("+1" if carry else "") + f"={s}"
+        if s >= 10:
+            step += f" write {s % 10} carry 1"
+        steps.append(step)
+        carry = s // 10
+    if carry:
+        steps.append("write 1")
+    return "; ".join(steps)
+
+
+def subtraction_steps(a: int, b: int) -> str:
+    """Worked steps for ``a - b`` with ``a >= b >= 0``, e.g. ``"2-8 borrow: 12-8=4; 5-3-1=1"``."""
+    if a < b:
+        raise ValueError(f"subtraction_steps needs a >= b, got {a} - {b}")
+    width = len(str(a))
+    steps, borrow = [], 0
+    for da, db in zip(_digits_rev(a, width), _digits_rev(b, width)):
+        lhs = f"{da}-{db}" + ("-1" if borrow else "")
+        d = da - db - borrow
+        if d < 0:
+            steps.append(f"{lhs} borrow: {d + 10 + db + borrow}-{db + borrow}={d + 10}")
+            borrow = 1
+        else:
+            steps.append(f"{lhs}={d}")
+            borrow = 0
+    return "; ".join(steps)
+
+
+def make_problem(a: int, b: int, op: str = "+") -> dict[str, str]:
+    """One record ``{"prompt", "completion", "answer"}`` for ``a op b``."""
+    if op == "+":
+        result, steps = a + b, addition_steps(a, b)
+    elif op == "-":
+        result, steps = a - b, subtraction_steps(a, b)
+    else:
+        raise ValueError(f"unsupported operation {op!r}; expected one of {SUPPORTED_OPS}")
+    return {
+        "prompt": PROMPT_TEMPLATE.format(a=a, op=op, b=b),
+        "completion": f" {steps}; answer {result}",
+        "answer": str(result),
+    }
+
+
+def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequence[str] = ("+",),
+                            exclude: set[str] | None = None) -> list[dict[str, str]]:  # fmt: skip
+    """``n`` distinct problems with operands in ``[0, 10**digits)``, deterministic in ``seed``.
+
+    ``exclude`` holds prompts to leave out (e.g. a training set, to make a disjoint test set).
+    Subtraction problems are drawn with ``a >= b`` so answers stay non-negative.
+    """
+    if n < 0 or digits < 1:
+        raise ValueError(f"need n >= 0 and digits >= 1, got n={n}, digits={digits}")
+    bad = [op for op in ops if op not in SUPPORTED_OPS]
+    if not ops or bad:
+        raise ValueError(f"ops must be a non-empty subset of {SUPPORTED_OPS}, got {tuple(ops)}")
+    exclude = set(exclude or ())
+    space = len(ops) * 10 ** (2 * digits)
+    if n > space - len(exclude):
+        raise ValueError(f"cannot draw {n} distinct {digits}-digit problems (only {space} exist)")
+    rng = random.Random(seed)
+    seen, records = set(exclude), []
+    while len(records) < n:
+        op = rng.choice(list(ops))
+        a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+        if op == "-" and a < b:
+            a, b = b, a
+        record = make_problem(a, b, op)
+        if record["prompt"] not in seen:
+            seen.add(record["prompt"])
+            records.append(record)
+    return records
+
+
+def extract_answer(text: str) -> str | None:
+    """The integer after the last ``answer`` in ``text`` (commas removed), or None if there is none."""
+    matches = _ANSWER_RE.findall(text)
+    return matches[-1].replace(",", "") if matches else None
+
+
+def is_correct(text: str, answer: str | int) -> bool:
+    """True when the final answer written in ``text`` equals ``answer`` as an integer."""
+    found = extract_answer(text)
+    if found is None:
+        return False
+    try:
+        return int(found) == int(str(answer).replace(",", ""))
+    except ValueError:
+        return False
