@@ -16,6 +16,10 @@ from fastpeft.lifecycle import (  # noqa: E402
 from fastpeft.lora_linear import AdapterLinear, LoRALinear  # noqa: E402
 from fastpeft.qlora_linear import QLoRALinear  # noqa: E402
 
+# LoRA variants (each registers itself in ADAPTER_VARIANTS when imported): AdaLoRA, Delta-LoRA
+from fastpeft.adalora import AdaLoraAdapter, orthogonal_regularization, update_and_allocate  # noqa: E402
+from fastpeft.delta_lora import DeltaLoraAdapter, DeltaLoraUpdater  # noqa: E402
+
 # prompt family: prompt tuning, prefix tuning (fused prefix attention), P-Tuning v2, mixed prompts
 from fastpeft.mixed_prompts import MixedPromptsConfig, PTuningV2Config, add_mixed_prompts, add_ptuning_v2  # noqa: E402
 from fastpeft.prefix_tuning import PrefixAdapter, PrefixTuningConfig, add_prefix_tuning  # noqa: E402

@@ -35,7 +35,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+# the last three: AdaLoRA (PEFT stores its ParameterDict entries without ".weight")
+_ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_A", "lora_B", "lora_E")
+
+
+PROMPT_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "FASTPEFT_GATED_PREFIX")
 
 
 def _base_model_name(model: nn.Module) -> str | None:
@@ -70,6 +74,10 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         if name in wrapper.copies:
             for pname, tensor in wrapper.copies[name].state_dict().items():
                 tensors[f"{PREFIX}{path}.{pname}"] = tensor
+    if config.variant == "adalora":  # PEFT drops AdaLoRA's pruned triplets (rank_pattern) on save
+        from fastpeft.adalora import compress_by_rank_pattern
+
+        tensors = compress_by_rank_pattern(tensors, config, PREFIX)
     target = config.target_modules
     if target is None or target == "all-linear":  # PEFT stores the resolved names
         target = sorted({path.rpartition(".")[2] for path, _ in layers})
@@ -137,7 +145,9 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 def _check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"key {key}: shape {tuple(tensor.shape)} in the file does not fit the model's {tuple(expected)}")
+        raise ValueError(
+            f"key {key}: shape {tuple(tensor.shape)} in the file does not fit the model's {tuple(expected)}"
+        )
     if not tensor.is_floating_point():
         raise ValueError(f"key {key}: dtype {tensor.dtype} is not floating point")
 
@@ -169,16 +179,26 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
     if not plan.adapters:
         raise ValueError("the adapter file holds no LoRA tensors (lora_A.weight / lora_B.weight)")
     expected_suffixes = {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if config.use_dora else set())
+    if config.variant == "adalora":  # PEFT's AdaLoRA keys; pruned triplets restored as zeros at init_r
+        from fastpeft.adalora import expand_by_rank_pattern
+
+        expand_by_rank_pattern(plan.adapters, config, PREFIX)
+        expected_suffixes = {"lora_A", "lora_B", "lora_E"}
     for path, found in plan.adapters.items():
         key = PREFIX + path
         if path not in linears:
-            what = "does not exist" if path not in modules else f"is a {type(modules[path]).__name__}, not a linear layer"
-            raise ValueError(f"key {key}.*: module {path!r} {what} in this model (adapter made for another architecture?)")
+            what = "does not exist" if path not in modules else f"is a {type(modules[path]).__name__}, not a linear"
+            raise ValueError(
+                f"key {key}.*: module {path!r} {what} in this model (adapter made for another architecture?)"
+            )
         missing, extra = expected_suffixes - set(found), set(found) - expected_suffixes
         if missing or extra:
             raise ValueError(f"module {path}: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}")
         in_f, out_f = _features(linears[path])
-        shapes = {"lora_A.weight": (config.r, in_f), "lora_B.weight": (out_f, config.r), "lora_magnitude_vector": (out_f,)}
+        shapes = {
+            "lora_A.weight": (config.r, in_f), "lora_B.weight": (out_f, config.r), "lora_magnitude_vector": (out_f,),
+            "lora_A": (config.r, in_f), "lora_B": (out_f, config.r), "lora_E": (config.r, 1),
+        }  # fmt: skip
         for suffix, tensor in found.items():
             _check_shape(f"{key}.{suffix}", tensor, shapes[suffix])
     for path, tensor in plan.params.items():
@@ -201,7 +221,10 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", *,
                  is_trainable: bool = False, allow_pickle: bool = False, activate: bool = True,
                  **config_overrides: object) -> nn.Module:  # fmt: skip
-    """Load a PEFT-format LoRA/rsLoRA/DoRA adapter from ``directory`` into ``model`` as ``adapter_name``.
+    """Load a PEFT-format LoRA/rsLoRA/DoRA/AdaLoRA adapter from ``directory`` into ``model`` as ``adapter_name``.
+
+    Prompt-learning directories (PROMPT_TUNING, PREFIX_TUNING, FASTPEFT_GATED_PREFIX) are handed to
+    :func:`fastpeft.prompt_io.load_prompt_adapter` (``adapter_name`` does not apply to them).
 
     Works on a plain model (adapter layers are injected) and on one that already has adapters.
     ``is_trainable=False`` (PEFT's default) loads the adapter frozen; on a model that already has
@@ -213,11 +236,19 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    config = LoraConfig.from_peft_dict(_read_config(directory), **config_overrides)
+    raw_config = _read_config(directory)
+    if raw_config.get("peft_type") in PROMPT_PEFT_TYPES:
+        # prompt-learning adapters (prompt/prefix tuning, our gated prefixes) attach differently
+        from fastpeft.prompt_io import load_prompt_adapter
+
+        load_prompt_adapter(model, directory, allow_pickle=allow_pickle)
+        return model
+    config = LoraConfig.from_peft_dict(raw_config, **config_overrides)
     if config.variant not in ADAPTER_VARIANTS:
         raise ValueError(f"adapter variant {config.variant!r} is not available in this build")
     if adapter_name in adapter_configs(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists in this model (adapters: {list(adapter_configs(model))})")
+        existing = list(adapter_configs(model))
+        raise ValueError(f"adapter {adapter_name!r} already exists in this model (adapters: {existing})")
     plan = _plan(model, config, _read_tensors(directory, allow_pickle))
 
     previous_active = active_adapter(model)

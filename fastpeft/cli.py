@@ -13,6 +13,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fastpeft.cli_bench:main", "benchmark scenarios side by side with baselines (table, JSON, plots)"),
     "search": ("fastpeft.reasoning.cli_search:main", "answer JSONL prompts with verifier-guided search under a compute budget"),
+    "reward": ("fastpeft.training.cli_rl:main_reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
+    "dpo": ("fastpeft.training.cli_rl:main_dpo", "DPO / IPO on preference pairs (reference = adapters disabled)"),
+    "grpo": ("fastpeft.training.cli_rl:main_grpo", "GRPO with verifiable rewards on the batched sampler"),
+    "ppo": ("fastpeft.training.cli_rl:main_ppo", "PPO with a value head and GAE on the same rollouts"),
 }
 DEFAULT_COMMAND = "demo"
 

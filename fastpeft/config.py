@@ -10,8 +10,8 @@ B too), ``fan_in_fan_out`` (informational: GPT-2 Conv1D layers are detected by t
 
 Ours: ``quantize`` (None | "nf4": every frozen linear in the transformer blocks becomes NF4),
 ``double_quant``, ``blocksize``, ``compute_dtype``, ``last_layers_fraction`` (adapters only in the
-last fraction of transformer blocks, at least one block), ``variant`` ("lora" | "dora" | later
-"adalora", "delta_lora") with its parameters in ``variant_config``.
+last fraction of transformer blocks, at least one block), ``variant`` ("lora" | "dora" |
+"adalora" | "delta_lora") with its parameters in ``variant_config``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-VARIANTS = ("lora", "dora")
+VARIANTS = ("lora", "dora", "adalora", "delta_lora")
 BIAS_OPTIONS = ("none", "all", "lora_only")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -85,7 +85,9 @@ class LoraConfig:
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.compute_dtype, str):
             if self.compute_dtype not in _DTYPES:
-                raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {self.compute_dtype!r}")
+                raise ValueError(
+                    f"LoraConfig.compute_dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {self.compute_dtype!r}"
+                )
             self.compute_dtype = _DTYPES[self.compute_dtype]
         if self.use_dora and self.variant == "lora":
             self.variant = "dora"
@@ -115,7 +117,8 @@ class LoraConfig:
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
         ):
             raise bad("layers_to_transform", "None, a non-negative int or a non-empty list of them")
-        if self.layers_pattern is not None and not (isinstance(self.layers_pattern, str) or _is_str_list(self.layers_pattern)):
+        pattern = self.layers_pattern
+        if pattern is not None and not (isinstance(pattern, str) or _is_str_list(pattern)):
             raise bad("layers_pattern", "None, a string or a list of strings")
         if self.bias not in BIAS_OPTIONS:
             raise bad("bias", f"one of {BIAS_OPTIONS}")
@@ -134,8 +137,12 @@ class LoraConfig:
                 raise bad("last_layers_fraction", "None or a number in (0, 1]")
             if self.layers_to_transform is not None:
                 raise ValueError("LoraConfig.last_layers_fraction and layers_to_transform cannot both be set")
-        if self.variant in ("adalora", "delta_lora"):  # replaced when these variants land
-            raise ValueError(f"LoraConfig.variant {self.variant!r} is not available in this build")
+        if self.variant == "adalora":  # fills in and checks AdaLoRA's settings; variant_config["init_r"] sets r
+            from fastpeft.adalora import normalize_adalora_config
+
+            normalize_adalora_config(self)
+        if self.variant == "delta_lora" and self.quantize is not None:
+            raise ValueError("LoraConfig.variant 'delta_lora' updates the base weights and cannot use quantize='nf4'")
         if self.variant not in VARIANTS:
             raise bad("variant", f"one of {VARIANTS}")
         if not isinstance(self.variant_config, dict):
@@ -167,6 +174,10 @@ class LoraConfig:
             bias=self.bias, modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
             fan_in_fan_out=self.fan_in_fan_out, inference_mode=True,
         )  # fmt: skip
+        if self.variant == "adalora":  # PEFT's AdaLoraConfig: peft_type "ADALORA" and its schedule keys
+            from fastpeft.adalora import adalora_peft_fields
+
+            out.update(adalora_peft_fields(self))
         return out
 
     @classmethod
@@ -174,6 +185,10 @@ class LoraConfig:
         """Build from a parsed adapter_config.json; refuses PEFT types and options we cannot honour."""
         if not isinstance(data, dict):
             raise ValueError(f"adapter_config.json must hold a JSON object, got {type(data).__name__}")
+        if data.get("peft_type") == "ADALORA":  # its schedule keys -> variant_config, then the LORA path
+            from fastpeft.adalora import adalora_config_from_peft
+
+            return adalora_config_from_peft(cls, data, **overrides)
         peft_type = data.get("peft_type")
         if peft_type != "LORA":
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; only 'LORA' is available in this build")

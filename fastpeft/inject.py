@@ -164,8 +164,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     lm_head = _lm_head(model)
     quantize_paths: list[str] = []
     if config.quantize == "nf4":
-        quantize_paths = [p for p, m in linear_paths(model).items()
-                          if linear_kind(m) in ("linear", "conv1d") and m is not lm_head and p not in save_paths]  # fmt: skip
+        quantize_paths = [
+            p for p, m in linear_paths(model).items()
+            if linear_kind(m) in ("linear", "conv1d") and m is not lm_head and p not in save_paths
+        ]  # fmt: skip
     if set(targets) & set(save_paths):
         raise ValueError(f"modules {sorted(set(targets) & set(save_paths))} are both targets and modules_to_save")
 

@@ -258,19 +258,21 @@ class AdapterLinear(nn.Module):
 
 
 def _plain_dense_module(weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> nn.Module:
-    """nn.Linear (or GPT-2 Conv1D when ``fan_in_fan_out``) holding ``weight [out, in]`` and ``bias``."""
+    """nn.Linear (or GPT-2 Conv1D when ``fan_in_fan_out``) holding ``weight [out, in]`` and ``bias``,
+    frozen like the base layer it replaces."""
     out_features, in_features = weight.shape
     if fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D
 
-        module: nn.Module = Conv1D(out_features, in_features)
-        module.weight = nn.Parameter(weight.t().contiguous())
-        module.bias = nn.Parameter(bias.detach().clone() if bias is not None else weight.new_zeros(out_features))
-        return module.to(weight.device)
+        module: nn.Module = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
+        module.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        module.bias = nn.Parameter(bias.detach() if bias is not None else weight.new_zeros(out_features),
+                                   requires_grad=False)  # fmt: skip
+        return module
     module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    module.weight = nn.Parameter(weight)
+    module.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
-        module.bias = nn.Parameter(bias.detach())
+        module.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return module
 
 

@@ -56,4 +56,7 @@ class ModulesToSave(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["original"], name)
+            modules = self.__dict__.get("_modules")
+            if modules is None or "original" not in modules:  # mid-construction or unpickling
+                raise
+            return getattr(modules["original"], name)

@@ -21,6 +21,7 @@ static caches raise: neither path implements them.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def enable_prefix_attention(model: torch.nn.Module, sources: dict[int, PrefixSou
 
     sources: layer index -> prefix source; num_virtual_tokens: P, the rotary offset of the sequence;
     is_active: when it returns False the model runs unshifted plain causal attention (adapter
-    disabled); before_forward: called once per top-level forward (adapters compute per-step state).
+    disabled); before_forward: called once per decoder forward (adapters compute per-step state).
     """
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError("this model already has a prefix adapter attached; remove it first")
@@ -111,14 +112,20 @@ def enable_prefix_attention(model: torch.nn.Module, sources: dict[int, PrefixSou
         source = sources.get(layer)
         setattr(module, _SOURCE_ATTR, (lambda batch, s=source: s(batch) if is_active() else None) if source else None)
 
+    # on the decoder (the module that turns position_ids into rotary angles), so that calls to the
+    # decoder alone are shifted too and per-forward adapter state is never stale
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    arg_names = list(inspect.signature(decoder.forward).parameters)
+
     def shift_positions(module, args, kwargs):
         if before_forward is not None:
             before_forward()
         if not is_active():
             return args, kwargs
+        kwargs = {**dict(zip(arg_names, args)), **kwargs}
         positions = kwargs.get("position_ids")
         if positions is None:
-            tokens = kwargs.get("input_ids", args[0] if args else None)
+            tokens = kwargs.get("input_ids")
             embeds = kwargs.get("inputs_embeds")
             like = tokens if tokens is not None else embeds
             past = kwargs.get("past_key_values")
@@ -128,11 +135,8 @@ def enable_prefix_attention(model: torch.nn.Module, sources: dict[int, PrefixSou
             if bool((positions.diff(dim=-1) != 1).any()):
                 raise ValueError("packed sequences (position_ids that restart) are not supported with a prefix")
         kwargs["position_ids"] = positions + num_virtual_tokens
-        return args, kwargs
+        return (), kwargs
 
-    # on the decoder (the module that turns position_ids into rotary angles), so that calls to the
-    # decoder alone are shifted too and per-forward adapter state is never stale
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     handle = decoder.register_forward_pre_hook(shift_positions, with_kwargs=True)
     setattr(model, _STATE_ATTR, (previous, handle))
 

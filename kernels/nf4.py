@@ -47,7 +47,12 @@ def _nf4_code_cpu() -> torch.Tensor:
 
 
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The NF4 table as an fp32 tensor ``[16]`` on ``device``."""
+    """The NF4 table as an fp32 tensor ``[16]`` on ``device`` (cached: no copy per call, graph-safe)."""
+    return _nf4_code_on(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code_on(device: torch.device) -> torch.Tensor:
     return _nf4_code_cpu().to(device)
 
 
@@ -103,7 +108,11 @@ class NF4Weight:
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
         _check_blocksize(self.blocksize)
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"NF4Weight.dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
         n = self.shape.numel()
+        if n == 0:
+            raise ValueError(f"NF4Weight needs a non-empty shape, got {tuple(self.shape)}")
         if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
             raise ValueError(
                 f"NF4Weight.packed must be uint8 with {(n + 1) // 2} bytes for shape {tuple(self.shape)}, "
@@ -111,16 +120,33 @@ class NF4Weight:
             )
         n_blocks = -(-n // self.blocksize)
         if self.absmax.numel() != n_blocks:
-            raise ValueError(f"NF4Weight.absmax must have {n_blocks} entries, got {self.absmax.numel()}")
+            raise ValueError(
+                f"NF4Weight.absmax must have {n_blocks} entries for shape {tuple(self.shape)} and blocksize "
+                f"{self.blocksize}, got {self.absmax.numel()}"
+            )
         nested = (self.nested_absmax, self.nested_code, self.offset)
         if any(t is not None for t in nested) and any(t is None for t in nested):
             raise ValueError("double quantization needs nested_absmax, nested_code and offset together")
-        if self.double_quant and self.absmax.dtype != torch.uint8:
-            raise ValueError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
-        if not self.double_quant and self.absmax.dtype != torch.float32:
-            raise ValueError(f"absmax must be float32, got {self.absmax.dtype}")
+        if self.double_quant:
+            self._check_nested(n_blocks)
+        elif self.absmax.dtype != torch.float32:
+            raise ValueError(f"NF4Weight.absmax must be float32, got {self.absmax.dtype}")
+        devices = {t.device for t in self.tensors().values()}
+        if len(devices) != 1:
+            raise ValueError(f"NF4Weight tensors must share one device, got {sorted(map(str, devices))}")
         self.packed = self.packed.reshape(-1)
         self.absmax = self.absmax.reshape(-1)
+
+    def _check_nested(self, n_blocks: int) -> None:
+        if self.absmax.dtype != torch.uint8:
+            raise ValueError(f"double-quantized NF4Weight.absmax must be uint8, got {self.absmax.dtype}")
+        n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
+        checks = (("nested_absmax", self.nested_absmax, n_nested), ("nested_code", self.nested_code, 256),
+                  ("offset", self.offset, 1))  # fmt: skip
+        for name, t, numel in checks:
+            if t.dtype != torch.float32 or t.numel() != numel:
+                raise ValueError(f"NF4Weight.{name} must be float32 with {numel} entries, got {t.dtype} "
+                                 f"with {t.numel()}")  # fmt: skip
 
     @property
     def double_quant(self) -> bool:
@@ -160,23 +186,50 @@ class NF4Weight:
 
     @classmethod
     def from_bnb(cls, weight: Any, quant_state: Any = None) -> NF4Weight:
-        """Wrap a bitsandbytes ``Params4bit`` (or packed tensor + ``QuantState``) without re-quantizing."""
+        """Wrap a bitsandbytes ``Params4bit`` (or packed tensor + ``QuantState``) without re-quantizing.
+
+        The returned tensors are views of bitsandbytes' (packed codes reshaped to ``[n / 2]``, any
+        ``quant_storage`` dtype reinterpreted as uint8). A weight that bitsandbytes repacked for its
+        own CPU kernel (``quant_state.packing_format_for_cpu``: other byte order, bf16 absmax) is
+        refused; restore it with bitsandbytes' ``_convert_weight_packed_for_cpu_inverse`` first.
+        """
         state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
         if state is None:
             raise ValueError("NF4Weight.from_bnb needs a Params4bit with a quant_state (is the layer quantized?)")
-        if getattr(state, "quant_type", "nf4") != "nf4":
-            raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")
-        packed = weight.data if hasattr(weight, "data") else weight
+        if getattr(state, "quant_type", None) != "nf4":
+            raise ValueError(f"only NF4 weights are supported, got quant_type={getattr(state, 'quant_type', None)!r}")
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("this bitsandbytes weight is in bitsandbytes' CPU-packed layout "
+                             "(quant_state.packing_format_for_cpu); undo it before NF4Weight.from_bnb")  # fmt: skip
+        packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"NF4Weight.from_bnb expects a Params4bit or tensor, got {type(weight).__name__}")
         if packed.dtype != torch.uint8:
             packed = packed.contiguous().view(torch.uint8)
-        if state.nested:
-            return cls(
-                packed=packed.reshape(-1), absmax=state.absmax, shape=state.shape, blocksize=state.blocksize,
-                dtype=state.dtype, nested_absmax=state.state2.absmax, nested_code=state.state2.code,
-                offset=state.offset.reshape(()).float(),
-            )  # fmt: skip
-        return cls(packed=packed.reshape(-1), absmax=state.absmax.float(), shape=state.shape,
-                   blocksize=state.blocksize, dtype=state.dtype)  # fmt: skip
+        common = dict(packed=packed.reshape(-1), shape=state.shape, blocksize=state.blocksize, dtype=state.dtype)
+        if not state.nested:
+            return cls(absmax=state.absmax.float(), **common)
+        if state.state2.blocksize != NESTED_BLOCKSIZE:
+            raise ValueError(f"nested absmax blocksize must be {NESTED_BLOCKSIZE}, got {state.state2.blocksize}")
+        return cls(absmax=state.absmax, nested_absmax=state.state2.absmax, nested_code=state.state2.code,
+                   offset=state.offset.reshape(()).float(), **common)  # fmt: skip
+
+    def to_bnb(self) -> tuple[torch.Tensor, Any]:
+        """(packed uint8 ``[ceil(n / 2), 1]``, ``bitsandbytes.functional.QuantState``) sharing our tensors.
+
+        For feeding our weights to bitsandbytes (``dequantize_4bit``, ``matmul_4bit``) in benchmarks
+        and tests; bitsandbytes is imported here only.
+        """
+        from bitsandbytes.functional import QuantState
+
+        code = nf4_code(self.device)
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE,
+                                dtype=torch.float32)  # fmt: skip
+        state = QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
+                           quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=state2)  # fmt: skip
+        return self.packed.view(-1, 1), state
 
 
 def _check_blocksize(blocksize: int) -> None:
@@ -292,8 +345,11 @@ def nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, 
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block_idx, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + block_idx // NESTED_BLOCK, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q, mask=mask, other=0.0) * nested + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block_idx, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0) * nested + tl.load(offset_ptr)
+    else:
+        # both branches bind one fp32 name: compiled Triton type-checks every return path
+        scale = tl.load(absmax_ptr + block_idx, mask=mask, other=0.0).to(tl.float32)
+    return scale
 
 
 @triton.jit
@@ -345,6 +401,8 @@ def _check_dequant_args(q: NF4Weight, dtype: torch.dtype | None, out: torch.Tens
             f"out must be {dtype} of shape {tuple(q.shape)} on {q.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
+    if out is not None and not out.is_contiguous():
+        raise ValueError(f"out must be contiguous (written by flat index), got strides {out.stride()}")
     return dtype
 
 
@@ -365,7 +423,14 @@ def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None,
 
 def dequantize_nf4_reference(q: NF4Weight, dtype: torch.dtype | None = None,
                              out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Torch reference: the same values as bitsandbytes' ``dequantize_4bit`` (fp32 math, then cast)."""
+    """Torch reference: ``code[nibble] * absmax[block]`` in fp32, then cast to ``dtype``.
+
+    Bit-identical to bitsandbytes' portable implementation (``backends/default/ops.py``
+    ``_dequantize_4bit_compute``). bitsandbytes 0.50.2's public CPU ``dequantize_4bit`` sends even last
+    dims to its C kernel, which on some layouts applies the wrong block scales (e.g. shape (64, 64)
+    with blocksize 128..1024, (4, 96) with 64..256, (10, 48) with 32..256, (33, 80) with 64); there it
+    disagrees with its own portable code and with this function (tests/kernels/test_nf4.py).
+    """
     dtype = _check_dequant_args(q, dtype, out)
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[: q.numel]
     values = nf4_code(q.device)[codes.long()]
@@ -378,6 +443,8 @@ def dequantize_nf4_reference(q: NF4Weight, dtype: torch.dtype | None = None,
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense weight of ``q`` in ``dtype`` (default: the original dtype), shape ``q.shape``."""
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"dequantize_nf4 expects an NF4Weight, got {type(q).__name__}")
     if backend(q.packed) == "triton":
         return dequantize_nf4_triton(q, dtype, out)
     return dequantize_nf4_reference(q, dtype, out)

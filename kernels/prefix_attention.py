@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.backend import backend, interpreting
+from fastpeft.kernels.backend import backend
 from fastpeft.kernels.prefix_attention_bwd import (
     LOG2E,
     SUPPORTED_DTYPES,
@@ -286,5 +286,4 @@ __all__ = [
     "prefix_attention_backward",
     "PrefixAttentionFn",
     "check_prefix_attention_args",
-    "interpreting",
 ]

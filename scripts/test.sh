@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "$0")/venv.sh" "[test]"
 cd "$ROOT"
-exec python -m pytest -q -n 2 "$@"
+exec pytest -q -n 2 "$@"

@@ -54,9 +54,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 and 5e6 as strings
+            value = float(value)
+        except ValueError:
+            pass
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -118,6 +125,7 @@ def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _scalar(text: str) -> Any:
+    """A command-line value as YAML reads it (numbers, true/false, null, [lists], {maps})."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

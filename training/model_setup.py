@@ -78,6 +78,16 @@ def apply_finetune_mode(model: nn.Module, finetune: str, lora: dict[str, Any]) -
     return True
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every block (transformers renamed the method in
+    5.2x; the old name still exists but warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
                     betas: tuple[float, float], eps: float, device: torch.device) -> torch.optim.Optimizer:  # fmt: skip
     """An optimizer over ``params`` by name (see the module docstring)."""

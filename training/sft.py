@@ -6,8 +6,8 @@ of the step is Σ token losses / Σ target tokens over all of them (see
 :mod:`fastpeft.training.losses`), so accumulation and DDP reproduce the single-process update.
 A step whose loss or gradient norm is not finite is skipped with a warning (no optimizer or
 scheduler update); more than ``max_bad_steps`` such steps stop the run. Checkpoints every
-``save_every`` steps are atomic and ``resume=True`` continues bit-for-bit (same data order, RNG,
-optimizer and scheduler state). Metrics go to ``<output_dir>/metrics.jsonl`` and, at the end,
+``save_every`` steps are atomic and ``resume=True`` continues exactly where the run stopped (same
+data order, RNG, optimizer and scheduler state). Metrics go to ``<output_dir>/metrics.jsonl`` and, at the end,
 ``loss.png``.
 """
 
@@ -32,7 +32,7 @@ from fastpeft.training.evaluate import evaluate_loss, exact_match
 from fastpeft.training.losses import CausalLMLoss
 from fastpeft.training.metrics import MetricsLogger, Throughput, peak_memory_bytes, plot_loss_curve, progress_bar
 from fastpeft.training.model_setup import (apply_finetune_mode, build_model, build_optimizer, build_scheduler,
-                                           resolve_device)  # fmt: skip
+                                           enable_gradient_checkpointing, resolve_device)  # fmt: skip
 from fastpeft.training.tokenizer import load_tokenizer
 
 _PATH = {"path": True}  # fields checked for existence when read from YAML / the command line
@@ -166,7 +166,7 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
     has_adapters = apply_finetune_mode(model, config.finetune, config.lora)
     model.to(device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
 
     if config.train_data is None:

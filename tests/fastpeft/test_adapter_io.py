@@ -78,17 +78,21 @@ def _corrupt(directory, mutate) -> None:
     save_file(tensors, path)
 
 
+P = "base_model.model."
+Q_A1 = "layers.1.self_attn.q_proj.lora_A.weight"
+Q_B0 = "layers.0.self_attn.q_proj.lora_B.weight"
+GPT2_A, GPT2_B = P + "transformer.h.0.attn.c_attn.lora_A.weight", P + "transformer.h.0.attn.c_attn.lora_B.weight"
 BAD_FILES = {
     "truncated": (None, r"truncated or corrupted"),
-    "wrong_shape": (lambda t: t.update({k: torch.zeros(5, 64) for k in t if k.endswith("layers.1.self_attn.q_proj.lora_A.weight")}),
+    "wrong_shape": (lambda t: t.update({k: torch.zeros(5, 64) for k in t if k.endswith(Q_A1)}),
                     r"key .*layers\.1\.self_attn\.q_proj\.lora_A\.weight: shape \(5, 64\) .* model's \(4, 64\)"),
-    "missing_B": (lambda t: [t.pop(k) for k in list(t) if k.endswith("layers.0.self_attn.q_proj.lora_B.weight")],
+    "missing_B": (lambda t: [t.pop(k) for k in list(t) if k.endswith(Q_B0)],
                   r"layers\.0\.self_attn\.q_proj: missing keys \['lora_B.weight'\]"),
-    "unknown_key": (lambda t: t.update({"base_model.model.model.norm.scale": torch.ones(64)}), r"key .*model\.norm\.scale"),
-    "foreign_module": (lambda t: t.update({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(4, 64),
-                                           "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.ones(192, 4)}),
+    "unknown_key": (lambda t: t.update({P + "model.norm.scale": torch.ones(64)}), r"key .*model\.norm\.scale"),
+    "foreign_module": (lambda t: t.update({GPT2_A: torch.ones(4, 64), GPT2_B: torch.ones(192, 4)}),
                        r"transformer\.h\.0\.attn\.c_attn' does not exist.*another architecture"),
-    "integer_dtype": (lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if "layers.0" in k}), r"dtype torch.int32"),
+    "integer_dtype": (lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if "layers.0" in k}),
+                      r"dtype torch.int32"),
 }  # fmt: skip
 
 
@@ -159,7 +163,9 @@ def test_load_onto_nf4_model_and_save_from_it(lm, tmp_path):
     quantized = lm.build("llama")
     load_adapter(quantized, tmp_path / "a", quantize="nf4")
     layer = quantized.model.layers[0].self_attn.q_proj
-    assert type(layer).__name__ == "QLoRALinear" and torch.equal(layer.lora_A, model.model.layers[0].self_attn.q_proj.lora_A)
+    assert type(layer).__name__ == "QLoRALinear"
+    assert torch.equal(layer.lora_A, model.model.layers[0].self_attn.q_proj.lora_A)
     save_adapter(quantized, tmp_path / "b")
-    first, second = load_file(tmp_path / "a/adapter_model.safetensors"), load_file(tmp_path / "b/adapter_model.safetensors")
+    first = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

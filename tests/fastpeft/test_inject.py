@@ -91,8 +91,7 @@ def test_no_match_lists_linear_names_and_leaves_model_unchanged(lm):
     ("r", 0, "r must be a positive int"), ("r", -3, "r must be"), ("lora_alpha", 0, "lora_alpha"),
     ("lora_dropout", 1.0, "lora_dropout"), ("target_modules", [], "target_modules"), ("bias", "some", "bias"),
     ("quantize", "int8", "quantize"), ("init_lora_weights", "pissa", "init_lora_weights"),
-    ("variant", "adalora", "'adalora' is not available in this build"),
-    ("variant", "delta_lora", "'delta_lora' is not available in this build"), ("variant", "vera", "variant"),
+    ("variant", "adalora", "total_step"), ("variant", "vera", "variant"),
     ("last_layers_fraction", 1.5, "last_layers_fraction"), ("layers_to_transform", [-1], "layers_to_transform"),
     ("compute_dtype", "int8", "compute_dtype"), ("blocksize", 48, "blocksize"), ("task_type", "SEQ_CLS", "task_type"),
 ])  # fmt: skip

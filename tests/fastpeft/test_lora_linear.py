@@ -101,7 +101,8 @@ def test_dropout_path_matches_unfused_formula_and_trains(variant):
     w, b = layer.weight.double(), layer.bias.double()
     lora = layer.scaling * (dropped @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
     if variant == "dora":  # PEFT: base(x) + (scale - 1)·(dropout(x)·Wᵀ) + scale·lora(dropout(x))
-        scale = layer.active.magnitude.double() / (w + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()).norm(dim=1)
+        norm = (w + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()).norm(dim=1)
+        scale = layer.active.magnitude.double() / norm
         want = x.double() @ w.t() + b + (scale - 1) * (dropped @ w.t()) + scale * lora
     else:
         want = x.double() @ w.t() + b + lora

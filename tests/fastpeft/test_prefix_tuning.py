@@ -14,6 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )  # fmt: skip
 
+import fastpeft.kernels.prefix_attention as kernel
 from fastpeft import PrefixTuningConfig, add_prefix_tuning
 from fastpeft.prefix_tuning import PrefixAdapter, attach_prefix_adapter
 
@@ -89,12 +90,16 @@ def test_gradients_match_peft_with_reparameterisation():
 
 
 @pytest.mark.triton
-def test_triton_path_matches_peft_in_interpreter():
+def test_triton_path_matches_peft_in_interpreter(monkeypatch):
+    launches = []
+    launcher = kernel.prefix_attention_forward
+    monkeypatch.setattr(kernel, "prefix_attention_forward", lambda *a: launches.append(1) or launcher(*a))
     peft_model, ours, _ = peft_and_ours("qwen2")
     ids, mask = padded_batch(length=6)
     with torch.no_grad():
         want = peft_model(input_ids=ids, attention_mask=mask).logits
         got = ours(input_ids=ids, attention_mask=mask).logits
+    assert len(launches) == 2  # one Triton launch per layer
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

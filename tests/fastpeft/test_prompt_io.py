@@ -104,3 +104,20 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="allow_pickle=True"):
         load_prompt_adapter(tiny_model(), tmp_path / "prefix")
     assert load_prompt_adapter(tiny_model(), tmp_path / "prefix", allow_pickle=True).num_virtual_tokens == 3
+
+
+def test_load_adapter_dispatches_prompt_learning_directories(tmp_path):
+    """fastpeft.load_adapter reads a prefix-tuning directory too (one entry point for every type)."""
+    import fastpeft
+
+    model = tiny_model()
+    adapter = add_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_()
+    save_prompt_adapter(adapter, tmp_path)
+    fresh = tiny_model()
+    assert fastpeft.load_adapter(fresh, tmp_path) is fresh
+    ids, mask = batch()
+    assert torch.allclose(logits(model, ids, mask), logits(fresh, ids, mask), atol=1e-6)
+    assert not torch.allclose(logits(tiny_model(), ids, mask), logits(fresh, ids, mask), atol=1e-3)

@@ -157,3 +157,26 @@ def test_qlora_fused_path_in_triton_interpreter():
     torch.testing.assert_close(y.double(), _reference(layer, x.detach().double(), a64, b64), atol=1e-4, rtol=1e-4)
     y.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 40])  # decode kernel (M <= 16) and the training path
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_cuda_forward_and_grads_after_to_device(m, dtype, variant):
+    layer, _ = _qlayer(96, 80, 8, dtype, use_dora=variant == "dora")
+    layer.to("cuda")
+    assert layer.packed.device.type == "cuda" and layer.packed.dtype == torch.uint8
+    x = torch.randn(m, 96, dtype=dtype, device="cuda", requires_grad=True)
+    y = layer(x)
+    x64 = x.detach().double().requires_grad_(True)
+    a64 = layer.lora_A.detach().double().requires_grad_(True)
+    b64 = layer.lora_B.detach().double().requires_grad_(True)
+    y64 = _reference(layer, x64, a64, b64)
+    scale = max(1.0, y64.abs().max().item())
+    torch.testing.assert_close(y.double(), y64.detach(), atol=6e-2 * scale, rtol=2e-2)
+    grad_y = torch.randn_like(y64)
+    y.backward(grad_y.to(dtype))
+    y64.backward(grad_y)
+    for got, want in ((x.grad, x64.grad), (layer.lora_A.grad, a64.grad), (layer.lora_B.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=0.25 * max(1.0, want.abs().max().item()), rtol=8e-2)

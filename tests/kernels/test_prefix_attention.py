@@ -123,6 +123,19 @@ def test_strided_inputs_as_transformers_passes_them(poisoned):
     run_and_compare(case, None, f32)
 
 
+@pytest.mark.triton
+def test_prefix_gradient_alone_when_the_sequence_is_frozen(poisoned):
+    """A frozen first layer: q, k, v need no gradient (the dQ kernel is skipped), the prefix does."""
+    case, mask = make_case(2, 4, 2, 9, 9, 3, 16, f32, "shared", "left", True)
+    leaves = {n: t.clone().requires_grad_(n.startswith("prefix")) for n, t in case.items()}
+    prefix_attention(**leaves, key_padding_mask=mask).square().sum().backward()
+    ref = {n: t.double().requires_grad_(n.startswith("prefix")) for n, t in case.items()}
+    prefix_attention_forward_reference(**ref, key_padding_mask=mask)[0].square().sum().backward()
+    for name in ("prefix_k", "prefix_v", "prefix_logit_bias"):
+        torch.testing.assert_close(leaves[name].grad.double(), ref[name].grad, atol=1e-4, rtol=1e-4)
+    assert leaves["q"].grad is None
+
+
 REFERENCE_CASES = [
     (2, 4, 2, 7, 7, 3, "shared", "left"),
     (1, 2, 1, 1, 6, 2, "per_sample", "right"),
@@ -196,6 +209,50 @@ def test_kernel_rejects_unsupported_head_dim():
         prefix_attention(q, k, k.clone())
     with pytest.raises(TypeError, match="float64"):
         pa.prefix_attention_forward(q.double(), k.double(), k.double())
+
+
+SM90_COMPILE = r"""
+import os, subprocess, sys, tempfile, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastpeft.kernels.prefix_attention as pa, fastpeft.kernels.prefix_attention_bwd as pb
+SIZES = {"H_q", "H_kv", "T_q", "T_k", "P", "GROUP", "CAUSAL_OFFSET", "N_PREFIX_BLOCKS"}
+FP32 = {"LSE", "DELTA", "DPK", "DPV", "DBIAS_PART", "BIAS"}
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+for phase, fn in (("fwd", pa._prefix_attn_fwd_kernel), ("dkdv", pb._prefix_attn_bwd_dkdv_kernel),
+                  ("dq", pb._prefix_attn_bwd_dq_kernel)):
+    cfg = pb.attention_launch_config(128, torch.device("cuda"), phase)
+    const = {"HAS_PREFIX": True, "HAS_MASK": True, "HAS_BIAS": True, "HEAD_DIM": 128, "BLOCK_M": cfg.block_m,
+             "BLOCK_N": cfg.block_n, "DOT_PRECISION": "tf32"}
+    const = {k: v for k, v in const.items() if k in fn.arg_names}
+    sig = {n: "constexpr" if n in const else "*fp32" if n in FP32 else "*u8" if n == "KMASK" else
+           "fp32" if n.endswith("scale") else "i32" if n in SIZES or not n.isupper() else "*bf16" for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    print(phase, [line.split()[1] for line in usage.splitlines() if "REG:" in line][0])
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_register_spills():
+    """No GPU in CI: compile the bf16, D=128 kernels for an H100 (ptxas ships with Triton) and check
+    the chosen tiles do not spill registers to the stack."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")):
+        pytest.skip("Triton's NVIDIA toolchain is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["fwd", "STACK:0", "dkdv", "STACK:0", "dq", "STACK:0"], result.stdout
 
 
 @pytest.mark.gpu

@@ -15,24 +15,30 @@ Layers of containment (the child is ``python -I -S`` running a small trusted run
      --fork --kill-child``: a network namespace with no interfaces (no network at all, loopback
      included), a mount namespace where the runner remounts every mount read-only except a bind
      mount of the working directory, and a PID namespace (killing it kills everything inside, even
-     processes that left the process group). Inside its user namespace RLIMIT_NPROC is enforced
-     even when the trainer runs as root.
+     processes that left the process group).
    - ``"rlimits"``: no namespaces (``unshare`` missing or user namespaces disabled). A root trainer's
-     child drops to ``nobody`` (so RLIMIT_NPROC applies and root-owned files are read-only to it).
-     Network and file-system writes are then blocked by the audit hook alone.
+     child drops to ``nobody`` (so RLIMIT_NPROC applies and root-owned files are read-only to it);
+     common stdlib modules are imported before the drop. Network and file-system writes are then
+     blocked by the audit hook alone.
 
 4. **Audit hook** (both tiers, installed by the runner before the untrusted code): refuses socket
-   creation/connection, process launching (``exec*``, ``posix_spawn``, ``subprocess``,
-   ``os.system``), ``ctypes``, ``os.kill``, and any open-for-writing, remove, rename, mkdir, chmod,
-   link... of a path outside the working directory. Python's audit hooks are not a security
-   boundary on their own (C extensions can bypass them), which is why tier 1-3 exist; in the
-   ``rlimits`` tier they are the network and file-system guard, a weaker one (documented risk).
+   creation/connection, ``fork`` and process launching (``exec*``, ``posix_spawn``,
+   ``subprocess``, ``os.system``), ``ctypes``, ``os.kill``, and any open-for-writing, remove,
+   rename, mkdir, chmod, link... of a path outside the working directory. Python's audit hooks are
+   not a security boundary on their own (C extensions can bypass them), which is why layers 1-3
+   exist; in the ``rlimits`` tier the hook is the network and file-system guard, a weaker one.
+
+Fork bombs: the kernel never applies RLIMIT_NPROC to real root (kuid 0, also when mapped to root
+of a user namespace), so for a root trainer in the ``namespaces`` tier the audit hook's fork ban
+plus the PID namespace (everything dies at the wall-time limit) contain them; for any other user,
+and for the ``rlimits`` tier (which runs as ``nobody`` under a root trainer), RLIMIT_NPROC does.
 
 **Verdicts are made here, not in the child.** A test ``assert f(2) == 4`` is split in the trainer's
 process into the expression ``f(2)`` (sent to the child) and the expected value ``4`` (kept here);
-the child only reports ``repr`` of each value (plain builtin types only). ``sys.exit(0)``, patched
-``assert``/builtins or forged output therefore cannot fake a pass: the child never sees what a
-correct answer is. ``assert not g(x)`` is sent as ``g(x)`` so the expected truth value is hidden too.
+the child only reports ``repr`` of each value (plain builtin types only), on a line tagged with a
+per-run nonce. ``sys.exit(0)``, patched ``assert``/builtins or printed fake results therefore
+cannot fake a pass without computing the answers: the child never sees what a correct answer is.
+``assert not g(x)`` is sent as ``g(x)`` so the expected truth value is hidden too.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -58,11 +65,16 @@ _MARKER = "\x00fastpeft-sandbox-result\x00"
 _UNSHARE = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--kill-child",
             "--propagation", "private"]  # fmt: skip
 _NOBODY = 65534
+# stdlib modules imported before a root runner drops to ``nobody`` (see the runner)
+_PRELOAD = ("abc", "array", "bisect", "cmath", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
+            "fractions", "functools", "hashlib", "heapq", "io", "itertools", "json", "math", "numbers", "operator",
+            "random", "re", "statistics", "string", "struct", "textwrap", "time", "typing", "unicodedata")  # fmt: skip
 
 # The trusted runner executed in the child (stdlib only; ``-I -S``: no site, no user paths).
 _RUNNER = r'''
 import json, os, resource, sys
 job = json.loads(sys.stdin.read()); sys.stdin.close()
+marker = "\x00fastpeft-sandbox-result\x00" + job.pop("nonce")
 work = job["workdir"]
 if job["isolation"] == "namespaces":
     import ctypes
@@ -84,13 +96,20 @@ for name, value in (("RLIMIT_CPU", (lim["cpu"], lim["cpu"] + 1)), ("RLIMIT_AS", 
                     ("RLIMIT_NOFILE", (lim["nofile"],) * 2), ("RLIMIT_CORE", (0, 0))):
     resource.setrlimit(getattr(resource, name), value)
 if job["isolation"] == "rlimits" and os.geteuid() == 0:
+    # nobody may not be able to read the interpreter's stdlib (e.g. under /root): import common
+    # modules while still root
+    for name in job["preload"]:
+        try:
+            __import__(name)
+        except Exception:
+            pass
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
 
 def _install_hook(realpath=os.path.realpath, fsdecode=os.fsdecode, sep=os.sep, PermissionError=PermissionError):
     root = realpath(work)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     blocked = frozenset(("socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
-        "socket.sendmsg", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.system", "os.startfile",
+        "socket.sendmsg", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.system", "os.startfile",
         "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata", "os.kill", "os.killpg",
         "signal.pthread_kill", "pty.spawn"))
     path_events = frozenset(("os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.chmod", "os.chown", "os.link",
@@ -139,7 +158,8 @@ def safe(v, depth=0, type=type, isinstance=isinstance, all=all):
         return all(safe(k, depth + 1) and safe(x, depth + 1) for k, x in v.items())
     return False
 
-_install_hook()
+if job["audit_hook"]:
+    _install_hook()
 results, error, ns = [], None, {"__name__": "__solution__"}
 try:
     exec(compile(job["code"], "solution.py", "exec"), ns)
@@ -156,7 +176,7 @@ for i, expr in enumerate(job["exprs"]):
             results.append({"ok": False, "error": f"returned a {type(value).__name__}, not a plain builtin value"})
     except BaseException as e:
         results.append({"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-out.write("\n" + "\x00fastpeft-sandbox-result\x00" + json.dumps({"results": results, "error": error}) + "\n")
+out.write("\n" + marker + json.dumps({"results": results, "error": error}) + "\n")
 out.flush()
 os._exit(0)
 '''
@@ -303,8 +323,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_tests_in_sandbox(code: str, tests: Sequence[str | tuple[str, Any]], limits: SandboxLimits | None = None,
-                         isolation: Isolation = "auto") -> SandboxResult:  # fmt: skip
-    """Run ``code`` and then each test's expression in a sandboxed child; verdicts are made here."""
+                         isolation: Isolation = "auto", audit_hook: bool = True) -> SandboxResult:  # fmt: skip
+    """Run ``code`` and then each test's expression in a sandboxed child; verdicts are made here.
+
+    ``audit_hook=False`` leaves out layer 4; only tests of the other layers should use it.
+    """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     cases = [parse_test(t) for t in tests]
@@ -322,8 +345,9 @@ def run_tests_in_sandbox(code: str, tests: Sequence[str | tuple[str, Any]], limi
     try:
         if mode == "rlimits" and os.geteuid() == 0:
             os.chown(workdir, _NOBODY, _NOBODY)
-        job = {"workdir": workdir, "isolation": mode, "limits": job_limits, "code": code,
-               "exprs": [c.expr for c in cases]}  # fmt: skip
+        nonce = secrets.token_hex(16)
+        job = {"nonce": nonce, "workdir": workdir, "isolation": mode, "limits": job_limits, "code": code, "audit_hook": audit_hook,
+               "preload": _PRELOAD, "exprs": [c.expr for c in cases]}  # fmt: skip
         argv = [sys.executable, "-I", "-S", "-c", _RUNNER]
         if mode == "namespaces":
             argv = [*_UNSHARE, *argv]
@@ -347,9 +371,10 @@ def run_tests_in_sandbox(code: str, tests: Sequence[str | tuple[str, Any]], limi
         logs.cleanup()
     wall = time.perf_counter() - start
     payload = None
-    if _MARKER in stdout:
+    marker = _MARKER + nonce
+    if marker in stdout:
         try:
-            payload = json.loads(stdout.rsplit(_MARKER, 1)[1].splitlines()[0])
+            payload = json.loads(stdout.rsplit(marker, 1)[1].splitlines()[0])
         except (json.JSONDecodeError, IndexError):
             payload = None
     replies = payload.get("results", []) if isinstance(payload, dict) else []

@@ -1,0 +1,92 @@
+"""DPO: the reference is the adapter-disabled model, a few steps move the loss, precomputed reference
+log-probs match on-the-fly ones, IPO runs, and resume is exact."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastpeft
+from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.training.dpo import DPOConfig, PairLogprobs, reference_logprobs, train
+from fastpeft.training.model_setup import build_model
+from fastpeft.training.rl_common import tokenize_pairs
+from fastpeft.training.tokenizer import load_char_tokenizer
+
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 112, "max_position_embeddings": 128}  # fmt: skip
+PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"],
+          "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0")}
+         for r in make_arithmetic_dataset(8, seed=4)]  # fmt: skip
+
+
+def _config(tmp_path, name, **kw):
+    base = dict(model_config=TINY, train_data=PAIRS, max_steps=4, lr=1e-2, beta=0.5, micro_batch_size=4,
+                lora={"r": 4, "lora_alpha": 8}, output_dir=str(tmp_path / name), progress=False, plot=False,
+                device="cpu")  # fmt: skip
+    return DPOConfig(**{**base, **kw})
+
+
+def _losses(out_dir):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if json.loads(x).get("loss") is not None]
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def test_reference_is_the_base_model_without_a_copy():
+    tok = load_char_tokenizer()
+    model = build_model(None, TINY, seed=0)
+    base = copy.deepcopy(model)
+    fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # make the adapter matter
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    pairs = tokenize_pairs(PAIRS, tok, 128)
+    ref = reference_logprobs(PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"))
+    want = reference_logprobs(PairLogprobs(base, False), pairs, tok.pad_token_id, 4, torch.device("cpu"), disable=False)
+    policy = reference_logprobs(PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"),
+                                disable=False)  # fmt: skip
+    for i in ref:
+        assert ref[i] == pytest.approx(want[i], abs=1e-4)
+    assert any(abs(policy[i][0] - ref[i][0]) > 1e-3 for i in ref)
+
+
+def test_dpo_steps_move_the_loss_and_precompute_matches(tmp_path):
+    result = _quiet(train, _config(tmp_path, "live"))
+    losses = _losses(tmp_path / "live")
+    # fresh LoRA (B = 0): policy == reference, so the first loss is log 2
+    assert losses[0] == pytest.approx(0.693147, abs=1e-4)
+    assert losses[-1] < losses[0] and result.saved is not None
+    _quiet(train, _config(tmp_path, "pre", precompute_ref=True))
+    assert _losses(tmp_path / "pre") == pytest.approx(losses, abs=1e-4)
+
+
+def test_ipo_runs(tmp_path):
+    _quiet(train, _config(tmp_path, "ipo", loss_type="ipo", beta=0.1, max_steps=2))
+    losses = _losses(tmp_path / "ipo")
+    # IPO at the reference: (0 - 1/(2β))² = 25
+    assert losses[0] == pytest.approx(25.0, abs=1e-3) and losses[1] < losses[0]
+
+
+def test_resume_continues_exactly(tmp_path):
+    _quiet(train, _config(tmp_path, "full", max_steps=4))
+    _quiet(train, _config(tmp_path, "cut", max_steps=2, save_every=2))
+    _quiet(train, _config(tmp_path, "cut", max_steps=4, resume=True))
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"))
+
+
+def test_full_finetuning_needs_precomputed_reference(tmp_path):
+    with pytest.raises(ValueError, match="adapters disabled"):
+        _quiet(train, _config(tmp_path, "f", finetune="full"))

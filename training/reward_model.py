@@ -1,0 +1,254 @@
+"""Reward model: a scalar head on a (Q)LoRA causal LM, trained with the Bradley-Terry loss.
+
+Data: ``{"prompt", "chosen", "rejected"[, "margin"]}`` records. Each side is scored at its last
+token (the EOS the SFT tokenization appends); the loss is
+:func:`~fastpeft.training.losses_preference.bradley_terry_loss` with the per-pair margin and optional
+reward centering; held-out pairs give pairwise accuracy. The same :class:`ScalarHeadModel` serves
+the process reward model and the reward-hacking detector; :class:`RewardScorer` plugs a trained one
+into the RL recipes (as a reward function) and into search (as a ``Scorer``).
+
+Saved: ``<output_dir>/adapter/`` (PEFT format) with ``score_head.safetensors`` beside the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastpeft.training import distributed as dist_utils
+from fastpeft.training.data import BatchPlan, load_records
+from fastpeft.training.losses_preference import bradley_terry_loss
+from fastpeft.training.metrics import peak_memory_bytes, progress_bar
+from fastpeft.training.rl_common import (Checkpointer, PairRow, RecipeConfig, backbone_hidden, build_optimization,
+                                         collate_pairs, finish_plot, open_logger, optimizer_step, save_final,
+                                         setup_run, tokenize_pairs, wrap_ddp)  # fmt: skip
+
+HEAD_FILE = "score_head"
+
+
+class ScalarHeadModel(nn.Module):
+    """A causal LM's backbone plus ``head``: ``nn.Linear(hidden, 1)`` in fp32 -> one score per token.
+
+    ``forward(input_ids [B, T], attention_mask [B, T]) -> scores [B, T]`` (fp32).
+    The LM head is not used. The head starts at N(0, 1/(H+1)) weights and zero bias.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        device = lm.get_input_embeddings().weight.device
+        self.head = nn.Linear(cfg.hidden_size, 1, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, 1.0 / math.sqrt(cfg.hidden_size + 1))
+            self.head.bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        hidden = backbone_hidden(self.lm, input_ids, attention_mask, position_ids)
+        return self.head(hidden.float()).squeeze(-1)
+
+    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The score at each row's last attended token: ``[B]``."""
+        return last_token_scores(self(input_ids, attention_mask, position_ids), attention_mask)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.head.weight.detach().cpu(), "bias": self.head.bias.detach().cpu()}
+
+    def load_head(self, path: str | Path) -> None:
+        """Load ``score_head.safetensors`` (a file or the directory holding it)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        path = path / f"{HEAD_FILE}.safetensors" if path.is_dir() else path
+        state = load_file(str(path))
+        if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != tuple(self.head.weight.shape):
+            raise ValueError(f"{path}: expected a head with weight {tuple(self.head.weight.shape)} and bias, got "
+                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")  # fmt: skip
+        with torch.no_grad():
+            self.head.weight.copy_(state["weight"])
+            self.head.bias.copy_(state["bias"])
+
+
+def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``scores[b, last t with attention_mask[b, t] = 1]``: ``[B, T] -> [B]`` (any padding side)."""
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    last = (attention_mask.bool() * positions).argmax(dim=1)
+    return scores.gather(1, last[:, None]).squeeze(1)
+
+
+class RewardScorer:
+    """A trained scalar-head model as a reward: ``score(prompt, response)`` = σ(r) in [0, 1] (the
+    ``Scorer`` protocol) and ``__call__(prompt, completion, record)`` = r (a reward function)."""
+
+    def __init__(self, model: ScalarHeadModel, tokenizer: Any, max_seq_len: int = 512):
+        self.model, self.tokenizer, self.max_seq_len = model, tokenizer, max_seq_len
+        self.__name__ = "reward_model"
+
+    @torch.no_grad()
+    def raw(self, prompt: str, response: str) -> float:
+        ids = self.tokenizer(prompt + response)["input_ids"][: self.max_seq_len - 1]
+        if self.tokenizer.eos_token_id is not None:  # scored like the training data: at the EOS
+            ids = ids + [self.tokenizer.eos_token_id]
+        device = next(self.model.parameters()).device
+        x = torch.tensor([ids], device=device)
+        was = self.model.training
+        self.model.eval()
+        try:
+            return float(self.model.sequence_scores(x, torch.ones_like(x))[0])
+        finally:
+            self.model.train(was)
+
+    def score(self, prompt: str, response: str) -> float:
+        return float(torch.sigmoid(torch.tensor(self.raw(prompt, response))))
+
+    def __call__(self, prompt: str, completion: str, record: Mapping[str, Any] | None = None) -> float:
+        return self.raw(prompt, completion)
+
+
+@dataclasses.dataclass
+class RewardConfig(RecipeConfig):
+    """Reward-model training (``fastpeft reward``)."""
+
+    micro_batch_size: int = 8  # pairs per micro-batch
+    grad_accum_steps: int = 1
+    num_epochs: float | None = None  # when set, overrides max_steps
+    centering_coef: float = 0.0
+    margin_key: str = "margin"
+    use_chat_template: bool = False
+    eval_batch_size: int = 32
+    output_dir: str = "runs/reward"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.micro_batch_size <= 0 or self.grad_accum_steps <= 0 or self.eval_batch_size <= 0:
+            raise ValueError("micro_batch_size, grad_accum_steps and eval_batch_size must be positive")
+        if self.centering_coef < 0:
+            raise ValueError(f"centering_coef must be >= 0, got {self.centering_coef}")
+
+
+@dataclasses.dataclass
+class RewardResult:
+    steps: int
+    final_loss: float | None
+    eval: dict[str, Any]
+    output_dir: Path
+    saved: Path | None
+    model: ScalarHeadModel
+    train_seconds: float
+
+
+@torch.no_grad()
+def evaluate_pairs(model: ScalarHeadModel, pairs: Sequence[PairRow], pad_id: int, batch_size: int,
+                   device: torch.device) -> dict[str, float]:  # fmt: skip
+    """Pairwise accuracy, mean BT loss and mean reward margin on ``pairs`` (model in eval mode)."""
+    was = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        for i in range(0, len(pairs), batch_size):
+            chunk = list(pairs[i : i + batch_size])
+            b = collate_pairs(chunk, pad_id, device)
+            scores = model.sequence_scores(b["input_ids"], (b["segment_ids"] > 0).long(), b["position_ids"])
+            chosen.append(scores[: len(chunk)])
+            rejected.append(scores[len(chunk) :])
+    finally:
+        model.train(was)
+    rc, rr = torch.cat(chosen), torch.cat(rejected)
+    return {"eval_accuracy": float((rc > rr).float().mean()), "eval_loss": float(bradley_terry_loss(rc, rr)),
+            "eval_margin": float((rc - rr).mean()), "eval_pairs": len(pairs)}  # fmt: skip
+
+
+def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
+          callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> RewardResult:  # fmt: skip
+    """Train a reward model as configured (``model``: an optional causal LM to start from)."""
+    ctx = setup_run(config, model, tokenizer)
+    rm = ScalarHeadModel(ctx.model)
+    rm.train()
+    if config.train_data is None:
+        raise ValueError("train_data is required (records with prompt, chosen, rejected)")
+    pad = ctx.tokenizer.pad_token_id
+    pairs = tokenize_pairs(load_records(config.train_data), ctx.tokenizer, config.max_seq_len,
+                           config.use_chat_template, config.margin_key)  # fmt: skip
+    eval_pairs = []
+    if config.eval_data is not None:
+        eval_pairs = tokenize_pairs(load_records(config.eval_data), ctx.tokenizer, config.max_seq_len,
+                                    config.use_chat_template, config.margin_key)  # fmt: skip
+    plan = BatchPlan(pairs, config.micro_batch_size, config.grad_accum_steps, ctx.world_size, ctx.rank, config.seed)
+    total = config.max_steps if config.num_epochs is None else max(1, math.ceil(config.num_epochs * plan.steps_per_epoch))
+    params = [p for p in rm.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimization(config, params, total, ctx.device)
+    runner = wrap_ddp(rm, ctx, find_unused=config.finetune == "full")  # the LM head is unused
+    checkpointer = Checkpointer(ctx, config, rm)
+    state = checkpointer.resume(optimizer, scheduler)
+    start, bad = (state["step"], state["bad_steps"]) if state else (0, 0)
+    logger = open_logger(ctx, start if state else None)
+    logger.log({"event": "start", "recipe": "reward", "step": start, "total_steps": total, "pairs": len(pairs),
+                "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
+    bar = progress_bar(total, start, ctx.main and config.progress, desc="reward")
+    t0, last_loss = time.perf_counter(), None
+    for step in range(start, total):
+        micro = plan.micro_batches(step)
+        n_pairs = float(dist_utils.all_reduce_sum(torch.tensor(float(sum(len(m) for m in micro)), device=ctx.device)))
+        step_loss, correct = 0.0, 0
+        for j, mb in enumerate(micro):
+            b = collate_pairs(mb, pad, ctx.device)
+            sync = j == len(micro) - 1 or not ctx.distributed
+            with runner.no_sync() if not sync else contextlib.nullcontext():
+                scores = last_token_scores(runner(b["input_ids"], (b["segment_ids"] > 0).long(), b["position_ids"]),
+                                           b["segment_ids"] > 0)  # fmt: skip
+                rc, rr = scores[: len(mb)], scores[len(mb) :]
+                margin = torch.tensor([p.margin for p in mb], device=ctx.device)
+                loss = bradley_terry_loss(rc, rr, margin, config.centering_coef, reduction="sum")
+                (loss * (ctx.world_size / n_pairs)).backward()
+            step_loss += float(loss.detach())
+            correct += int((rc > rr).sum())
+        stats = dist_utils.all_reduce_sum(torch.tensor([step_loss, float(correct)], dtype=torch.float64,
+                                                       device=ctx.device))  # fmt: skip
+        loss_value, accuracy = float(stats[0]) / n_pairs, float(stats[1]) / n_pairs
+        grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value, config.max_grad_norm, bad,
+                                                 config.max_bad_steps, step + 1)  # fmt: skip
+        last_loss = loss_value if stepped else last_loss
+        record = {"step": step + 1, "loss": loss_value if stepped else None, "accuracy": accuracy,
+                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+        if not stepped:
+            record["skipped"] = "non-finite"
+        if config.eval_every and (step + 1) % config.eval_every == 0 and eval_pairs and ctx.main:
+            record.update(evaluate_pairs(rm, eval_pairs, pad, config.eval_batch_size, ctx.device))
+        if (step + 1) % config.log_every == 0 or step + 1 == total or "eval_accuracy" in record:
+            logger.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        checkpointer.maybe_save(step + 1, optimizer, scheduler, {"bad_steps": bad})
+        for cb in callbacks:
+            cb(step + 1, record)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    final_eval = evaluate_pairs(rm, eval_pairs, pad, config.eval_batch_size, ctx.device) if eval_pairs and ctx.main else {}
+    saved = save_final(ctx, rm.head_state(), HEAD_FILE)
+    logger.log({"step": total, "event": "end", **final_eval, "train_seconds": seconds,
+                "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip
+    finish_plot(ctx, config)
+    dist_utils.barrier()
+    return RewardResult(total, last_loss, final_eval, ctx.out_dir, saved, rm, seconds)
+
+
+def load_reward_model(lm: nn.Module, directory: str | Path) -> ScalarHeadModel:
+    """A saved reward model: the adapter in ``directory`` loaded into ``lm`` plus its score head."""
+    import fastpeft
+
+    directory = Path(directory)
+    if (directory / "adapter_config.json").exists():
+        fastpeft.load_adapter(lm, directory)
+    rm = ScalarHeadModel(lm)
+    rm.load_head(directory)
+    return rm
