@@ -78,7 +78,8 @@ def make_problem(a: int, b: int, op: str = "+") -> dict[str, str]:
 
 def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequence[str] = ("+",),
                             exclude: set[str] | None = None) -> list[dict[str, str]]:  # fmt: skip
-    """``n`` distinct problems with operands in ``[0, 10**digits)``, deterministic in ``seed``.
+    """``n`` distinct problems whose operands have exactly ``digits`` digits (``digits=1``: 0-9),
+    deterministic in ``seed``. Equal widths keep every prompt of a dataset in one layout.
 
     ``exclude`` holds prompts to leave out (e.g. a training set, to make a disjoint test set).
     Subtraction problems are drawn with ``a >= b`` so answers stay non-negative.
@@ -89,14 +90,16 @@ def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequenc
     if not ops or bad:
         raise ValueError(f"ops must be a non-empty subset of {SUPPORTED_OPS}, got {tuple(ops)}")
     exclude = set(exclude or ())
-    space = len(ops) * 10 ** (2 * digits)
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits
+    m = high - low
+    space = sum(m * m if op == "+" else m * (m + 1) // 2 for op in set(ops))  # a - b needs a >= b
     if n > space - len(exclude):
         raise ValueError(f"cannot draw {n} distinct {digits}-digit problems (only {space} exist)")
     rng = random.Random(seed)
     seen, records = set(exclude), []
     while len(records) < n:
         op = rng.choice(list(ops))
-        a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+        a, b = rng.randrange(low, high), rng.randrange(low, high)
         if op == "-" and a < b:
             a, b = b, a
         record = make_problem(a, b, op)

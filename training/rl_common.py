@@ -127,6 +127,7 @@ def setup_run(config: RecipeConfig, model: nn.Module | None = None, tokenizer: A
         fastpeft.merge_and_unload(model)
     has_adapters = apply_finetune_mode(model, config.finetune, config.lora)
     model.to(device)
+    model.train()  # from_pretrained returns eval mode; LoRA dropout must be active while training
     return RunContext(rank, world_size, device, distributed, tokenizer, model, has_adapters, Path(config.output_dir))
 
 

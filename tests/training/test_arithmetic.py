@@ -52,8 +52,12 @@ def test_exclude_makes_disjoint_sets():
     test = make_arithmetic_dataset(50, seed=1, digits=1)
     train = make_arithmetic_dataset(50, seed=2, digits=1, exclude={r["prompt"] for r in test})
     assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="only 100 exist"):
         make_arithmetic_dataset(101, digits=1)
+    assert len(make_arithmetic_dataset(155, digits=1, ops=("+", "-"))) == 155  # 100 sums + 55 differences
+    with pytest.raises(ValueError, match="only 155 exist"):
+        make_arithmetic_dataset(156, digits=1, ops=("+", "-"))
+    assert all(len(r["prompt"]) == len("Q: 10+10=?\nA:") for r in make_arithmetic_dataset(30, digits=2))
 
 
 def test_extract_answer_and_is_correct():
