@@ -17,11 +17,7 @@ from .harness import Measured, PeakMemory, not_available
 
 # candidate (module, function name) pairs: the first one found is used
 PREFIX_ATTENTION = (("fastpeft.kernels.prefix_attention", "prefix_attention"),)
-QLORA_STEP = tuple(
-    (module, name)
-    for module in ("fastpeft.training.sft", "fastpeft.training.throughput", "fastpeft.training.bench")
-    for name in ("measure_training_throughput", "benchmark_training_steps", "measure_training_steps")
-)
+QLORA_STEP = (("fastpeft.training.bench_step", "run_training_steps"),)
 SAMPLING = (("fastpeft.reasoning.sampler", "measure_sampling_throughput"),)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -78,11 +74,13 @@ def kernel_backend(t: torch.Tensor) -> str:
 def qlora_step(config: Any, batch: int, seq: int, device: torch.device, warmup: int, steps: int) -> Measured:
     """Our whole QLoRA training step on ``config`` (the SFT recipe's measuring function).
 
-    Expected: ``fn(llama_config, batch_size=, seq_len=, steps=, warmup=, device=)`` returning a dict
+    ``fn(llama_config, batch_size=, seq_len=, steps=, warmup_steps=, device=)`` returns a dict
     (or object) with ``tokens_per_s`` and ``peak_memory_bytes``.
     """
     fn = bind(QLORA_STEP)
-    out = call_with_supported(fn, config, batch_size=batch, seq_len=seq, steps=steps, warmup=warmup, device=device)
+    fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # it takes LlamaConfig fields
+    out = call_with_supported(fn, fields, batch_size=batch, seq_len=seq, steps=steps, warmup_steps=warmup,
+                              device=device)
     return _measured(out, tokens=batch * seq)
 
 

@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("fastpeft.training.cli_rl:main_dpo", "DPO / IPO on preference pairs (reference = adapters disabled)"),
     "grpo": ("fastpeft.training.cli_rl:main_grpo", "GRPO with verifiable rewards on the batched sampler"),
     "ppo": ("fastpeft.training.cli_rl:main_ppo", "PPO with a value head and GAE on the same rollouts"),
+    "demo": ("fastpeft.training.cli_demo:main", "the embedded job: pretrain a tiny Llama, then QLoRA SFT on CPU (default)"),
+    "sft": ("fastpeft.training.cli_sft:main", "supervised fine-tuning (LoRA / QLoRA / full) from a YAML config"),
+    "merge": ("fastpeft.training.cli_merge:main", "merge a PEFT-format adapter into its base model and save it"),
+    "info": ("fastpeft.training.cli_info:main", "versions, device, kernel backend; or what an adapter/model/run dir holds"),
+    "plan": ("fastpeft.training.cli_plan:main", "estimate memory of full FT / LoRA / QLoRA and recommend one"),
 }
 DEFAULT_COMMAND = "demo"
 

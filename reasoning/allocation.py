@@ -72,10 +72,14 @@ class OutcomeHistory:
         self.records.append((_shape(query), bool(correct)))
 
     def similar(self, query: str) -> list[tuple[float, bool]]:
-        """Up to ``k`` (similarity, correct) pairs at or above ``min_similarity``, most similar first."""
+        """Up to ``k`` (similarity, correct) pairs at or above ``min_similarity``, most similar first.
+
+        Among equally similar records the most recent come first, so the history keeps learning
+        when many queries look alike (else the oldest few would decide every later route).
+        """
         shape = _shape(query)
         sims = []
-        for past, correct in self.records:
+        for past, correct in reversed(self.records):
             union = sum((shape | past).values())
             sim = sum((shape & past).values()) / union if union else 0.0
             if sim >= self.min_similarity:
@@ -158,14 +162,23 @@ def dynamic_allocation(
     mcts_depth: int = 5,
     mcts_expand: int = 3,
     stop: str | tuple[str, ...] = "\n",
+    greedy_params: SamplingParams | None = None,
 ) -> SearchResult:
-    """Estimate difficulty, then run greedy / beam search (width 3) / MCTS (depth 5) with the budget."""
+    """Estimate difficulty, then run greedy / beam search (width 3) / MCTS (depth 5) with the budget.
+
+    ``params`` are per step for beam search and MCTS (``max_new_tokens`` bounds one step, ended
+    by ``stop``); the greedy route writes the whole response in one call, so it takes
+    ``greedy_params`` (default: ``params`` with ``max_new_tokens`` times ``mcts_depth``, room for
+    as many steps as the MCTS route may take).
+    """
     prompt = check_prompt(prompt)
     estimator = estimator or DifficultyEstimator()
     difficulty = estimator.estimate(prompt)
     routed = route(difficulty, low, high)
     if routed == "greedy":
-        result = greedy(generator, prompt, scorer, params)
+        if greedy_params is None and params is not None:
+            greedy_params = dataclasses.replace(params, max_new_tokens=params.max_new_tokens * max(mcts_depth, 1))
+        result = greedy(generator, prompt, scorer, greedy_params)
     elif routed == "beam_search":
         result = beam_search(generator, prompt, scorer, params, n=beam_n, beam_width=beam_width, stop=stop)
     else:

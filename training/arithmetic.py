@@ -61,28 +61,39 @@ def subtraction_steps(a: int, b: int) -> str:
     return "; ".join(steps)
 
 
-def make_problem(a: int, b: int, op: str = "+") -> dict[str, str]:
-    """One record ``{"prompt", "completion", "answer"}`` for ``a op b``."""
+def make_problem(a: int, b: int, op: str = "+", restate: bool = False) -> dict[str, str]:
+    """One record ``{"prompt", "completion", "answer"}`` for ``a op b``.
+
+    ``restate=True`` starts the completion by repeating the problem in plain form
+    (``" 47+38: 7+8=15 ...; answer 85"``), the layout the embedded job's base model is pretrained on.
+    """
     if op == "+":
         result, steps = a + b, addition_steps(a, b)
     elif op == "-":
         result, steps = a - b, subtraction_steps(a, b)
     else:
         raise ValueError(f"unsupported operation {op!r}; expected one of {SUPPORTED_OPS}")
+    head = f" {a}{op}{b}:" if restate else ""
     return {
         "prompt": PROMPT_TEMPLATE.format(a=a, op=op, b=b),
-        "completion": f" {steps}; answer {result}",
+        "completion": f"{head} {steps}; answer {result}",
         "answer": str(result),
     }
 
 
+def plain_worked_text(a: int, b: int, op: str = "+") -> str:
+    """The worked solution as plain text without the question format: ``"47+38: 7+8=15 ...; answer 85"``."""
+    return f"{a}{op}{b}:{make_problem(a, b, op)['completion']}"
+
+
 def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequence[str] = ("+",),
-                            exclude: set[str] | None = None) -> list[dict[str, str]]:  # fmt: skip
+                            exclude: set[str] | None = None, restate: bool = False) -> list[dict[str, str]]:  # fmt: skip
     """``n`` distinct problems whose operands have exactly ``digits`` digits (``digits=1``: 0-9),
     deterministic in ``seed``. Equal widths keep every prompt of a dataset in one layout.
 
     ``exclude`` holds prompts to leave out (e.g. a training set, to make a disjoint test set).
-    Subtraction problems are drawn with ``a >= b`` so answers stay non-negative.
+    Subtraction problems are drawn with ``a >= b`` so answers stay non-negative. ``restate``: see
+    :func:`make_problem`.
     """
     if n < 0 or digits < 1:
         raise ValueError(f"need n >= 0 and digits >= 1, got n={n}, digits={digits}")
@@ -102,7 +113,7 @@ def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequenc
         a, b = rng.randrange(low, high), rng.randrange(low, high)
         if op == "-" and a < b:
             a, b = b, a
-        record = make_problem(a, b, op)
+        record = make_problem(a, b, op, restate)
         if record["prompt"] not in seen:
             seen.add(record["prompt"])
             records.append(record)

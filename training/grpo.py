@@ -105,8 +105,8 @@ def _evaluate(ctx: RunContext, records: list[dict], config: GRPOConfig) -> dict[
     return {"exact_match": em["exact_match"], "eval_n": em["n"]}
 
 
-def rollout_step(ctx: RunContext, config: GRPOConfig, sampler: Any, reward: MultiObjectiveReward,
-                 records: list[dict], seed: int) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
+def rollout_step(ctx: RunContext, config: GRPOConfig, sampler: Any, reward: MultiObjectiveReward, records: list[dict],
+                 seed: int) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
     """Sample, score and compute advantages: ``(batch, advantages [N], loss mask [N, C], stats)``."""
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                             top_k=config.top_k, seed=seed)  # fmt: skip
@@ -167,7 +167,7 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
         step_t0 = time.perf_counter()
         seed = (config.seed * 1_000_003 + step) * max(ctx.world_size, 1) + ctx.rank
         batch, adv, mask, stats = rollout_step(ctx, config, sampler, reward, plan.micro_batches(step)[0], seed)
-        skipped_total += int(dist_utils.all_reduce_sum(torch.tensor(stats["reward_skipped"])))
+        skipped_total += int(dist_utils.all_reduce_sum(torch.tensor(stats["reward_skipped"], device=ctx.device)))
         module.prompt_width = batch.prompt_width
         ref_logp = None
         if config.beta > 0:

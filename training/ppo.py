@@ -184,8 +184,8 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
                 loss = pl + config.vf_coef * vl
                 (loss * ctx.world_size).backward()
                 loss_value = float(dist_utils.all_reduce_sum(loss.detach().double()))
-                grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value,
-                                                         config.max_grad_norm, bad, config.max_bad_steps, step + 1)  # fmt: skip
+                grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value, config.max_grad_norm,
+                                                         bad, config.max_bad_steps, step + 1)  # fmt: skip
                 last_loss = loss_value if stepped else last_loss
                 sums["policy_loss"] += float(pl.detach())
                 sums["value_loss"] += float(vl.detach())

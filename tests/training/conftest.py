@@ -24,6 +24,8 @@ def _tiny_llama(**overrides) -> dict:
 def _python_command(code: str) -> tuple[list[str], dict[str, str], str]:
     """(argv, env, cwd) running ``code`` in a new interpreter that imports this checkout's fastpeft."""
     env = dict(os.environ)
+    # the tests' TRITON_INTERPRET=1 would send the child's CPU tensors through the (slow) interpreter
+    env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return [sys.executable, "-c", code], env, str(REPO_ROOT)
 

@@ -20,8 +20,8 @@ def pairs(n: int, seed: int) -> list[dict]:
     out = []
     for r in make_arithmetic_dataset(n, seed=seed):
         wrong = str(int(r["answer"]) + 7)
-        out.append({"prompt": r["prompt"], "chosen": r["completion"],
-                    "rejected": r["completion"].replace(f"answer {r['answer']}", f"answer {wrong}"), "margin": 0.5})  # fmt: skip
+        rejected = r["completion"].replace(f"answer {r['answer']}", f"answer {wrong}")
+        out.append({"prompt": r["prompt"], "chosen": r["completion"], "rejected": rejected, "margin": 0.5})
     return out
 
 

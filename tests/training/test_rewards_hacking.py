@@ -74,8 +74,9 @@ def test_length_hacking_is_exploited_without_safeguards_and_held_back_with_them(
     start = (K - 1) / 2  # uniform policy
     naive = MultiObjectiveReward({"correct": arithmetic_reward, "length": length_reward})
     hacked = run_bandit(naive, beta=0.0)
-    guarded_reward = MultiObjectiveReward({"correct": arithmetic_reward, "length": length_reward},
-                                          {"correct": 1.0, "length": 0.5}, detector=detector, detector_weight=1.0)  # fmt: skip
+    objectives = {"correct": arithmetic_reward, "length": length_reward}
+    guarded_reward = MultiObjectiveReward(objectives, {"correct": 1.0, "length": 0.5}, detector=detector,
+                                          detector_weight=1.0)  # fmt: skip
     guarded = run_bandit(guarded_reward, beta=0.05)
     assert hacked > start + 2.0, hacked  # the policy pads its answers
     assert guarded < start - 1.0, guarded  # the safeguards push padding down instead

@@ -13,8 +13,8 @@ from fastpeft.training.rewards.code_sandbox import (CodeReward, SandboxLimits, n
                                                     run_tests_in_sandbox)  # fmt: skip
 
 LIMITS = SandboxLimits(wall_time_s=2.0, cpu_time_s=1, memory_mb=256, max_processes=16, max_file_mb=1)
-TIERS = ["rlimits", pytest.param("namespaces", marks=pytest.mark.skipif(not namespaces_available(),
-                                                                       reason="no unprivileged user namespaces"))]  # fmt: skip
+NO_NAMESPACES = pytest.mark.skipif(not namespaces_available(), reason="no unprivileged user namespaces")
+TIERS = ["rlimits", pytest.param("namespaces", marks=NO_NAMESPACES)]
 GOOD = "def add(a, b):\n    return a + b\n"
 TESTS = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
 
@@ -117,13 +117,13 @@ def test_rlimit_nproc_stops_a_fork_bomb_without_the_audit_hook():
     assert result.timed_out or "BlockingIOError" in (result.error or "") or "Resource" in (result.error or "")
 
 
-@pytest.mark.skipif(not namespaces_available(), reason="no unprivileged user namespaces")
+@NO_NAMESPACES
 def test_namespaces_alone_block_network_and_outside_writes(tmp_path, listener):
     outside = str(tmp_path / "pwned.txt")
     port = listener.getsockname()[1]
     net = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n" + GOOD
     result = run_tests_in_sandbox(net, TESTS, LIMITS, "namespaces", audit_hook=False)
-    assert result.passed == 0 and "OSError" in result.error or "ConnectionRefused" in result.error
+    assert result.passed == 0 and "OSError" in result.error  # no interface: "Network is unreachable"
     assert not _accepted(listener)
     write = f"open({outside!r}, 'w').write('x')\n" + GOOD
     result = run_tests_in_sandbox(write, TESTS, LIMITS, "namespaces", audit_hook=False)

@@ -62,8 +62,8 @@ from typing import Any, Literal
 
 Isolation = Literal["auto", "namespaces", "rlimits"]
 _MARKER = "\x00fastpeft-sandbox-result\x00"
-_UNSHARE = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--kill-child",
-            "--propagation", "private"]  # fmt: skip
+_UNSHARE = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork",
+            "--kill-child", "--propagation", "private"]  # fmt: skip
 _NOBODY = 65534
 # stdlib modules imported before a root runner drops to ``nobody`` (see the runner)
 _PRELOAD = ("abc", "array", "bisect", "cmath", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
@@ -109,7 +109,8 @@ def _install_hook(realpath=os.path.realpath, fsdecode=os.fsdecode, sep=os.sep, P
     root = realpath(work)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     blocked = frozenset(("socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
-        "socket.sendmsg", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.system", "os.startfile",
+        "socket.sendmsg", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
+        "os.system", "os.startfile",
         "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata", "os.kill", "os.killpg",
         "signal.pthread_kill", "pty.spawn"))
     path_events = frozenset(("os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.chmod", "os.chown", "os.link",
@@ -346,8 +347,8 @@ def run_tests_in_sandbox(code: str, tests: Sequence[str | tuple[str, Any]], limi
         if mode == "rlimits" and os.geteuid() == 0:
             os.chown(workdir, _NOBODY, _NOBODY)
         nonce = secrets.token_hex(16)
-        job = {"nonce": nonce, "workdir": workdir, "isolation": mode, "limits": job_limits, "code": code, "audit_hook": audit_hook,
-               "preload": _PRELOAD, "exprs": [c.expr for c in cases]}  # fmt: skip
+        job = {"nonce": nonce, "workdir": workdir, "isolation": mode, "limits": job_limits, "code": code,
+               "audit_hook": audit_hook, "preload": _PRELOAD, "exprs": [c.expr for c in cases]}  # fmt: skip
         argv = [sys.executable, "-I", "-S", "-c", _RUNNER]
         if mode == "namespaces":
             argv = [*_UNSHARE, *argv]

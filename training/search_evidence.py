@@ -1,7 +1,7 @@
 """Accuracy versus compute on the bundled arithmetic task, with an SFT-trained tiny model on CPU.
 
-    python -m fastpeft.reasoning.evidence_arithmetic --out DIR [--seed 0] [--problems 48]
-        [--budgets 128 512 2048] [--sft-steps 150] [--model DIR]
+    python -m fastpeft.training.search_evidence --out DIR [--seed 0] [--problems 100]
+        [--budgets 256 1024 4096] [--sft-steps 300] [--model DIR] [--threads 1]
 
 Pipeline:
 
@@ -13,6 +13,12 @@ Pipeline:
    weighted best-of-N, beam search, MCTS and dynamic allocation on held-out problems at each token
    budget, all guided by :class:`ArithmeticStepVerifier` (a process verifier, steps = ``"; "``).
    Options that size a strategy (N, beam N) grow with the budget, so every strategy may spend it.
+   Two adaptive allocations: ``dynamic_allocation`` (the library's query-feature + outcome-history
+   router to greedy / beam / MCTS; it hands one ``max_new_tokens`` to every route, here the per-step
+   one, so its greedy route is cut off after one step's worth of tokens and cannot finish) and
+   ``metacognitive`` (4 sampled probes; unanimous answers return at once, the rest escalate to
+   weighted best-of-N with the budget left: per-question allocation from the model's own
+   uncertainty, the closest here to Snell et al.'s compute-optimal strategy).
 3. **Outputs** in ``--out``: ``evidence.json`` (rows + settings + environment), ``evidence.md``
    (markdown table) and ``evidence.png`` (accuracy against mean generated tokens per problem).
 
@@ -111,11 +117,11 @@ class EvidenceSettings:
     seed: int = 0
     digits: int = 3
     train_problems: int = 4000
-    sft_steps: int = 150
+    sft_steps: int = 300
     sft_lr: float = 3e-3
     sft_batch: int = 32
-    test_problems: int = 48
-    budgets: tuple[int, ...] = (128, 512, 2048)
+    test_problems: int = 100
+    budgets: tuple[int, ...] = (256, 1024, 4096)
     temperature: float = 0.8
     response_tokens: int = 100  # longest 3-digit response is 97 characters (+ EOS)
     step_tokens: int = 28  # longest column step, "8+5+1=14 write 4 carry 1; ", is 26
@@ -125,7 +131,7 @@ class EvidenceSettings:
 
 def train_model(out_dir: Path, s: EvidenceSettings) -> tuple[Any, Any, dict[str, Any]]:
     """SFT the tiny model (full fine-tuning, CPU) and load it back from its saved directory."""
-    from fastpeft.training import sft  # reasoning -> training only here, in the runnable evidence script
+    from fastpeft.training import sft
     from fastpeft.training.arithmetic import make_arithmetic_dataset
 
     train = make_arithmetic_dataset(s.train_problems, seed=s.seed, digits=s.digits)
@@ -173,7 +179,11 @@ def strategies_for(budget: int, s: EvidenceSettings) -> dict[str, dict[str, Any]
         "weighted_best_of_n": {**full, "n": n},
         "beam_search": {**step, "n": beam_n, "beam_width": beam_width},
         "mcts": {**step, "expand": 3, "max_depth": s.digits + 2, "max_iterations": 256},
-        "dynamic_allocation": {**step, "mcts_depth": s.digits + 2},
+        # its greedy route inherits the per-step max_new_tokens (see the module docstring)
+        "dynamic_allocation": {**step, "beam_n": beam_n, "beam_width": beam_width, "mcts_depth": s.digits + 2},
+        # difficulty from the model itself: unanimous probes answer at once, others get best-of-N
+        "metacognitive": {**full, "probe_samples": 4, "measure": "disagreement", "threshold": 0.0,
+                          "escalate_to": "weighted_best_of_n", "escalate_options": {"n": n}},
     }
 
 
@@ -226,7 +236,7 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, model: Any = Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.reasoning.evidence_arithmetic",
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.training.search_evidence",
                                      description=__doc__.splitlines()[0])  # fmt: skip
     parser.add_argument("--out", required=True, help="output directory (evidence.json / .md / .png)")
     parser.add_argument("--seed", type=int, default=0)
@@ -235,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=EvidenceSettings.sft_steps)
     parser.add_argument("--model", help="reuse a trained model directory instead of training one")
     parser.add_argument("--check-operands", action="store_true", help="oracle verifier (knows the answer)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 avoids the thread contention that makes tiny matmuls crawl on a "
+                             "busy machine")  # fmt: skip
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     s = EvidenceSettings(seed=args.seed, test_problems=args.problems, budgets=tuple(args.budgets),
                          sft_steps=args.sft_steps, check_operands=args.check_operands)  # fmt: skip
     model = tok = None
