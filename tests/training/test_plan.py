@@ -111,6 +111,7 @@ def test_estimate_within_25_percent_of_measured_cpu_peak(python_command):
     # allocations >= 64 KiB go to mmap and back to the OS when freed, so the RSS peak tracks live
     # tensors instead of what glibc's heap keeps around after earlier frees
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    import os; print("ENVDBG", {k: v for k, v in env.items() if k not in ("PATH", "LS_COLORS")})
     proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
