@@ -144,6 +144,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``."""
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is missing trainer_state.json")
+    return json.loads(state_file.read_text())
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     rank: int = 0) -> dict[str, Any]:  # fmt: skip
     """Restore everything saved in ``path``; returns the trainer state dict."""
@@ -168,4 +176,4 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)

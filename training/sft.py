@@ -55,7 +55,9 @@ class SFTConfig:
     # data: a JSONL/JSON path, a datasets directory, or a list of records
     train_data: str | list | None = None
     eval_data: str | list | None = None
-    general_data: str | list | None = None  # domain-adaptive: mixed into train_data
+    # domain-adaptive: general records mixed into train_data at general_fraction (20/80), and then
+    # adapters default to the last 10% of blocks (lora.last_layers_fraction=0.1) unless lora says otherwise
+    general_data: str | list | None = None
     general_fraction: float = 0.2
     max_seq_len: int = 512
     packing: bool = False
@@ -163,7 +165,10 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                          f"{model.get_input_embeddings().num_embeddings}")  # fmt: skip
-    has_adapters = apply_finetune_mode(model, config.finetune, config.lora)
+    lora = dict(config.lora)
+    if config.general_data is not None and not {"last_layers_fraction", "layers_to_transform"} & set(lora):
+        lora["last_layers_fraction"] = 0.1
+    has_adapters = apply_finetune_mode(model, config.finetune, lora)
     model.to(device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -195,7 +200,12 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
     ckpt_root = out_dir / "checkpoints"
     start_step, bad_steps = 0, 0
     resume_from = ckpt.latest_checkpoint(ckpt_root) if config.resume else None
+    layout = {"rows": len(plan.rows), "global_batch_rows": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch}
     if resume_from is not None:
+        saved = ckpt.read_trainer_state(resume_from).get("data_position", {})
+        if {k: saved.get(k) for k in layout} != layout:
+            raise ValueError(f"checkpoint {resume_from} was written for data layout {saved}, this run has "
+                             f"{layout}; resuming would not replay the same batches")  # fmt: skip
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         start_step, bad_steps = state["step"], state["bad_steps"]
     if main:
@@ -255,7 +265,10 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
                                                           config, device, amp)})  # fmt: skip
             dist_utils.barrier()
         if config.save_every and (step + 1) % config.save_every == 0:
-            _save_checkpoint(ckpt_root, step + 1, bad_steps, model, optimizer, scheduler, config, has_adapters, rank)
+            position = {**layout, "epoch": (step + 1) // plan.steps_per_epoch,
+                        "batch_in_epoch": (step + 1) % plan.steps_per_epoch}  # fmt: skip
+            _save_checkpoint(ckpt_root, step + 1, bad_steps, position, model, optimizer, scheduler, config,
+                             has_adapters, rank)  # fmt: skip
         for cb in callbacks:
             cb(step + 1, record)
     bar.close()
@@ -275,14 +288,14 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
                      train_seconds)  # fmt: skip
 
 
-def _save_checkpoint(root: Path, step: int, bad_steps: int, model: nn.Module, optimizer: Any, scheduler: Any,
-                     config: SFTConfig, has_adapters: bool, rank: int) -> None:  # fmt: skip
+def _save_checkpoint(root: Path, step: int, bad_steps: int, position: dict[str, int], model: nn.Module,
+                     optimizer: Any, scheduler: Any, config: SFTConfig, has_adapters: bool, rank: int) -> None:  # fmt: skip
     tmp = ckpt.begin_checkpoint(root, step) if rank == 0 else None
     tmp = Path(dist_utils.broadcast_object(str(tmp) if tmp else None))
     dist_utils.barrier()  # the directory exists before other ranks write into it
     ckpt.write_rank_state(tmp, rank)
     if rank == 0:
-        state = {"step": step, "bad_steps": bad_steps, "config": _jsonable_config(config)}
+        state = {"step": step, "bad_steps": bad_steps, "data_position": position, "config": _jsonable_config(config)}
         ckpt.write_main_state(tmp, model, optimizer, scheduler, state, has_adapters)
     dist_utils.barrier()
     if rank == 0:

@@ -80,7 +80,7 @@ def test_plan_cli_prints_a_recommendation(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    num_attention_heads=16, num_key_value_heads=8, vocab_size=32000)))  # fmt: skip
-    assert main(["plan", "--model", str(cfg), "--gpu-memory-gib", "3", "--seq_len", "2048", "--data_tokens", "1e6"]) == 0
+    assert main(["plan", "--model", str(cfg), "--gpu-memory-gib", "2.5", "--seq_len", "2048", "--data_tokens", "1e6"]) == 0
     out = capsys.readouterr().out
     assert "recommendation: qlora" in out and "total_ckpt" in out
 

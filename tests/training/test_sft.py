@@ -156,3 +156,23 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_llama, ar
     assert len(losses) == 5
     assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
     assert resumed.final_loss == pytest.approx(ref.final_loss, rel=1e-6, abs=0)
+
+
+def test_domain_adaptive_mix_with_adapters_in_last_layers(tmp_path, tiny_llama, arithmetic_records):
+    safetensors = pytest.importorskip("safetensors.torch")
+    general = [{"prompt": f"Say {w}:", "completion": f" {w}"} for w in ("cat", "dog", "sun", "sky", "sea")]
+    cfg = _config(tmp_path, tiny_llama, arithmetic_records[:24], general_data=general, general_fraction=0.2,
+                  finetune="lora", lora={"r": 4}, eval_data=arithmetic_records[60:],
+                  eval_match="answer", eval_max_new_tokens=4, max_steps=2)  # fmt: skip
+    result = train(cfg)
+    start = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert start["rows"] == 30  # 24 domain records are 80% of the mixture
+    keys = safetensors.load_file(str(result.saved / "adapter_model.safetensors")).keys()
+    assert keys and all(".layers.1." in k for k in keys)  # default: last 10% of blocks, at least one
+    assert result.eval["exact_match"] is not None  # held-out domain questions
+
+
+def test_resume_refuses_a_different_data_layout(tmp_path, tiny_llama, arithmetic_records):
+    train(_config(tmp_path, tiny_llama, arithmetic_records[:16], save_every=2, max_steps=2))
+    with pytest.raises(ValueError, match="data layout"):
+        train(_config(tmp_path, tiny_llama, arithmetic_records[:16], resume=True, micro_batch_size=2, max_steps=4))
