@@ -20,6 +20,7 @@ replaces the arithmetic records (prompt/completion/answer or chat records; the l
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,21 @@ class DemoConfig:
     num_layers: int = 3
     num_heads: int = 4
     num_kv_heads: int = 2
-    threads: int | None = None
+    threads: int | None = None  # None: the cores not already busy (1-minute load average), at least 1
     progress: bool = True
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _pick_threads(requested: int | None) -> int:
+    """Busy-waiting OpenMP threads on cores that other processes hold make small-tensor training
+    several times slower, so by default use only the cores the load average leaves free."""
+    if requested:
+        return requested
+    free = (os.cpu_count() or 1) - os.getloadavg()[0]
+    return max(1, min(torch.get_num_threads(), int(free + 0.5)))
 
 
 def _pretrain(config: DemoConfig, tokenizer: Any, held_out: set[str]) -> torch.nn.Module:
@@ -111,8 +121,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from fastpeft.training.sft import SFTConfig, train
     from fastpeft.training.tokenizer import load_tokenizer
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(_pick_threads(config.threads))
+    _say(f"fastpeft demo: CPU threads {torch.get_num_threads()}, output in {config.output_dir}")
     start = time.perf_counter()
     train_records, eval_records = _sft_records(config)
     if config.model is not None:

@@ -238,13 +238,17 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
         loss = float(dist_utils.all_reduce_sum(step_loss)) / max(n_targets, 1.0)
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "epoch": step / plan.steps_per_epoch}  # fmt: skip
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
             bad_steps += 1
             optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); step skipped "
                           f"({bad_steps}/{config.max_bad_steps})", stacklevel=2)  # fmt: skip
-            logger.log({"step": step + 1, "skipped": "non-finite", "loss": None, "bad_steps": bad_steps})
+            record.update(skipped="non-finite", bad_steps=bad_steps)
             if bad_steps > config.max_bad_steps:
+                logger.log(record)
                 raise RuntimeError(f"more than max_bad_steps={config.max_bad_steps} non-finite steps; stopping")
         else:
             optimizer.step()
@@ -252,9 +256,7 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
             last_loss = loss
         meter.add(int(n_tokens))
         run_meter.add(int(n_tokens))
-        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "epoch": step / plan.steps_per_epoch}  # fmt: skip
-        if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+        if skipped or (step + 1) % config.log_every == 0 or step + 1 == total_steps:
             record.update(tokens_per_s=meter.rate(), peak_memory_bytes=peak_memory_bytes(device))
             logger.log(record)
         bar.update(1)
