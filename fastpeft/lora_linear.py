@@ -13,7 +13,8 @@ Forward, for x ``[..., in]`` (leading dims flattened for the fused op):
   batch rows gets its adapter's contribution;
 - otherwise the active adapter's ``forward`` (fused LoRA op; unfused with dropout > 0 in training).
 
-The layer's dtype and device are its base weight's (the compute dtype for NF4); x must match both.
+The layer's dtype and device are its base weight's (the compute dtype for NF4); x must match both,
+except inside ``torch.autocast``, where the layer computes in the autocast dtype like ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from fastpeft.adapters import LoraAdapter
 from fastpeft.dora import DoraAdapter
+from fastpeft.kernels.autocast import autocast_dtype
 from fastpeft.kernels.nf4 import NF4Weight
 
 ADAPTER_VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
@@ -108,7 +110,7 @@ class AdapterLinear(nn.Module):
 
     def base_linear(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """x·Wᵀ (+ b), ``[M, in] -> [M, out]``."""
-        return F.linear(x, self.dense_weight(x.dtype), self.bias if bias else None)
+        return F.linear(x, self.dense_weight(autocast_dtype(x.device) or x.dtype), self.bias if bias else None)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -214,7 +216,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} expects x [..., {self.in_features}], got {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the {type(self).__name__} is on {self.device}")
-        if x.dtype != self.dtype:
+        if x.dtype != self.dtype and not (x.is_floating_point() and autocast_dtype(x.device) is not None):
             raise TypeError(f"x is {x.dtype} but the {type(self).__name__} computes in {self.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +238,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"route_adapters got {routing.batch_size} row adapters but x has shape {tuple(x.shape)}")
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before routing rows")
-        base = F.linear(x, self.dense_weight(x.dtype))  # [B, ..., out], no bias
+        base = F.linear(x, self.dense_weight(autocast_dtype(x.device) or x.dtype))  # [B, ..., out], no bias
         y = base if self.bias is None else base + self.bias
         for name, rows in routing.groups(x.device):
             if name not in self.adapters:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.kernels.backend import backend
 from fastpeft.kernels.lora_linear_args import Weight, check_lora_linear_args, check_scaling
 from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4
@@ -155,6 +156,11 @@ class LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
+        with autocast_off(grad_y.device):  # backward may run inside the caller's autocast block
+            return LoRALinearFn._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):  # type: ignore[no-untyped-def]
         x, lora_A, lora_B, xa = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         if ctx.use_triton:
@@ -171,6 +177,18 @@ class LoRALinearFn(torch.autograd.Function):
 
 def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
-    """Fused (Q)LoRA linear, ``x [M, K] -> y [M, N]``; differentiable in x, A, B (and b)."""
-    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
-    return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, check_scaling(scaling))
+    """Fused (Q)LoRA linear, ``x [M, K] -> y [M, N]``; differentiable in x, A, B (and b).
+
+    Inside ``torch.autocast`` it computes in the autocast dtype, like ``nn.Linear``: x, b, A, B and
+    a dense W are cast to it (an NF4 W is dequantized straight into it).
+    """
+    amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if amp is None or not x.is_floating_point():
+        check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
+        return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, check_scaling(scaling))
+    x, bias, lora_A, lora_B = cast_for_autocast(amp, x, bias, lora_A, lora_B)
+    if isinstance(weight, torch.Tensor):
+        weight = cast_for_autocast(amp, weight)[0]
+    with autocast_off(x.device):
+        check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
+        return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, check_scaling(scaling))

@@ -22,7 +22,8 @@ def config_help(cls: type, prog: str, summary: str) -> str:
              "keys (YAML or command line; nested keys with dots, e.g. --set lora.r=8):"]  # fmt: skip
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        tp = str(hints[f.name]).replace("typing.", "")
+        hint = hints[f.name]
+        tp = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         lines.append(f"  {f.name:<24} {tp:<32} default: {default!r}")
     return "\n".join(lines)
 

@@ -6,6 +6,13 @@ EOS appended). Per pair the policy's sequence log-probs of both completions (one
 go into :func:`~fastpeft.training.losses_preference.dpo_loss`. ``loss_type="ipo"`` uses
 length-averaged log-probs, as IPO is defined on them.
 
+``sft_coef`` > 0 adds the chosen completion's mean token NLL (RPO, "DPO + NLL")::
+
+    loss_i = dpo_loss_i + sft_coef · (−log π(y_c) / |y_c|)
+
+which keeps DPO from lowering the likelihood of the preferred answers along with the rejected ones
+(likelihood displacement: generations can degrade while the implicit reward margin grows).
+
 ``precompute_ref=True`` computes every pair's reference log-probs once before training (one
 adapter-disabled pass over the data) and reuses them; it also allows ``finetune="full"`` (the
 reference is then the initial policy, captured before any update). Resuming recomputes them
@@ -42,6 +49,7 @@ class DPOConfig(RecipeConfig):
     beta: float = 0.1
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
+    sft_coef: float = 0.0  # RPO: weight of the chosen completions' mean token NLL
     precompute_ref: bool = False
     micro_batch_size: int = 4  # pairs per micro-batch
     grad_accum_steps: int = 1
@@ -55,6 +63,8 @@ class DPOConfig(RecipeConfig):
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.sft_coef < 0:
+            raise ValueError(f"sft_coef must be >= 0, got {self.sft_coef}")
         if self.micro_batch_size <= 0 or self.grad_accum_steps <= 0 or self.eval_batch_size <= 0:
             raise ValueError("micro_batch_size, grad_accum_steps and eval_batch_size must be positive")
 
@@ -111,6 +121,14 @@ def _pair_terms(module: nn.Module, base: PairLogprobs, pairs: list[PairRow], pad
             ref_lp = base(**b)
         ref_c, ref_r = ref_lp[:n], ref_lp[n:]
     return lp[:n], lp[n:], ref_c, ref_r
+
+
+def chosen_nll(chosen_logps: torch.Tensor, pairs: Sequence[PairRow], averaged: bool) -> torch.Tensor:
+    """Mean token NLL of each chosen completion ``[B]`` (``chosen_logps`` are sums unless ``averaged``)."""
+    if averaged:
+        return -chosen_logps
+    counts = [sum(label != -100 for label in p.chosen.labels[1:]) for p in pairs]
+    return -chosen_logps / torch.tensor(counts, dtype=chosen_logps.dtype, device=chosen_logps.device).clamp(min=1)
 
 
 @torch.no_grad()
@@ -174,21 +192,25 @@ def train(config: DPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     for step in range(start, total):
         micro = plan.micro_batches(step)
         n_pairs = float(dist_utils.all_reduce_sum(torch.tensor(float(sum(len(m) for m in micro)), device=ctx.device)))
-        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, correct, margin
+        sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, correct, margin, chosen NLL
         for j, mb in enumerate(micro):
             sync = j == len(micro) - 1 or not ctx.distributed
             with runner.no_sync() if not sync else contextlib.nullcontext():
                 terms = _pair_terms(runner, module, mb, pad, ctx.device, ref_cache)
                 loss, rc, rr = dpo_loss(*terms, config.beta, config.loss_type, config.label_smoothing, "sum")
+                nll = chosen_nll(terms[0], mb, averaged=module.average).sum()
+                if config.sft_coef:
+                    loss = loss + config.sft_coef * nll
                 (loss * (ctx.world_size / n_pairs)).backward()
-            sums += torch.stack([loss.detach().double(), (rc > rr).sum().double(), (rc - rr).sum().double()])
+            sums += torch.stack([loss.detach().double(), (rc > rr).sum().double(), (rc - rr).sum().double(),
+                                 nll.detach().double()])  # fmt: skip
         sums = dist_utils.all_reduce_sum(sums) / n_pairs
         loss_value = float(sums[0])
         grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value, config.max_grad_norm, bad,
                                                  config.max_bad_steps, step + 1)  # fmt: skip
         last_loss = loss_value if stepped else last_loss
         record = {"step": step + 1, "loss": loss_value if stepped else None, "reward_accuracy": float(sums[1]),
-                  "reward_margin": float(sums[2]), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+                  "reward_margin": float(sums[2]), "chosen_nll": float(sums[3]), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
         if config.eval_every and (step + 1) % config.eval_every == 0 and eval_pairs and ctx.main:
             record.update(evaluate_dpo(module, eval_pairs, pad, config, ctx.device, eval_ref))
         if (step + 1) % config.log_every == 0 or step + 1 == total or "eval_loss" in record:

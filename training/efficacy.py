@@ -14,7 +14,9 @@ Pipeline (every stage is the library's own recipe, run through its public ``trai
    prompts, held-out pairs from held-out prompts.
 4. **Reward model** (LoRA + scalar head, Bradley-Terry) on the training pairs: pairwise accuracy on
    the held-out pairs.
-5. **DPO** (LoRA, reference = adapters disabled) on the training pairs: exact match before / after.
+5. **DPO** (LoRA, reference = adapters disabled, plus the chosen-NLL term ``sft_coef``) on the
+   training pairs: exact match before / after; repeated with ``sft_coef=0`` (plain DPO) as an
+   ablation, which shows the likelihood displacement the NLL term prevents.
 
 Results go to ``<output-dir>/efficacy.json`` (and stdout) with timings, device and versions.
 ``--quick`` shrinks every stage to a smoke test (numbers meaningless).
@@ -50,21 +52,22 @@ class EfficacySettings:
     max_new_tokens: int = 80
     sft_steps: int = 200
     sft_lr: float = 3e-3
-    grpo_steps: int = 120
+    grpo_steps: int = 200
     grpo_lr: float = 2e-4
     grpo_beta: float = 0.02
     grpo_temperature: float = 0.3  # samples near the greedy answer: the one exact match judges
     grpo_prompts_per_step: int = 16
     grpo_generations: int = 8
-    pair_prompts: int = 384
+    pair_prompts: int = 1000
     pair_eval_prompts: int = 200
-    pair_samples: int = 4
-    pair_temperature: float = 1.0
-    rm_steps: int = 150
-    rm_lr: float = 1e-3
-    dpo_steps: int = 60
-    dpo_lr: float = 2e-4
+    pair_samples: int = 8
+    pair_temperature: float = 0.4  # near-greedy samples: right and wrong answers differ where it matters
+    rm_steps: int = 100
+    rm_lr: float = 5e-4
+    dpo_steps: int = 80
+    dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
+    dpo_sft_coef: float = 1.0  # RPO term; the run is repeated with 0 as an ablation
     lora: dict = dataclasses.field(default_factory=lambda: {"r": 16, "lora_alpha": 32})
 
     @classmethod
@@ -146,7 +149,7 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
         lr=s.grpo_lr, beta=s.grpo_beta, temperature=s.grpo_temperature, prompts_per_step=s.grpo_prompts_per_step,
         num_generations=s.grpo_generations, max_new_tokens=s.max_new_tokens, max_seq_len=128, micro_batch_size=32,
         lora=s.lora, rewards={"arithmetic": 1.0}, output_dir=str(out / "grpo"), seed=s.seed, log_every=5,
-        eval_every=max(1, s.grpo_steps // 3), **common))  # fmt: skip
+        eval_every=max(1, s.grpo_steps // 4), **common))  # fmt: skip
     curve = [(h["step"], h["exact_match"]) for h in g.history if "exact_match" in h]
     results["grpo"] = {"exact_match_before": curve[0][1], "exact_match_after": g.eval["exact_match"],
                        "exact_match_curve": curve + [(g.steps, g.eval["exact_match"])], "steps": g.steps,
@@ -173,19 +176,20 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
                                "held_out_pairs": rm.eval.get("eval_pairs"), "train_pairs": len(train_pairs),
                                "steps": rm.steps, "seconds": time.perf_counter() - t}  # fmt: skip
 
-    t = time.perf_counter()
-    d = _quiet(dpo.train, dpo.DPOConfig(
-        model=str(sft_dir), train_data=train_pairs, eval_data=eval_pairs, max_steps=s.dpo_steps, lr=s.dpo_lr,
-        beta=s.dpo_beta, micro_batch_size=8, max_seq_len=128, lora=s.lora, output_dir=str(out / "dpo"),
-        seed=s.seed, log_every=10, **common))  # fmt: skip
     import fastpeft
 
-    policy, _ = _load(sft_dir)
-    fastpeft.load_adapter(policy, d.saved)
-    results["dpo"] = {"exact_match_before": em_sft,
-                      "exact_match_after": greedy_exact_match(policy, tok, test, s.max_new_tokens),
-                      "held_out_reward_accuracy": d.eval.get("eval_reward_accuracy"), "steps": d.steps,
-                      "seconds": time.perf_counter() - t}  # fmt: skip
+    for name, sft_coef in (("dpo", s.dpo_sft_coef), ("dpo_plain", 0.0)):
+        t = time.perf_counter()
+        d = _quiet(dpo.train, dpo.DPOConfig(
+            model=str(sft_dir), train_data=train_pairs, eval_data=eval_pairs, max_steps=s.dpo_steps, lr=s.dpo_lr,
+            beta=s.dpo_beta, sft_coef=sft_coef, micro_batch_size=8, max_seq_len=128, lora=s.lora,
+            output_dir=str(out / name), seed=s.seed, log_every=10, **common))  # fmt: skip
+        policy, _ = _load(sft_dir)
+        fastpeft.load_adapter(policy, d.saved)
+        results[name] = {"exact_match_before": em_sft, "sft_coef": sft_coef,
+                         "exact_match_after": greedy_exact_match(policy, tok, test, s.max_new_tokens),
+                         "held_out_reward_accuracy": d.eval.get("eval_reward_accuracy"), "steps": d.steps,
+                         "seconds": time.perf_counter() - t}  # fmt: skip
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results["environment"] = {"device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                               "python": platform.python_version(), "machine": platform.machine(), "date": now}  # fmt: skip
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "grpo_exact_match": [results["grpo"]["exact_match_before"], results["grpo"]["exact_match_after"]],
         "reward_model_pairwise_accuracy": results["reward_model"]["pairwise_accuracy_held_out"],
         "dpo_exact_match": [results["dpo"]["exact_match_before"], results["dpo"]["exact_match_after"]],
+        "dpo_plain_exact_match": [results["dpo_plain"]["exact_match_before"], results["dpo_plain"]["exact_match_after"]],
     }
     print(json.dumps(summary, indent=2))
     print(f"full results: {Path(args.output_dir) / 'efficacy.json'}")

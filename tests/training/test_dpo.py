@@ -90,3 +90,23 @@ def test_resume_continues_exactly(tmp_path):
 def test_full_finetuning_needs_precomputed_reference(tmp_path):
     with pytest.raises(ValueError, match="adapters disabled"):
         _quiet(train, _config(tmp_path, "f", finetune="full"))
+
+
+def test_sft_coef_adds_the_chosen_mean_token_nll(tmp_path):
+    from fastpeft.training.data import BatchPlan, collate
+    from fastpeft.training.losses import CausalLMLoss
+
+    coef = 0.5
+    _quiet(train, _config(tmp_path, "rpo", sft_coef=coef, max_steps=1))
+    tok = load_char_tokenizer()
+    base = build_model(None, TINY, seed=0)  # the run's starting weights (fresh LoRA adds nothing)
+    loss_fn = CausalLMLoss(base, "full")
+    first = BatchPlan(list(range(len(PAIRS))), 4, seed=0).micro_batches(0)[0]  # the pairs of step 1
+    pairs = tokenize_pairs([PAIRS[i] for i in first], tok, 128)
+    nll = []
+    with torch.no_grad():
+        for pair in pairs:
+            b = collate([pair.chosen], tok.pad_token_id)
+            total, n = loss_fn(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"])
+            nll.append(float(total) / int(n))
+    assert _losses(tmp_path / "rpo")[0] == pytest.approx(0.693147 + coef * sum(nll) / len(nll), rel=1e-4)

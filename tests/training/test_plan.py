@@ -28,7 +28,7 @@ def reset_peak():  # Linux >= 4.0: set the high-water mark VmHWM back to the cur
         f.write("5")
 
 def peak():
-    return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 def run(cfg, mode, ckpt, batch, seq):
     model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
