@@ -34,56 +34,39 @@ import torch
 from torch import nn
 
 import fastpeft
-from fastpeft.reasoning.types import SamplingParams
 from fastpeft.training import distributed as dist_utils
-from fastpeft.training.data import BatchPlan, load_records
-from fastpeft.training.evaluate import exact_match
 from fastpeft.training.losses_rl import group_advantages, grpo_loss
 from fastpeft.training.metrics import peak_memory_bytes, progress_bar
-from fastpeft.training.rewards.multi_objective import MultiObjectiveReward, build_reward
-from fastpeft.training.rl_common import (Checkpointer, RecipeConfig, RunContext, build_optimization, finish_plot,
-                                         open_logger, optimizer_step, require_reference, save_final, setup_run,
-                                         wrap_ddp)  # fmt: skip
+from fastpeft.training.rewards.multi_objective import MultiObjectiveReward
+from fastpeft.training.rl_common import (Checkpointer, RunContext, build_optimization, finish_plot, open_logger,
+                                         optimizer_step, require_reference, save_final, setup_run, wrap_ddp)  # fmt: skip
+from fastpeft.training.rl_recipe import RolloutConfig, evaluate_exact_match, setup_rollouts
 from fastpeft.training.rollout import CompletionLogprobs, RolloutBatch, batched_logprobs, generate_rollouts
 
 
 @dataclasses.dataclass
-class GRPOConfig(RecipeConfig):
+class GRPOConfig(RolloutConfig):
     """GRPO training (``fastpeft grpo``)."""
 
-    rewards: dict = dataclasses.field(default_factory=lambda: {"arithmetic": 1.0})  # name -> weight
-    reward_options: dict = dataclasses.field(default_factory=dict)
-    prompts_per_step: int = 8
     num_generations: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     advantage_scale: Literal["group", "batch", "none"] = "group"
     loss_aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     beta: float = 0.04
     num_iterations: int = 1
-    mask_truncated: bool = False
     micro_batch_size: int = 16  # sequences per forward
-    eval_match: Literal["answer", "exact"] = "answer"
-    eval_max_examples: int | None = 200
-    eval_batch_size: int = 64
     eval_at_start: bool = True
     lr: float = 1e-4
     output_dir: str = "runs/grpo"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "num_iterations", "micro_batch_size"):
+        for name in ("num_generations", "num_iterations", "micro_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (log-probs are taken at the sampling temperature), "
-                             f"got {self.temperature}")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -97,20 +80,10 @@ class GRPOResult:
     train_seconds: float
 
 
-def _evaluate(ctx: RunContext, records: list[dict], config: GRPOConfig) -> dict[str, Any]:
-    if not records or not ctx.main:
-        return {}
-    em = exact_match(ctx.model, ctx.tokenizer, records, config.eval_match, config.max_new_tokens,
-                     config.eval_batch_size, ctx.device)  # fmt: skip
-    return {"exact_match": em["exact_match"], "eval_n": em["n"]}
-
-
 def rollout_step(ctx: RunContext, config: GRPOConfig, sampler: Any, reward: MultiObjectiveReward, records: list[dict],
                  seed: int) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
     """Sample, score and compute advantages: ``(batch, advantages [N], loss mask [N, C], stats)``."""
-    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                            top_k=config.top_k, seed=seed)  # fmt: skip
-    batch = generate_rollouts(sampler, ctx.tokenizer, records, config.num_generations, params)
+    batch = generate_rollouts(sampler, ctx.tokenizer, records, config.num_generations, config.sampling(seed))
     rewards = reward(batch.prompts, batch.completions, batch.records)
     valid = rewards.valid()
     adv = group_advantages(rewards.tensor(), config.num_generations, config.advantage_scale, valid)
@@ -132,17 +105,7 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
     ctx = setup_run(config, model, tokenizer)
     if config.beta > 0:
         require_reference(ctx, f"GRPO with beta={config.beta}")
-    reward = reward or build_reward(config.rewards, **config.reward_options)
-    if sampler is None:
-        from fastpeft.reasoning.sampler import Sampler
-
-        sampler = Sampler(ctx.model, ctx.tokenizer, max_seq_len=config.max_seq_len)
-    if config.train_data is None:
-        raise ValueError("train_data is required (records with a prompt, plus what the rewards need)")
-    records = load_records(config.train_data)
-    eval_records = load_records(config.eval_data) if config.eval_data is not None else []
-    eval_records = eval_records[: config.eval_max_examples] if config.eval_max_examples else eval_records
-    plan = BatchPlan(records, config.prompts_per_step, 1, ctx.world_size, ctx.rank, config.seed)
+    setup = setup_rollouts(ctx, config, reward, sampler)
     module = CompletionLogprobs(ctx.model, temperature=config.temperature)
     runner = wrap_ddp(module, ctx)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -153,11 +116,11 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
     start, bad = (state["step"], state["bad_steps"]) if state else (0, 0)
     skipped_total = state.get("reward_skipped_total", 0) if state else 0
     logger = open_logger(ctx, start if state else None)
-    logger.log({"event": "start", "recipe": "grpo", "step": start, "total_steps": total, "prompts": len(records),
+    logger.log({"event": "start", "recipe": "grpo", "step": start, "total_steps": total, "prompts": len(setup.records),
                 "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
     history: list[dict[str, Any]] = []
-    if config.eval_at_start and not state and eval_records:
-        first = {"step": 0, **_evaluate(ctx, eval_records, config)}
+    if config.eval_at_start and not state and setup.eval_records:
+        first = {"step": 0, **evaluate_exact_match(ctx, setup.eval_records, config)}
         logger.log(first)
         history.append(first)
     bar = progress_bar(total, start, ctx.main and config.progress, desc="grpo")
@@ -166,7 +129,7 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
     for step in range(start, total):
         step_t0 = time.perf_counter()
         seed = (config.seed * 1_000_003 + step) * max(ctx.world_size, 1) + ctx.rank
-        batch, adv, mask, stats = rollout_step(ctx, config, sampler, reward, plan.micro_batches(step)[0], seed)
+        batch, adv, mask, stats = rollout_step(ctx, config, setup.sampler, setup.reward, setup.plan.micro_batches(step)[0], seed)
         skipped_total += int(dist_utils.all_reduce_sum(torch.tensor(stats["reward_skipped"], device=ctx.device)))
         module.prompt_width = batch.prompt_width
         ref_logp = None
@@ -202,7 +165,7 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
                   **stats, **{k: v / config.num_iterations for k, v in step_stats.items()},
                   "reward_skipped_total": skipped_total, "step_seconds": time.perf_counter() - step_t0}  # fmt: skip
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
-            record.update(_evaluate(ctx, eval_records, config))
+            record.update(evaluate_exact_match(ctx, setup.eval_records, config))
             dist_utils.barrier()
         if (step + 1) % config.log_every == 0 or step + 1 == total or "exact_match" in record:
             logger.log(record)
@@ -214,7 +177,7 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
             cb(step + 1, record)
     bar.close()
     seconds = time.perf_counter() - t0
-    final = _evaluate(ctx, eval_records, config)
+    final = evaluate_exact_match(ctx, setup.eval_records, config)
     saved = save_final(ctx)
     logger.log({"step": total, "event": "end", **final, "train_seconds": seconds,
                 "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip

@@ -22,36 +22,27 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 import fastpeft
 from fastpeft.training import distributed as dist_utils
-from fastpeft.training.data import BatchPlan, load_records
-from fastpeft.training.evaluate import exact_match
 from fastpeft.training.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_value_loss
 from fastpeft.training.metrics import peak_memory_bytes, progress_bar
-from fastpeft.training.rewards.multi_objective import MultiObjectiveReward, build_reward
-from fastpeft.training.rl_common import (Checkpointer, RecipeConfig, build_optimization, finish_plot, open_logger,
-                                         optimizer_step, require_reference, save_final, setup_run, wrap_ddp)  # fmt: skip
+from fastpeft.training.rewards.multi_objective import MultiObjectiveReward
+from fastpeft.training.rl_common import (Checkpointer, build_optimization, finish_plot, open_logger, optimizer_step,
+                                         require_reference, save_final, setup_run, wrap_ddp)  # fmt: skip
+from fastpeft.training.rl_recipe import RolloutConfig, evaluate_exact_match, setup_rollouts
 from fastpeft.training.rollout import CompletionLogprobs, batched_logprobs, generate_rollouts
-from fastpeft.reasoning.types import SamplingParams
 
 
 @dataclasses.dataclass
-class PPOConfig(RecipeConfig):
+class PPOConfig(RolloutConfig):
     """PPO training (``fastpeft ppo``)."""
 
-    rewards: dict = dataclasses.field(default_factory=lambda: {"arithmetic": 1.0})
-    reward_options: dict = dataclasses.field(default_factory=dict)
-    prompts_per_step: int = 8
     samples_per_prompt: int = 2
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     ppo_epochs: int = 2
     mini_batch_size: int = 8
     gamma: float = 1.0
@@ -61,22 +52,16 @@ class PPOConfig(RecipeConfig):
     vf_coef: float = 0.1
     kl_coef: float = 0.05
     whiten_advantages: bool = True
-    mask_truncated: bool = False
-    eval_match: Literal["answer", "exact"] = "answer"
-    eval_max_examples: int | None = 200
-    eval_batch_size: int = 64
     lr: float = 1e-4
     output_dir: str = "runs/ppo"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "mini_batch_size"):
+        for name in ("samples_per_prompt", "ppo_epochs", "mini_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kl_coef < 0 or self.vf_coef < 0:
             raise ValueError(f"kl_coef and vf_coef must be >= 0, got {self.kl_coef}, {self.vf_coef}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclasses.dataclass
@@ -108,17 +93,7 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     ctx = setup_run(config, model, tokenizer)
     if config.kl_coef > 0:
         require_reference(ctx, f"PPO with kl_coef={config.kl_coef}")
-    reward = reward or build_reward(config.rewards, **config.reward_options)
-    if sampler is None:
-        from fastpeft.reasoning.sampler import Sampler
-
-        sampler = Sampler(ctx.model, ctx.tokenizer, max_seq_len=config.max_seq_len)
-    if config.train_data is None:
-        raise ValueError("train_data is required")
-    records = load_records(config.train_data)
-    eval_records = load_records(config.eval_data) if config.eval_data is not None else []
-    eval_records = eval_records[: config.eval_max_examples] if config.eval_max_examples else eval_records
-    plan = BatchPlan(records, config.prompts_per_step, 1, ctx.world_size, ctx.rank, config.seed)
+    setup = setup_rollouts(ctx, config, reward, sampler)
     hidden = ctx.model.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1, device=ctx.device, dtype=torch.float32)
     nn.init.zeros_(value_head.weight)
@@ -136,26 +111,17 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     logger.log({"event": "start", "recipe": "ppo", "step": start, "total_steps": config.max_steps,
                 "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
 
-    def evaluate() -> dict[str, Any]:
-        if not eval_records or not ctx.main:
-            return {}
-        em = exact_match(ctx.model, ctx.tokenizer, eval_records, config.eval_match, config.max_new_tokens,
-                         config.eval_batch_size, ctx.device)  # fmt: skip
-        return {"exact_match": em["exact_match"], "eval_n": em["n"]}
-
     history: list[dict[str, Any]] = []
-    if not state and eval_records:
-        history.append({"step": 0, **evaluate()})
+    if not state and setup.eval_records:
+        history.append({"step": 0, **evaluate_exact_match(ctx, setup.eval_records, config)})
         logger.log(history[-1])
     bar = progress_bar(config.max_steps, start, ctx.main and config.progress, desc="ppo")
     t0, last_loss = time.perf_counter(), None
     for step in range(start, config.max_steps):
         seed = (config.seed * 1_000_003 + step) * max(ctx.world_size, 1) + ctx.rank
-        params_s = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                  top_p=config.top_p, top_k=config.top_k, seed=seed)  # fmt: skip
-        batch = generate_rollouts(sampler, ctx.tokenizer, plan.micro_batches(step)[0], config.samples_per_prompt,
-                                  params_s)  # fmt: skip
-        rewards = reward(batch.prompts, batch.completions, batch.records)
+        batch = generate_rollouts(setup.sampler, ctx.tokenizer, setup.plan.micro_batches(step)[0],
+                                  config.samples_per_prompt, config.sampling(seed))  # fmt: skip
+        rewards = setup.reward(batch.prompts, batch.completions, batch.records)
         mask = batch.completion_mask * rewards.valid()[:, None]
         if config.mask_truncated:
             mask = mask * (~batch.truncated)[:, None]
@@ -197,7 +163,7 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
                   "kl": float(kl.sum()) / n_valid, "completion_len": float(batch.completion_mask.sum(1).mean()),
                   "value_mean": float((old_values * mask).sum()) / n_valid}  # fmt: skip
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
-            record.update(evaluate())
+            record.update(evaluate_exact_match(ctx, setup.eval_records, config))
             dist_utils.barrier()
         if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps or "exact_match" in record:
             logger.log(record)
@@ -208,7 +174,7 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
             cb(step + 1, record)
     bar.close()
     seconds = time.perf_counter() - t0
-    final = evaluate()
+    final = evaluate_exact_match(ctx, setup.eval_records, config)
     saved = save_final(ctx, {"weight": value_head.weight, "bias": value_head.bias}, "value_head")
     logger.log({"step": config.max_steps, "event": "end", **final, "train_seconds": seconds,
                 "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip
