@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastpeft.training import distributed as dist_utils
+
 STEP_PREFIX = "step-"
 
 
@@ -94,15 +96,16 @@ def write_rank_state(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
 
 
-def write_main_state(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def write_main_state(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer | dict[str, Any], scheduler: Any,
                      trainer_state: dict[str, Any], save_adapter: bool) -> None:  # fmt: skip
-    """Rank 0 writes the model, optimizer, scheduler and trainer state."""
+    """Rank 0 writes the model, optimizer (or an already gathered optimizer state dict, see
+    :func:`fastpeft.training.distributed.full_optimizer_state`), scheduler and trainer state."""
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     if save_adapter:
         import fastpeft
 
         fastpeft.save_adapter(model, str(tmp / "adapter"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
 
@@ -154,7 +157,8 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     rank: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Restore everything saved in ``path``; returns the trainer state dict."""
+    """Restore everything saved in ``path``; returns the trainer state dict. With FSDP2 (DTensor
+    parameters) every rank calls this: the full tensors are re-sharded collectively."""
     for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint {path} is missing {name}")
@@ -169,9 +173,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             if params[name].shape != tensor.shape:
                 raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
                                  f"model expects {tuple(params[name].shape)}")  # fmt: skip
-            params[name].copy_(tensor)
+            params[name].copy_(dist_utils.shard_like(tensor, params[name]))
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(dist_utils.shard_optimizer_state(optimizer_state, optimizer))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():

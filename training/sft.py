@@ -13,7 +13,6 @@ data order, RNG, optimizer and scheduler state). Metrics go to ``<output_dir>/me
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -82,6 +81,7 @@ class SFTConfig:
     loss_chunk_size: int | None = None
     max_bad_steps: int = 10
     seed: int = 0
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks; see fastpeft.training.distributed
     # evaluation
     eval_every: int | None = None
     eval_batch_size: int = 64
@@ -109,6 +109,11 @@ class SFTConfig:
             raise ValueError(f"general_fraction must be in [0, 1), got {self.general_fraction}")
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas must have two numbers, got {self.adam_betas}")
+        if self.parallel not in dist_utils.PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {dist_utils.PARALLEL_MODES}, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.optimizer not in dist_utils.FSDP_OPTIMIZERS:
+            raise ValueError(f"parallel='fsdp' shards parameters into DTensors, which optimizer={self.optimizer!r} "
+                             f"cannot update; use one of {dist_utils.FSDP_OPTIMIZERS}")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -188,8 +193,8 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
 
     loss_module = CausalLMLoss(model, config.loss_impl, config.loss_chunk_size)
     runner: nn.Module = loss_module
-    if distributed:
-        runner = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if distributed:  # FSDP2 shards loss_module in place (and replaces its parameters): before the optimizer
+        runner = dist_utils.wrap_for_training(loss_module, config.parallel, device, bool(eval_rows or eval_records))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optimizer, params, config.lr, config.weight_decay, tuple(config.adam_betas),
                                 config.adam_eps, device)  # fmt: skip
@@ -215,6 +220,9 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
                 "world_size": world_size, "loss_impl": loss_module.loss_impl, "finetune": config.finetune,
                 "trainable_params": sum(p.numel() for p in params), "device": str(device)})  # fmt: skip
 
+    # DDP: rank 0 evaluates alone. FSDP: every rank evaluates the gathered model, because transformers'
+    # generate sees an FSDP-managed model and keeps the ranks' decoding steps in sync (all_reduce)
+    evaluates = main or dist_utils.is_fsdp(runner)
     bar = progress_bar(total_steps, start_step, enabled=main and config.progress)
     meter, run_meter, t0 = Throughput(), Throughput(), time.perf_counter()
     last_loss, record = None, {}
@@ -228,16 +236,16 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for j, b in enumerate(batches):
             sync = j == len(batches) - 1 or not distributed
-            with (contextlib.nullcontext() if sync else runner.no_sync()):
+            with dist_utils.gradient_sync(runner, sync):
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss_sum, _ = runner(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"],
                                          packed=config.packing)  # fmt: skip
-                # DDP averages gradients over ranks, hence the world_size factor
+                # DDP and FSDP average gradients over ranks, hence the world_size factor
                 (loss_sum * (world_size / max(n_targets, 1.0))).backward()
             step_loss += loss_sum.detach().double()
         loss = float(dist_utils.all_reduce_sum(step_loss)) / max(n_targets, 1.0)
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = dist_utils.clip_grad_norm(params, max_norm)
         record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "epoch": step / plan.steps_per_epoch}  # fmt: skip
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -262,14 +270,15 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
-            if main:
-                logger.log({"step": step + 1, **_evaluate(loss_module, model, tokenizer, eval_rows, eval_records,
-                                                          config, device, amp)})  # fmt: skip
+            with dist_utils.full_parameters(runner, for_forward=True):
+                if evaluates:
+                    logger.log({"step": step + 1, **_evaluate(loss_module, model, tokenizer, eval_rows, eval_records,
+                                                              config, device, amp)})  # fmt: skip
             dist_utils.barrier()
         if config.save_every and (step + 1) % config.save_every == 0:
             position = {**layout, "epoch": (step + 1) // plan.steps_per_epoch,
                         "batch_in_epoch": (step + 1) % plan.steps_per_epoch}  # fmt: skip
-            _save_checkpoint(ckpt_root, step + 1, bad_steps, position, model, optimizer, scheduler, config,
+            _save_checkpoint(ckpt_root, step + 1, bad_steps, position, runner, model, optimizer, scheduler, config,
                              has_adapters, rank)  # fmt: skip
         for cb in callbacks:
             cb(step + 1, record)
@@ -277,28 +286,37 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
     train_seconds = time.perf_counter() - t0
     tokens_per_s = run_meter.rate()
 
-    final_eval = _evaluate(loss_module, model, tokenizer, eval_rows, eval_records, config, device, amp) if main else {}
-    saved = None
-    if main:
-        logger.log({"step": total_steps, "event": "end", **final_eval, "tokens_per_s": tokens_per_s,
-                    "peak_memory_bytes": peak_memory_bytes(device), "train_seconds": train_seconds})  # fmt: skip
-        saved = _save_final(model, tokenizer, out_dir, has_adapters)
-        if config.plot:
-            plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    final_eval, saved = {}, None
+    # FSDP: every rank gathers the whole model; rank 0 saves full tensors, the same files as under DDP
+    full_state = None if has_adapters else dist_utils.full_model_state(model)
+    with dist_utils.full_parameters(runner, for_forward=bool(eval_rows or eval_records)):
+        if evaluates:
+            final_eval = _evaluate(loss_module, model, tokenizer, eval_rows, eval_records, config, device, amp)
+        if main:
+            logger.log({"step": total_steps, "event": "end", **final_eval, "tokens_per_s": tokens_per_s,
+                        "peak_memory_bytes": peak_memory_bytes(device), "train_seconds": train_seconds})  # fmt: skip
+            saved = _save_final(model, tokenizer, out_dir, has_adapters, full_state)
+            if config.plot:
+                plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
     dist_utils.barrier()
     return SFTResult(total_steps, last_loss, final_eval, out_dir, saved, tokens_per_s, peak_memory_bytes(device),
                      train_seconds)  # fmt: skip
 
 
-def _save_checkpoint(root: Path, step: int, bad_steps: int, position: dict[str, int], model: nn.Module,
-                     optimizer: Any, scheduler: Any, config: SFTConfig, has_adapters: bool, rank: int) -> None:  # fmt: skip
+def _save_checkpoint(root: Path, step: int, bad_steps: int, position: dict[str, int], runner: nn.Module,
+                     model: nn.Module, optimizer: Any, scheduler: Any, config: SFTConfig, has_adapters: bool,
+                     rank: int) -> None:  # fmt: skip
     tmp = ckpt.begin_checkpoint(root, step) if rank == 0 else None
     tmp = Path(dist_utils.broadcast_object(str(tmp) if tmp else None))
     dist_utils.barrier()  # the directory exists before other ranks write into it
     ckpt.write_rank_state(tmp, rank)
-    if rank == 0:
-        state = {"step": step, "bad_steps": bad_steps, "data_position": position, "config": _jsonable_config(config)}
-        ckpt.write_main_state(tmp, model, optimizer, scheduler, state, has_adapters)
+    # FSDP: all ranks take part in gathering the sharded state; rank 0 writes the same files as DDP
+    optimizer_state = dist_utils.full_optimizer_state(optimizer, keep=rank == 0)
+    with dist_utils.full_parameters(runner):
+        if rank == 0:
+            state = {"step": step, "bad_steps": bad_steps, "data_position": position,
+                     "config": _jsonable_config(config)}  # fmt: skip
+            ckpt.write_main_state(tmp, model, optimizer_state, scheduler, state, has_adapters)
     dist_utils.barrier()
     if rank == 0:
         ckpt.commit_checkpoint(root, tmp, step, config.keep_checkpoints)
@@ -313,12 +331,13 @@ def _jsonable_config(config: SFTConfig) -> dict[str, Any]:
     return values
 
 
-def _save_final(model: nn.Module, tokenizer: Any, out_dir: Path, has_adapters: bool) -> Path:
+def _save_final(model: nn.Module, tokenizer: Any, out_dir: Path, has_adapters: bool,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
     if has_adapters:
         import fastpeft
 
         return Path(fastpeft.save_adapter(model, out_dir / "adapter"))
     target = out_dir / "model"
-    model.save_pretrained(target, safe_serialization=True)
+    model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(target)
     return target
