@@ -4,6 +4,7 @@ same global batch, and write (and resume from) the same checkpoint files."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,9 @@ def test_two_ranks_match_one_process(tmp_path, tiny_llama, arithmetic_records, m
 
 def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, tiny_llama, arithmetic_records, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # spawned ranks unpickle _train_all by its module name (tests.training.test_distributed); they get
+    # this process's sys.path, which lacks the repo root when pytest runs as a console script
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     modes = ("full", "lora", "qlora")
     common = dict(model_config=tiny_llama(), train_data=arithmetic_records[:24], lr=1e-2, progress=False,
                   plot=False, log_every=1, max_seq_len=64, max_steps=4, device="cpu", save_every=2,
