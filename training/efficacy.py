@@ -5,10 +5,11 @@
 Pipeline (every stage is the library's own recipe, run through its public ``train``):
 
 1. **SFT** a tiny Llama (from a config, full fine-tuning) on 2-digit additions with worked steps,
-   stopped early on purpose so the checkpoint is right about half the time (greedy exact match on
-   held-out problems).
+   stopped early on purpose so the checkpoint leaves room to improve (greedy exact match 0.70 on the
+   held-out problems with the defaults).
 2. **GRPO** (LoRA on the SFT checkpoint, outcome reward = exact final answer, KL to the
    adapter-disabled SFT policy): exact match before / after on the same held-out problems.
+   **PPO** likewise (LoRA + value head, GAE, per-token KL penalty), from the same checkpoint.
 3. **Pairs from sampled answers**: the SFT model samples several answers per prompt; prompts with
    at least one right and one wrong answer give (right, wrong) pairs — training pairs from training
    prompts, held-out pairs from held-out prompts.
@@ -58,6 +59,9 @@ class EfficacySettings:
     grpo_temperature: float = 0.3  # samples near the greedy answer: the one exact match judges
     grpo_prompts_per_step: int = 16
     grpo_generations: int = 8
+    ppo_steps: int = 100  # PPO shares GRPO's temperature, prompts per step and samples per prompt
+    ppo_lr: float = 2e-4
+    ppo_kl_coef: float = 0.02
     pair_prompts: int = 1000
     pair_eval_prompts: int = 200
     pair_samples: int = 8
@@ -72,8 +76,8 @@ class EfficacySettings:
 
     @classmethod
     def quick(cls) -> EfficacySettings:
-        return cls(train_problems=64, test_problems=16, sft_steps=4, grpo_steps=2, grpo_prompts_per_step=2,
-                   grpo_generations=2, pair_prompts=16, pair_eval_prompts=16, rm_steps=2, dpo_steps=2)  # fmt: skip
+        return cls(train_problems=256, test_problems=16, sft_steps=120, grpo_steps=2, grpo_prompts_per_step=2,
+                   grpo_generations=2, ppo_steps=2, pair_prompts=128, pair_eval_prompts=16, rm_steps=2, dpo_steps=2)  # fmt: skip
 
 
 def _quiet(fn, *args, **kwargs):
@@ -121,7 +125,7 @@ def sample_pairs(model: Any, tokenizer: Any, records: list[dict], samples: int, 
 
 def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySettings | None = None) -> dict[str, Any]:
     """Run the whole pipeline (module docstring); returns and writes the results."""
-    from fastpeft.training import dpo, grpo, reward_model, sft
+    from fastpeft.training import dpo, grpo, ppo, reward_model, sft
 
     s = settings or EfficacySettings()
     out = Path(output_dir)
@@ -156,6 +160,18 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
                        "reward_first_5": _mean([h.get("reward_mean") for h in g.history[1:6]]),
                        "reward_last_5": _mean([h.get("reward_mean") for h in g.history[-5:]]),
                        "seconds": time.perf_counter() - t}  # fmt: skip
+
+    t = time.perf_counter()
+    p = _quiet(ppo.train, ppo.PPOConfig(
+        model=str(sft_dir), train_data=train, eval_data=test, eval_max_examples=None, max_steps=s.ppo_steps,
+        lr=s.ppo_lr, kl_coef=s.ppo_kl_coef, temperature=s.grpo_temperature, prompts_per_step=s.grpo_prompts_per_step,
+        samples_per_prompt=s.grpo_generations, max_new_tokens=s.max_new_tokens, max_seq_len=128, mini_batch_size=32,
+        ppo_epochs=1, lora=s.lora, rewards={"arithmetic": 1.0}, output_dir=str(out / "ppo"), seed=s.seed,
+        log_every=10, eval_every=max(1, s.ppo_steps // 2), **common))  # fmt: skip
+    curve = [(h["step"], h["exact_match"]) for h in p.history if "exact_match" in h]
+    results["ppo"] = {"exact_match_before": curve[0][1], "exact_match_after": p.eval["exact_match"],
+                      "exact_match_curve": curve + [(p.steps, p.eval["exact_match"])], "steps": p.steps,
+                      "seconds": time.perf_counter() - t}  # fmt: skip
 
     t = time.perf_counter()
     pair_prompts = train[: s.pair_prompts]
@@ -215,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "sft_exact_match": results["sft"]["exact_match"],
         "grpo_exact_match": [results["grpo"]["exact_match_before"], results["grpo"]["exact_match_after"]],
         "reward_model_pairwise_accuracy": results["reward_model"]["pairwise_accuracy_held_out"],
+        "ppo_exact_match": [results["ppo"]["exact_match_before"], results["ppo"]["exact_match_after"]],
         "dpo_exact_match": [results["dpo"]["exact_match_before"], results["dpo"]["exact_match_after"]],
         "dpo_plain_exact_match": [results["dpo_plain"]["exact_match_before"], results["dpo_plain"]["exact_match_after"]],
     }
