@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.kernels.backend import backend
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -154,7 +155,7 @@ class LinearCrossEntropyFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, compute_grad):  # type: ignore[override]
-        n, v = hidden.shape[0], weight.shape[0]
+        v = weight.shape[0]
         want_h = compute_grad and ctx.needs_input_grad[0]
         want_w = compute_grad and ctx.needs_input_grad[1]
         rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
@@ -216,10 +217,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"hidden on {hidden.device}, weight on {weight.device}, labels on {labels.device}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    amp = autocast_dtype(hidden.device)
+    if amp is not None:
+        hidden, weight = cast_for_autocast(amp, hidden, weight)
     if hidden.dtype not in FLOAT_DTYPES or hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype")
     labels = labels.reshape(-1).long()
@@ -228,6 +228,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if bool(bad.any()):
         raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) "
                          f"and is not ignore_index={ignore_index}")  # fmt: skip
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(hidden.device):
         return LinearCrossEntropyFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels, ignore_index,
                                           reduction, chunk_size, torch.is_grad_enabled())  # fmt: skip

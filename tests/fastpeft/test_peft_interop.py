@@ -3,7 +3,6 @@ loads with ``peft.PeftModel.from_pretrained``, giving the same outputs on the sa
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
