@@ -28,7 +28,7 @@ from torch import nn
 
 from fastpeft.adapters import LoraAdapter
 from fastpeft.dora import DoraAdapter
-from fastpeft.kernels.autocast import autocast_dtype
+from fastpeft.kernels.autocast import autocast_dtype, compute_dtype
 from fastpeft.kernels.nf4 import NF4Weight
 
 ADAPTER_VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
@@ -110,7 +110,7 @@ class AdapterLinear(nn.Module):
 
     def base_linear(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """x·Wᵀ (+ b), ``[M, in] -> [M, out]``."""
-        return F.linear(x, self.dense_weight(autocast_dtype(x.device) or x.dtype), self.bias if bias else None)
+        return F.linear(x, self.dense_weight(compute_dtype(x)), self.bias if bias else None)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -238,7 +238,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"route_adapters got {routing.batch_size} row adapters but x has shape {tuple(x.shape)}")
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before routing rows")
-        base = F.linear(x, self.dense_weight(autocast_dtype(x.device) or x.dtype))  # [B, ..., out], no bias
+        base = F.linear(x, self.dense_weight(compute_dtype(x)))  # [B, ..., out], no bias
         y = base if self.bias is None else base + self.bias
         for name, rows in routing.groups(x.device):
             if name not in self.adapters:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["autocast_dtype", "cast_for_autocast", "autocast_off"]
+__all__ = ["autocast_dtype", "autocast_off", "cast_for_autocast", "compute_dtype"]
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -23,9 +24,14 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
-def cast_for_autocast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Each floating tensor in ``dtype`` (None and non-floating tensors pass through)."""
-    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on ``x`` computes in: autocast's on ``x``'s device, else ``x``'s own."""
+    return autocast_dtype(x.device) or x.dtype
+
+
+def cast_for_autocast(dtype: torch.dtype, *values: Any) -> list[Any]:
+    """Each floating tensor in ``dtype``; anything else (None, integer tensors, an NF4 weight) as is."""
+    return [v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
 
 
 @contextlib.contextmanager

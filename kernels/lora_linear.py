@@ -157,22 +157,18 @@ class LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         with autocast_off(grad_y.device):  # backward may run inside the caller's autocast block
-            return LoRALinearFn._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y):  # type: ignore[no-untyped-def]
-        x, lora_A, lora_B, xa = ctx.saved_tensors
-        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        if ctx.use_triton:
-            grad_x, grad_a, grad_b = lora_linear_training_backward(
-                grad_y, x, xa, ctx.weight, lora_A, lora_B, ctx.scaling, (need_x, need_a, need_b)
-            )
-        else:
-            grad_x, grad_a, grad_b = lora_linear_backward_reference(
-                grad_y.contiguous(), x, ctx.weight, lora_A, lora_B, ctx.scaling
-            )
-        grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+            x, lora_A, lora_B, xa = ctx.saved_tensors
+            need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+            if ctx.use_triton:
+                grad_x, grad_a, grad_b = lora_linear_training_backward(
+                    grad_y, x, xa, ctx.weight, lora_A, lora_B, ctx.scaling, (need_x, need_a, need_b)
+                )
+            else:
+                grad_x, grad_a, grad_b = lora_linear_backward_reference(
+                    grad_y.contiguous(), x, ctx.weight, lora_A, lora_B, ctx.scaling
+                )
+            grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
+            return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
 def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -182,13 +178,8 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
     Inside ``torch.autocast`` it computes in the autocast dtype, like ``nn.Linear``: x, b, A, B and
     a dense W are cast to it (an NF4 W is dequantized straight into it).
     """
-    amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
-    if amp is None or not x.is_floating_point():
-        check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
-        return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, check_scaling(scaling))
-    x, bias, lora_A, lora_B = cast_for_autocast(amp, x, bias, lora_A, lora_B)
-    if isinstance(weight, torch.Tensor):
-        weight = cast_for_autocast(amp, weight)[0]
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and (amp := autocast_dtype(x.device)) is not None:
+        x, weight, bias, lora_A, lora_B = cast_for_autocast(amp, x, weight, bias, lora_A, lora_B)  # NF4 W: as is
+    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
     with autocast_off(x.device):
-        check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
         return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, check_scaling(scaling))

@@ -81,11 +81,6 @@ def make_problem(a: int, b: int, op: str = "+", restate: bool = False) -> dict[s
     }
 
 
-def plain_worked_text(a: int, b: int, op: str = "+") -> str:
-    """The worked solution as plain text without the question format: ``"47+38: 7+8=15 ...; answer 85"``."""
-    return f"{a}{op}{b}:{make_problem(a, b, op)['completion']}"
-
-
 def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequence[str] = ("+",),
                             exclude: set[str] | None = None, restate: bool = False) -> list[dict[str, str]]:  # fmt: skip
     """``n`` distinct problems whose operands have exactly ``digits`` digits (``digits=1``: 0-9),

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fastpeft.training.arithmetic import make_arithmetic_dataset, plain_worked_text
+from fastpeft.training.arithmetic import make_arithmetic_dataset
 
 _PATH = {"path": True}
 
@@ -77,8 +77,8 @@ def _pretrain(config: DemoConfig, tokenizer: Any, held_out: set[str]) -> torch.n
     from fastpeft.training.sft import SFTConfig, train
 
     corpus = make_arithmetic_dataset(config.pretrain_examples, seed=config.seed + 1, digits=config.digits,
-                                     exclude=held_out)  # fmt: skip
-    texts = [{"text": plain_worked_text(*map(int, r["prompt"][3:-5].split("+")))} for r in corpus]
+                                     exclude=held_out, restate=True)  # fmt: skip
+    texts = [{"text": r["completion"].lstrip()} for r in corpus]  # "47+38: 7+8=15 ...; answer 85"
     model_config = dict(model_type="llama", hidden_size=config.hidden_size, intermediate_size=2 * config.hidden_size,
                         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                         num_key_value_heads=config.num_kv_heads, vocab_size=len(tokenizer),

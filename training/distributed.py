@@ -118,14 +118,19 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
 
 
+def ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """``module`` in DistributedDataParallel on ``device`` (gradients averaged over ranks)."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
 def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.device,
                       evaluates: bool = False) -> nn.Module:  # fmt: skip
     """``loss_module`` made data-parallel: a DDP wrapper, or (``"fsdp"``) ``loss_module`` itself
     with FSDP2 applied in place to each transformer block, then to it as the root. ``evaluates``:
     the run will evaluate, which FSDP supports from torch 2.7 (checked here, not hours later)."""
     if parallel == "ddp":
-        device_ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids)
+        return ddp(loss_module, device)
     if parallel != "fsdp":
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     from torch.distributed.fsdp import FSDPModule, fully_shard

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from fastpeft.training.arithmetic import is_correct, make_arithmetic_dataset
+from fastpeft.training.model_setup import load_saved_model
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 112, "max_position_embeddings": 128,
@@ -84,14 +85,6 @@ def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
-
-
-def _load(model_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from fastpeft.training.tokenizer import load_tokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model_dir), load_tokenizer(str(model_dir))
 
 
 def greedy_exact_match(model: Any, tokenizer: Any, records: list[dict], max_new_tokens: int) -> float:
@@ -142,7 +135,7 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
         micro_batch_size=32, warmup_steps=min(20, s.sft_steps // 4), scheduler="cosine", max_seq_len=96,
         output_dir=str(out / "sft"), log_every=50, seed=s.seed, **common))  # fmt: skip
     sft_dir = Path(sft_result.saved)
-    model, tok = _load(sft_dir)
+    model, tok = load_saved_model(sft_dir)
     em_sft = greedy_exact_match(model, tok, test, s.max_new_tokens)
     results["sft"] = {"exact_match": em_sft, "steps": s.sft_steps, "final_loss": sft_result.final_loss,
                       "seconds": time.perf_counter() - t}  # fmt: skip
@@ -200,7 +193,7 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
             model=str(sft_dir), train_data=train_pairs, eval_data=eval_pairs, max_steps=s.dpo_steps, lr=s.dpo_lr,
             beta=s.dpo_beta, sft_coef=sft_coef, micro_batch_size=8, max_seq_len=128, lora=s.lora,
             output_dir=str(out / name), seed=s.seed, log_every=10, **common))  # fmt: skip
-        policy, _ = _load(sft_dir)
+        policy, _ = load_saved_model(sft_dir)
         fastpeft.load_adapter(policy, d.saved)
         results[name] = {"exact_match_before": em_sft, "sft_coef": sft_coef,
                          "exact_match_after": greedy_exact_match(policy, tok, test, s.max_new_tokens),

@@ -56,6 +56,13 @@ def build_model(model: str | None, model_config: dict | None, dtype: str = "floa
     return AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
 
 
+def load_saved_model(model_dir: str | Path) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a directory a run saved with ``save_pretrained`` (model + tokenizer)."""
+    from fastpeft.training.tokenizer import load_tokenizer
+
+    return build_model(str(model_dir), None), load_tokenizer(str(model_dir))
+
+
 def apply_finetune_mode(model: nn.Module, finetune: str, lora: dict[str, Any]) -> bool:
     """Make ``model`` trainable per ``finetune``; returns True when adapters were injected.
 

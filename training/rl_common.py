@@ -147,10 +147,7 @@ def build_optimization(config: RecipeConfig, params: list[nn.Parameter], total_u
 
 def wrap_ddp(module: nn.Module, ctx: RunContext, find_unused: bool = False) -> nn.Module:
     """DDP around ``module`` when the run is distributed (gradients averaged over ranks)."""
-    if not ctx.distributed:
-        return module
-    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+    return dist_utils.ddp(module, ctx.device, find_unused) if ctx.distributed else module
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any, loss: float,

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from fastpeft.reasoning import evidence
+from fastpeft.training.model_setup import load_saved_model
 
 TINY_ARITHMETIC_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                          "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 112,
@@ -143,18 +144,10 @@ def train_model(out_dir: Path, s: EvidenceSettings) -> tuple[Any, Any, dict[str,
             micro_batch_size=s.sft_batch, warmup_steps=min(20, s.sft_steps // 4), scheduler="cosine",
             max_seq_len=128, output_dir=str(out_dir / "sft"), log_every=25, seed=s.seed, progress=False,
             device="cpu", plot=False))  # fmt: skip
-    model, tok = load_model(Path(result.saved))
+    model, tok = load_saved_model(result.saved)
     info = {"sft_steps": result.steps, "final_loss": result.final_loss, "train_seconds": time.perf_counter() - start,
             "model_dir": str(result.saved)}  # fmt: skip
     return model, tok, info
-
-
-def load_model(model_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from fastpeft.training.tokenizer import load_tokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model_dir), load_tokenizer(str(model_dir))
 
 
 def test_set(s: EvidenceSettings) -> list[tuple[str, str]]:
@@ -254,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          sft_steps=args.sft_steps, check_operands=args.check_operands)  # fmt: skip
     model = tok = None
     if args.model:
-        model, tok = load_model(Path(args.model))
+        model, tok = load_saved_model(args.model)
     results = run(args.out, s, model, tok)
     print(results["table"])
     print(f"search: {results['search_seconds']:.0f} s; outputs in {args.out}")
