@@ -27,6 +27,7 @@ from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_aut
 from fastpeft.kernels.backend import backend
 from fastpeft.kernels.lora_linear_args import Weight, check_lora_linear_args, check_scaling
 from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4
+from fastpeft.kernels.nf4_cpu import gemv_applicable, nf4_linear_cpu
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
 from fastpeft.kernels.workspace import get_workspace
 
@@ -99,11 +100,12 @@ def _training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")  # fmt: skip
-    w = dense_weight(weight, x.dtype)
-    if bias is None:
-        y = torch.mm(x, w.t(), out=out)
+    if isinstance(weight, NF4Weight) and gemv_applicable(x, weight):  # CPU decode: bnb's fused GEMV
+        y = nf4_linear_cpu(x, weight, bias)
+        y = y if out is None else out.copy_(y)
     else:
-        y = torch.addmm(bias, x, w.t(), out=out)
+        w = dense_weight(weight, x.dtype)
+        y = torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
     xa = torch.mm(x, lora_A.t())  # [M, r]
     y.addmm_(xa, lora_B.t(), alpha=scaling)  # one GEMM with beta=1: no [M, N] temporary
     return y, xa
@@ -142,11 +144,13 @@ class LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):  # type: ignore[override]
-        use_triton = backend(x) == "triton"
+        kernels = backend(x) == "triton"
+        # NF4 on the CPU: dequantize into the workspace (or bnb's GEMV) + addmm, never the reference's dense copy
+        use_triton = kernels or (isinstance(weight, NF4Weight) and x.device.type == "cpu")
         xa = None
         if not use_triton:
             y = lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
-        elif x.shape[0] <= DECODE_MAX_ROWS:
+        elif kernels and x.shape[0] <= DECODE_MAX_ROWS:
             y = launch_nf4_lora_decode(x, weight, bias, lora_A, lora_B, scaling)
         else:
             y, xa = _training_forward(x, weight, bias, lora_A, lora_B, scaling)

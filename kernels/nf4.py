@@ -447,4 +447,8 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
         raise TypeError(f"dequantize_nf4 expects an NF4Weight, got {type(q).__name__}")
     if backend(q.packed) == "triton":
         return dequantize_nf4_triton(q, dtype, out)
+    if q.device.type == "cpu":
+        from fastpeft.kernels.nf4_cpu import dequantize_nf4_cpu  # imports this module
+
+        return dequantize_nf4_cpu(q, _check_dequant_args(q, dtype, out), out)
     return dequantize_nf4_reference(q, dtype, out)
