@@ -115,15 +115,16 @@ def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ign
     """Torch reference of :func:`cross_entropy_grad_triton` (same in-place contract, fp32 math)."""
     _check_chunk_args(logits, labels)
     loss_out, lse_out = _outputs(logits, out)
-    x = logits.float()
+    x = logits.float()  # fp32 logits: x is logits, and the gradient is written in place (no [C, V] temporary)
     lse = torch.logsumexp(x, dim=-1)
     ignored = labels == ignore_index
     safe = torch.where(ignored, torch.zeros_like(labels), labels)
     loss = torch.where(ignored, 0.0, lse - x.gather(1, safe[:, None]).squeeze(1))
-    grad = torch.exp(x - lse[:, None])
-    grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-    grad.masked_fill_(ignored[:, None], 0.0)
-    logits.copy_(grad)
+    x.sub_(lse[:, None]).exp_()  # softmax
+    x.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+    x.masked_fill_(ignored[:, None], 0.0)
+    if x.data_ptr() != logits.data_ptr():
+        logits.copy_(x)
     return loss_out.copy_(loss), lse_out.copy_(lse)
 
 
@@ -143,11 +144,26 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
                                              reduction=reduction)  # fmt: skip
 
 
-def default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk: about ``n_rows / ceil(V/H)`` (so a chunk's logits are no bigger than the
-    hidden states), rounded to a power of two; Liger-Kernel uses the same rule."""
-    n_chunks = max(1, -(-vocab // hidden))
-    return max(1, triton.next_power_of_2(-(-max(n_rows, 1) // n_chunks)))
+# The fp32 logits of one chunk, [C, V], may take this many bytes. Sized so that short sequences are
+# one chunk (the LM head read once forward, once for dH/dW: as cheap as materialising the logits)
+# and long ones stay bounded: 8B Llama (V = 128256) gets 512 rows a chunk, 16 chunks at 8192 tokens.
+CHUNK_BYTES = 256 * 2**20
+
+
+def default_chunk_size(n_rows: int, vocab: int, hidden: int | None = None, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: as many as fit ``budget_bytes`` of fp32 logits ``[C, V]`` (a multiple of 16
+    once there are 16), spread evenly over the fewest chunks that hold ``n_rows``.
+
+    A fixed chunk count (the old rule, V/H chunks) re-read the LM head ~2·V/H times per step even
+    for a 127-token batch whose logits are a few MB. ``hidden`` is accepted for callers of that rule.
+    """
+    cap = max(1, budget_bytes // (4 * max(vocab, 1)))
+    if cap >= 16:
+        cap -= cap % 16
+    n_rows = max(n_rows, 1)
+    n_chunks = -(-n_rows // cap)
+    rows = -(-n_rows // n_chunks)
+    return min(cap, -(-rows // 16) * 16) if rows >= 16 else rows
 
 
 class LinearCrossEntropyFn(torch.autograd.Function):

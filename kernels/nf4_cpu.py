@@ -103,7 +103,8 @@ def native() -> _Native:
         has_bf16.restype = ctypes.c_bool
     found = _Native({dt: fn for dt, fn in nf4.items() if fn is not None}, blockwise,
                     gemv if has_bf16 is not None and has_bf16() else None)  # fmt: skip
-    return _self_checked(found)
+    with torch.inference_mode(False), torch.no_grad():  # the first call may come from inside either
+        return _self_checked(found)
 
 
 def _self_checked(found: _Native) -> _Native:
@@ -228,10 +229,15 @@ class _GemvLayout:
 
     def current(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         return (all(not ref.expired() for ref in self.source)
-                and self.versions == tuple(t._version for t in tensors))  # fmt: skip
+                and self.versions == _versions(tensors))  # fmt: skip
 
 
 _gemv_layouts: dict[tuple[int, int, int], _GemvLayout] = {}
+
+
+def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    # inference tensors keep no version counter (and cannot be written outside inference mode)
+    return tuple(-1 if torch.is_inference(t) else t._version for t in tensors)
 
 
 def _gemv_key(q: NF4Weight) -> tuple[int, int, int]:
@@ -261,7 +267,7 @@ def _gemv_layout(q: NF4Weight, lib: _Native) -> _GemvLayout:
     with torch.inference_mode(False), torch.no_grad():
         packed, absmax = _repack_for_gemv(q, lib)
     layout = _GemvLayout(tuple(StorageWeakRef(t.untyped_storage()) for t in tensors),
-                         tuple(t._version for t in tensors), packed, absmax)  # fmt: skip
+                         _versions(tensors), packed, absmax)  # fmt: skip
     _gemv_layouts[key] = layout
     return layout
 

@@ -179,3 +179,18 @@ def test_dispatch_follows_the_backend_switch(monkeypatch):
         linear_cross_entropy(hidden, weight, torch.tensor([1, -100, 4]), chunk_size=1).backward()
     assert calls == ["torch", "torch"]  # one call per chunk of non-ignored rows
     assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("n_rows,vocab", [(1, 5), (127, 32000), (1023, 32000), (2047, 32000), (8191, 128256),
+                                          (32768, 128256), (300_001, 32000), (3, 2**40)])  # fmt: skip
+def test_chunk_rule_is_a_byte_budget(n_rows, vocab):
+    """Short batches are one chunk (the LM head read once, as when materialising the logits); a
+    chunk's fp32 logits never exceed the budget (one row at least); chunks are evenly filled."""
+    from fastpeft.kernels.linear_cross_entropy import CHUNK_BYTES, default_chunk_size
+
+    chunk = default_chunk_size(n_rows, vocab)
+    n_chunks = -(-n_rows // chunk)
+    assert chunk == 1 or chunk * vocab * 4 <= CHUNK_BYTES
+    fits = max(1, CHUNK_BYTES // (4 * vocab))
+    assert n_chunks == -(-n_rows // (fits - fits % 16 if fits >= 16 else fits))  # the fewest chunks
+    assert n_chunks * chunk - n_rows < 16 * n_chunks  # evenly filled: under 16 rows to spare per chunk
