@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 
 import fastpeft
-from fastpeft.reasoning.decoding import StopStringChecker, choose_tokens
+from fastpeft.reasoning.decoding import RowFinishState, StopStringChecker, choose_tokens
 from fastpeft.reasoning.kv_cache import (
     SHARED_PREFIX_ATTENTION,
     STATE_KWARG,
@@ -51,6 +51,7 @@ from fastpeft.reasoning.kv_cache import (
 from fastpeft.reasoning.types import Completion, SamplingParams
 
 PrefixMode = Literal["shared", "copy"]
+SYNC_EVERY = 8  # decode steps between host looks at the finish state (early exit, stop strings)
 
 
 def _first_id(value: Any) -> int | None:
@@ -162,40 +163,31 @@ class Sampler:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logprobs: list[list[float]] = [[] for _ in range(rows)]
-        reasons: list[str | None] = [None] * rows
-        texts: list[str | None] = [None] * rows
+        state = RowFinishState(budgets, () if ignore_eos else sorted(self.eos_token_ids), device)
         with contextlib.ExitStack() as stack:
             stack.enter_context(decode_ctx)
             step_fn = None
             for step in range(gen_len):
                 chosen, chosen_lp = choose_tokens(logits, params, generator)
-                for r, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp.tolist())):
-                    if reasons[r] is not None:
-                        continue
-                    tokens[r].append(tok)
-                    logprobs[r].append(lp)
-                    if not ignore_eos and tok in self.eos_token_ids:
-                        reasons[r] = "eos"
-                    elif stop is not None and (text := stop.check(tokens[r])) is not None:
-                        reasons[r], texts[r] = "stop", text
-                    elif len(tokens[r]) >= budgets[r]:
-                        reasons[r] = "length"
-                if all(reason is not None for reason in reasons) or step == gen_len - 1:
-                    break
+                state.record(step, chosen, chosen_lp)
+                # the host looks only every SYNC_EVERY steps (and last): rows that finished meanwhile
+                # ran a few steps more, their outputs ignored; stop strings are found at their first token
+                if step == gen_len - 1 or step % SYNC_EVERY == SYNC_EVERY - 1:
+                    if stop is not None:
+                        state.check_stops(step + 1, stop)
+                    if step == gen_len - 1 or state.all_finished():
+                        break
                 if step_fn is None:
                     step_fn = self._make_decode_step(stack, cache, mask, prompt_lengths, rows, n, gen_len, device)
                 logits = step_fn(chosen)
 
         completions = []
-        for r in range(rows):
-            ids_r = tokens[r]
-            text = texts[r]
-            if text is None:
-                body = ids_r[:-1] if reasons[r] == "eos" else ids_r
-                text = self._decode(body) if self.tokenizer is not None else ""
-            completions.append(Completion(text, ids_r, logprobs[r], reasons[r]))  # type: ignore[arg-type]
+        for ids_r, logprobs_r, reason in state.results():
+            if reason == "stop":
+                text = stop.check(ids_r)
+            else:
+                text = self._decode(ids_r[:-1] if reason == "eos" else ids_r) if self.tokenizer is not None else ""
+            completions.append(Completion(text, ids_r, logprobs_r, reason))  # type: ignore[arg-type]
         return [completions[i * n : (i + 1) * n] for i in range(num_prompts)]
 
     def _make_decode_step(self, stack, cache, mask, prompt_lengths, rows, n, gen_len, device) -> _DecodeStep:
