@@ -99,6 +99,8 @@ class Case:
     floor: tuple[str, float] | None = None  # ("hbm", bytes) or ("gemm", flops)
     tolerance: float = 2e-2  # largest relative error accepted by the check
     self_timed: bool = False  # implementations return Measured (whole workloads) instead of Prepared
+    interleaved: bool = False  # time the implementations in alternating rounds (benchmarks/interleaved.py)
+    target: tuple[str, float] | None = None  # ("speedup", 1.5): ours >= 1.5x; ("time_ratio", 2.0): <= 2x
 
     @property
     def label(self) -> str:
@@ -382,6 +384,10 @@ def end_scenario(ctx: Context) -> None:
 def run_case(case: Case, ctx: Context) -> list[Row]:
     """All implementations of one case, side by side, in this process."""
     torch.manual_seed(0)
+    if case.interleaved:
+        from .interleaved import run_interleaved
+
+        return run_interleaved(case, ctx)
     try:
         specs = case.make_impls(ctx)
     except Unavailable as exc:

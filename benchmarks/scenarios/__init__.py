@@ -16,6 +16,8 @@ SCENARIOS: dict[str, str] = {
     "prefix-attention": "prefix_attention",
     "qlora-step": "qlora_step",
     "sampling": "sampling",
+    "cpu-kernels": "cpu_kernels",
+    "cpu-models": "cpu_models",
 }
 
 
