@@ -14,7 +14,9 @@ Format (bitsandbytes ``quantize_4bit(..., quant_type="nf4")``):
   the map directly and can pick the neighbouring code in rare near-midpoint cases.
 
 The Triton kernel below dequantizes into a dense tensor; the fused linear kernels reuse
-:func:`nf4_dequant_tile` to dequantize in registers.
+:func:`nf4_unpack_bytes` (aligned tiles: 128-bit loads, both nibbles of a byte used by the thread
+that loaded it, the code table in registers) or :func:`nf4_dequant_tile` (any tile) to dequantize in
+registers.
 """
 
 from __future__ import annotations
@@ -356,7 +358,10 @@ def nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, 
 def nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                      flat_idx, mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      NESTED_BLOCK: tl.constexpr):  # fmt: skip
-    """fp32 values of the weight at flat (row-major) indices ``flat_idx`` (int64, any shape)."""
+    """fp32 values of the weight at flat (row-major) indices ``flat_idx`` (int64, any shape).
+
+    Element by element (a byte load, a table load and a scale per element): the general case, for
+    tiles whose rows straddle bytes or blocks. Aligned tiles use :func:`nf4_unpack_bytes`."""
     byte = tl.load(packed_ptr + flat_idx // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where((flat_idx % 2) == 0, byte >> 4, byte & 0xF)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
@@ -366,16 +371,40 @@ def nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested
 
 
 @triton.jit
+def nf4_unpack_bytes(code_ptr, byte):
+    """fp32 NF4 values ``[R, 2·C]`` (element order: high nibble first) of packed bytes ``[R, C]`` (int32).
+
+    The 16-entry table is loaded once and held in registers; each byte's two codes are looked up in
+    it (``tl.gather``: warp shuffles), so a byte is read from memory once, by the thread that uses
+    both of its nibbles."""
+    rows: tl.constexpr = byte.shape[0] * byte.shape[1] // 32
+    # the gather is cheapest (two shuffles per element) on rows of 32 bytes, whatever the caller's tile
+    flat = byte.reshape(rows, 32)
+    table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (rows, 16))
+    values = tl.interleave(tl.gather(table, flat >> 4, 1), tl.gather(table, flat & 0xF, 1))
+    return values.reshape(byte.shape[0], 2 * byte.shape[1])
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-    n,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    n, n_bytes,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n
-    value = nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                             idx, mask, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
-    tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+    # One program: BLOCKS absmax blocks as a [BLOCKS, BLOCKSIZE / 2] tile of bytes (contiguous), so
+    # each thread reads 16 bytes with one vector load, one scale per block, and writes whole rows.
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
+    scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block,
+                            block * BLOCKSIZE < n, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+    value = nf4_unpack_bytes(code_ptr, byte) * scale[:, None]  # [BLOCKS, BLOCKSIZE]
+    elem = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + elem, value.to(out_ptr.dtype.element_ty), mask=elem < n)
+
+
+DEQUANT_TILE_BYTES = 2048  # bytes per program: 16 per thread at 4 warps
 
 
 def kernel_args(q: NF4Weight) -> tuple[Any, ...]:
@@ -412,11 +441,12 @@ def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None,
     dtype = _check_dequant_args(q, dtype, out)
     out = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
     packed, code, absmax, nested_absmax, nested_code, offset = kernel_args(q)
-    block = 1024
-    grid = (triton.cdiv(q.numel, block),)
+    blocks = max(1, DEQUANT_TILE_BYTES // (q.blocksize // 2))
+    grid = (triton.cdiv(triton.cdiv(q.numel, q.blocksize), blocks),)
     _nf4_dequant_kernel[grid](
-        packed, code, absmax, nested_absmax, nested_code, offset, out, q.numel,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK=block,
+        packed, code, absmax, nested_absmax, nested_code, offset, out, q.numel, q.packed.numel(),
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCKS=blocks,
+        num_warps=4,
     )  # fmt: skip
     return out
 
