@@ -98,6 +98,7 @@ class Sampler:
                 pad_token_id = _first_id(getattr(source, "pad_token_id", None))
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
 
     # ---------------------------------------------------------------- public API
     def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1,
@@ -208,7 +209,8 @@ class Sampler:
                 state.advance(step_buf, acc)
                 positions = (row_lengths + step_buf).clamp(max=max_pos)[:, None]
                 out = self.model(input_ids=ids_buf, position_ids=positions, attention_mask=ones,
-                                 past_key_values=gen_cache, use_cache=True, **{STATE_KWARG: state}, **keep)  # fmt: skip
+                                 past_key_values=gen_cache, use_cache=True, **{STATE_KWARG: state}, **keep,
+                                 **self._cache_position(step_buf))  # fmt: skip
                 step_buf.add_(1)
                 return out.logits[:, -1, :]
 
@@ -224,7 +226,8 @@ class Sampler:
             def forward() -> torch.Tensor:
                 positions = (row_lengths + step_buf).clamp(max=max_pos)[:, None]
                 out = self.model(input_ids=ids_buf, position_ids=positions, attention_mask=row_mask,
-                                 past_key_values=cache, use_cache=True, **keep)  # fmt: skip
+                                 past_key_values=cache, use_cache=True, **keep,
+                                 **self._cache_position(step_buf + mask.shape[1]))  # fmt: skip
                 step_buf.add_(1)
                 return out.logits[:, -1, :]
 
@@ -235,6 +238,12 @@ class Sampler:
     # ---------------------------------------------------------------- helpers
     def _keep_one(self) -> dict[str, int]:
         return {"logits_to_keep": 1} if self._keeps_logits else {}
+
+    def _cache_position(self, slot: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cache slot of this step's token, as a device tensor, for transformers versions whose
+        forward takes ``cache_position`` (else they derive it from the cache with a host sync, which a
+        CUDA-graph capture forbids); newer ones track it in the cache itself."""
+        return {"cache_position": slot.reshape(1)} if self._takes_cache_position else {}
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(list(token_ids))
@@ -280,10 +289,12 @@ class Sampler:
 class _DecodeStep:
     """One decode forward over static buffers: ``step(tokens [B]) -> logits [B, V]``.
 
-    With ``use_graph`` the first call runs eagerly on a side stream (warm-up: lazy cache allocation,
-    Triton autotuning, cuBLAS handles), the second captures ``forward`` in a CUDA graph, and every
-    call from then on replays it. Capture only records kernels, so each call's effects (cache write,
-    step counter) happen exactly once, at replay.
+    With ``use_graph``: the first call runs eagerly on a side stream (warm-up: lazy cache allocation,
+    Triton compilation, cuBLAS handles, the kernels' workspaces), the second captures ``forward`` in a
+    CUDA graph on that same stream, so the workspaces (keyed by stream) are the ones the warm-up made,
+    outside the graph's pool, and every call from then on replays it. Capture only records kernels:
+    each call's effects (cache write, step counter) happen once, at replay. The returned logits are
+    the graph's static output, valid until the next call.
     """
 
     def __init__(self, forward: Callable[[], torch.Tensor], ids_buf: torch.Tensor, use_graph: bool,
@@ -292,12 +303,13 @@ class _DecodeStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.stream = torch.cuda.Stream(ids_buf.device) if use_graph else None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids_buf.copy_(tokens.view(-1, 1))
         self.calls += 1
         if self.calls == 1:
-            logits = self._warm_up() if self.use_graph else self.forward()
+            logits = self._on_side_stream() if self.use_graph else self.forward()
             if self.check_routed is not None:
                 self.check_routed()
             return logits
@@ -305,17 +317,16 @@ class _DecodeStep:
             return self.forward()
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=self.stream):
                 self.logits = self.forward()
         self.graph.replay()
         return self.logits
 
-    def _warm_up(self) -> torch.Tensor:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+    def _on_side_stream(self) -> torch.Tensor:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             logits = self.forward()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return logits
 
 

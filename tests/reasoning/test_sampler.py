@@ -312,3 +312,20 @@ def test_cuda_graph_decode_matches_eager_on_gpu(mode):
             assert g.token_ids == e.token_ids
             torch.testing.assert_close(torch.tensor(g.token_logprobs), torch.tensor(e.token_logprobs),
                                        atol=1e-4, rtol=0)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_cuda_graph_decode_with_fastpeft_kernels_matches_eager_on_gpu(quantize):
+    """bf16 Llama with fastpeft (Q)LoRA: the decode step's Triton kernels (NF4 decode, cascade
+    attention) inside the captured graph give the eager tokens, greedy, with stop strings (batched
+    host checks) and EOS in play."""
+    model = _llama().to(torch.bfloat16).cuda()
+    fastpeft.inject(model, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", quantize=quantize,
+                                               init_lora_weights=False))  # fmt: skip
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop=("e ",))
+    graphed = Sampler(model, TOK, cuda_graph=True).generate(PROMPTS, params, n=3)
+    eager = Sampler(model, TOK, cuda_graph=False).generate(PROMPTS, params, n=3)
+    for g_row, e_row in zip(graphed, eager):
+        for g, e in zip(g_row, e_row):
+            assert (g.token_ids, g.finish_reason, g.text) == (e.token_ids, e.finish_reason, e.text)
