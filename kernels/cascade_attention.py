@@ -137,12 +137,13 @@ def cascade_prefix_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 def cascade_prefix_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Torch reference (fp32 math, float64 for float64 inputs); the CPU path."""
+    """Torch reference, the CPU path: the kernel's numerics (the two matmuls in the inputs' dtype,
+    scores, softmax and outputs in fp32, or float64 for float64 inputs)."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + bias.to(acc)[:, None, None, :]
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale + bias.to(acc)[:, None, None, :]
     lse = torch.logsumexp(s, dim=-1)  # [P, H, M]; -inf for a row with no visible key
     probs = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # all zeros for such a row
-    return torch.matmul(probs, v.to(acc)), lse
+    return torch.matmul(probs.to(v.dtype), v).to(acc), lse
 
 
 def cascade_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

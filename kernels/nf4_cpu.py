@@ -25,7 +25,8 @@ Where bitsandbytes' CPU kernels are wrong, and the guards:
   itself avoids the kernel for blocksize >= 2048 on AVX-512 ("accuracy issues"): so do we.
 - The GEMV needs bitsandbytes' CPU layout (codes interleaved in 32-row groups, the absmax transposed
   and in bf16), so the first call on a weight builds that copy (+0.5 byte per weight) and caches it,
-  keyed by the weight's storage and invalidated when that storage is freed or written in place. It
+  keyed by the weight's storage and invalidated when that storage is freed or written in place (the
+  fp32 scales of a double-quantized weight are cached the same way). It
   needs AVX512-BF16 (checked), N % 32 == 0 and K % blocksize == 0; other shapes take the GEMM path.
   Its numerics are bitsandbytes' (bf16 absmax), which is why only bf16 inputs use it.
 - On first use every native kernel is run on a small random case and compared with the reference
@@ -47,7 +48,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, nf4_code, quantize_nf4
 from fastpeft.kernels.workspace import get_workspace
 
-GEMV_MAX_ROWS = 8  # measured on a 2-core AVX-512 machine: the GEMV's time grows with M, the GEMM's hardly
+GEMV_MAX_ROWS = 16  # one thread, bf16, 512-1536 wide layers: the GEMV grows with M, dequantize + GEMM hardly; equal at 16
 _NATIVE_MAX_BLOCKSIZE = 1024
 _NATIVE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _TABLE_CHUNK = 1 << 20  # elements per table-path chunk: its temporaries stay in cache
@@ -130,7 +131,7 @@ def _self_checked(found: _Native) -> _Native:
         want = x.float() @ dequantize_nf4_reference(plain, torch.float32).t()
         if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
             checked.gemv_bf16 = None
-        _gemv_layouts.pop(_gemv_key(plain), None)
+        _derived.pop(_weight_key(plain), None)
     return checked
 
 
@@ -151,14 +152,6 @@ def _absmax_native(q: NF4Weight, lib: _Native) -> torch.Tensor:
     lib.blockwise_fp32(_c_ptr(q.nested_code.data_ptr()), _c_ptr(q.absmax.data_ptr()),
                        _c_ptr(q.nested_absmax.data_ptr()), _c_ptr(out.data_ptr()), NESTED_BLOCKSIZE, out.numel())  # fmt: skip
     return out.add_(q.offset)
-
-
-def absmax_fp32_cpu(q: NF4Weight, lib: _Native | None = None) -> torch.Tensor:
-    """:meth:`NF4Weight.absmax_fp32`, bit for bit, through bitsandbytes' C kernel where it is available."""
-    lib = lib or native()
-    if q.double_quant and lib.blockwise_fp32 is not None and _plain_cpu(*q.tensors().values()):
-        return _absmax_native(q, lib)
-    return q.absmax_fp32()
 
 
 def _dequant_native_blocks(fn, packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int,
@@ -221,18 +214,20 @@ def dequantize_nf4_cpu(q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | Non
 
 
 @dataclasses.dataclass
-class _GemvLayout:
-    source: tuple[StorageWeakRef, ...]  # the NF4 tensors this copy was made from
+class _Derived:
+    """Tensors derived from one NF4 weight, kept while its storage lives and is not written to."""
+
+    source: tuple[StorageWeakRef, ...]  # the NF4 tensors they were made from
     versions: tuple[int, ...]
-    packed: torch.Tensor  # uint8 [N, K/2], bitsandbytes' CPU order
-    absmax: torch.Tensor  # bf16 [K / blocksize, N]
+    absmax: torch.Tensor | None = None  # fp32 [n_blocks]: double quantization undone once, not per call
+    gemv: tuple[torch.Tensor, torch.Tensor] | None = None  # uint8 [N, K/2] in bnb's CPU order, bf16 [K/bs, N]
 
     def current(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         return (all(not ref.expired() for ref in self.source)
                 and self.versions == _versions(tensors))  # fmt: skip
 
 
-_gemv_layouts: dict[tuple[int, int, int], _GemvLayout] = {}
+_derived: dict[tuple[int, int, int], _Derived] = {}
 
 
 def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
@@ -240,8 +235,37 @@ def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     return tuple(-1 if torch.is_inference(t) else t._version for t in tensors)
 
 
-def _gemv_key(q: NF4Weight) -> tuple[int, int, int]:
+def _weight_key(q: NF4Weight) -> tuple[int, int, int]:
     return (q.packed.untyped_storage().data_ptr(), q.packed.storage_offset(), q.numel)
+
+
+def _derived_for(q: NF4Weight) -> _Derived:
+    """The cache entry of ``q`` (a fresh one when ``q``'s tensors changed or were freed)."""
+    tensors = tuple(q.tensors().values())
+    key = _weight_key(q)
+    entry = _derived.get(key)
+    if entry is not None and entry.current(tensors):
+        return entry
+    for stale in [k for k, v in _derived.items() if any(r.expired() for r in v.source)]:
+        del _derived[stale]  # weights freed since: drop what was derived from them
+    entry = _Derived(tuple(StorageWeakRef(t.untyped_storage()) for t in tensors), _versions(tensors))
+    _derived[key] = entry
+    return entry
+
+
+def absmax_fp32_cpu(q: NF4Weight, lib: _Native | None = None) -> torch.Tensor:
+    """:meth:`NF4Weight.absmax_fp32`, bit for bit: with double quantization computed once per weight
+    (bitsandbytes' C kernel where available) and cached (+4 bytes per block, 1/16 byte per weight)."""
+    if not q.double_quant:
+        return q.absmax
+    if not _plain_cpu(*q.tensors().values()):
+        return q.absmax_fp32()
+    entry = _derived_for(q)
+    if entry.absmax is None:
+        lib = lib or native()
+        with torch.inference_mode(False), torch.no_grad():
+            entry.absmax = _absmax_native(q, lib) if lib.blockwise_fp32 is not None else q.absmax_fp32()
+    return entry.absmax
 
 
 def _repack_for_gemv(q: NF4Weight, lib: _Native) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,25 +280,17 @@ def _repack_for_gemv(q: NF4Weight, lib: _Native) -> tuple[torch.Tensor, torch.Te
     return packed, absmax
 
 
-def _gemv_layout(q: NF4Weight, lib: _Native) -> _GemvLayout:
-    tensors = tuple(q.tensors().values())
-    key = _gemv_key(q)
-    layout = _gemv_layouts.get(key)
-    if layout is not None and layout.current(tensors):
-        return layout
-    for stale in [k for k, v in _gemv_layouts.items() if any(r.expired() for r in v.source)]:
-        del _gemv_layouts[stale]  # weights freed since: drop their copies
-    with torch.inference_mode(False), torch.no_grad():
-        packed, absmax = _repack_for_gemv(q, lib)
-    layout = _GemvLayout(tuple(StorageWeakRef(t.untyped_storage()) for t in tensors),
-                         _versions(tensors), packed, absmax)  # fmt: skip
-    _gemv_layouts[key] = layout
-    return layout
+def _gemv_layout(q: NF4Weight, lib: _Native) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _derived_for(q)
+    if entry.gemv is None:
+        with torch.inference_mode(False), torch.no_grad():
+            entry.gemv = _repack_for_gemv(q, lib)
+    return entry.gemv
 
 
-def clear_gemv_layouts() -> None:
-    """Free every cached GEMV copy of NF4 weights (they are rebuilt on demand)."""
-    _gemv_layouts.clear()
+def clear_derived() -> None:
+    """Free every cached scale vector and GEMV copy of NF4 weights (they are rebuilt on demand)."""
+    _derived.clear()
 
 
 def gemv_applicable(x: torch.Tensor, q: NF4Weight) -> bool:
@@ -287,11 +303,11 @@ def gemv_applicable(x: torch.Tensor, q: NF4Weight) -> bool:
 
 def _gemv(x: torch.Tensor, q: NF4Weight, lib: _Native | None = None) -> torch.Tensor:
     lib = lib or native()
-    layout = _gemv_layout(q, lib)
+    packed, absmax = _gemv_layout(q, lib)
     m, k = x.shape
     n = q.shape[0]
     out = torch.empty((m, n), dtype=torch.bfloat16)
-    lib.gemv_bf16(m, n, k, _c_ptr(x.data_ptr()), _c_ptr(layout.packed.data_ptr()), _c_ptr(layout.absmax.data_ptr()),
+    lib.gemv_bf16(m, n, k, _c_ptr(x.data_ptr()), _c_ptr(packed.data_ptr()), _c_ptr(absmax.data_ptr()),
                   _c_ptr(out.data_ptr()), q.blocksize, x.stride(0), out.stride(0))  # fmt: skip
     return out
 

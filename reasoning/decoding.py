@@ -52,8 +52,19 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams,
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
-        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        tokens = sample_rows(logprobs.exp(), generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs`` ``[B, V]`` (each row summing to ~1), drawn with probability
+    proportional to its entries: inverse transform, one uniform number per row against the row's
+    cumulative sum. ``torch.multinomial`` draws V exponentials per row instead (3 ms a step for
+    16 x 8192 on one CPU core, half of a small model's decode step). An entry of 0 is never drawn:
+    the first cumulative sum above ``u`` belongs to a positive entry."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def truncate_at_stop(text: str, stops: Sequence[str]) -> str | None:

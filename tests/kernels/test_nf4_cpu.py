@@ -139,28 +139,33 @@ def test_gemv_layout_equals_bitsandbytes_repack():
     state = copy.deepcopy(state)
     state.dtype = torch.bfloat16
     theirs, theirs_state = bf._convert_weight_packed_for_cpu(packed.clone(), state)
-    layout = nc._gemv_layout(q, nc.native())
-    assert torch.equal(layout.packed, theirs)
-    assert torch.equal(layout.absmax, theirs_state.absmax)
+    packed_cpu, absmax_cpu = nc._gemv_layout(q, nc.native())
+    assert torch.equal(packed_cpu, theirs)
+    assert torch.equal(absmax_cpu, theirs_state.absmax)
 
 
-def test_gemv_cache_follows_the_weight():
-    if nc.native().gemv_bf16 is None:
-        pytest.skip("no AVX512-BF16 GEMV here")
-    q = weight((64, 128), 64, False, "cache")
+def test_derived_cache_follows_the_weight():
+    """The cached fp32 scales and GEMV copy are rebuilt when the weight is written in place, and
+    dropped once it is freed."""
+    q = weight((64, 128), 64, True, "cache")
     x = torch.randn(2, 128).bfloat16()
     first = nc.nf4_linear_cpu(x, q)
-    assert nc._gemv_key(q) in nc._gemv_layouts
-    q.packed.copy_(weight((64, 128), 64, False, "other").packed)  # written in place: a new version
+    assert torch.equal(nc.absmax_fp32_cpu(q), q.absmax_fp32())
+    entry = nc._derived[nc._weight_key(q)]
+    assert entry.absmax is not None and (entry.gemv is not None) == (nc.native().gemv_bf16 is not None)
+    other = weight((64, 128), 64, True, "other")
+    for name, t in q.tensors().items():
+        t.copy_(other.tensors()[name])  # written in place: new versions
     want = x.double() @ dequantize_nf4_reference(q, torch.float32).double().t()
     second = nc.nf4_linear_cpu(x, q)
     assert not torch.equal(first, second) and rel_err(second, want) <= 8e-3
-    key = nc._gemv_key(q)
-    del q
-    nc.nf4_linear_cpu(x, weight((64, 128), 64, False, "third"))  # a miss sweeps freed weights' copies
-    assert key not in nc._gemv_layouts or not any(r.expired() for r in nc._gemv_layouts[key].source)
-    nc.clear_gemv_layouts()
-    assert not nc._gemv_layouts
+    assert torch.equal(nc.absmax_fp32_cpu(q), q.absmax_fp32())
+    key = nc._weight_key(q)
+    del q, entry
+    nc.absmax_fp32_cpu(weight((64, 128), 64, True, "third"))  # a miss sweeps freed weights' entries
+    assert key not in nc._derived or not any(r.expired() for r in nc._derived[key].source)
+    nc.clear_derived()
+    assert not nc._derived
 
 
 @pytest.mark.parametrize("m,dtype", list(itertools.product([2, 24], [torch.float32, torch.bfloat16])))

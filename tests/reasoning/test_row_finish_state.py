@@ -91,3 +91,17 @@ def test_decode_loop_syncs_every_few_steps_not_every_token(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     sampler.generate_ids([[3, 4, 5]] * 2, SamplingParams(max_new_tokens=new_tokens, seed=0), n=3, ignore_eos=True)
     assert calls["n"] <= 12 + new_tokens // sampler_module.SYNC_EVERY, calls  # was >= 2 per token
+
+
+def test_sample_rows_draws_the_distribution_and_never_a_zero_entry():
+    from fastpeft.reasoning.decoding import sample_rows
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_rows(probs, gen) for _ in range(20000)])  # [20000, 3]
+    for r in range(3):
+        freq = torch.bincount(draws[:, r], minlength=4).float() / len(draws)
+        assert (freq - probs[r]).abs().max() < 0.015, (r, freq)
+        assert (freq[probs[r] == 0] == 0).all()
+    again = torch.stack([sample_rows(probs, torch.Generator().manual_seed(0)) for _ in range(3)])
+    assert torch.equal(again[0], draws[0])  # seeded: reproducible
