@@ -2,8 +2,9 @@
 
 Timing implementation A for a while and then B measures B under whatever load the machine had by
 then; on a shared 2-core machine that alone moves a ratio by 2x. Here every implementation of a case
-is built first, then timed in rounds — one call of each per round (a short call repeated until the
-round lasts ``ROUND_MIN_MS``), the order rotating — and the
+is built first and warmed up (that call's time sets how many calls a round makes), then timed in
+rounds — one call of each per round (a short call repeated until the round lasts ``ROUND_MIN_MS``),
+the order rotating, the last round also measuring peak memory — and the
 ratio that is reported is the median over rounds of (ours / baseline) in the same round, which a
 load that drifts slowly cancels out of. Each row also keeps its own median time.
 
@@ -21,7 +22,7 @@ import traceback
 from typing import Any
 
 from .harness import BASELINE, OURS, Case, Context, Measured, Row, Unavailable, _base_row, _check, _fill_rates
-from .harness import free_memory, peak_memory_bytes, synchronize
+from .harness import PeakMemory, free_memory, synchronize
 
 INTERLEAVED_ROUNDS = 5
 
@@ -46,9 +47,8 @@ def _timed(run: Any, ctx: Context, calls: int = 1) -> float:
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def _calls_per_round(run: Any, ctx: Context) -> int:
-    once = _timed(run, ctx)
-    return max(1, min(1000, int(ROUND_MIN_MS / max(once, 1e-3))))
+def _calls_per_round(once_ms: float) -> int:
+    return max(1, min(1000, int(ROUND_MIN_MS / max(once_ms, 1e-3))))
 
 
 def target_met(target: tuple[str, float] | None, ratio: float | None) -> bool | None:
@@ -78,10 +78,9 @@ def run_interleaved(case: Case, ctx: Context) -> list[Row]:
             row.bytes = row.bytes if built.bytes is None else built.bytes
             row.flops = row.flops if built.flops is None else built.flops
             _check(row, built)
-            for _ in range(ctx.cpu_warmup):
-                built.run()
+            warm = [_timed(built.run, ctx) for _ in range(max(1, ctx.cpu_warmup))]
             runs[spec.name] = built
-            calls[spec.name] = _calls_per_round(built.run, ctx)
+            calls[spec.name] = _calls_per_round(warm[-1])
         except Unavailable as exc:
             row.status = str(exc)
         except Exception as exc:  # one broken implementation must not cost the rest
@@ -89,10 +88,16 @@ def run_interleaved(case: Case, ctx: Context) -> list[Row]:
     times: dict[str, list[float]] = {name: [] for name in runs}
     n_rounds = max(ctx.cpu_reps, 1)
     names = list(runs)
+    peaks: dict[str, int | None] = {}
     for r in range(n_rounds):
         for name in names[r % len(names) :] + names[: r % len(names)] if names else []:
             try:
-                times[name].append(_timed(runs[name].run, ctx, calls[name]))
+                if r == n_rounds - 1:  # the last round also records peak memory (no extra call)
+                    with PeakMemory(ctx.device) as window:
+                        times[name].append(_timed(runs[name].run, ctx, calls[name]))
+                    peaks[name] = window.peak
+                else:
+                    times[name].append(_timed(runs[name].run, ctx, calls[name]))
             except Exception as exc:
                 next(row for row in rows if row.impl == name).status = _error_status(exc, ctx)
                 times[name] = []
@@ -101,7 +106,7 @@ def run_interleaved(case: Case, ctx: Context) -> list[Row]:
     for name in names:
         row = by_name[name]
         row.median_ms = statistics.median(times[name])
-        transient = peak_memory_bytes(runs[name].run, ctx.device)
+        transient = peaks.get(name)
         row.peak_mem_bytes = None if transient is None else transient + runs[name].resident_bytes
         _fill_rates(row)
     _set_round_ratios(rows, times, case)

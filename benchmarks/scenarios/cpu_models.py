@@ -2,7 +2,7 @@
 transformers + PEFT (+ bitsandbytes NF4), interleaved rounds on the same random checkpoint.
 
 Model: ``cpu-34M`` (``llama_configs``), bf16, LoRA r 16 alpha 32 on all 7 projections.
-- sampling: N continuations of one 128-token prompt, 256 new tokens each, temperature 1: our sampler
+- sampling: N continuations of one 128-token prompt, 128 new tokens each, temperature 1: our sampler
   (prompt prefilled once, its KV shared by the N rows) vs ``generate`` on the prompt repeated N times;
 - greedy: 8 distinct 128-token prompts, 128 new tokens each, temperature 0;
 - training: one QLoRA step at batch 1 (gradient checkpointing, AdamW) vs HF + bnb + PEFT.
@@ -22,7 +22,7 @@ from ..llama_configs import checkpoint_dir, formula_dims
 NAME = "cpu-models"
 TITLE = "CPU: QLoRA/LoRA sampling, greedy decoding, QLoRA training step (interleaved vs HF + PEFT + bnb)"
 IMPL_NAMES = ("ours (fastpeft)", "HF + PEFT (+ bnb)")
-SIZE, PROMPT, NEW, GREEDY_PROMPTS, GREEDY_NEW, SEQS = "cpu-34M", 128, 256, 8, 128, (128, 1024)
+SIZE, PROMPT, NEW, GREEDY_PROMPTS, GREEDY_NEW, SEQS = "cpu-34M", 128, 128, 8, 128, (128, 1024)
 SMALL = ("tiny", 8, 4, 3, 4, (16, 32))
 SAMPLING = (("QLoRA", True, 16, ("speedup", 1.5)), ("QLoRA", True, 64, ("speedup", 2.0)),
             ("LoRA", False, 16, ("speedup", 2.0)))  # fmt: skip
