@@ -20,6 +20,8 @@ On CPU the same loop runs with the torch reference of the row kernel (the "chunk
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -33,10 +35,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _cross_entropy_grad_kernel(
     logits_ptr, labels_ptr, loss_ptr, lse_ptr,
-    n_cols, stride_row, ignore_index,
+    n_cols, stride_row, ignore_index, grad_scale,
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """One program per row: loss and log-sum-exp out, softmax − onehot written over the logits."""
+    """One program per row: loss and log-sum-exp out, (softmax − onehot)·grad_scale over the logits."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
@@ -60,7 +62,7 @@ def _cross_entropy_grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
         x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where(cols == safe_label, 1.0, 0.0)
+        g = (tl.exp(x - lse) - tl.where(cols == safe_label, 1.0, 0.0)) * grad_scale
         g = tl.where(ignored, 0.0, g)
         tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
@@ -89,11 +91,11 @@ def _outputs(logits: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                              out: tuple[torch.Tensor, torch.Tensor] | None = None, block_v: int | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Launch the row kernel on ``logits [C, V]`` (overwritten with dloss/dlogits); returns fp32
-    ``(loss [C], lse [C])``, written into ``out`` when given. ``block_v`` (a power of two) overrides
-    the vocabulary tile, e.g. to exercise the multi-tile loop on small V."""
+                              out: tuple[torch.Tensor, torch.Tensor] | None = None, block_v: int | None = None,
+                              grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Launch the row kernel on ``logits [C, V]`` (overwritten with grad_scale·dloss/dlogits); returns
+    fp32 ``(loss [C], lse [C])``, written into ``out`` when given. ``block_v`` (a power of two)
+    overrides the vocabulary tile, e.g. to exercise the multi-tile loop on small V."""
     _check_chunk_args(logits, labels)
     n_rows, n_cols = logits.shape
     loss, lse = _outputs(logits, out)
@@ -104,15 +106,18 @@ def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     num_warps = 4 if block_v <= 2048 else 8  # row kernels are bandwidth bound: a cheap heuristic, no autotune
     _cross_entropy_grad_kernel[(n_rows,)](
-        logits, labels, loss, lse, n_cols, logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=num_warps
-    )
+        logits, labels, loss, lse, n_cols, logits.stride(0), ignore_index, float(grad_scale), BLOCK_V=block_v,
+        num_warps=num_warps,
+    )  # fmt: skip
     return loss, lse
 
 
 def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                                 out: tuple[torch.Tensor, torch.Tensor] | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                 grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Torch reference of :func:`cross_entropy_grad_triton` (same in-place contract, fp32 math)."""
+    if not grad_scale > 0:
+        raise ValueError(f"grad_scale must be positive, got {grad_scale}")
     _check_chunk_args(logits, labels)
     loss_out, lse_out = _outputs(logits, out)
     x = logits.float()  # fp32 logits: x is logits, and the gradient is written in place (no [C, V] temporary)
@@ -120,20 +125,20 @@ def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ign
     ignored = labels == ignore_index
     safe = torch.where(ignored, torch.zeros_like(labels), labels)
     loss = torch.where(ignored, 0.0, lse - x.gather(1, safe[:, None]).squeeze(1))
-    x.sub_(lse[:, None]).exp_()  # softmax
-    x.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+    x.sub_(lse[:, None] - math.log(grad_scale)).exp_()  # grad_scale·softmax, in the same pass
+    x.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -grad_scale))
     x.masked_fill_(ignored[:, None], 0.0)
     if x.data_ptr() != logits.data_ptr():
         logits.copy_(x)
     return loss_out.copy_(loss), lse_out.copy_(lse)
 
 
-def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor,
-                       ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                       grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Dispatch the row step (Triton on CUDA / interpreter, torch reference otherwise)."""
     if backend(logits) == "triton":
-        return cross_entropy_grad_triton(logits, labels, ignore_index)
-    return cross_entropy_grad_reference(logits, labels, ignore_index)
+        return cross_entropy_grad_triton(logits, labels, ignore_index, grad_scale=grad_scale)
+    return cross_entropy_grad_reference(logits, labels, ignore_index, grad_scale=grad_scale)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -167,7 +172,8 @@ def default_chunk_size(n_rows: int, vocab: int, hidden: int | None = None, budge
 
 
 class LinearCrossEntropyFn(torch.autograd.Function):
-    """Chunked forward that also produces dH and dW; backward scales them by the output grad."""
+    """Chunked forward that also produces dH and dW (already times the reduction's scale); backward
+    multiplies them by the output grad."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, compute_grad):  # type: ignore[override]
@@ -176,27 +182,31 @@ class LinearCrossEntropyFn(torch.autograd.Function):
         want_w = compute_grad and ctx.needs_input_grad[1]
         rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
         count = rows.numel()
-        grad_h = torch.zeros_like(hidden) if want_h else None
+        every_row = count == labels.numel()  # no ignored row: chunks are slices, no gathers or scatters
+        scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+        grad_h = (torch.empty_like(hidden) if every_row else torch.zeros_like(hidden)) if want_h else None
         # fp32 weights accumulate dW in fp32; half weights accumulate through addmm in their dtype
-        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_w = torch.zeros_like(weight) if want_w and count == 0 else None
         chunk = chunk_size or default_chunk_size(count, v, hidden.shape[1])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, count, chunk):
             idx = rows[start : start + chunk]
-            h_c = hidden.index_select(0, idx)  # [C, H]
+            h_c = hidden[start : start + chunk] if every_row else hidden.index_select(0, idx)  # [C, H]
             logits = h_c @ weight.t()  # [C, V]
             if logits.dtype != torch.float32:
                 logits = logits.float()  # the softmax and its gradient want fp32
-            loss_c, _ = cross_entropy_grad(logits, labels.index_select(0, idx), ignore_index)
+            labels_c = labels[start : start + chunk] if every_row else labels.index_select(0, idx)
+            # the reduction's scale goes into the gradient here, so the backward has nothing to rescale
+            loss_c, _ = cross_entropy_grad(logits, labels_c, ignore_index, grad_scale=scale)
             total += loss_c.sum()
             if want_h or want_w:
-                g = logits.to(hidden.dtype)  # [C, V] = softmax − onehot
-                if want_h:
+                g = logits.to(hidden.dtype)  # [C, V] = scale·(softmax − onehot)
+                if want_h and every_row:
+                    torch.mm(g, weight, out=grad_h[start : start + chunk])
+                elif want_h:
                     grad_h.index_copy_(0, idx, g @ weight)
                 if want_w:
-                    grad_w.addmm_(g.t(), h_c)
-        scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
-        ctx.scale = scale
+                    grad_w = torch.mm(g.t(), h_c) if grad_w is None else grad_w.addmm_(g.t(), h_c)
         ctx.save_for_backward(grad_h if grad_h is not None else hidden.new_empty(0),
                               grad_w if grad_w is not None else weight.new_empty(0))  # fmt: skip
         ctx.has = (want_h, want_w)
@@ -205,9 +215,11 @@ class LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        factor = grad_out * ctx.scale
-        dh = grad_h * factor.to(grad_h.dtype) if ctx.has[0] else None
-        dw = grad_w * factor.to(grad_w.dtype) if ctx.has[1] else None
+        # the usual upstream gradient is 1 (the loss itself): then no pass over dW [V, H]; the check
+        # needs the value, free on the CPU, a sync on a GPU, so there the product is always taken
+        unit = grad_out.device.type == "cpu" and bool(grad_out == 1)
+        dh = (grad_h if unit else grad_h * grad_out.to(grad_h.dtype)) if ctx.has[0] else None
+        dw = (grad_w if unit else grad_w * grad_out.to(grad_w.dtype)) if ctx.has[1] else None
         return dh, dw, None, None, None, None, None
 
 

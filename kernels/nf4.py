@@ -457,9 +457,11 @@ def dequantize_nf4_reference(q: NF4Weight, dtype: torch.dtype | None = None,
 
     Bit-identical to bitsandbytes' portable implementation (``backends/default/ops.py``
     ``_dequantize_4bit_compute``). bitsandbytes 0.50.2's public CPU ``dequantize_4bit`` sends even last
-    dims to its C kernel, which on some layouts applies the wrong block scales (e.g. shape (64, 64)
-    with blocksize 128..1024, (4, 96) with 64..256, (10, 48) with 32..256, (33, 80) with 64); there it
-    disagrees with its own portable code and with this function (tests/kernels/test_nf4.py).
+    dims to its C kernel, which looks a row's scales up as if each row were whole blocks, so it is
+    wrong whenever the last dim is not a multiple of the blocksize (e.g. shape (64, 64) with
+    blocksize 128..1024, (4, 96) with 64..256, (33, 80) with 64); there it disagrees with its own
+    portable code and with this function (tests/kernels/test_nf4.py). :mod:`fastpeft.kernels.nf4_cpu`
+    runs that kernel on one-block rows, where it is right for every shape.
     """
     dtype = _check_dequant_args(q, dtype, out)
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[: q.numel]
