@@ -98,3 +98,24 @@ def lm():
     """Helpers for whole-model tests: build, ids, logits, randomize, reference."""
     return types.SimpleNamespace(build=build_tiny_lm, ids=token_batch, logits=logits,
                                  randomize=randomize_adapters, reference=float64_reference)  # fmt: skip
+
+
+def load_peft_helpers() -> types.ModuleType:
+    """tests/fastpeft/peft_helpers.py as a module (test folders are not packages)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "fastpeft_tests_peft_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("peft_helpers.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def peft_kit() -> types.ModuleType:
+    """Helpers for the PEFT-path tests (bnb 4-bit tiny models, bnb's CPU repack, fused-op counting)."""
+    return load_peft_helpers()
