@@ -14,6 +14,7 @@ from fastpeft.lifecycle import (  # noqa: E402
     route_adapters, set_adapter, unmerge,
 )  # fmt: skip
 from fastpeft.lora_linear import AdapterLinear, LoRALinear  # noqa: E402
+from fastpeft.peft_convert import as_peft_model  # noqa: E402
 from fastpeft.peft_patch import PatchReport, patch_peft_model, unpatch_peft_model  # noqa: E402
 from fastpeft.qlora_linear import QLoRALinear  # noqa: E402
 
