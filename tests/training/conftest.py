@@ -54,3 +54,17 @@ def tiny_llama():
 def python_command():
     """``python_command(code)`` -> (argv, env, cwd) for ``subprocess.run``."""
     return _python_command
+
+
+@pytest.fixture(scope="session")
+def peft_kit():
+    """tests/fastpeft/peft_helpers.py (tiny 4-bit-ready Llamas, fused-op counting) as a module."""
+    import importlib.util
+
+    name = "fastpeft_tests_peft_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / "fastpeft" / "peft_helpers.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
