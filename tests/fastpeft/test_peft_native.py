@@ -144,3 +144,32 @@ def test_as_peft_model_refuses_what_peft_cannot_hold(peft_kit):
     fastpeft.merge(merged)
     with pytest.raises(ValueError, match="merged"):
         fastpeft.as_peft_model(merged)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_inject_after_bitsandbytes_cpu_repack(peft_kit, tmp_path, double_quant):
+    """The issue's case: inject after bnb's CPU eval forward repacked every Linear4bit. The wrapped
+    model computes with the block scales bnb kept (fp32 absmax rounded to bf16), on the original codes."""
+    ids = peft_kit.token_ids()
+    peft_kit.tiny_llama().save_pretrained(tmp_path)
+    model = peft_kit.load_4bit(tmp_path, double_quant)
+    reference = peft_kit.bf16_scale_reference(model)  # unpatched bnb, standard layout, bf16-rounded scales
+    peft_kit.repack_like_bitsandbytes(model, ids)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=peft_kit.LLAMA_LINEARS))  # B = 0: the base only
+    torch.testing.assert_close(logits(model.train(), ids), logits(reference.train(), ids), atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_from_pretrained_of_an_adapter_directory(peft_kit, tmp_path):
+    """With the base's path recorded, transformers' own from_pretrained loads base + adapter (through
+    PEFT) to the same logits (a directory holds no base weights, so nothing loads as random)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = peft_kit.token_ids()
+    peft_kit.tiny_llama().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=peft_kit.LLAMA_LINEARS, init_lora_weights=False))
+    want = logits(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, ids), want, atol=2e-5, rtol=2e-5)
+    assert not (tmp_path / "adapter" / "config.json").exists()

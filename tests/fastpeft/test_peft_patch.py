@@ -246,3 +246,56 @@ def test_nf4_patched_runs_triton_kernels_in_interpreter(peft_kit, llama_dir):
     fastpeft.patch_peft_model(model).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_base_with_fp32_adapters(peft_kit, autocast):
+    """PEFT keeps adapters in fp32 on a bf16 base: the fused op computes in one dtype (bf16, or the
+    autocast dtype), within bf16 rounding of PEFT's mixed-precision result."""
+    base = peft_kit.tiny_llama().to(torch.bfloat16)
+    model = peft.get_peft_model(base, lora_config(peft_kit))
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    peft_kit.randomize_lora(model)
+    reference = copy.deepcopy(model)
+    fastpeft.patch_peft_model(model)
+    ids = peft_kit.token_ids()
+    outs = []
+    for target in (model, reference):
+        target.train()
+        target.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = target(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append((out.logits.float().detach(), peft_kit.grads_by_name(target)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=5e-2, rtol=5e-2)
+    for name, want in outs[1][1].items():
+        got = outs[0][1][name]
+        assert got.dtype == want.dtype == torch.float32  # fp32 adapters keep fp32 gradients
+        assert (got - want).norm() <= 5e-2 * want.norm() + 1e-6, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 40)])  # the decode kernel (M <= 16) and the training path
+def test_nf4_patched_on_cuda_equals_peft(peft_kit, llama_dir, batch, seq):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True)  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                device_map={"": 0})  # fmt: skip
+    model = peft.get_peft_model(base, lora_config(peft_kit))
+    peft_kit.randomize_lora(model)
+    reference = copy.deepcopy(model)
+    fastpeft.patch_peft_model(model)
+    ids = peft_kit.token_ids(batch=batch, seq=seq).cuda()
+    results = []
+    for target in (model, reference):
+        target.train()
+        target.zero_grad()
+        with torch.autocast("cuda", torch.bfloat16):
+            out = target(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.float().detach(), peft_kit.grads_by_name(target)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=6e-2, rtol=6e-2)
+    for name, want in results[1][1].items():
+        assert (results[0][1][name] - want).norm() <= 6e-2 * want.norm() + 1e-6, name
