@@ -9,5 +9,6 @@ Modules here therefore import each other relatively (``from . import harness``).
 - ``report``: the terminal table, JSON files, PNG plots, ``RESULTS.md``.
 - ``baselines``: what users run today (dense torch, bitsandbytes, HF + bnb + PEFT, SDPA, HF generate).
 - ``bindings``: our implementations, bound by name (a missing one is a row, not a crash).
+- ``training_steps``, ``sampling_throughput``: the measuring functions for our whole-workload rows.
 - ``scenarios``: one module per scenario.
 """

@@ -9,13 +9,13 @@ from fastpeft.training.config_io import parse_cli
 
 
 def _body(argv: list[str]) -> int:
-    from fastpeft.training.demo import DemoConfig, run_demo
+    from fastpeft.demo.embedded_job import DemoConfig, run_demo
 
     run_demo(parse_cli(DemoConfig, argv))
     return 0
 
 
 def main(argv: list[str]) -> int:
-    from fastpeft.training.demo import DemoConfig
+    from fastpeft.demo.embedded_job import DemoConfig
 
     return run_cli("demo", argv, _body, lambda: config_help(DemoConfig, "demo", __doc__.split("\n")[0]))

@@ -39,11 +39,8 @@ def test_every_scenario_runs_small_on_cpu_and_writes_json_table_png_results_md(t
         elif r["scenario"] in ("decode-linear", "train-linear", "prefix-attention"):
             assert r["status"] == "ok" and r["backend"] == "torch", r
             assert 0 < r["rel_err"] <= r["tolerance"]  # the check ran against the float64 reference
-        else:  # whole workloads bound by name: measured, or clearly "not available" until written
-            assert r["status"] == "ok" or r["status"].startswith("not available in this build"), r
-    for r in rows:
-        if r["scenario"] in ("qlora-step", "sampling") and r["status"] == "ok":
-            assert r["extra"]["tokens_per_s"] > 0
+        else:  # whole workloads, measured by benchmarks/training_steps.py and sampling_throughput.py
+            assert r["status"] == "ok" and r["extra"]["tokens_per_s"] > 0, r
     for name in scenarios.SCENARIOS:
         png = tmp_path / "results" / f"{run.json_path.stem}-{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC

@@ -39,7 +39,7 @@ def char_tokenizer():
 
 @pytest.fixture(scope="session")
 def arithmetic_records():
-    from fastpeft.training.arithmetic import make_arithmetic_dataset
+    from fastpeft.demo.arithmetic import make_arithmetic_dataset
 
     return make_arithmetic_dataset(64, seed=0, digits=2)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.dpo import DPOConfig, PairLogprobs, reference_logprobs, train
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.rl_common import tokenize_pairs

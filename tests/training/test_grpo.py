@@ -11,7 +11,7 @@ import torch
 import fastpeft
 from fastpeft.reasoning.types import Completion
 from fastpeft.training import grpo
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.grpo import GRPOConfig, train
 from fastpeft.training.rewards import MultiObjectiveReward, arithmetic_reward
 from fastpeft.training.rollout import layout

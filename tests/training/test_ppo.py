@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.ppo import PPOConfig, sequence_rewards_to_tokens, train
 from fastpeft.training.rewards import MultiObjectiveReward

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import RewardConfig, RewardScorer, last_token_scores, load_reward_model, train
 from fastpeft.training.tokenizer import load_char_tokenizer

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import ScalarHeadModel
 from fastpeft.training.rewards import MultiObjectiveReward, answer_format_reward, arithmetic_reward, build_reward

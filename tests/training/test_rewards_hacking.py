@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.losses_rl import group_advantages, grpo_loss
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import ScalarHeadModel
