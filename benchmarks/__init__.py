@@ -1,6 +1,6 @@
 """fastpeft's benchmark harness (``fastpeft bench``) and pytest-benchmark suites.
 
-This folder is not installed with the package: ``fastpeft.cli_bench.load_benchmarks()`` finds it
+This folder is not installed with the package: ``fastpeft.cli.bench.load_benchmarks()`` finds it
 next to the ``fastpeft`` package of a source checkout and imports it as ``fastpeft_benchmarks``.
 Modules here therefore import each other relatively (``from . import harness``).
 

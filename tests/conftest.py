@@ -4,14 +4,19 @@ Triton decides at decoration time whether a kernel runs in its interpreter, so w
 TRITON_INTERPRET=1 before anything imports fastpeft.kernels. Tests marked ``triton`` then run the
 Triton kernels themselves on CPU; every other CPU test is pinned to the torch reference (fast).
 
-``arithmetic_mock``: a deterministic mock of an arithmetic model for the search tests (reasoning/
-and demo/), defined here because a fixture is visible only below its conftest.
+Fixtures for every folder (a fixture is visible only below its conftest; fixtures rather than
+importable helpers because pytest runs with ``--import-mode=importlib``): ``tiny_llama`` (a
+model_config dict), ``char_tokenizer`` (the bundled tokenizer), ``arithmetic_records`` (a small
+arithmetic dataset), ``python_command`` (a fresh Python that imports this checkout) and
+``arithmetic_mock`` (a deterministic mock of an arithmetic model, for the search tests).
 """
 
 import os
 import random
 import re
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -25,6 +30,8 @@ from fastpeft.reasoning.types import Completion, SamplingParams  # noqa: E402
 
 # under pytest-xdist each worker gets one thread so two workers share the two cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,6 +52,48 @@ def _pin_backend(request):
             yield
     else:
         yield
+
+
+def _tiny_llama(**overrides) -> dict:
+    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=112, max_position_embeddings=128)  # fmt: skip
+    cfg.update(overrides)
+    return cfg
+
+
+def _python_command(code: str) -> tuple[list[str], dict[str, str], str]:
+    """(argv, env, cwd) running ``code`` in a new interpreter that imports this checkout's fastpeft."""
+    env = dict(os.environ)
+    # the tests' TRITON_INTERPRET=1 would send the child's CPU tensors through the (slow) interpreter
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return [sys.executable, "-c", code], env, str(REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from fastpeft.training.tokenizer import load_char_tokenizer
+
+    return load_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def arithmetic_records():
+    from fastpeft.demo.arithmetic import make_arithmetic_dataset
+
+    return make_arithmetic_dataset(64, seed=0, digits=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """``tiny_llama(**overrides)`` -> a model_config dict for a 2-layer Llama (vocab: the char tokenizer's)."""
+    return _tiny_llama
+
+
+@pytest.fixture(scope="session")
+def python_command():
+    """``python_command(code)`` -> (argv, env, cwd) for ``subprocess.run``."""
+    return _python_command
 
 
 # ---------------------------------------------------------------- the search tests' mock model

@@ -7,14 +7,17 @@ source checkout; it is not installed with the package). It is imported from ther
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import shlex
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
 import fastpeft
+from fastpeft.cli.common import config_help, run_cli
+from fastpeft.training.config_io import ConfigError, parse_cli
 
 PACKAGE_NAME = "fastpeft_benchmarks"
 
@@ -55,44 +58,39 @@ def load_benchmarks(directory: Path | None = None) -> ModuleType:
     return module
 
 
-def _parser(scenario_names: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fastpeft bench",
-        description="Run benchmark scenarios side by side with the installed baselines; print a table, "
-        "write JSON and PNG plots, and (GPU runs) regenerate benchmarks/RESULTS.md.",
-        epilog=f"scenarios: {', '.join(scenario_names)}",
-    )
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios to run (default: all)")
-    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--small", action="store_true", default=None, help="tiny shapes (default without a GPU)")
-    size.add_argument("--full", dest="small", action="store_false", help="the real shapes, even on CPU")
-    p.add_argument("--filter", metavar="TEXT", help="only cases whose label contains TEXT (e.g. '8B', 'M=1')")
-    p.add_argument("--out", type=Path, help="folder for JSON + PNG of unrecorded runs (default: a temp folder)")
-    p.add_argument("--results-dir", type=Path, help="folder of recorded JSON (default: benchmarks/results)")
-    p.add_argument("--results-md", type=Path, help="RESULTS.md to regenerate (default: benchmarks/RESULTS.md)")
-    rec = p.add_mutually_exclusive_group()
-    rec.add_argument("--record-cpu", action="store_true", help="record a CPU run in the results and RESULTS.md")
-    rec.add_argument("--no-record", action="store_true", help="do not record even a GPU run")
-    p.add_argument("--regenerate", action="store_true", help="only rebuild RESULTS.md from the recorded JSON")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--reps", type=int, default=5, help="timed runs per measurement on CPU (default 5)")
-    p.add_argument("--strict", action="store_true", help="stop at the first implementation error")
-    return p
+@dataclasses.dataclass
+class BenchConfig:
+    scenarios: list[str] = dataclasses.field(default_factory=list)  # positional; default: all
+    list_scenarios: bool = False  # --list: list the scenarios and exit
+    device: Literal["cuda", "cpu"] | None = None  # default: cuda when available
+    small: bool | None = None  # tiny shapes (default without a GPU); --full: the real shapes, even on CPU
+    filter: str | None = None  # only cases whose label contains this text (e.g. '8B', 'M=1')
+    out: str | None = None  # folder for JSON + PNG of unrecorded runs (default: a temp folder)
+    results_dir: str | None = None  # folder of recorded JSON (default: benchmarks/results)
+    results_md: str | None = None  # RESULTS.md to regenerate (default: benchmarks/RESULTS.md)
+    record_cpu: bool = False  # record a CPU run in the results and RESULTS.md
+    no_record: bool = False  # do not record even a GPU run
+    regenerate: bool = False  # only rebuild RESULTS.md from the recorded JSON
+    no_plots: bool = False  # skip the PNG plots
+    reps: int = 5  # timed runs per measurement on CPU
+    strict: bool = False  # stop at the first implementation error
 
 
-def main(argv: list[str]) -> int:
-    try:
-        bench = load_benchmarks()
-        from fastpeft_benchmarks import report, runner, scenarios
-    except FileNotFoundError as exc:
-        print(f"fastpeft bench: {exc}", file=sys.stderr)
-        return 2
-    args = _parser(list(scenarios.SCENARIOS)).parse_args(argv)
-    results_dir = args.results_dir or runner.RESULTS_DIR
-    results_md = args.results_md or runner.RESULTS_MD
-    if args.list:
+_ALIASES = {"list": "list_scenarios", "full": ("small", False)}
+SUMMARY = ("Run benchmark scenarios side by side with the installed baselines; print a table, write JSON and "
+           "PNG plots, and (GPU runs) regenerate benchmarks/RESULTS.md.")  # fmt: skip
+
+
+def _body(argv: list[str]) -> int:
+    bench = load_benchmarks()  # FileNotFoundError without a source checkout: one line, status 2
+    from fastpeft_benchmarks import report, runner, scenarios
+
+    args = parse_cli(BenchConfig, argv, positional="scenarios", aliases=_ALIASES)
+    if args.record_cpu and args.no_record:
+        raise ConfigError("--record-cpu and --no-record exclude each other")
+    results_dir = Path(args.results_dir) if args.results_dir else runner.RESULTS_DIR
+    results_md = Path(args.results_md) if args.results_md else runner.RESULTS_MD
+    if args.list_scenarios:
         for name in scenarios.SCENARIOS:
             print(f"{name:<18} {scenarios.resolve([name])[0].TITLE}")
         return 0
@@ -105,21 +103,33 @@ def main(argv: list[str]) -> int:
     try:
         scenarios.resolve(args.scenarios)
     except scenarios.UnknownScenario as exc:
-        print(f"fastpeft bench: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(exc)) from exc
     if args.small is None and args.device != "cuda" and not _cuda_available():
         print("fastpeft bench: no CUDA device, so tiny --small shapes (pass --full for the real ones)")
-    try:
-        bench.runner.run_bench(
-            args.scenarios, device=args.device, small=args.small, out_dir=args.out, results_dir=results_dir,
-            results_md=results_md, record=False if args.no_record else None, record_cpu=args.record_cpu,
-            plots=not args.no_plots, strict=args.strict, case_filter=args.filter, cpu_reps=args.reps,
-            command=shlex.join(["fastpeft", "bench", *argv]),
-        )  # fmt: skip
-    except ValueError as exc:
-        print(f"fastpeft bench: {exc}", file=sys.stderr)
-        return 2
+    bench.runner.run_bench(
+        args.scenarios, device=args.device, small=args.small, out_dir=Path(args.out) if args.out else None,
+        results_dir=results_dir, results_md=results_md, record=False if args.no_record else None,
+        record_cpu=args.record_cpu, plots=not args.no_plots, strict=args.strict, case_filter=args.filter,
+        cpu_reps=args.reps, command=shlex.join(["fastpeft", "bench", *argv]),
+    )  # fmt: skip
     return 0
+
+
+def _help() -> str:
+    text = config_help(BenchConfig, "bench", SUMMARY, positional="SCENARIO ...")
+    text += "\n  --list                    same as --list-scenarios\n  --full                    same as --small false"
+    try:
+        load_benchmarks()
+        from fastpeft_benchmarks import scenarios
+
+        text += f"\n\nscenarios: {', '.join(scenarios.SCENARIOS)}"
+    except FileNotFoundError:
+        pass
+    return text
+
+
+def main(argv: list[str]) -> int:
+    return run_cli("bench", argv, _body, _help)
 
 
 def _cuda_available() -> bool:

@@ -4,7 +4,7 @@ Options: ``--model DIR`` (a local HF model instead of pretraining one), ``--data
 
 from __future__ import annotations
 
-from fastpeft.training.cli_common import config_help, run_cli
+from fastpeft.cli.common import config_help, run_cli
 from fastpeft.training.config_io import parse_cli
 
 

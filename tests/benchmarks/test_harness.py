@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from fastpeft import cli, cli_bench
+from fastpeft import cli
+from fastpeft.cli import bench as cli_bench
 from fastpeft.kernels.nf4 import quantize_nf4
 
 cli_bench.load_benchmarks()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastpeft.cli_bench import load_benchmarks
+from fastpeft.cli.bench import load_benchmarks
 from fastpeft.reasoning.sampler import Sampler
 from fastpeft.reasoning.types import SamplingParams
 

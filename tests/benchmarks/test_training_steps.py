@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastpeft.cli_bench import load_benchmarks
+from fastpeft.cli.bench import load_benchmarks
 
 load_benchmarks()
 
