@@ -16,7 +16,7 @@ from fastpeft.lifecycle import (  # noqa: E402
 from fastpeft.lora_linear import AdapterLinear, LoRALinear  # noqa: E402
 from fastpeft.qlora_linear import QLoRALinear  # noqa: E402
 
-# LoRA variants (each registers itself in ADAPTER_VARIANTS when imported): AdaLoRA, Delta-LoRA
+# LoRA variants beyond LoRA and DoRA (each registers itself in fastpeft.variants when imported)
 from fastpeft.adalora import AdaLoraAdapter, orthogonal_regularization, update_and_allocate  # noqa: E402
 from fastpeft.delta_lora import DeltaLoraAdapter, DeltaLoraUpdater  # noqa: E402
 
