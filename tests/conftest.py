@@ -91,6 +91,12 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_config():
+    """The one-block tiny Llama of the recipe tests: ``tiny_llama(num_hidden_layers=1)``."""
+    return _tiny_llama(num_hidden_layers=1)
+
+
+@pytest.fixture(scope="session")
 def python_command():
     """``python_command(code)`` -> (argv, env, cwd) for ``subprocess.run``."""
     return _python_command
