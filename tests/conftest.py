@@ -23,10 +23,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from fastpeft.kernels.backend import force_backend, interpreting  # noqa: E402
-from fastpeft.reasoning.types import Completion, SamplingParams  # noqa: E402
+from fastpeft.kernels.backend import force_backend, interpreting
+from fastpeft.reasoning.types import Completion, SamplingParams
 
 # under pytest-xdist each worker gets one thread so two workers share the two cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

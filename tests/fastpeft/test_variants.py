@@ -6,8 +6,8 @@ import pytest
 from torch import nn
 
 from fastpeft import LoraConfig, LoRALinear, inject, variants
-from fastpeft.adapters import LoraAdapter
 from fastpeft.adalora import AdaLoraAdapter
+from fastpeft.adapters import LoraAdapter
 
 
 class GainLoraAdapter(LoraAdapter):
