@@ -153,16 +153,21 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def parse_overrides(argv: list[str], flags: Collection[str] = (), positional: str | None = None,
-                    aliases: Mapping[str, str | tuple[str, Any]] | None = None) -> tuple[str | None, dict[str, Any]]:  # fmt: skip
+def parse_overrides(
+    argv: list[str],
+    flags: Collection[str] = (),
+    positional: str | None = None,
+    aliases: Mapping[str, str | tuple[str, Any]] | None = None,
+) -> tuple[str | None, dict[str, Any]]:
     """Split ``argv`` into an optional YAML path and a dict of (dotted) overrides.
 
     ``--key value``, ``--key=value`` and ``--set key=value`` set a key (dashes in ``--key`` read as
     underscores); a key given twice is an error. A key in ``flags`` (booleans) does not take the
     next word as its value when that word is a config file or, with ``positional``, a bare word that
-    is not true/false (``--small decode-linear``: a flag, then a positional argument). With ``positional``, bare words other than a ``.yaml``/``.yml`` file are collected as a
-    list under that key (``fastpeft bench decode-linear sampling``). ``aliases`` maps a flag to another
-    key (``"list": "list_scenarios"``) or to a key and a fixed value (``"full": ("small", False)``).
+    is not true/false (``--small decode-linear``: a flag, then a positional argument). With
+    ``positional``, bare words other than a ``.yaml``/``.yml`` file are collected as a list under
+    that key (``fastpeft bench decode-linear sampling``). ``aliases`` maps a flag to another key
+    (``"list": "list_scenarios"``) or to a key and a fixed value (``"full": ("small", False)``).
     """
     aliases = aliases or {}
     config_path, overrides, seen, words, i = None, {}, set(), [], 0
@@ -226,8 +231,8 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_bool(tp: Any) -> bool:
-    return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                          and set(typing.get_args(tp)) == {bool, type(None)})  # fmt: skip
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return tp is bool or (union and set(typing.get_args(tp)) == {bool, type(None)})
 
 
 def _takes_list(tp: Any) -> bool:
@@ -235,8 +240,13 @@ def _takes_list(tp: Any) -> bool:
     return any(a in (list, tuple) or typing.get_origin(a) in (list, tuple) for a in arms)
 
 
-def parse_cli(cls: type[T], argv: list[str], defaults: dict[str, Any] | None = None, positional: str | None = None,
-              aliases: Mapping[str, str | tuple[str, Any]] | None = None) -> T:  # fmt: skip
+def parse_cli(
+    cls: type[T],
+    argv: list[str],
+    defaults: dict[str, Any] | None = None,
+    positional: str | None = None,
+    aliases: Mapping[str, str | tuple[str, Any]] | None = None,
+) -> T:
     """``[CONFIG.yaml] [overrides]`` -> a validated ``cls`` instance (ConfigError on any problem).
 
     ``positional`` and ``aliases``: see :func:`parse_overrides`; ``cls``'s boolean fields are its flags.

@@ -117,7 +117,8 @@ def _nf4_base_and_delta(model, adapter_name: str = "default"):
     for path, layer in iter_adapter_layers(model):
         w = dequantize_nf4(layer.nf4_weight(), torch.float32)
         adapter = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
-        out[path] = (w, None if adapter is None else adapter.scaling * (adapter.lora_B.detach() @ adapter.lora_A.detach()))
+        delta = None if adapter is None else adapter.scaling * (adapter.lora_B.detach() @ adapter.lora_A.detach())
+        out[path] = (w, delta)
     return out
 
 
