@@ -93,29 +93,34 @@ def float64_reference(base: nn.Module, adapted: nn.Module, adapter_name: str | N
     return reference
 
 
+def bnb_nf4(weight: torch.Tensor, double_quant: bool = True, blocksize: int = 64):
+    """bitsandbytes' NF4 quantization of ``weight`` as an NF4Weight: the independent reference for
+    the bytes of a (re-)quantized weight."""
+    from fastpeft.kernels.nf4 import NF4Weight
+
+    functional = pytest.importorskip("bitsandbytes.functional")
+    packed, state = functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                             quant_type="nf4")  # fmt: skip
+    return NF4Weight.from_bnb(packed, state)
+
+
+def assert_same_nf4(ours, theirs) -> None:
+    """Two NF4Weights hold the same bytes (codes, block scales and, with double quant, their quantization)."""
+    for field in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+
+
+@pytest.fixture
+def nf4():
+    """``nf4.bnb(weight, double_quant)`` (bitsandbytes' quantization) and ``nf4.assert_same(a, b)``."""
+    return types.SimpleNamespace(bnb=bnb_nf4, assert_same=assert_same_nf4)
+
+
 @pytest.fixture
 def lm():
     """Helpers for whole-model tests: build, ids, logits, randomize, reference."""
     return types.SimpleNamespace(build=build_tiny_lm, ids=token_batch, logits=logits,
                                  randomize=randomize_adapters, reference=float64_reference)  # fmt: skip
-
-
-def load_peft_helpers() -> types.ModuleType:
-    """tests/fastpeft/peft_helpers.py as a module (test folders are not packages)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    name = "fastpeft_tests_peft_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("peft_helpers.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="session")
-def peft_kit() -> types.ModuleType:
-    """Helpers for the PEFT-path tests (bnb 4-bit tiny models, bnb's CPU repack, fused-op counting)."""
-    return load_peft_helpers()
