@@ -88,7 +88,9 @@ def _check_peft_model(model: object, caller: str) -> str:
         )
     peft_type = getattr(model.peft_type, "value", str(model.peft_type))
     if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise ValueError(f"{caller}: PEFT tuner {peft_type} is not supported; supported: {', '.join(SUPPORTED_PEFT_TYPES)}")
+        raise ValueError(
+            f"{caller}: PEFT tuner {peft_type} is not supported; supported: {', '.join(SUPPORTED_PEFT_TYPES)}"
+        )
     return peft_type
 
 

@@ -119,7 +119,10 @@ def test_as_peft_model_shares_tensors(peft_kit, tmp_path, quantize):
     peft_model = fastpeft.as_peft_model(model)
     assert isinstance(peft_model, peft.PeftModel) and peft_model.active_adapter == "default"
     peft_layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
-    assert peft_layer.lora_A["default"].weight is lora_a and peft_layer.lora_magnitude_vector["default"].weight is magnitude
+    assert (
+        peft_layer.lora_A["default"].weight is lora_a
+        and peft_layer.lora_magnitude_vector["default"].weight is magnitude
+    )
     assert len([p for p in peft_model.parameters() if p.requires_grad]) == len(trainable)
     assert len(peft_model.fastpeft_patch_report.patched) == 14
     torch.testing.assert_close(logits(peft_model, ids), want, atol=1e-6, rtol=1e-6)

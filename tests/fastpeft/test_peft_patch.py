@@ -164,7 +164,7 @@ def test_peft_features_keep_working(peft_kit, tmp_path):
 
 
 def test_report_names_layers_that_stay_peft(peft_kit):
-    config = lora_config(peft_kit, target_modules=peft_kit.LLAMA_LINEARS + ["embed_tokens"])
+    config = lora_config(peft_kit, target_modules=[*peft_kit.LLAMA_LINEARS, "embed_tokens"])
     model = fastpeft.patch_peft_model(peft.get_peft_model(peft_kit.tiny_llama(), config))
     report = model.fastpeft_patch_report
     assert len(report.patched) == 14
@@ -174,7 +174,7 @@ def test_report_names_layers_that_stay_peft(peft_kit):
 
 
 def test_bad_input_one_line_errors(peft_kit):
-    with pytest.raises(TypeError, match="expects a peft.PeftModel") as err:
+    with pytest.raises(TypeError, match=r"expects a peft\.PeftModel") as err:
         fastpeft.patch_peft_model(peft_kit.tiny_llama())
     assert "\n" not in str(err.value)
     ia3 = peft.get_peft_model(peft_kit.tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
@@ -182,7 +182,7 @@ def test_bad_input_one_line_errors(peft_kit):
     with pytest.raises(ValueError, match="IA3 is not supported") as err:
         fastpeft.patch_peft_model(ia3)
     assert "\n" not in str(err.value)
-    with pytest.raises(TypeError, match="expects a peft.PeftModel"):
+    with pytest.raises(TypeError, match=r"expects a peft\.PeftModel"):
         fastpeft.unpatch_peft_model(torch.nn.Linear(2, 2))
 
 
@@ -220,10 +220,14 @@ def test_prefix_tuning_runs_the_prefix_kernel_like_peft(peft_kit, monkeypatch):
         torch.testing.assert_close(losses[0][1][name], want, atol=1e-5, rtol=1e-4)
     model.eval()
     with torch.no_grad(), model.disable_adapter():
-        torch.testing.assert_close(model(input_ids=ids).logits, plain.eval()(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, plain.eval()(input_ids=ids).logits, atol=2e-5, rtol=1e-4
+        )
     with torch.no_grad():  # generate: PEFT's cache path, our attention function as plain attention
         greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(input_ids=ids[1:], **greedy), reference.eval().generate(input_ids=ids[1:], **greedy))
+        assert torch.equal(
+            model.generate(input_ids=ids[1:], **greedy), reference.eval().generate(input_ids=ids[1:], **greedy)
+        )
     fastpeft.unpatch_peft_model(model)
     assert model.get_base_model().config._attn_implementation != "fastpeft_prefix"
     assert kernel.prefix_attention is not None

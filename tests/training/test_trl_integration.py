@@ -59,9 +59,21 @@ def losses(trainer) -> list[float]:
 
 
 def run_args(directory, steps: int = 4, **kw) -> dict:
-    return dict(output_dir=str(directory), max_steps=steps, per_device_train_batch_size=4, logging_steps=1,
-                save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-                data_seed=0, bf16=False, **kw)  # fmt: skip  (fp32 runs: exact comparisons)
+    return dict(
+        output_dir=str(directory),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        bf16=False,
+        **kw,
+    )  # fmt: skip  (fp32 runs: exact comparisons)
 
 
 def assert_checkpoint(directory, step: int) -> None:
@@ -92,7 +104,9 @@ def check_resume_and_reload(kit, path, trainer_cls, make_args, tmp_path, make_mo
     for name, want in final.items():
         # SFTTrainer casts a quantized model's LoRA weights to bf16; PEFT's resume reloads them in fp32
         tol = 2e-2 if torch.bfloat16 in (want.dtype, got[name].dtype) else 1e-6
-        torch.testing.assert_close(got[name].float(), want.float(), atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got[name].float(), want.float(), atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
+        )
     trainer.save_model(str(tmp_path / "final"))
     ids = kit.token_ids()
     reloaded = reload(kit, path, tmp_path / "final", base=base() if base else None)
