@@ -91,6 +91,7 @@ def bf16_scale_reference(model: nn.Module) -> nn.Module:
 
 
 def no_repack(model: nn.Module) -> nn.Module:
+    """Keep bnb from repacking ``model``'s Linear4bit layers on an eval CPU forward (a no-op without them)."""
     for layer in linear4bits(model):
         layer.support_avx512bf16_for_cpu = False
     return model

@@ -303,3 +303,28 @@ def test_nf4_patched_on_cuda_equals_peft(peft_kit, llama_dir, batch, seq):
     torch.testing.assert_close(results[0][0], results[1][0], atol=6e-2, rtol=6e-2)
     for name, want in results[1][1].items():
         assert (results[0][1][name] - want).norm() <= 6e-2 * want.norm() + 1e-6, name
+
+
+@pytest.mark.slow
+def test_patched_layers_add_no_graph_break_of_their_own(peft_kit):
+    """torch.compile traces the patched forwards (one block, q/v on NF4 and dense bases): every graph
+    break left is inside fastpeft.kernels (the backend switch, which the torch.library ops remove),
+    none in the patch or in PEFT."""
+    import bitsandbytes as bnb
+
+    torch._dynamo.reset()
+    model = peft_kit.tiny_llama(num_hidden_layers=1)
+    attention = model.model.layers[0].self_attn
+    q = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(attention.q_proj.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    attention.q_proj = peft_kit.no_repack(q.to("cpu"))
+    model.is_loaded_in_4bit = True  # so PEFT wraps the Linear4bit in its 4-bit LoRA layer
+    model = fastpeft.patch_peft_model(
+        peft.get_peft_model(model, lora_config(peft_kit, target_modules=["q_proj", "v_proj"]))
+    )
+    assert len(model.fastpeft_patch_report.patched) == 2
+    ids = peft_kit.token_ids(batch=1, seq=4)
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    where = {(b.user_stack[-1].filename.replace("\\", "/"), b.user_stack[-1].name) for b in explained.break_reasons}
+    assert all("/kernels/" in filename for filename, _ in where), where
+    torch._dynamo.reset()
