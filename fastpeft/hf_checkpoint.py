@@ -66,6 +66,9 @@ def save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, is_
     if delta:
         raise ValueError(f"adapter(s) {delta} are Delta-LoRA, which updates the base weights; an adapter file cannot "
                          "hold them: fastpeft.merge_and_unload(model) and save the full model")  # fmt: skip
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(push_to_hub=True) is not supported for a fastpeft model; save the "
+                         "directory, then upload it with huggingface_hub")  # fmt: skip
     if not is_main_process:
         return
     directory = Path(save_directory)

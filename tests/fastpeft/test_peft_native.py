@@ -85,11 +85,14 @@ def test_several_adapters_and_merged_models(peft_kit, tmp_path):
     torch.testing.assert_close(logits(merged, ids), want, atol=1e-5, rtol=1e-5)
 
 
-def test_delta_lora_save_is_refused(peft_kit, tmp_path):
+def test_what_an_adapter_directory_cannot_hold_is_refused(peft_kit, tmp_path):
     model = peft_kit.tiny_llama()
     inject(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], variant="delta_lora"))
     with pytest.raises(ValueError, match="Delta-LoRA"):
         model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        injected(peft_kit).save_pretrained(tmp_path, push_to_hub=True)
+    assert not any(tmp_path.iterdir())
 
 
 def test_layers_expose_base_layer_and_weight(peft_kit):
