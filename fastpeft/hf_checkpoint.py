@@ -10,7 +10,8 @@
   quantized: ``quantize``, ``double_quant``, ``blocksize``, ``compute_dtype``);
 - ``fastpeft_trainable.safetensors`` + ``model.safetensors.index.json``: every adapter tensor and
   every trainable parameter under the model's own ``state_dict`` keys, which is what
-  ``Trainer(resume_from_checkpoint=...)`` loads into a model that is not a PeftModel.
+  ``Trainer(resume_from_checkpoint=...)`` loads into a model that is not a PeftModel (transformers
+  then logs the base weights as "missing keys": they are not in the checkpoint and stay as loaded).
 
 The base weights are never written (as with PEFT). Reload with the documented call
 ``fastpeft.load_adapter(base_model, d)`` (it reads ``fastpeft_config.json`` and re-quantizes an NF4
