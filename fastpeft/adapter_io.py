@@ -35,6 +35,9 @@ from fastpeft.lora_linear import AdapterLinear, iter_adapter_layers, linear_kind
 from fastpeft.variants import adapter_suffixes, get_variant
 
 CONFIG_NAME = "adapter_config.json"
+# what PEFT's config cannot say about an NF4 base fastpeft quantized itself; load_adapter applies it
+FASTPEFT_CONFIG_NAME = "fastpeft_config.json"
+_BASE_FIELDS = ("quantize", "double_quant", "blocksize", "compute_dtype")
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -90,7 +93,31 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
               str(directory / WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    write_base_fields(config, directory)
     return directory
+
+
+def write_base_fields(config: LoraConfig, directory: Path) -> None:
+    """``fastpeft_config.json``: the NF4 settings of a base fastpeft quantized (nothing otherwise)."""
+    if config.quantize is None:
+        return
+    base = {f: getattr(config, f) for f in _BASE_FIELDS}
+    base["compute_dtype"] = None if config.compute_dtype is None else str(config.compute_dtype).removeprefix("torch.")
+    (directory / FASTPEFT_CONFIG_NAME).write_text(json.dumps(base, indent=2, sort_keys=True) + "\n")
+
+
+def _read_base_fields(directory: Path) -> dict:
+    """The NF4 settings :func:`save_adapter` recorded (empty when the base was not quantized by us)."""
+    path = directory / FASTPEFT_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or set(data) - set(_BASE_FIELDS):
+        raise ValueError(f"{path} must hold an object with keys from {_BASE_FIELDS}, got {data!r}")
+    return data
 
 
 def _read_config(directory: Path) -> dict:
@@ -224,7 +251,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     adapters every other ``requires_grad`` stays as it was, a plain model gets a frozen base.
     ``is_trainable=True`` makes it the trainable adapter (as ``inject`` does). With
     ``activate`` the adapter becomes the active one. ``config_overrides`` sets our own config fields
-    (``quantize="nf4"``, ``double_quant``, ``compute_dtype``). Returns ``model``.
+    (``quantize="nf4"``, ``double_quant``, ``compute_dtype``); by default they are those the directory's
+    ``fastpeft_config.json`` recorded (an adapter trained on a base fastpeft quantized to NF4 is
+    reloaded on the same NF4 weights). Returns ``model``.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -236,7 +265,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
         load_prompt_adapter(model, directory, allow_pickle=allow_pickle)
         return model
-    config = LoraConfig.from_peft_dict(raw_config, **config_overrides)
+    config = LoraConfig.from_peft_dict(raw_config, **{**_read_base_fields(directory), **config_overrides})
     if adapter_name in adapter_configs(model):
         existing = list(adapter_configs(model))
         raise ValueError(f"adapter {adapter_name!r} already exists in this model (adapters: {existing})")
