@@ -54,3 +54,16 @@ def tiny_llama():
 def python_command():
     """``python_command(code)`` -> (argv, env, cwd) for ``subprocess.run``."""
     return _python_command
+
+
+@pytest.fixture(scope="session")
+def require_bwrap():
+    """Skip a sandbox test where bubblewrap cannot run; fail instead when FASTPEFT_REQUIRE_BWRAP=1
+    (set by .ci/run, so CI always tests the real boundary)."""
+    from fastpeft.training.rewards.sandbox_bwrap import bwrap_problem
+
+    problem = bwrap_problem()
+    if problem is not None:
+        if os.environ.get("FASTPEFT_REQUIRE_BWRAP") == "1":
+            pytest.fail(f"FASTPEFT_REQUIRE_BWRAP=1 but {problem}")
+        pytest.skip(problem)
