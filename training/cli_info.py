@@ -47,7 +47,7 @@ def environment() -> list[tuple[str, Any]]:
 def describe_path(path: Path) -> list[tuple[str, Any]]:
     """Rows describing an adapter, model, run or checkpoint directory (ConfigError otherwise)."""
     if (path / "adapter_config.json").is_file():
-        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg = _json_object(path / "adapter_config.json")
         rows: list[tuple[str, Any]] = [("kind", f"adapter ({cfg.get('peft_type', '?')})")]
         rows += [(k, cfg.get(k)) for k in ("base_model_name_or_path", "r", "lora_alpha", "target_modules",
                                             "use_rslora", "use_dora")]  # fmt: skip
@@ -55,14 +55,17 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
         if weights.is_file():
             from safetensors import safe_open
 
-            with safe_open(str(weights), "pt") as f:
-                n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-                rows += [("tensors", len(list(f.keys()))), ("adapter parameters", f"{n:,}")]
+            try:
+                with safe_open(str(weights), "pt") as f:
+                    n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+                    rows += [("tensors", len(list(f.keys()))), ("adapter parameters", f"{n:,}")]
+            except Exception as err:  # safetensors' own error types
+                raise ConfigError(f"path: {weights} is truncated or corrupted ({err})") from err
         return rows
     if (path / "config.json").is_file():
         from fastpeft.training.plan import ModelShape
 
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = _json_object(path / "config.json")
         shape = ModelShape.from_config(cfg)
         return [("kind", f"model ({cfg.get('model_type', '?')})"), ("parameters (estimate)", f"{shape.total_params():,}"),
                 ("layers", shape.layers), ("hidden", shape.hidden), ("vocab", shape.vocab),
@@ -74,7 +77,7 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
         latest = latest_checkpoint(path / "checkpoints")
         state_file = latest / "trainer_state.json" if latest else state_file
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = _json_object(state_file)
         rows = [("kind", "training checkpoint"), ("checkpoint", state_file.parent), ("step", state.get("step")),
                 ("skipped steps", state.get("bad_steps"))]  # fmt: skip
         cfg = state.get("config", {})
@@ -87,6 +90,16 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
             rows.append(("last logged loss", losses[-1] if losses else None))
         return rows
     raise ConfigError(f"path: {str(path)!r} is not an adapter, model, run or checkpoint directory")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"path: {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"path: {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def _numel(shape: list[int]) -> int:

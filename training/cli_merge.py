@@ -30,24 +30,36 @@ def merge_adapter(config: MergeConfig) -> Path:
     import fastpeft
     from fastpeft.training.model_setup import build_model
 
+    from fastpeft.training.checkpoint import check_output_dir, save_pretrained
+
     if not config.adapter or not config.output:
         raise ConfigError("merge needs --adapter DIR and --output DIR")
     adapter_cfg = Path(config.adapter) / "adapter_config.json"
     if not adapter_cfg.is_file():
         raise ConfigError(f"adapter: {config.adapter!r} has no adapter_config.json")
-    base = config.model or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+    try:
+        saved_config = json.loads(adapter_cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"adapter: {adapter_cfg} is not valid JSON ({err})") from err
+    if not isinstance(saved_config, dict):
+        raise ConfigError(f"adapter: {adapter_cfg} must hold a JSON object, got a {type(saved_config).__name__}")
+    base = config.model or saved_config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ConfigError(f"model: base model directory {base!r} not found; pass --model DIR")
-    model = build_model(base, None, config.dtype)
-    fastpeft.load_adapter(model, config.adapter)
-    model = fastpeft.merge_and_unload(model)
     out = Path(config.output)
-    model.save_pretrained(out, safe_serialization=True)
+    try:  # before the model is loaded
+        check_output_dir(out)
+    except ValueError as err:
+        raise ConfigError(str(err).replace("output_dir:", "output:", 1)) from err
+    model = build_model(base, None, config.dtype)
+    fastpeft.load_adapter(model, config.adapter)  # refuses NaN/inf weights
+    model = fastpeft.merge_and_unload(model)
+    tokenizer = None
     if any((Path(base) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         from fastpeft.training.tokenizer import load_tokenizer
 
-        load_tokenizer(base).save_pretrained(out)
-    return out
+        tokenizer = load_tokenizer(base)
+    return save_pretrained(model, out, tokenizer)
 
 
 def _body(argv: list[str]) -> int:
