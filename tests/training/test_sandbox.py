@@ -80,6 +80,8 @@ def _answers(*records: str) -> tuple:
     ("assert 2 ** f(1) > 0", "1000000000000", False),  # guarded, not computed
     ("assert len([0] * f(1)) > 0", "1000000000000", False),
     ("assert sum(range(f(1))) > 0", "1000000000000", False),
+    ("assert f(5) == math.factorial(5)", "120", True),
+    ("assert math.factorial(f(1)) > 0", "1000000000", False),
 ])  # fmt: skip
 def test_the_parent_judges_values_with_python_semantics(test, value, passes):
     load_error, values, errors, loaded = _answers(f'{{"probe": 0, "value": {value}}}', '{"done": true}')
@@ -136,7 +138,7 @@ def test_limits_are_validated():
 
 def test_without_bubblewrap_code_rewards_refuse_in_one_line(monkeypatch):
     monkeypatch.setattr(sandbox_bwrap, "find_bwrap", lambda: None)
-    sandbox_bwrap.bwrap_problem.cache_clear()
+    sandbox_bwrap._probe.cache_clear()
     try:
         with pytest.raises(SandboxUnavailable) as err:
             CodeReward(LIMITS)
@@ -145,7 +147,7 @@ def test_without_bubblewrap_code_rewards_refuse_in_one_line(monkeypatch):
         with pytest.raises(SandboxUnavailable):
             run_tests_in_sandbox(GOOD, TESTS, LIMITS)
     finally:
-        sandbox_bwrap.bwrap_problem.cache_clear()
+        sandbox_bwrap._probe.cache_clear()
 
 
 def test_unsafe_tier_is_loud_limited_and_cleans_up():
@@ -232,7 +234,13 @@ def money(a, b):
     assert result.passed == len(tests), [o for o in result.outcomes if not o["passed"]]
 
 
-def test_the_boundary_as_seen_from_inside(require_bwrap):
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the flat layout is for a root trainer")
+
+
+@pytest.mark.parametrize("layout", ["probed", pytest.param("flat", marks=ROOT_ONLY)])
+def test_the_boundary_as_seen_from_inside(require_bwrap, layout, monkeypatch):
+    if layout == "flat":  # what a root trainer gets where unprivileged user namespaces are disabled
+        monkeypatch.setattr(sandbox_bwrap, "_probe", lambda: ("flat", None))
     code = '''
 import os, resource, socket
 def uid():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fastpeft.training.rewards import sandbox_bwrap
 from fastpeft.training.rewards.code_sandbox import CodeReward, SandboxLimits, run_tests_in_sandbox
 
 LIMITS = SandboxLimits(wall_time_s=3.0, cpu_time_s=2, memory_mb=256, max_processes=16, max_file_mb=1, disk_mb=4)
@@ -430,12 +431,17 @@ def attacks(require_bwrap, tmp_path_factory):
         signal.signal(signal.SIGUSR1, previous)
         for s in (tcp, unix, abstract):
             s.close()
-    written = sorted(str(p) for p in tmp.iterdir() if p.name != "trainer.sock")
-    prefix = os.path.realpath(sys.base_prefix)
-    for where in (prefix, "/usr/lib", "/", "/root", "/dev", "/dev/shm", tempfile.gettempdir()):
-        written += [str(Path(where) / n) for n in os.listdir(where) if token in n] if os.path.isdir(where) else []
     return {"results": results, "survivors": survivors, "accepted": accepted, "signals": len(received),
-            "written": written, "ctx": ctx}
+            "written": _written(ctx), "ctx": ctx}
+
+
+def _written(ctx: dict) -> list[str]:
+    """Files the attacks would have created outside the sandbox (all carry the token or sit in tmp)."""
+    tmp = Path(ctx["outside"]).parent
+    found = sorted(str(p) for p in tmp.iterdir() if p.name != "trainer.sock")
+    for where in (os.path.realpath(sys.base_prefix), "/usr/lib", "/", "/root", "/dev", "/dev/shm", tempfile.gettempdir()):
+        found += [str(Path(where) / n) for n in os.listdir(where) if ctx["token"] in n] if os.path.isdir(where) else []
+    return found
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -487,3 +493,20 @@ def test_a_code_reward_survives_a_hostile_batch(attacks):
     completions = [programs[n][0] for n in names] + ["def add(a, b):\n    return a + b\n"]
     records = [{"tests": programs[n][1]} for n in names] + [{"tests": ["assert add(2, 3) == 5"]}]
     assert reward.score_batch([""] * len(records), completions, records) == [0.0] * len(names) + [1.0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the flat layout is for a root trainer")
+def test_the_flat_layout_contains_them_too(attacks, monkeypatch):
+    """A root trainer where unprivileged user namespaces are disabled gets one privileged bwrap with
+    the runner dropped to uid 65534: the process limit, the read-only view and the namespaces hold."""
+    monkeypatch.setattr(sandbox_bwrap, "_probe", lambda: ("flat", None))
+    programs = _programs(attacks["ctx"])
+    names = ["fork_bomb_counted", "write_outside", "read_shadow", "read_trainer_environ", "signal_the_trainer",
+             "tcp_to_the_trainer", "unix_socket_abstract", "remount_and_write_outside", "disk_bomb"]  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        results = dict(zip(names, pool.map(lambda n: run_tests_in_sandbox(*programs[n], LIMITS), names)))
+    for name, result in results.items():
+        assert result.passed == 0, (name, result.outcomes)
+    assert "assertion failed (bomb() = " in results["fork_bomb_counted"].outcomes[0]["detail"]
+    assert _processes_with(attacks["ctx"]["token"]) == []
+    assert _written(attacks["ctx"]) == []

@@ -2,8 +2,8 @@
 
 The runner process ends up with:
 
-- every namespace of its own (user, pid, network, ipc, mount, uts, cgroup where the kernel has
-  it): no network at all (not even loopback to the host; abstract Unix sockets are per network
+- every namespace of its own (user except in the ``flat`` layout below, pid, network, ipc, mount,
+  uts, cgroup where the kernel has it): no network at all (not even loopback to the host; abstract Unix sockets are per network
   namespace), no view of the trainer's processes, signals cannot reach them;
 - uid/gid 65534 in its user namespace with no capabilities (``--cap-drop ALL``, and bwrap sets
   ``no_new_privs``), mapped to an unprivileged uid outside (see below), so ``RLIMIT_NPROC`` binds;
@@ -18,13 +18,19 @@ The runner process ends up with:
 
 Unprivileged uid when the trainer runs as root: bwrap started by root maps the sandbox uid to uid 0
 outside, which the kernel exempts from RLIMIT_NPROC (a root fork bomb is bounded by wall time
-only) and which owns most files. So under root there are two bwraps: an outer one, still root,
-builds the read-only view with new pid/net/ipc/uts namespaces (it can read an interpreter under
-``/root``, and the parent directories it creates are world-traversable), drops to uid 65534 and
-execs the inner, unprivileged bwrap, which creates the user namespace and the final sandbox inside
-that view. A non-root trainer runs the inner bwrap directly (as itself). Nested user-namespace
-bwraps cannot mount a fresh ``/proc`` (the kernel refuses while the outer one is partly covered),
-which is one more reason the sandbox has none: CPython does not need it.
+only) and which owns most files. So a root trainer gets one of two layouts:
+
+- ``nested``: an outer bwrap, still root, builds the read-only view with new pid/net/ipc/uts
+  namespaces (it can read an interpreter under a 0700 ``/root``, and the parent directories it
+  creates are world-traversable), drops to uid 65534 and execs the inner, unprivileged bwrap, which
+  creates the user namespace and the final sandbox inside that view;
+- ``flat``, where the host forbids unprivileged user namespaces: the outer bwrap alone is the
+  sandbox, every namespace but the user one, and the runner starts as uid 65534 without
+  capabilities (no user namespace to be root in).
+
+A non-root trainer runs the inner bwrap directly (``user``: itself outside, 65534 inside). Nested
+user-namespace bwraps cannot mount a fresh ``/proc`` (the kernel refuses while the outer one is
+partly covered), one more reason the sandbox has none: CPython does not need it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import shutil
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Literal
 
 SANDBOX_UID = 65534  # "nobody": inside the user namespace, and outside when the trainer is root
 WORKDIR = "/tmp"
@@ -88,64 +95,94 @@ def read_only_view(extra_files: tuple[str, ...] = ()) -> list[str]:
     return args
 
 
+_ENV = ["--clearenv", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR, "--setenv", "LANG", "C.UTF-8",
+        "--setenv", "PATH", "/usr/bin:/bin"]  # fmt: skip
+Layout = Literal["user", "nested", "flat"]
+
+
+def _workdir(disk_bytes: int) -> list[str]:
+    """Standard /dev nodes (read-only), the capped tmpfs as /tmp and cwd, then / read-only."""
+    return ["--dev", "/dev", "--remount-ro", "/dev", "--size", str(disk_bytes), "--tmpfs", WORKDIR, "--chdir", WORKDIR,
+            "--remount-ro", "/"]  # fmt: skip
+
+
 def inner_command(argv: list[str], disk_bytes: int, info_fd: int | None) -> list[str]:
     """The unprivileged bwrap: all namespaces, uid 65534, no caps, capped writable /tmp."""
     bwrap = find_bwrap()
     assert bwrap is not None
     info = ["--info-fd", str(info_fd)] if info_fd is not None else []
-    return [
-        bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-        "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *info,
-        "--clearenv", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR, "--setenv", "LANG", "C.UTF-8",
-        "--setenv", "PATH", "/usr/bin:/bin",
-        *read_only_view(),
-        "--dev", "/dev", "--remount-ro", "/dev",
-        "--size", str(disk_bytes), "--tmpfs", WORKDIR, "--chdir", WORKDIR,
-        "--remount-ro", "/",
-        "--", *argv,
-    ]  # fmt: skip
+    return [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *info, *_ENV,
+            *read_only_view(), *_workdir(disk_bytes), "--", *argv]  # fmt: skip
 
 
-def outer_command(inner: list[str], info_fd: int) -> list[str]:
-    """The root bwrap that builds the view, then runs ``inner`` as uid 65534 (see the module doc)."""
-    bwrap = inner[0]
-    return [
-        bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-        "--die-with-parent", "--new-session", "--info-fd", str(info_fd),
-        "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--clearenv",
-        *read_only_view((bwrap,)),
-        "--dev", "/dev", "--proc", "/proc", "--dir", WORKDIR, "--remount-ro", "/",
-        "--", python_executable(), "-I", "-S", "-c", _DROP_PRIVILEGES, str(SANDBOX_UID), *inner,
-    ]  # fmt: skip
+def outer_command(argv: list[str], info_fd: int, disk_bytes: int | None) -> list[str]:
+    """The root bwrap: builds the view with every namespace but the user one, drops to uid 65534 and
+    execs ``argv``. Nested layout (``disk_bytes`` None): ``argv`` is the inner bwrap, which needs a
+    ``/proc`` and a mount point; flat layout: ``argv`` is the runner and this is the sandbox."""
+    bwrap = find_bwrap()
+    assert bwrap is not None
+    if disk_bytes is None:
+        view = [*read_only_view((bwrap,)), "--dev", "/dev", "--proc", "/proc", "--dir", WORKDIR, "--remount-ro", "/"]
+    else:
+        view = ["--hostname", "sandbox", *_ENV, *read_only_view(), *_workdir(disk_bytes)]
+    return [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--info-fd", str(info_fd), "--cap-drop", "ALL",
+            "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", *(["--clearenv"] if disk_bytes is None else []),
+            *view, "--", python_executable(), "-I", "-S", "-c", _DROP_PRIVILEGES, str(SANDBOX_UID), *argv]  # fmt: skip
 
 
-def sandbox_command(argv: list[str], disk_bytes: int, info_fd: int) -> list[str]:
+def sandbox_command(argv: list[str], disk_bytes: int, info_fd: int, layout: Layout | None = None) -> list[str]:
     """The full command line that runs ``argv`` (an interpreter command) inside the sandbox;
     bwrap writes ``{"child-pid": N}`` (its namespace's init, as seen here) on ``info_fd``."""
-    if os.geteuid() == 0:
-        return outer_command(inner_command(argv, disk_bytes, None), info_fd)
-    return inner_command(argv, disk_bytes, info_fd)
+    layout = layout or bwrap_layout()
+    if layout == "user":
+        return inner_command(argv, disk_bytes, info_fd)
+    if layout == "nested":
+        return outer_command(inner_command(argv, disk_bytes, None), info_fd, None)
+    return outer_command(argv, info_fd, disk_bytes)
 
 
-@functools.lru_cache(maxsize=1)
-def bwrap_problem() -> str | None:
-    """Why the bwrap boundary cannot run here (None when it can); probed once per process."""
+def _try(layout: Layout) -> str | None:
+    """None if ``layout`` runs a trivial interpreter command here, else bwrap's last error line."""
     import subprocess
 
-    if find_bwrap() is None:
-        return f"bubblewrap (bwrap) was not found on PATH; {INSTALL_HINT}"
     read, write = os.pipe()
     try:
-        argv = sandbox_command([python_executable(), "-I", "-S", "-c", "print('ok')"], 1 << 20, write)
+        argv = sandbox_command([python_executable(), "-I", "-S", "-c", "print('ok')"], 1 << 20, write, layout)
         probe = subprocess.run(argv, capture_output=True, timeout=30, pass_fds=(write,), env={})
     except (OSError, subprocess.SubprocessError) as err:
         return f"bubblewrap failed to start: {err}"
     finally:
         os.close(read)
         os.close(write)
-    if probe.returncode != 0 or probe.stdout.strip() != b"ok":
-        reason = (probe.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
-        return (f"bubblewrap cannot create the sandbox here ({reason}); unprivileged user namespaces may be "
-                "disabled (sysctl kernel.unprivileged_userns_clone=1, or AppArmor's "
-                "kernel.apparmor_restrict_unprivileged_userns=0)")  # fmt: skip
-    return None
+    if probe.returncode == 0 and probe.stdout.strip() == b"ok":
+        return None
+    return (probe.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> tuple[Layout | None, str | None]:
+    if find_bwrap() is None:
+        return None, f"bubblewrap (bwrap) was not found on PATH; {INSTALL_HINT}"
+    layouts: tuple[Layout, ...] = ("nested", "flat") if os.geteuid() == 0 else ("user",)
+    reasons = []
+    for layout in layouts:
+        reason = _try(layout)
+        if reason is None:
+            return layout, None
+        reasons.append(reason)
+    return None, (f"bubblewrap cannot create the sandbox here ({reasons[0]}); unprivileged user namespaces may be "
+                  "disabled (sysctl kernel.unprivileged_userns_clone=1, or AppArmor's "
+                  "kernel.apparmor_restrict_unprivileged_userns=0)")  # fmt: skip
+
+
+def bwrap_layout() -> Layout | None:
+    """How the sandbox is built here: ``user`` (non-root trainer), ``nested`` (root trainer) or
+    ``flat`` (root trainer, unprivileged user namespaces unavailable); None when none works."""
+    return _probe()[0]
+
+
+def bwrap_problem() -> str | None:
+    """Why the bwrap boundary cannot run here (None when it can); probed once per process."""
+    return _probe()[1]

@@ -12,10 +12,10 @@ builtins, ``sys.exit``, forged lines) can pass a test: the best it can do is ans
 
 The evaluation here runs trusted test text on untrusted *data*, with guards where data size drives
 cost: ``**``, ``*``, ``<<``, ``%``-formatting, ``pow`` and ``range`` refuse results beyond
-:data:`MAX_ITEMS` elements / digits, and ``math`` offers only functions whose cost does not grow
-with the argument's value. A probe that depends on a comprehension or lambda variable (``all(f(i)
-== i * i for i in range(9))``) would need one child call per iteration and is refused with a
-ValueError: write one assert per input.
+:data:`MAX_ITEMS` elements / digits, and ``math`` offers functions whose cost does not grow with
+the argument's value, plus ``factorial``, ``comb`` and ``perm`` up to 100000. A probe that depends
+on a comprehension or lambda variable (``all(f(i) == i * i for i in range(9))``) would need one
+child call per iteration and is refused with a ValueError: write one assert per input.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ _SAFE_BUILTINS = ("abs", "all", "any", "ascii", "bin", "bool", "bytes", "callabl
 _SAFE_MATH = ("acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "copysign", "cos", "cosh",
               "degrees", "dist", "e", "erf", "erfc", "exp", "expm1", "fabs", "floor", "fmod", "frexp", "fsum", "gamma",
               "gcd", "hypot", "inf", "isclose", "isfinite", "isinf", "isnan", "isqrt", "ldexp", "lgamma", "log",
-              "log10", "log1p", "log2", "modf", "nan", "pi", "radians", "remainder", "sin", "sinh", "sqrt", "tan",
-              "tanh", "tau", "trunc")  # fmt: skip
+              "log10", "log1p", "log2", "modf", "nan", "pi", "pow", "prod", "radians", "remainder", "sin", "sinh",
+              "sqrt", "tan", "tanh", "tau", "trunc")  # fmt: skip
+_COUNTING_MATH = ("factorial", "comb", "perm")  # cost grows with the argument: guarded
 _RESERVED = "__fp_"
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
@@ -254,10 +255,22 @@ def _guarded_range(*args: int) -> range:
     return r
 
 
+def _guarded_counting(name: str) -> Any:
+    fn = getattr(math, name)
+
+    def guarded(*args: Any) -> Any:
+        if any(isinstance(a, int) and a > 100_000 for a in args):
+            raise OverflowError(f"math.{name} of more than 100000 is refused here")
+        return fn(*args)
+
+    return guarded
+
+
 _NAMESPACE: dict[str, Any] = {
     "__builtins__": {**{n: getattr(builtins, n) for n in _SAFE_BUILTINS}, "pow": _guarded_pow,
                      "range": _guarded_range},
-    "math": SimpleNamespace(**{n: getattr(math, n) for n in _SAFE_MATH}),
+    "math": SimpleNamespace(**{n: getattr(math, n) for n in _SAFE_MATH},
+                            **{n: _guarded_counting(n) for n in _COUNTING_MATH}),
     "__fp_guard": _guard,
 }  # fmt: skip
 
