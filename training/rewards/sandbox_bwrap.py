@@ -26,7 +26,9 @@ only) and which owns most files. So a root trainer gets one of two layouts:
   creates the user namespace and the final sandbox inside that view;
 - ``flat``, where the host forbids unprivileged user namespaces: the outer bwrap alone is the
   sandbox, every namespace but the user one, and the runner starts as uid 65534 without
-  capabilities (no user namespace to be root in).
+  capabilities (no user namespace to be root in). RLIMIT_NPROC then counts every uid-65534
+  process of the host, so concurrent sandboxes share it (as they do in the nested layout on
+  kernels before 5.14, which count per uid rather than per user namespace).
 
 A non-root trainer runs the inner bwrap directly (``user``: itself outside, 65534 inside). Nested
 user-namespace bwraps cannot mount a fresh ``/proc`` (the kernel refuses while the outer one is

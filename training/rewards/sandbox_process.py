@@ -28,11 +28,20 @@ class ChildOutput:
     wall_s: float
 
 
-def _namespace_init(info: bytes, monitor_pid: int) -> int | None:
-    """A pidfd for the sandbox's init (``child-pid`` in bwrap's info), checked to still be the
-    child of our bwrap so a recycled pid is never signalled."""
+def _namespace_init(info_r: int, monitor_pid: int, deadline: float) -> int | None:
+    """A pidfd for the sandbox's init, read from bwrap's info (``{"child-pid": N}``, written right
+    after the namespaces are created) and checked to be the child of our bwrap, so that a
+    recycled pid is never signalled. None if bwrap wrote no info (it failed early)."""
+    info = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(info_r, selectors.EVENT_READ)
+        while len(info) < 4096 and sel.select(max(0.0, deadline - time.perf_counter())):
+            chunk = os.read(info_r, 4096)
+            if not chunk:
+                break
+            info += chunk
     try:
-        pid = int(json.loads(info)["child-pid"])
+        pid = int(json.loads(bytes(info))["child-pid"])
         fd = os.pidfd_open(pid)
     except (ValueError, KeyError, TypeError, OSError, AttributeError):
         return None
@@ -54,34 +63,37 @@ def run_supervised(make_argv: Callable[[int | None], list[str]], job: bytes, wal
     in the pid namespace) and waits for it; otherwise the child's process group is killed."""
     info_r, info_w = os.pipe() if info else (None, None)
     start = time.perf_counter()
+    deadline = start + wall_s
     try:
         proc = subprocess.Popen(make_argv(info_w), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True,
                                 pass_fds=(info_w,) if info_w is not None else ())  # fmt: skip
+    except BaseException:
+        if info_r is not None:
+            os.close(info_r)
+        raise
     finally:
         if info_w is not None:
             os.close(info_w)
-    out, err, info_buf = bytearray(), bytearray(), bytearray()
-    timed_out = overflowed = stopped = False
     init_fd = None
+    out, err = bytearray(), bytearray()
+    timed_out = overflowed = stopped = False
     sel = selectors.DefaultSelector()
-    os.set_blocking(proc.stdin.fileno(), False)
-    pending = memoryview(job)
-    sel.register(proc.stdin, selectors.EVENT_WRITE)
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    sel.register(proc.stderr, selectors.EVENT_READ)
-    if info_r is not None:
-        sel.register(info_r, selectors.EVENT_READ)
-    deadline = start + wall_s
     try:
+        if info_r is not None:
+            init_fd = _namespace_init(info_r, proc.pid, deadline)
+        os.set_blocking(proc.stdin.fileno(), False)
+        pending = memoryview(job)
+        sel.register(proc.stdin, selectors.EVENT_WRITE)
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(proc.stderr, selectors.EVENT_READ)
         while len(sel.get_map()) and not (stopped or overflowed):
             left = deadline - time.perf_counter()
             if left <= 0:
                 timed_out = True
                 break
             for key, _ in sel.select(left):
-                fileobj = key.fileobj
-                if fileobj is proc.stdin:
+                if key.fileobj is proc.stdin:
                     try:
                         pending = pending[os.write(proc.stdin.fileno(), pending[:65536]) :]
                     except BlockingIOError:
@@ -92,21 +104,15 @@ def run_supervised(make_argv: Callable[[int | None], list[str]], job: bytes, wal
                         sel.unregister(proc.stdin)
                         proc.stdin.close()
                     continue
-                fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
-                chunk = os.read(fd, 65536)
+                chunk = os.read(key.fd, 65536)
                 if not chunk:
-                    sel.unregister(fileobj)
-                    if fileobj is info_r:
-                        init_fd = _namespace_init(bytes(info_buf), proc.pid)
-                    continue
-                if fileobj is proc.stdout:
+                    sel.unregister(key.fileobj)
+                elif key.fileobj is proc.stdout:
                     out += chunk
                     overflowed = len(out) > max_stdout
                     stopped = (b"\n" + stop_line + b"\n") in (b"\n" + out[-len(stop_line) - 2 :])
-                elif fileobj is proc.stderr:
-                    err = (err + chunk)[-_STDERR_TAIL:]
                 else:
-                    info_buf += chunk[: 4096 - len(info_buf)]
+                    err = (err + chunk)[-_STDERR_TAIL:]
     finally:
         sel.close()
         _kill_tree(proc, init_fd)
