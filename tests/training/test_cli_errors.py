@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import fastpeft
 from fastpeft.cli import main
-from fastpeft.training import demo
+from fastpeft.demo import embedded_job as demo
 from fastpeft.training.model_setup import build_model
 
 
