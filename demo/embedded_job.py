@@ -128,13 +128,12 @@ def _sft_records(config: DemoConfig) -> tuple[list[dict], list[dict]]:
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the three stages; returns the numbers it prints."""
     import fastpeft
+    from fastpeft.training.checkpoint import check_output_dir
     from fastpeft.training.evaluate import exact_match
     from fastpeft.training.metrics import peak_memory_bytes
     from fastpeft.training.model_setup import build_model
     from fastpeft.training.sft import SFTConfig, train
     from fastpeft.training.tokenizer import load_tokenizer
-
-    from fastpeft.training.checkpoint import check_output_dir
 
     check_output_dir(Path(config.output_dir))
     torch.set_num_threads(_pick_threads(config.threads))

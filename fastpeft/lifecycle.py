@@ -187,9 +187,9 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module | 
     """
     name = model.__dict__.get(ACTIVE_ATTR)
     for path, layer in iter_adapter_layers(model):  # refuse before any layer is replaced
-        if layer.merged_adapter is None and name in layer.adapters:
-            if not all(torch.isfinite(p).all() for p in layer.adapter_params(name)):
-                raise ValueError(f"adapter {name!r} has NaN/inf weights in {path}; refusing to merge it")
+        unmerged = layer.merged_adapter is None and name in layer.adapters
+        if unmerged and not all(torch.isfinite(p).all() for p in layer.adapter_params(name)):
+            raise ValueError(f"adapter {name!r} has NaN/inf weights in {path}; refusing to merge it")
     max_error = 0.0
     for path, layer in list(iter_adapter_layers(model)):
         weight = layer.dense_weight(torch.float32).float()

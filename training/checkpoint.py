@@ -72,13 +72,13 @@ def save_or_rescue(save: Callable[[Path], Path], target: Path, what: str) -> Pat
     directory, and raise :class:`FinalSaveError` saying where the weights are."""
     try:
         return save(target)
-    except Exception as err:  # noqa: BLE001 - whatever broke the save, the weights must not be lost
+    except Exception as err:  # whatever broke the save, the weights must not be lost
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         stamp = f"rescued-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         for fallback in (target.parent / f"{target.name}.{stamp}", Path(tempfile.gettempdir()) / f"fastpeft-{what.replace(' ', '-')}-{stamp}"):
             try:
                 saved = save(fallback)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 continue
             raise FinalSaveError(f"could not save the {what} to {target} ({reason}); it was saved to {saved} "
                                  "instead") from err  # fmt: skip

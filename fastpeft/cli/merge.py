@@ -28,9 +28,8 @@ class MergeConfig:
 def merge_adapter(config: MergeConfig) -> Path:
     """Load base + adapter, merge, unload, save to ``config.output``; returns the output path."""
     import fastpeft
-    from fastpeft.training.model_setup import build_model
-
     from fastpeft.training.checkpoint import check_output_dir, save_pretrained
+    from fastpeft.training.model_setup import build_model
 
     if not config.adapter or not config.output:
         raise ConfigError("merge needs --adapter DIR and --output DIR")

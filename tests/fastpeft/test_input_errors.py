@@ -12,9 +12,9 @@ from fastpeft import PromptTuningConfig, add_prompt_tuning
 
 
 def test_inject_and_load_need_a_module(tmp_path):
-    with pytest.raises(TypeError, match="inject expects a torch nn.Module .* got str"):
+    with pytest.raises(TypeError, match=r"inject expects a torch nn.Module .* got str"):
         fastpeft.inject("model", fastpeft.LoraConfig())
-    with pytest.raises(TypeError, match="load_adapter expects a torch nn.Module, got str"):
+    with pytest.raises(TypeError, match=r"load_adapter expects a torch nn\.Module, got str"):
         fastpeft.load_adapter("model", tmp_path)
 
 
@@ -46,5 +46,5 @@ def test_nan_in_a_loaded_prompt_adapter_is_reported_at_load_time(lm, tmp_path):
     with torch.no_grad():
         adapter.prompt_embeddings[1, 3] = float("nan")
     fastpeft.save_adapter(model, tmp_path)
-    with pytest.raises(ValueError, match="prompt_embeddings .* holds NaN/inf"):
+    with pytest.raises(ValueError, match=r"prompt_embeddings .* holds NaN/inf"):
         fastpeft.load_adapter(lm.build("llama"), tmp_path)

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft import (PrefixTuningConfig, PromptTuningConfig, PTuningV2Config, add_prefix_tuning, add_prompt_tuning,
-                      add_ptuning_v2)  # fmt: skip
+from fastpeft import (
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningV2Config,
+    add_prefix_tuning,
+    add_prompt_tuning,
+    add_ptuning_v2,
+)
 
 ATTACH = {
     "prompt": (lambda m: add_prompt_tuning(m, PromptTuningConfig(num_virtual_tokens=3)), "fastpeft_prompt"),

@@ -87,7 +87,7 @@ def test_every_checkpoint_damaged_is_an_error_naming_them(runs, tmp_path, tiny_l
     run, _, records = _copy(runs, tmp_path)
     for step in ckpt.list_checkpoints(run / "checkpoints"):
         (step / "scheduler.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="no intact checkpoint.*step-000003 is damaged.*step-000001 is damaged"):
+    with pytest.raises(ValueError, match=r"no intact checkpoint.*step-000003 is damaged.*step-000001 is damaged"):
         train(_config(run, tiny_llama, records, max_steps=4, resume=True))
 
 
@@ -115,7 +115,7 @@ def test_a_changed_lr_or_seed_is_named(runs, tmp_path, tiny_llama, change, named
 
 
 def test_a_torn_metrics_line_does_not_block_resume(runs, tmp_path, tiny_llama):
-    run, reference, records = _copy(runs, tmp_path)
+    run, _, records = _copy(runs, tmp_path)
     metrics = run / "metrics.jsonl"
     with metrics.open("a") as f:
         f.write('{"step": 4, "loss": 0.12')  # the process died mid-write

@@ -27,7 +27,7 @@ def test_bad_optimisation_fields_are_refused_in_one_line(cls, field, value):
 
 @pytest.mark.parametrize("value", [-1.0, 0.0, math.nan])
 def test_sft_num_epochs_must_be_positive(value):
-    with pytest.raises(ValueError, match="^num_epochs "):
+    with pytest.raises(ValueError, match=r"^num_epochs "):
         SFTConfig(num_epochs=value)
 
 

@@ -9,8 +9,13 @@ import time
 import pytest
 
 from fastpeft.training.rewards import code_sandbox, sandbox_bwrap
-from fastpeft.training.rewards.code_sandbox import (CodeReward, SandboxLimits, SandboxUnavailable, UNSAFE,
-                                                    run_tests_in_sandbox)  # fmt: skip
+from fastpeft.training.rewards.code_sandbox import (
+    UNSAFE,
+    CodeReward,
+    SandboxLimits,
+    SandboxUnavailableError,
+    run_tests_in_sandbox,
+)
 from fastpeft.training.rewards.sandbox_process import remove_tree
 from fastpeft.training.rewards.sandbox_verdict import compile_test, judge, read_answers
 
@@ -140,11 +145,11 @@ def test_without_bubblewrap_code_rewards_refuse_in_one_line(monkeypatch):
     monkeypatch.setattr(sandbox_bwrap, "find_bwrap", lambda: None)
     sandbox_bwrap._probe.cache_clear()
     try:
-        with pytest.raises(SandboxUnavailable) as err:
+        with pytest.raises(SandboxUnavailableError) as err:
             CodeReward(LIMITS)
         message = str(err.value)
         assert "\n" not in message and "apt-get install bubblewrap" in message and UNSAFE in message
-        with pytest.raises(SandboxUnavailable):
+        with pytest.raises(SandboxUnavailableError):
             run_tests_in_sandbox(GOOD, TESTS, LIMITS)
     finally:
         sandbox_bwrap._probe.cache_clear()
@@ -170,7 +175,7 @@ def test_unsafe_tier_is_loud_limited_and_cleans_up():
 
 
 def test_good_code_passes_and_wrong_code_fails(require_bwrap):
-    result = run_tests_in_sandbox(GOOD, TESTS + ["assert add(1, 1) == 3"], LIMITS)
+    result = run_tests_in_sandbox(GOOD, [*TESTS, "assert add(1, 1) == 3"], LIMITS)
     assert (result.passed, result.total, result.error, result.isolation) == (2, 3, None, "bwrap")
     assert result.outcomes[2]["detail"] == "assertion failed (add(1, 1) = 2)"
     reward = CodeReward(LIMITS)

@@ -68,10 +68,10 @@ def leak():
 import sys
 main = sys.modules["__main__"]
 main._encode = lambda *a, **k: {"tuple": []}
-main.json.dumps = lambda *a, **k: '{"probe": 0, "value": %d}'
+main.json.dumps = lambda *a, **k: '{"probe": 0, "passed": true}'
 def answer():
     return 0
-""" % SECRET, [f"assert answer() == {SECRET}"]),
+""", [f"assert answer() == {SECRET}"]),
         "remount_and_write_outside": (f"""
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
@@ -193,12 +193,12 @@ def bomb():
     try:
         while n < 10_000:
             if os.fork() == 0:
-%s
+                SPAWN
             n += 1
     except OSError:
         pass
     return n
-""" % "\n".join("                " + line for line in spawn_token.splitlines()), [f"assert bomb() > {LIMITS.max_processes}"]),
+""".replace("SPAWN", spawn_token.strip()), [f"assert bomb() > {LIMITS.max_processes}"]),
         "fork_bomb_classic": ("import os\nwhile True:\n    os.fork()\n", ["assert f() == 1"]),
         "thread_bomb": ("""
 import threading, time

@@ -6,7 +6,7 @@
   (:mod:`.sandbox_runner`) sets RLIMIT_CPU / AS / NPROC / FSIZE / NOFILE / CORE before the
   candidate's first line. After the run (or at the wall-time limit) the namespace's init is killed,
   which kills every process in it, and this call returns only once they are gone.
-- **No tool, no run**: without a working ``bwrap`` code rewards raise :class:`SandboxUnavailable`,
+- **No tool, no run**: without a working ``bwrap`` code rewards raise :class:`SandboxUnavailableError`,
   whose one line says how to install it. ``isolation="unsafe-rlimits-only"`` is the explicit,
   loudly warned opt-in to a plain subprocess with the same rlimits, a throw-away working directory
   and a process-group kill: it contains accidents (loops, memory, forks) but isolates nothing: the
@@ -40,7 +40,7 @@ UNSAFE = "unsafe-rlimits-only"
 _MIB = 1024 * 1024
 
 
-class SandboxUnavailable(OSError):
+class SandboxUnavailableError(OSError):
     """No isolation tool can run here; the message (one line) says how to get one."""
 
 
@@ -86,11 +86,11 @@ class SandboxResult:
 
 
 def resolve_isolation(isolation: str) -> str:
-    """Check that ``isolation`` can run here (SandboxUnavailable / ValueError otherwise)."""
+    """Check that ``isolation`` can run here (SandboxUnavailableError / ValueError otherwise)."""
     if isolation == "bwrap":
         problem = bwrap_problem()
         if problem is not None:
-            raise SandboxUnavailable(f"code rewards will not run model-written code without isolation: {problem} "
+            raise SandboxUnavailableError(f"code rewards will not run model-written code without isolation: {problem} "
                                      f"(or opt in to no isolation with isolation={UNSAFE!r})")  # fmt: skip
         return isolation
     if isolation == UNSAFE:
@@ -114,7 +114,7 @@ def _job(code: str, probes: list[str], limits: SandboxLimits) -> bytes:
     return json.dumps({
         "code": code, "probes": probes, "max_depth": MAX_DEPTH, "max_items": MAX_ITEMS,
         "max_value_bytes": limits.max_result_kb * 1024,
-        "limits": {"cpu_s": int(math.ceil(limits.cpu_time_s)), "memory_bytes": int(limits.memory_mb * _MIB),
+        "limits": {"cpu_s": math.ceil(limits.cpu_time_s), "memory_bytes": int(limits.memory_mb * _MIB),
                    "processes": int(limits.max_processes), "file_bytes": int(limits.max_file_mb * _MIB),
                    "open_files": int(limits.max_open_files)},
     }).encode()  # fmt: skip
@@ -181,7 +181,7 @@ class CodeReward:
     The code is the completion's fenced Python block(s) (or the whole completion); the tests are
     ``record[tests_key]`` (see :func:`~.sandbox_verdict.compile_test`). Reward: the share of tests
     passed (``partial=True``) or 1.0 / 0.0 for all / not all. Construction checks that the
-    isolation can run here (:class:`SandboxUnavailable` otherwise). ``score_batch`` runs up to
+    isolation can run here (:class:`SandboxUnavailableError` otherwise). ``score_batch`` runs up to
     ``max_workers`` sandboxes at once (each is a subprocess; the threads only wait on them).
     """
 

@@ -4,6 +4,7 @@ block, grow without bound, or raise."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -117,10 +118,8 @@ def run_supervised(make_argv: Callable[[int | None], list[str]], job: bytes, wal
         sel.close()
         _kill_tree(proc, init_fd)
         for f in (proc.stdin, proc.stdout, proc.stderr):
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
         if info_r is not None:
             os.close(info_r)
     lines = bytes(out[:max_stdout]).split(b"\n")[:-1]
@@ -130,14 +129,10 @@ def run_supervised(make_argv: Callable[[int | None], list[str]], job: bytes, wal
 
 def _kill_tree(proc: subprocess.Popen, init_fd: int | None) -> None:
     if init_fd is not None:
-        try:
+        with contextlib.suppress(OSError):
             signal.pidfd_send_signal(init_fd, signal.SIGKILL)
-        except OSError:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # our bwrap (or the unsafe tier's child) and its group
-    except (ProcessLookupError, PermissionError):
-        pass
     proc.wait()
     if init_fd is not None:
         # the init exits only after the kernel has killed and reaped everything in its namespace

@@ -28,17 +28,17 @@ import sys
 _SCALARS = (bool, int, float, str, type(None))
 
 
-class _Unencodable(Exception):
+class _UnencodableError(Exception):
     pass
 
 
 def _encode(value, depth, budget, max_depth):
     """``value`` as JSON-able data (see the module docstring); ``budget`` = [items left]."""
     if depth > max_depth:
-        raise _Unencodable(f"the value is nested deeper than {max_depth} levels")
+        raise _UnencodableError(f"the value is nested deeper than {max_depth} levels")
     budget[0] -= 1
     if budget[0] < 0:
-        raise _Unencodable("the value has too many items")
+        raise _UnencodableError("the value has too many items")
     if value is None or type(value) in _SCALARS:
         return value
     # subclasses go through the base type's methods (int.__index__, str.__str__, ...): exact copies
@@ -74,14 +74,18 @@ def _encode(value, depth, budget, max_depth):
         out = []
         for x in iter(value):
             if len(out) >= budget[0]:
-                raise _Unencodable("the iterator yields too many items")
+                raise _UnencodableError("the iterator yields too many items")
             out.append(x)
         return {"iter": items(out)}
-    raise _Unencodable(f"returned a {type(value).__name__}, which is not plain data")
+    raise _UnencodableError(f"returned a {type(value).__name__}, which is not plain data")
 
 
 def _describe(err):
-    return f"{type(err).__name__}: {str(err)[:300]}"
+    try:
+        text = str(err)[:300]
+    except BaseException:  # the candidate's exception may refuse even that
+        text = "?"
+    return text if isinstance(err, _UnencodableError) else f"{type(err).__name__}: {text}"
 
 
 def main():
@@ -109,7 +113,7 @@ def main():
     namespace = {"__name__": "__solution__"}
     try:
         exec(compile(job["code"], "solution.py", "exec"), namespace)
-    except BaseException as err:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are the candidate's too
+    except BaseException as err:  # SystemExit and KeyboardInterrupt are the candidate's too
         emit({"load_error": _describe(err)})
         emit({"done": True})
         os._exit(0)
@@ -119,10 +123,10 @@ def main():
             value = eval(compile(source, f"<probe {i}>", "eval"), namespace)
             line = dumps({"probe": i, "value": _encode(value, 0, [max_items], max_depth)})
             if len(line) > max_bytes:
-                raise _Unencodable(f"the value takes more than {max_bytes} bytes")
+                raise _UnencodableError(f"the value takes more than {max_bytes} bytes")
             out.write(line + "\n")
             out.flush()
-        except BaseException as err:  # noqa: BLE001
+        except BaseException as err:
             emit({"probe": i, "error": _describe(err)})
     emit({"done": True})
     os._exit(0)  # no atexit handlers, no waiting for the candidate's threads

@@ -47,7 +47,7 @@ _RESERVED = "__fp_"
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
-class ProbeFailed(Exception):
+class ProbeFailedError(Exception):
     """A probe had no value: it raised in the child, or the child never answered."""
 
 
@@ -294,16 +294,16 @@ def judge(test: CompiledTest, values: Mapping[int, Any], errors: Mapping[int, st
     def probe(i: int) -> Any:
         if i in values:
             return values[i]
-        raise ProbeFailed(f"{test.probes[i]} {'raised ' + errors[i] if i in errors else 'gave no result'}")
+        raise ProbeFailedError(f"{test.probes[i]} {'raised ' + errors[i] if i in errors else 'gave no result'}")
 
     try:
         if test.code is None:
             ok = _equal(probe(0), test.expected)
         else:
-            ok = bool(eval(test.code, {**_NAMESPACE, "__fp_probe": probe}))  # noqa: S307 - trusted test text
-    except ProbeFailed as err:
+            ok = bool(eval(test.code, {**_NAMESPACE, "__fp_probe": probe}))  # trusted test text, untrusted data
+    except ProbeFailedError as err:
         return False, str(err)[:300]
-    except Exception as err:  # noqa: BLE001 - a test that raises fails, as under pytest
+    except Exception as err:  # a test that raises fails, as under pytest
         return False, f"{type(err).__name__}: {str(err)[:200]}"
     if ok:
         return True, "passed"
@@ -314,6 +314,6 @@ def judge(test: CompiledTest, values: Mapping[int, Any], errors: Mapping[int, st
 def _short(value: Any) -> str:
     try:
         text = repr(value)
-    except Exception:  # noqa: BLE001 - a huge int refuses repr
+    except Exception:  # a huge int refuses repr
         text = f"<{type(value).__name__}>"
     return text if len(text) <= 80 else text[:77] + "..."
