@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import platform
 from pathlib import Path
 from typing import Any
 
-from fastpeft.cli.common import config_help, format_bytes, print_kv, run_cli
+from fastpeft.cli.common import config_help, format_bytes, json_object, print_kv, run_cli
 from fastpeft.training.config_io import ConfigError, parse_cli
 
 _PACKAGES = ("fastpeft", "torch", "triton", "transformers", "bitsandbytes", "peft", "safetensors", "liger-kernel")
@@ -47,7 +46,7 @@ def environment() -> list[tuple[str, Any]]:
 def describe_path(path: Path) -> list[tuple[str, Any]]:
     """Rows describing an adapter, model, run or checkpoint directory (ConfigError otherwise)."""
     if (path / "adapter_config.json").is_file():
-        cfg = _json_object(path / "adapter_config.json")
+        cfg = json_object(path / "adapter_config.json", "path")
         rows: list[tuple[str, Any]] = [("kind", f"adapter ({cfg.get('peft_type', '?')})")]
         rows += [(k, cfg.get(k)) for k in ("base_model_name_or_path", "r", "lora_alpha", "target_modules",
                                             "use_rslora", "use_dora")]  # fmt: skip
@@ -65,7 +64,7 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
     if (path / "config.json").is_file():
         from fastpeft.training.plan import ModelShape
 
-        cfg = _json_object(path / "config.json")
+        cfg = json_object(path / "config.json", "path")
         shape = ModelShape.from_config(cfg)
         return [("kind", f"model ({cfg.get('model_type', '?')})"), ("parameters (estimate)", f"{shape.total_params():,}"),
                 ("layers", shape.layers), ("hidden", shape.hidden), ("vocab", shape.vocab),
@@ -77,7 +76,7 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
         latest = latest_checkpoint(path / "checkpoints")
         state_file = latest / "trainer_state.json" if latest else state_file
     if state_file.is_file():
-        state = _json_object(state_file)
+        state = json_object(state_file, "path")
         rows = [("kind", "training checkpoint"), ("checkpoint", state_file.parent), ("step", state.get("step")),
                 ("skipped steps", state.get("bad_steps"))]  # fmt: skip
         cfg = state.get("config", {})
@@ -90,16 +89,6 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
             rows.append(("last logged loss", losses[-1] if losses else None))
         return rows
     raise ConfigError(f"path: {str(path)!r} is not an adapter, model, run or checkpoint directory")
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"path: {path} is not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"path: {path} must hold a JSON object, got a {type(data).__name__}")
-    return data
 
 
 def _numel(shape: list[int]) -> int:

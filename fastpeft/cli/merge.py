@@ -8,10 +8,9 @@ tokenizer found in the base directory is copied along.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from fastpeft.cli.common import config_help, run_cli
+from fastpeft.cli.common import config_help, json_object, run_cli
 from fastpeft.training.config_io import ConfigError, parse_cli
 
 _PATH = {"path": True}
@@ -36,12 +35,7 @@ def merge_adapter(config: MergeConfig) -> Path:
     adapter_cfg = Path(config.adapter) / "adapter_config.json"
     if not adapter_cfg.is_file():
         raise ConfigError(f"adapter: {config.adapter!r} has no adapter_config.json")
-    try:
-        saved_config = json.loads(adapter_cfg.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"adapter: {adapter_cfg} is not valid JSON ({err})") from err
-    if not isinstance(saved_config, dict):
-        raise ConfigError(f"adapter: {adapter_cfg} must hold a JSON object, got a {type(saved_config).__name__}")
+    saved_config = json_object(adapter_cfg, "adapter")  # checked before any model is loaded
     base = config.model or saved_config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ConfigError(f"model: base model directory {base!r} not found; pass --model DIR")
