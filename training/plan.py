@@ -22,15 +22,17 @@ The total is the plain sum (gradients are counted as if they coexisted with ever
 which makes full fine-tuning estimates a little high); on CPU it lands within ~20% of the
 measured peak for a small Llama in every mode (see ``tests/training/test_plan.py``).
 
-Decision flow (after our source material): if full fine-tuning fits and the data is large
-(``data_tokens >= full_ft_tokens_per_param x parameters``) choose full FT; else LoRA if it fits;
-else QLoRA if it fits; else nothing fits (shorter sequences, smaller batch, more GPUs).
+Decision flow (a simplified form of the method choice in the survey "LLM Post-Training: A Deep
+Dive into Reasoning Large Language Models", arXiv:2502.21321): if full fine-tuning fits and the
+data is large (``data_tokens >= full_ft_tokens_per_param x parameters``) choose full FT; else LoRA
+if it fits; else QLoRA if it fits; else nothing fits (shorter sequences, smaller batch, more GPUs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,14 @@ class PlanInputs:
     double_quant: bool = True
     full_ft_tokens_per_param: float = 0.1
     headroom: float = 0.9  # plan against this fraction of the device memory
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_memory_gib", "seq_len", "batch_size", "data_tokens", "lora_r", "full_ft_tokens_per_param"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not 0 < self.headroom <= 1:
+            raise ValueError(f"headroom must be in (0, 1], got {self.headroom!r}")
 
 
 def load_model_shape(model: str | None, model_config: dict | None) -> ModelShape:

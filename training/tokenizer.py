@@ -16,10 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# the bundled file's vocabulary, in id order (tests/training/test_tokenizer.py checks the file against it)
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHARACTERS = ("\n", "\t") + tuple(chr(i) for i in range(32, 127))
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
+    "{% if m['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown chat role ' ~ m['role'] ~ '; the bundled template knows system, user, assistant') }}"
+    "{% endif %}"
     "<|{{ m['role'] }}|>\n{{ m['content'] }}"
     # transformers renders with trim_blocks, so each newline sits before a tag, never after one
     "{% if m['role'] == 'assistant' %}{{ eos_token }}\n{% else %}<|end|>\n{% endif %}"
@@ -31,17 +35,6 @@ _CANDIDATES = (
     Path(__file__).resolve().parents[1] / "fastpeft" / "data" / "char_tokenizer.json",
     Path(__file__).resolve().parents[1] / "data" / "char_tokenizer.json",
 )
-
-
-def build_char_tokenizer_json() -> str:
-    """The JSON text of the bundled tokenizer, built with the ``tokenizers`` library."""
-    from tokenizers import Tokenizer, decoders, models
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()  # characters join back without spaces
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok.to_str(pretty=True)
 
 
 def tokenizer_file() -> Path:
