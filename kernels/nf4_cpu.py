@@ -140,7 +140,10 @@ def _self_checked(found: _Native) -> _Native:
 
 
 def _plain_cpu(*tensors: torch.Tensor | None) -> bool:
-    """Real CPU tensors with memory behind them (not fake/meta/functional wrappers): ctypes may read them."""
+    """Real CPU tensors with memory behind them (not fake/meta/functional wrappers), outside a
+    torch.compile trace (which gets the traceable reference instead): ctypes may read them."""
+    if torch.compiler.is_compiling():
+        return False
     return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu")
                for t in tensors)  # fmt: skip
 
@@ -297,8 +300,8 @@ def gemv_applicable(x: torch.Tensor, q: NF4Weight) -> bool:
     """Whether :func:`nf4_linear_cpu` takes bitsandbytes' GEMV for this call."""
     n, k = q.shape
     return (x.dtype == torch.bfloat16 and x.shape[0] <= GEMV_MAX_ROWS and len(q.shape) == 2 and n % 32 == 0
-            and k % q.blocksize == 0 and x.stride(-1) == 1 and native().gemv_bf16 is not None
-            and _plain_cpu(x, *q.tensors().values()))  # fmt: skip
+            and k % q.blocksize == 0 and x.stride(-1) == 1 and _plain_cpu(x, *q.tensors().values())
+            and native().gemv_bf16 is not None)  # fmt: skip
 
 
 def _gemv(x: torch.Tensor, q: NF4Weight, lib: _Native | None = None) -> torch.Tensor:
