@@ -40,6 +40,9 @@ def test_every_scenario_runs_small_on_cpu_and_writes_json_table_png_results_md(t
         elif r["scenario"] in ("decode-linear", "train-linear", "prefix-attention"):
             assert r["status"] == "ok" and r["backend"] == "torch", r
             assert 0 < r["rel_err"] <= r["tolerance"]  # the check ran against the float64 reference
+        elif r["scenario"].startswith("cpu-"):  # interleaved rounds against the baselines (interleaved.py)
+            assert r["status"] == "ok" and r["extra"]["speedup"] > 0 and r["extra"]["rounds"] == 1, r
+            assert r["rel_err"] is None or r["rel_err"] <= r["tolerance"]
         else:  # whole workloads, measured by benchmarks/training_steps.py and sampling_throughput.py
             assert r["status"] == "ok" and r["extra"]["tokens_per_s"] > 0, r
     for name in scenarios.SCENARIOS:
