@@ -384,18 +384,19 @@ def end_scenario(ctx: Context) -> None:
 def run_case(case: Case, ctx: Context) -> list[Row]:
     """All implementations of one case, side by side, in this process."""
     torch.manual_seed(0)
-    if case.interleaved:
-        from .interleaved import run_interleaved
-
-        return run_interleaved(case, ctx)
     try:
         specs = case.make_impls(ctx)
     except Unavailable as exc:
         row = Row(scenario=case.scenario, group=case.group, x_name=case.x_name, x=case.x, impl="(case)",
                   role=BASELINE, status=str(exc), metric=case.metric)  # fmt: skip
         return [row]
+    from .interleaved import run_interleaved, set_target
+
+    if case.interleaved:
+        return run_interleaved(case, specs, ctx)
     rows = [run_impl(case, spec, ctx) for spec in specs]
     del specs
     free_memory(ctx.device)
     set_ratios(rows)
+    set_target(rows, case)
     return rows

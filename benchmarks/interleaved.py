@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any
 
-from .harness import BASELINE, OURS, Case, Context, Measured, Row, Unavailable, _base_row, _check, _fill_rates
+from .harness import BASELINE, OURS, Case, Context, ImplSpec, Measured, Row, Unavailable, _base_row, _check, _fill_rates
 from .harness import PeakMemory, free_memory, synchronize
 
 INTERLEAVED_ROUNDS = 5
@@ -63,9 +63,8 @@ def target_met(target: tuple[str, float] | None, ratio: float | None) -> bool | 
     raise ValueError(f"unknown target kind {kind!r}; expected 'speedup' or 'time_ratio'")
 
 
-def run_interleaved(case: Case, ctx: Context) -> list[Row]:
+def run_interleaved(case: Case, specs: list[ImplSpec], ctx: Context) -> list[Row]:
     """Build, check, warm up, then time every implementation of ``case`` in alternating rounds."""
-    specs = case.make_impls(ctx)
     rows, runs, calls = [], {}, {}
     for spec in specs:
         row = _base_row(case, spec, ctx)
@@ -128,5 +127,13 @@ def _set_round_ratios(rows: list[Row], times: dict[str, list[float]], case: Case
         row.vs_fastest_baseline = statistics.median(ratios)
         row.extra.update(speedup=1.0 / row.vs_fastest_baseline, round_ratios=ratios, baseline=fastest.impl,
                          rounds=len(ratios))  # fmt: skip
-        if row.role == OURS and case.target is not None:
+    set_target(rows, case)
+
+
+def set_target(rows: list[Row], case: Case) -> None:
+    """Record the case's target and whether each of our rows meets it (from ``vs_fastest_baseline``)."""
+    if case.target is None:
+        return
+    for row in rows:
+        if row.role == OURS and row.vs_fastest_baseline is not None:
             row.extra.update(target=list(case.target), target_met=target_met(case.target, row.vs_fastest_baseline))

@@ -17,6 +17,7 @@ SCENARIOS: dict[str, str] = {
     "qlora-step": "qlora_step",
     "sampling": "sampling",
     "trl-sft-step": "trl_sft_step",
+    "multi-adapter": "multi_adapter",
     "cpu-kernels": "cpu_kernels",
     "cpu-models": "cpu_models",
 }
