@@ -65,7 +65,9 @@ def hf_generate_call(model: torch.nn.Module, prompts: torch.Tensor, n: int, new_
     ids = prompts.repeat_interleave(n, dim=0).to(model.device)
     kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens,
                               "min_new_tokens": new_tokens, "pad_token_id": 0}  # fmt: skip
-    kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else kwargs.update(do_sample=False)
+    # the distribution ours samples: temperature only (generate would add its default top-k of 50)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    kwargs.update(sampling if temperature > 0 else {"do_sample": False})
 
     def run() -> Any:
         with torch.no_grad():
