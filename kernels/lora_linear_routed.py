@@ -144,7 +144,8 @@ def lora_linear_routed(x: torch.Tensor, weight: Weight, bias: torch.Tensor | Non
         raise ValueError(f"need one lora_A, lora_B and scaling per adapter, got {len(lora_A)}, {len(lora_B)}, "
                          f"{len(scalings)}")  # fmt: skip
     if not isinstance(row_adapters, torch.Tensor) or row_adapters.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"row_adapters must be an int32/int64 tensor, got {getattr(row_adapters, 'dtype', row_adapters)}")
+        got = getattr(row_adapters, "dtype", type(row_adapters).__name__)
+        raise TypeError(f"row_adapters must be an int32/int64 tensor, got {got}")
     if isinstance(x, torch.Tensor) and x.is_floating_point() and (amp := autocast_dtype(x.device)) is not None:
         x, weight, bias, *factors = cast_for_autocast(amp, x, weight, bias, *lora_A, *lora_B)
         lora_A, lora_B = factors[:n_adapters], factors[n_adapters:]

@@ -9,7 +9,7 @@ bit against the reference.
   It runs bitsandbytes' native CPU kernels on our bytes, which are bitsandbytes' bytes, when its
   library is installed: the shared library is loaded with ctypes; the bitsandbytes Python package is
   never imported. Without it: a byte-pair table (one gather of two fp32 values per byte, then the
-  per-block scale broadcast), ~3.5x the reference's speed.
+  per-block scale broadcast), 3-10x the reference's speed.
 - :func:`nf4_linear_cpu`, x ``[M, K]`` -> x·Wᵀ + b ``[M, N]``: for bf16 x with M <= ``GEMV_MAX_ROWS``
   bitsandbytes' fused 4-bit GEMV (it never writes a dense W), else dequantize into the workspace and
   one GEMM (oneDNN/MKL), whose cost hardly grows with M.
@@ -26,8 +26,8 @@ Where bitsandbytes' CPU kernels are wrong, and the guards:
 - The GEMV needs bitsandbytes' CPU layout (codes interleaved in 32-row groups, the absmax transposed
   and in bf16), so the first call on a weight builds that copy (+0.5 byte per weight) and caches it,
   keyed by the weight's storage and invalidated when that storage is freed or written in place (the
-  fp32 scales of a double-quantized weight are cached the same way). It
-  needs AVX512-BF16 (checked), N % 32 == 0 and K % blocksize == 0; other shapes take the GEMM path.
+  fp32 scales of a double-quantized weight are cached the same way). It needs AVX512-BF16
+  (checked), N % 32 == 0 and K % blocksize == 0; other shapes take the GEMM path.
   Its numerics are bitsandbytes' (bf16 absmax), which is why only bf16 inputs use it.
 - On first use every native kernel is run on a small random case and compared with the reference
   (bit for bit for dequantization, to bf16 rounding for the GEMV); one that disagrees is never used.
@@ -48,7 +48,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, nf4_code, quantize_nf4
 from fastpeft.kernels.workspace import get_workspace
 
-GEMV_MAX_ROWS = 16  # one thread, bf16, 512-1536 wide layers: the GEMV grows with M, dequantize + GEMM hardly; equal at 16
+# one thread, bf16, 512-1536 wide layers: the GEMV's time grows with M, dequantize + GEMM's hardly;
+# they cost the same at 16 rows
+GEMV_MAX_ROWS = 16
 _NATIVE_MAX_BLOCKSIZE = 1024
 _NATIVE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _TABLE_CHUNK = 1 << 20  # elements per table-path chunk: its temporaries stay in cache
@@ -152,8 +154,8 @@ def _absmax_native(q: NF4Weight, lib: _Native) -> torch.Tensor:
     """fp32 scales of a double-quantized weight: ``code[q] * nested_absmax[block]`` in bitsandbytes'
     C (the same fp32 product as :meth:`NF4Weight.absmax_fp32`), then ``+ offset`` in torch."""
     out = torch.empty(q.absmax.numel(), dtype=torch.float32)
-    lib.blockwise_fp32(_c_ptr(q.nested_code.data_ptr()), _c_ptr(q.absmax.data_ptr()),
-                       _c_ptr(q.nested_absmax.data_ptr()), _c_ptr(out.data_ptr()), NESTED_BLOCKSIZE, out.numel())  # fmt: skip
+    pointers = (q.nested_code, q.absmax, q.nested_absmax, out)
+    lib.blockwise_fp32(*(_c_ptr(t.data_ptr()) for t in pointers), NESTED_BLOCKSIZE, out.numel())
     return out.add_(q.offset)
 
 

@@ -80,13 +80,13 @@ def cases(small: bool) -> list[Case]:
                                                                                GREEDY_NEW, SEQS)  # fmt: skip
     dims = formula_dims(size)
     out = []
+    step_bytes = formulas.llama_decode_step_bytes(**dims, r=16, double_quant=True)
     for label, quantized, n, target in SAMPLING:
-        step_bytes = formulas.llama_decode_step_bytes(**dims, r=16, double_quant=True)
-        out.append(Case(scenario=NAME, group=f"{label} sampling, prompt {prompt} + {new} new", x_name="N", x=n if not small else n // 8,
-                        make_impls=_generate_impls(size, quantized, 1, n if not small else n // 8, prompt, new, 1.0),
-                        metric="GB/s", bytes=step_bytes * new, interleaved=True, target=target))  # fmt: skip
+        n = n // 8 if small else n
+        out.append(Case(scenario=NAME, group=f"{label} sampling, prompt {prompt} + {new} new", x_name="N", x=n,
+                        make_impls=_generate_impls(size, quantized, 1, n, prompt, new, 1.0), metric="GB/s",
+                        bytes=step_bytes * new, interleaved=True, target=target))  # fmt: skip
     for label, quantized in (("QLoRA", True), ("LoRA", False)):
-        step_bytes = formulas.llama_decode_step_bytes(**dims, r=16, double_quant=True)
         out.append(Case(scenario=NAME, group=f"{label} greedy, distinct prompts of {prompt} + {greedy_new} new",
                         x_name="prompts", x=greedy_prompts,
                         make_impls=_generate_impls(size, quantized, greedy_prompts, 1, prompt, greedy_new, 0.0),
