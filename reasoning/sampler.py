@@ -10,11 +10,15 @@ Pipeline for ``generate(prompts, params, n)`` with P prompts and ``B = P·n`` ro
    prompt KV n times and runs the model's own attention.
 4. Rows finish independently at EOS, at a stop string (kept in the text) or at their length budget
    ``min(max_new_tokens, max_seq_len - prompt_len)``; finished rows stop counting tokens and their
-   further outputs are ignored; the loop ends as soon as every row is done.
+   further outputs are ignored. Tokens, logprobs and finish state stay on the device
+   (:class:`~fastpeft.reasoning.decoding.RowFinishState`): a step makes no host round trip; every
+   ``SYNC_EVERY`` steps the host checks stop strings (found at their first token, as if checked
+   every step) and ends the loop once every row is done.
 
 Kernels: each decode step feeds ``M = B`` rows through every linear layer, so with ``B <= 16`` the
 fastpeft LoRA / QLoRA modules dispatch to their fused NF4 + LoRA decode kernel automatically;
-larger batches use the general kernel. Nothing here selects kernels.
+larger batches use the general kernel; the shared prompt KV goes through the cascade attention
+kernel. Nothing here selects kernels.
 
 CUDA graphs: on CUDA, in shared mode, the decode step is captured once per ``generate`` call in a
 ``torch.cuda.CUDAGraph`` (static input ids / step counter / logits, the static caches) after one
