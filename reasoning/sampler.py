@@ -151,7 +151,7 @@ class Sampler:
         gen_len = max(budgets)
         prompt_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
 
-        with prefill_ctx:
+        with prefill_ctx, _contiguous_input(self.model.get_output_embeddings()):
             if self.prefix_mode == "shared":
                 cache, prefill_mask = make_static_cache(self.model, width), mask
             else:
@@ -330,6 +330,21 @@ class _DecodeStep:
             logits = self.forward()
         torch.cuda.current_stream().wait_stream(self.stream)
         return logits
+
+
+@contextlib.contextmanager
+def _contiguous_input(head: torch.nn.Module | None) -> Iterator[None]:
+    """Hand the LM head a contiguous input during the prefill: ``logits_to_keep=1`` gives it the last
+    position as a strided ``[P, 1, H]`` view, on which CPU bf16 ``F.linear`` copies the weight once
+    per row (0.5 s at P = 8, H = 512, V = 8192, against 1 ms for the same rows made contiguous)."""
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
