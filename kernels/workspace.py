@@ -10,11 +10,18 @@ of the key so that work on two streams never shares a buffer.
 kernel's split-K accumulators and arrival counters reset themselves), so no memset per call.
 
 CUDA graphs: call the op once before capture so the buffers exist outside the graph's pool.
+
+Under a trace (FakeTensorMode, torch.compile's AOTAutograd pass) a workspace is a fresh
+allocation, never cached: the compiled graph plans its own buffers, and a fake tensor must not
+outlive its trace in this cache. The ops' fake implementations allocate no workspace at all (a
+workspace is held across calls, not per call); each one names the workspaces its real path uses.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastpeft.kernels.backend import tracing
 
 _buffers: dict[tuple[str, torch.dtype, torch.device, int | None], torch.Tensor] = {}
 
@@ -34,6 +41,8 @@ def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.devic
     if numel < 0:
         raise ValueError(f"workspace {name!r}: numel must be >= 0, got {numel}")
     device = torch.device(device)
+    if tracing():
+        return (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
     key = (name, dtype, device, _stream_key(device))
     buf = _buffers.get(key)
     if buf is None or buf.numel() < numel:

@@ -1,16 +1,20 @@
-"""Prefix attention: Triton forward/backward (interpreter on CPU, real on GPU) against a float64
-torch reference, and the reference against SDPA over an explicitly concatenated K/V."""
+"""Prefix attention: the op's Triton forward/backward (interpreter on CPU, real on GPU) and its torch
+path (forward reference + the explicit backward formulas) against float64 autograd of the torch
+reference, and the reference against SDPA over an explicitly concatenated K/V."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastpeft.kernels.prefix_attention as pa
 import fastpeft.kernels.prefix_attention_bwd as pa_bwd
 from fastpeft.kernels.backend import force_backend
 from fastpeft.kernels.prefix_attention import prefix_attention, prefix_attention_forward_reference
+
+pa = importlib.import_module("fastpeft.kernels.prefix_attention")  # fastpeft.kernels.prefix_attention is the op
 
 # (out atol, out rtol, grad atol, grad rtol)
 TOL = {
@@ -99,6 +103,16 @@ TRITON_CASES = [
 def test_triton_matches_float64_reference(poisoned, batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias):
     case, mask = make_case(batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias)
     run_and_compare(case, mask, dtype)
+
+
+@pytest.mark.parametrize("batch,h_q,h_kv,t_q,t_k,n_prefix,head_dim,dtype,prefix,pad,bias",
+                         [c for c in TRITON_CASES if c[7] == f32] + [(2, 2, 1, 5, 5, 2, 48, f32, "shared", "left", True)])
+def test_torch_path_matches_float64_reference(poisoned, batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix,
+                                              pad, bias):  # fmt: skip
+    """The CPU path of the op: any head_dim (48 has no kernel tile), outputs in the kernel's layouts."""
+    case, mask = make_case(batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias)
+    out = run_and_compare(case, mask, dtype)
+    assert out.transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.triton
@@ -215,7 +229,8 @@ SM90_COMPILE = r"""
 import os, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import fastpeft.kernels.prefix_attention as pa, fastpeft.kernels.prefix_attention_bwd as pb
+import importlib, fastpeft.kernels.prefix_attention_bwd as pb
+pa = importlib.import_module("fastpeft.kernels.prefix_attention")
 SIZES = {"H_q", "H_kv", "T_q", "T_k", "P", "GROUP", "CAUSAL_OFFSET", "N_PREFIX_BLOCKS"}
 FP32 = {"LSE", "DELTA", "DPK", "DPV", "DBIAS_PART", "BIAS"}
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
