@@ -4,7 +4,7 @@ An AdapterLinear replaces an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose ``[in, 
 transposed into our ``[out, in]`` layout and remembered as ``fan_in_fan_out``) in place. It owns the
 frozen base weight and bias and any number of named adapters (``self.adapters``, an
 ``nn.ModuleDict`` of :class:`~fastpeft.adapters.LoraAdapter` objects — see that module for the seam
-a variant such as AdaLoRA or Delta-LoRA plugs into; register it in ``ADAPTER_VARIANTS``).
+a variant such as AdaLoRA or Delta-LoRA plugs into, and :mod:`fastpeft.variants` for registering one).
 
 Forward, for x ``[..., in]`` (leading dims flattened for the fused op):
 - ``disabled`` or no active adapter: the base layer only;
@@ -27,11 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.adapters import LoraAdapter
-from fastpeft.dora import DoraAdapter
 from fastpeft.kernels.autocast import autocast_dtype, compute_dtype
 from fastpeft.kernels.nf4 import NF4Weight
-
-ADAPTER_VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+from fastpeft.variants import get_variant
 
 
 def linear_kind(module: nn.Module) -> str | None:
@@ -121,9 +119,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters: {list(self.adapters)})")
-        if variant not in ADAPTER_VARIANTS:
-            raise ValueError(f"unknown adapter variant {variant!r}; available: {sorted(ADAPTER_VARIANTS)}")
-        adapter = ADAPTER_VARIANTS[variant](
+        adapter = get_variant(variant).adapter(
             self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
             dtype=self.dtype, device=self.device, **(variant_config or {}),
         )  # fmt: skip

@@ -95,19 +95,23 @@ def test_state_dict_round_trip_and_dtype_casts_keep_nf4():
         layer(torch.empty(2, 48, device="meta", dtype=torch.bfloat16))
 
 
-def test_merge_requantizes_with_warning():
-    layer, _ = _qlayer(64, 32, 4, torch.float32)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_merge_and_unmerge_requantize_to_exactly_the_bytes_of_the_merged_weight(double_quant, nf4):
+    layer, _ = _qlayer(64, 32, 4, torch.float32, double_quant)
+    w = dequantize_nf4(layer.nf4_weight(), torch.float32)
+    delta = layer.scaling * (layer.lora_B.detach() @ layer.lora_A.detach())  # s·B·A [out, in], fp32
     x = torch.randn(6, 64)
-    y = layer(x)
     with pytest.warns(UserWarning, match="re-quantizes"):
         layer.merge()
-    merged = layer(x)
+    merged = nf4.bnb(w + delta, double_quant)
     assert layer.merged_adapter == "default"
-    assert (merged - y).abs().max() < 0.15 * y.abs().max()  # within NF4 rounding, not exact
+    nf4.assert_same(layer.nf4_weight(), merged)
+    # merged, the layer is its base only: x·W'ᵀ + b with W' the re-quantized merged weight
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, dequantize_nf4(merged, torch.float32), layer.bias))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer.unmerge()
-    assert (layer(x) - y).abs().max() < 0.15 * y.abs().max()
+    nf4.assert_same(layer.nf4_weight(), nf4.bnb(dequantize_nf4(merged, torch.float32) - delta, double_quant))
 
 
 def _bnb_linear4bit(linear: nn.Linear, double_quant: bool):

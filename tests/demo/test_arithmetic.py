@@ -1,17 +1,11 @@
-"""The bundled arithmetic task: worked steps, answers, extraction."""
+"""The bundled arithmetic task: worked steps, answers, disjoint datasets."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastpeft.training.arithmetic import (
-    addition_steps,
-    extract_answer,
-    is_correct,
-    make_arithmetic_dataset,
-    make_problem,
-    subtraction_steps,
-)
+from fastpeft.demo.arithmetic import addition_steps, make_arithmetic_dataset, make_problem, subtraction_steps
+from fastpeft.reasoning.answers import extract_answer, is_correct
 
 
 def test_documented_example():
@@ -60,14 +54,10 @@ def test_exclude_makes_disjoint_sets():
     assert all(len(r["prompt"]) == len("Q: 10+10=?\nA:") for r in make_arithmetic_dataset(30, digits=2))
 
 
-def test_extract_answer_and_is_correct():
-    assert extract_answer("7+8=15 write 5 carry 1; answer 85") == "85"
-    assert extract_answer("answer 1; no wait, answer: -12") == "-12"
-    assert extract_answer("answer 1,234") == "1234"
-    assert extract_answer("no final answer here") is None
-    assert is_correct("...; answer 085", 85)
-    assert not is_correct("...; answer 86", "85")
-    assert not is_correct("garbage", "85")
+def test_the_library_extractor_reads_the_task_format():
+    assert extract_answer(make_problem(995, 7)["completion"]) == "1002"  # carries into a new digit
+    assert extract_answer(make_problem(52, 38, "-")["completion"]) == "14"
+    assert extract_answer(make_problem(47, 38, restate=True)["completion"]) == "85"  # " 47+38: ...; answer 85"
 
 
 def test_bad_arguments():

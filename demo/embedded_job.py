@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 
 _PATH = {"path": True}
 

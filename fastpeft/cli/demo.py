@@ -4,18 +4,18 @@ Options: ``--model DIR`` (a local HF model instead of pretraining one), ``--data
 
 from __future__ import annotations
 
-from fastpeft.training.cli_common import config_help, run_cli
+from fastpeft.cli.common import config_help, run_cli
 from fastpeft.training.config_io import parse_cli
 
 
 def _body(argv: list[str]) -> int:
-    from fastpeft.training.demo import DemoConfig, run_demo
+    from fastpeft.demo.embedded_job import DemoConfig, run_demo
 
     run_demo(parse_cli(DemoConfig, argv))
     return 0
 
 
 def main(argv: list[str]) -> int:
-    from fastpeft.training.demo import DemoConfig
+    from fastpeft.demo.embedded_job import DemoConfig
 
     return run_cli("demo", argv, _body, lambda: config_help(DemoConfig, "demo", __doc__.split("\n")[0]))

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from fastpeft.training.search_evidence import (
+from fastpeft.demo.search_evidence import (
     ArithmeticStepVerifier,
     EvidenceSettings,
     main,
     run,
     strategies_for,
 )
-from fastpeft.training.arithmetic import make_problem
+from fastpeft.demo.arithmetic import make_problem
 
 PROMPT = make_problem(876, 530)["prompt"]
 RIGHT = " 6+0=6; 7+3=10 write 0 carry 1; 8+5+1=14 write 4 carry 1; write 1; answer 1406"

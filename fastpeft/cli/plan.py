@@ -3,7 +3,7 @@ estimate peak memory of full fine-tuning, LoRA and QLoRA and recommend one."""
 
 from __future__ import annotations
 
-from fastpeft.training.cli_common import config_help, format_bytes, run_cli
+from fastpeft.cli.common import config_help, format_bytes, run_cli
 from fastpeft.training.config_io import parse_cli
 from fastpeft.training.plan import METHODS, PlanInputs, plan
 

@@ -1,6 +1,6 @@
 """Efficacy of the preference / RL recipes on the bundled arithmetic task, small enough for a CPU.
 
-    python -m fastpeft.training.efficacy [--output-dir runs/efficacy] [--seed 0] [--quick]
+    python -m fastpeft.demo.efficacy [--output-dir runs/efficacy] [--seed 0] [--quick]
 
 Pipeline (every stage is the library's own recipe, run through its public ``train``):
 
@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from fastpeft.training.arithmetic import is_correct, make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
+from fastpeft.reasoning.answers import is_correct
 from fastpeft.training.model_setup import load_saved_model
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -212,7 +213,7 @@ def _mean(xs: list[float | None]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.training.efficacy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.demo.efficacy", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/efficacy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (numbers are meaningless)")

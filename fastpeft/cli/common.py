@@ -1,5 +1,5 @@
-"""Shared plumbing for the ``fastpeft`` subcommands: help text from a config dataclass and one-line
-errors with exit status 2 for bad configurations."""
+"""Shared plumbing for the ``fastpeft`` subcommands: help text from a config dataclass, one-line
+errors with exit status 2 for bad configurations, and table formatting."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from fastpeft.training.config_io import ConfigError
 EXIT_BAD_CONFIG = 2
 
 
-def config_help(cls: type, prog: str, summary: str) -> str:
-    """Usage text listing every field of ``cls`` with its type and default."""
+def config_help(cls: type, prog: str, summary: str, positional: str | None = None) -> str:
+    """Usage text listing every field of ``cls`` with its type and default (``positional``: how the
+    bare arguments are shown, e.g. ``"PATH"``)."""
     hints = typing.get_type_hints(cls)
-    lines = [f"usage: fastpeft {prog} [CONFIG.yaml] [--key value ...] [--set key=value ...]", "", summary, "",
+    bare = f" [{positional}]" if positional else ""
+    lines = [f"usage: fastpeft {prog}{bare} [CONFIG.yaml] [--key value ...] [--set key=value ...]", "", summary, "",
              "keys (YAML or command line; nested keys with dots, e.g. --set lora.r=8):"]  # fmt: skip
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -30,14 +32,14 @@ def config_help(cls: type, prog: str, summary: str) -> str:
 
 def run_cli(prog: str, argv: list[str], body: Callable[[list[str]], int], help_text: Callable[[], str]) -> int:
     """Run ``body(argv)``; ``--help`` prints ``help_text()``. Configuration errors (ConfigError, and
-    the ValueError/TypeError/FileNotFoundError/ImportError that recipes raise for bad inputs) print
+    the ValueError/TypeError/OSError/ImportError that recipes raise for bad inputs and files) print
     one line on stderr and return 2; ``FASTPEFT_DEBUG=1`` re-raises them with the traceback."""
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
     try:
         return int(body(argv) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, TypeError, ImportError) as err:
+    except (ConfigError, OSError, ValueError, TypeError, ImportError) as err:
         if os.environ.get("FASTPEFT_DEBUG") == "1":
             raise
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

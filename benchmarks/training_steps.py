@@ -1,5 +1,5 @@
 """Throughput and peak memory of N training steps of a Llama config with fastpeft's stack, for the
-benchmark harness (``fastpeft bench``) to put beside HF + bitsandbytes + PEFT.
+benchmark harness (``fastpeft bench qlora-step``) to put beside HF + bitsandbytes + PEFT.
 
 The step is the SFT recipe's: :class:`fastpeft.training.losses.CausalLMLoss` (fused LM head +
 cross-entropy), fastpeft adapters (``qlora``: NF4 base), AdamW, optional bf16 autocast and

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastpeft.reasoning.evidence import DEFAULT_STRATEGIES, accuracy_vs_compute, format_table, save_json, save_plot
+from fastpeft.demo.accuracy_vs_compute import DEFAULT_STRATEGIES, accuracy_vs_compute, format_table, save_json, save_plot
 from fastpeft.reasoning.verifiers import FormulaVerifier
 
 PROBLEMS = [[3, 5, 9], [12, 7, 30, 5], [8, 8, 1]]

@@ -1,6 +1,6 @@
 """Accuracy versus compute on the bundled arithmetic task, with an SFT-trained tiny model on CPU.
 
-    python -m fastpeft.training.search_evidence --out DIR [--seed 0] [--problems 100]
+    python -m fastpeft.demo.search_evidence --out DIR [--seed 0] [--problems 100]
         [--budgets 256 1024 4096] [--sft-steps 300] [--model DIR] [--threads 1]
 
 Pipeline:
@@ -9,7 +9,7 @@ Pipeline:
    library's SFT recipe on ``digits``-digit additions with worked column steps, stopped early on
    purpose so greedy decoding is right only part of the time (search needs room to help). With
    ``--model DIR`` an already-trained model directory (``save_pretrained`` + tokenizer) is reused.
-2. **Evidence.** :func:`fastpeft.reasoning.evidence.accuracy_vs_compute` runs greedy, best-of-N,
+2. **Evidence.** :func:`fastpeft.demo.accuracy_vs_compute.accuracy_vs_compute` runs greedy, best-of-N,
    weighted best-of-N, beam search, MCTS and dynamic allocation on held-out problems at each token
    budget, all guided by :class:`ArithmeticStepVerifier` (a process verifier, steps = ``"; "``).
    Options that size a strategy (N, beam N) grow with the budget, so every strategy may spend it.
@@ -45,7 +45,8 @@ from typing import Any
 
 import torch
 
-from fastpeft.reasoning import evidence
+from fastpeft.demo.accuracy_vs_compute import accuracy_vs_compute, format_table, save_plot
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import load_saved_model
 
 TINY_ARITHMETIC_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -133,8 +134,6 @@ class EvidenceSettings:
 def train_model(out_dir: Path, s: EvidenceSettings) -> tuple[Any, Any, dict[str, Any]]:
     """SFT the tiny model (full fine-tuning, CPU) and load it back from its saved directory."""
     from fastpeft.training import sft
-    from fastpeft.training.arithmetic import make_arithmetic_dataset
-
     train = make_arithmetic_dataset(s.train_problems, seed=s.seed, digits=s.digits)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -152,8 +151,6 @@ def train_model(out_dir: Path, s: EvidenceSettings) -> tuple[Any, Any, dict[str,
 
 def test_set(s: EvidenceSettings) -> list[tuple[str, str]]:
     """Held-out problems: disjoint from the SFT set (same seed, same size), deterministic."""
-    from fastpeft.training.arithmetic import make_arithmetic_dataset
-
     train = make_arithmetic_dataset(s.train_problems, seed=s.seed, digits=s.digits)
     test = make_arithmetic_dataset(s.test_problems, seed=s.seed + 1, digits=s.digits,
                                    exclude={r["prompt"] for r in train})  # fmt: skip
@@ -200,13 +197,13 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, model: Any = Non
     verifier = ArithmeticStepVerifier(check_operands=s.check_operands)
     rows, start = [], time.perf_counter()
     for budget in s.budgets:
-        rows += evidence.accuracy_vs_compute(
+        rows += accuracy_vs_compute(
             sampler, data, [budget], strategies_for(budget, s), scorer=verifier, stop=STEP_DELIMITER,
             search_kwargs={"temperature": s.temperature, "seed": s.seed}, progress=progress)  # fmt: skip
     order = list(strategies_for(s.budgets[0], s))
     rows.sort(key=lambda r: (order.index(r.strategy), r.budget))
     search_seconds = time.perf_counter() - start
-    table = evidence.format_table(rows)
+    table = format_table(rows)
     results = {
         "rows": [{**dataclasses.asdict(r), "accuracy": r.accuracy} for r in rows],
         "table": table,
@@ -223,13 +220,13 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, model: Any = Non
     (out / "evidence.md").write_text(
         f"{len(data)} held-out {s.digits}-digit additions; cells: accuracy (mean generated tokens per problem)\n\n"
         + table + "\n")  # fmt: skip
-    evidence.save_plot(rows, out / "evidence.png",
-                       title=f"{s.digits}-digit addition, tiny SFT Llama, CPU ({len(data)} problems)")  # fmt: skip
+    save_plot(rows, out / "evidence.png",
+              title=f"{s.digits}-digit addition, tiny SFT Llama, CPU ({len(data)} problems)")  # fmt: skip
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.training.search_evidence",
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.demo.search_evidence",
                                      description=__doc__.splitlines()[0])  # fmt: skip
     parser.add_argument("--out", required=True, help="output directory (evidence.json / .md / .png)")
     parser.add_argument("--seed", type=int, default=0)

@@ -7,19 +7,17 @@ One record looks like::
      "answer": "85"}
 
 Steps go column by column from the least significant digit, so every step is a one-digit fact a
-tiny model can learn; the final ``answer N`` is what :func:`extract_answer` reads back. The
-reward, RL and search code reuse :func:`make_arithmetic_dataset`, :func:`extract_answer` and
-:func:`is_correct`.
+tiny model can learn; the final ``answer N`` is what
+:func:`fastpeft.reasoning.answers.extract_answer` reads back (the library's one answer extractor,
+which the rewards, evaluation and search use).
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 
 PROMPT_TEMPLATE = "Q: {a}{op}{b}=?\nA:"
-_ANSWER_RE = re.compile(r"answer\s*:?\s*(-?\d[\d,]*)")
 SUPPORTED_OPS = ("+", "-")
 
 
@@ -114,19 +112,3 @@ def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequenc
             records.append(record)
     return records
 
-
-def extract_answer(text: str) -> str | None:
-    """The integer after the last ``answer`` in ``text`` (commas removed), or None if there is none."""
-    matches = _ANSWER_RE.findall(text)
-    return matches[-1].replace(",", "") if matches else None
-
-
-def is_correct(text: str, answer: str | int) -> bool:
-    """True when the final answer written in ``text`` equals ``answer`` as an integer."""
-    found = extract_answer(text)
-    if found is None:
-        return False
-    try:
-        return int(found) == int(str(answer).replace(",", ""))
-    except ValueError:
-        return False

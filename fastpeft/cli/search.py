@@ -13,52 +13,61 @@ batched sampler (:class:`fastpeft.reasoning.sampler.Sampler`).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from fastpeft.cli.common import config_help, run_cli
 from fastpeft.reasoning.answers import answers_match
 from fastpeft.reasoning.budget import BUDGET_UNITS
 from fastpeft.reasoning.search import STRATEGIES, search_many, strategy_options
 from fastpeft.reasoning.types import Scorer
+from fastpeft.training.config_io import parse_cli
 
 VERIFIERS = ("formula", "python", "logic", "safety", "fact", "none")
-# CLI flag -> strategy option; a flag is passed only when given and only to strategies that take it
+# strategy options; one is passed only when given and only to strategies that take it
 _OPTION_FLAGS = ("n", "beam_width", "max_steps", "max_depth", "expand", "n_thoughts", "keep", "threshold",
                  "aggregate", "rollout", "probe_samples", "escalate_to")  # fmt: skip
 
 
-class CliError(Exception):
+class CliError(ValueError):
     """A problem with the user's input: reported on one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpeft search", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--adapter", help="PEFT-format adapter directory to load on the model")
-    p.add_argument("--input", required=True, help="JSONL file with {'prompt', optional 'answer'} per line")
-    p.add_argument("--output", help="JSONL file to write (default: stdout)")
-    p.add_argument("--strategy", default="best_of_n", help=f"one of: {', '.join(sorted(STRATEGIES))}")
-    p.add_argument("--budget", type=int, default=1024, help="compute budget per prompt")
-    p.add_argument("--budget-unit", default="tokens", choices=BUDGET_UNITS)
-    p.add_argument("--verifier", action="append", choices=VERIFIERS,
-                   help="verifier(s) to score with, combined as a product (default: formula)")
-    p.add_argument("--kb", help="knowledge-base file (.jsonl/.tsv) for --verifier fact")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="per response, or per step for step-level search")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--stop", help="step delimiter for step-level strategies (e.g. '; ' or '\\n')")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    for flag in _OPTION_FLAGS:
-        kind = float if flag == "threshold" else str if flag in ("aggregate", "rollout", "escalate_to") else int
-        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
-                       help="strategy option (only for strategies that take it)")
-    return p
+@dataclasses.dataclass
+class SearchConfig:
+    model: str | None = None  # local Hugging Face model directory (required)
+    adapter: str | None = None  # PEFT-format adapter directory to load on the model
+    input: str | None = None  # JSONL file with {'prompt', optional 'answer'} per line (required)
+    output: str | None = None  # JSONL file to write (default: stdout)
+    strategy: str = "best_of_n"
+    budget: int = 1024  # compute budget per prompt
+    budget_unit: str = "tokens"  # one of BUDGET_UNITS
+    verifier: list[str] | str = "formula"  # verifier(s) to score with, combined as a product
+    kb: str | None = None  # knowledge-base file (.jsonl/.tsv) for verifier fact
+    max_new_tokens: int = 64  # per response, or per step for step-level search
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: str | None = None  # step delimiter for step-level strategies (e.g. '; ' or '\\n')
+    seed: int = 0
+    device: str | None = None  # cpu / cuda (default: cuda if available)
+    no_progress: bool = False  # hide the progress bar
+    # strategy options (see _OPTION_FLAGS)
+    n: int | None = None
+    beam_width: int | None = None
+    max_steps: int | None = None
+    max_depth: int | None = None
+    expand: int | None = None
+    n_thoughts: int | None = None
+    keep: int | None = None
+    threshold: float | None = None
+    aggregate: str | None = None
+    rollout: str | None = None
+    probe_samples: int | None = None
+    escalate_to: str | None = None
 
 
 def read_requests(path: str) -> list[dict[str, Any]]:
@@ -126,11 +135,15 @@ def load_generator(model_dir: str, adapter: str | None, device: str | None):
     return Sampler(model, tokenizer)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: SearchConfig) -> int:
+    if args.model is None or args.input is None:
+        raise CliError("search needs --model DIR and --input FILE.jsonl")
     if args.strategy not in STRATEGIES:
         raise CliError(f"unknown strategy {args.strategy!r}; known strategies: {', '.join(sorted(STRATEGIES))}")
     if args.budget <= 0:
         raise CliError(f"--budget must be positive, got {args.budget}")
+    if args.budget_unit not in BUDGET_UNITS:
+        raise CliError(f"budget_unit: expected one of {list(BUDGET_UNITS)}, got {args.budget_unit!r}")
     accepted = set(strategy_options(args.strategy))
     options = {f: getattr(args, f) for f in _OPTION_FLAGS if getattr(args, f) is not None}
     unknown = sorted(set(options) - accepted)
@@ -142,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"strategy {args.strategy!r} has no steps; drop --stop")
         options["stop"] = args.stop.encode().decode("unicode_escape")  # let users type '\n'
     requests = read_requests(args.input)
-    scorer = build_scorer(args.verifier or ["formula"], args.kb)
+    verifiers = [args.verifier] if isinstance(args.verifier, str) else list(args.verifier)
+    unknown = sorted(set(verifiers) - set(VERIFIERS))
+    if unknown or not verifiers:
+        raise CliError(f"verifier: expected some of {', '.join(VERIFIERS)}, got {verifiers}")
+    scorer = build_scorer(verifiers, args.kb)
     generator = load_generator(args.model, args.adapter, args.device)
     results = search_many(
         generator, [r["prompt"] for r in requests], args.strategy, progress=not args.no_progress,
@@ -173,13 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed its message; keep its exit status (2)
-        return int(e.code or 0)
-    try:
-        return run(args)
-    except (CliError, ValueError, OSError) as e:  # bad input or files; bugs keep their traceback
-        print(f"fastpeft search: error: {e}", file=sys.stderr)
-        return 2
+    def body(args: list[str]) -> int:
+        return run(parse_cli(SearchConfig, args))
+
+    return run_cli("search", argv, body, lambda: config_help(SearchConfig, "search", __doc__.split("\n")[0]))

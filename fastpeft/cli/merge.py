@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from fastpeft.training.cli_common import config_help, run_cli
+from fastpeft.cli.common import config_help, run_cli
 from fastpeft.training.config_io import ConfigError, parse_cli
 
 _PATH = {"path": True}

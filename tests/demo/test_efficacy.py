@@ -2,7 +2,7 @@
 
 import json
 
-from fastpeft.training.efficacy import main
+from fastpeft.demo.efficacy import main
 
 
 def test_quick_pipeline_writes_every_stage(tmp_path, capsys):

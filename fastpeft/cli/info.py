@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from fastpeft.training.cli_common import config_help, format_bytes, print_kv, run_cli
+from fastpeft.cli.common import config_help, format_bytes, print_kv, run_cli
 from fastpeft.training.config_io import ConfigError, parse_cli
 
 _PACKAGES = ("fastpeft", "torch", "triton", "transformers", "bitsandbytes", "peft", "safetensors", "liger-kernel")
@@ -97,9 +97,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def _body(argv: list[str]) -> int:
-    if argv and not argv[0].startswith("-") and not argv[0].endswith((".yaml", ".yml")):
-        argv = ["--path", *argv]  # `fastpeft info DIR`
-    config = parse_cli(InfoConfig, argv)
+    config = parse_cli(InfoConfig, argv, positional="path")  # `fastpeft info DIR` or `--path DIR`
     details = describe_path(Path(config.path)) if config.path else None  # errors before any output
     print_kv(environment())
     if details:
@@ -109,4 +107,4 @@ def _body(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return run_cli("info", argv, _body, lambda: config_help(InfoConfig, "info", __doc__.split("\n\n")[0]))
+    return run_cli("info", argv, _body, lambda: config_help(InfoConfig, "info", __doc__.split("\n\n")[0], "PATH"))

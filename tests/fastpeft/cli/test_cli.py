@@ -1,9 +1,8 @@
-"""The sft / merge / info / plan / demo subcommands: YAML + overrides, one-line errors with exit
-status 2, and an end-to-end sft -> merge -> info round trip on a tiny local model."""
+"""The subcommands: one help style, YAML + overrides, one-line errors with exit status 2, and an
+end-to-end sft -> merge -> info round trip on a tiny local model."""
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -12,13 +11,19 @@ import torch
 from fastpeft.cli import COMMANDS, main
 from fastpeft.training.model_setup import build_model
 
-OURS = ("demo", "sft", "merge", "info", "plan")
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help_in_the_one_argument_style(name, capsys):
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fastpeft {name}") and "[CONFIG.yaml] [--key value ...] [--set key=value ...]" in out
 
 
-def test_commands_registered():
-    for name in OURS:
-        module, func = COMMANDS[name][0].split(":")
-        assert callable(getattr(importlib.import_module(module), func))
+def test_top_level_usage_lists_every_command_and_rejects_unknown_ones(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name:<10} " in out for name in COMMANDS)
+    assert main(["tarot"]) == 2 and "unknown command 'tarot'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
