@@ -35,8 +35,12 @@ import torch
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.kernels.backend import use_triton
 from fastpeft.kernels.lora_linear_inputs import (
-    Weight, check_lora_linear_args, check_scaling, weight_from_op_args, weight_op_args,
-)  # fmt: skip
+    Weight,
+    check_lora_linear_args,
+    check_scaling,
+    weight_from_op_args,
+    weight_op_args,
+)
 from fastpeft.kernels.nf4 import NF4Weight, dequantize_into, dequantize_nf4
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
 from fastpeft.kernels.workspace import get_workspace

@@ -36,8 +36,12 @@ import triton.language as tl
 from fastpeft.kernels.autocast import autocast_off
 from fastpeft.kernels.backend import interpreting, triton_launcher, use_triton
 from fastpeft.kernels.lora_linear_inputs import (
-    Weight, check_lora_linear_args, check_scaling, weight_from_op_args, weight_op_args,
-)  # fmt: skip
+    Weight,
+    check_lora_linear_args,
+    check_scaling,
+    weight_from_op_args,
+    weight_op_args,
+)
 from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, kernel_args, nf4_dequant_tile
 from fastpeft.kernels.workspace import get_workspace
 

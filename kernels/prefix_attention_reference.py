@@ -88,7 +88,7 @@ def prefix_attention_backward_reference(grad_out: torch.Tensor, q: torch.Tensor,
     h_kv, t_k = k.shape[1], k.shape[2]
     group, n_prefix = h_q // h_kv, prefix_k.shape[-3] if prefix_k is not None else 0
     scores, values = _reference_scores(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale, None)
-    p = torch.exp(scores - lse.to(scores.dtype)[..., None])  # [B, H_q, T_q, P + T_k]
+    p = torch.exp(scores.float() - lse[..., None]).to(q.dtype)  # [B, H_q, T_q, P + T_k]; fp32 lse
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out * out).sum(-1, keepdim=True)
     ds = p * (grad_out @ values.transpose(-1, -2) - delta)

@@ -3,8 +3,8 @@
 Why: the training path dequantizes each NF4 weight into a dense buffer right before its GEMM; a
 fresh allocation per layer would keep (or churn through) a dense copy of every layer. One buffer
 sized for the largest layer is enough, because kernels on one stream run in order: the next
-layer's dequantization is queued after the previous GEMM that read the buffer. The stream is part
-of the key so that work on two streams never shares a buffer.
+layer's dequantization is queued after the previous GEMM that read the buffer. The stream (on the
+CPU: the thread) is part of the key so that work on two streams never shares a buffer.
 
 ``zeroed=True`` buffers start as zeros and their users promise to leave them zero (the decode
 kernel's split-K accumulators and arrival counters reset themselves), so no memset per call.
@@ -19,6 +19,8 @@ workspace is held across calls, not per call); each one names the workspaces its
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from fastpeft.kernels.backend import tracing
@@ -29,7 +31,7 @@ _buffers: dict[tuple[str, torch.dtype, torch.device, int | None], torch.Tensor] 
 def _stream_key(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.current_stream(device).cuda_stream
-    return None
+    return threading.get_ident() if device.type == "cpu" else None
 
 
 def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device,

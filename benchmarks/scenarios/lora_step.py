@@ -19,16 +19,16 @@ from collections.abc import Callable
 
 import torch
 
-from .. import baselines, bindings, formulas
+from .. import baselines, bindings
 from ..harness import BASELINE, OURS, Case, Context, ImplSpec, Measured, interleaved_times
-from ..llama_configs import formula_dims, llama_config
+from ..llama_configs import llama_config
+from .qlora_step import step_cases
 
 NAME = "lora-step"
 TITLE = "whole LoRA training step (fp32 Llama, LoRA r 16 on all 7 projections), interleaved with PEFT"
 IMPL_NAMES = ("ours (fastpeft LoRA step)", "HF + PEFT LoRA")
 CASES = (("30M", 1, 128), ("30M", 1, 1024))  # (size, batch, seq)
 SMALL_CASES = (("tiny", 1, 32),)
-RANK = baselines.LORA_RANK
 
 
 def measure_pair(size: str, batch: int, seq: int, device: torch.device, warmup: int,
@@ -50,12 +50,14 @@ def measure_pair(size: str, batch: int, seq: int, device: torch.device, warmup: 
         })  # fmt: skip
     ratios = [ours / theirs for ours, theirs in zip(times[OURS], times[BASELINE])]
     out[OURS].extra["vs_baseline_interleaved"] = statistics.median(ratios)
+    if len(ratios) > 1:  # the spread shows how noisy the machine was
+        out[OURS].extra["round_ratio_quartiles"] = statistics.quantiles(ratios, n=4)
     return out
 
 
 def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec]]:
     def make(ctx: Context) -> list[ImplSpec]:
-        warmup, rounds = (1, 2) if ctx.small else (2, 15)
+        warmup, rounds = (1, 2) if ctx.small else (2, 21)
         key = f"{NAME} {size} {batch} {seq}"
 
         def measured(role: str) -> Measured:
@@ -70,11 +72,4 @@ def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec
 
 
 def cases(small: bool) -> list[Case]:
-    out = []
-    for size, batch, seq in SMALL_CASES if small else CASES:
-        flops = formulas.llama_qlora_step_flops(**formula_dims(size), batch=batch, seq=seq, r=RANK)
-        out.append(Case(
-            scenario=NAME, group=f"{size} bs{batch}", x_name="seq", x=seq, make_impls=_impls(size, batch, seq),
-            metric="TFLOP/s", flops=flops, floor=("gemm", flops), self_timed=True,
-        ))  # fmt: skip
-    return out
+    return step_cases(NAME, SMALL_CASES if small else CASES, _impls)

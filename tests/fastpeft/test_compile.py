@@ -33,24 +33,28 @@ def test_no_graph_break_caused_by_fastpeft(lm, kind):
     assert breaks == plain, reasons  # the same model without adapters: 0 with transformers 5.24
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_inductor_forward_and_backward_match_eager(lm, kind):
-    model = _adapted(lm, kind, num_layers=1)  # one block: inductor's C++ compile is what takes time
-    ids = lm.ids(seq=9)
+def _eager_and_compiled(model: torch.nn.Module, ids: torch.Tensor):
+    """(logits, adapter gradients) of one fp32 forward + backward, eager and under inductor."""
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(fn):
-        logits = fn(input_ids=ids).logits
+        logits = fn(input_ids=ids).logits.float()
         logits.square().mean().backward()
-        grads = [p.grad.clone() for p in trainable]
+        grads = [p.grad.float().clone() for p in trainable]
         for p in trainable:
             p.grad = None
         return logits.detach(), grads
 
-    want, want_grads = step(model)
+    eager = step(model)
     torch._dynamo.reset()
-    got, got_grads = step(torch.compile(model, backend="inductor", fullgraph=True))
+    return eager, step(torch.compile(model, backend="inductor", fullgraph=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_inductor_forward_and_backward_match_eager(lm, kind):
+    model = _adapted(lm, kind, num_layers=1)  # one block: inductor's C++ compile is what takes time
+    (want, want_grads), (got, got_grads) = _eager_and_compiled(model, lm.ids(seq=9))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(got_grads) == 2 * 7  # A and B of all 7 projections
     for g, w in zip(got_grads, want_grads):
@@ -64,19 +68,7 @@ def test_inductor_on_cuda_traces_the_triton_kernels(lm, kind):
     """On a GPU the ops' Triton launches are traced (wrap_triton) into inductor's graph; bf16 step."""
     model = _adapted(lm, kind).to(device="cuda", dtype=torch.bfloat16)
     ids = lm.ids(seq=33).cuda()  # M = 66 rows: the training path; decode rows are checked in tests/kernels
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def step(fn):
-        logits = fn(input_ids=ids).logits.float()
-        logits.square().mean().backward()
-        grads = [p.grad.float().clone() for p in trainable]
-        for p in trainable:
-            p.grad = None
-        return logits.detach(), grads
-
-    want, want_grads = step(model)
-    torch._dynamo.reset()
-    got, got_grads = step(torch.compile(model, backend="inductor", fullgraph=True))
+    (want, want_grads), (got, got_grads) = _eager_and_compiled(model, ids)
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=5e-2)

@@ -106,7 +106,7 @@ def test_triton_matches_float64_reference(poisoned, batch, h_q, h_kv, t_q, t_k, 
 
 
 @pytest.mark.parametrize("batch,h_q,h_kv,t_q,t_k,n_prefix,head_dim,dtype,prefix,pad,bias",
-                         [c for c in TRITON_CASES if c[7] == f32] + [(2, 2, 1, 5, 5, 2, 48, f32, "shared", "left", True)])
+                         [*TRITON_CASES, (2, 2, 1, 5, 5, 2, 48, f32, "shared", "left", True)])
 def test_torch_path_matches_float64_reference(poisoned, batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix,
                                               pad, bias):  # fmt: skip
     """The CPU path of the op: any head_dim (48 has no kernel tile), outputs in the kernel's layouts."""
