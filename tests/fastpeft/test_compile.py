@@ -25,12 +25,12 @@ def _graph_breaks(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, list[
     return explanation.graph_break_count, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_no_graph_break_caused_by_fastpeft(lm, kind):
+def test_no_graph_break_caused_by_fastpeft(lm):
     ids = lm.ids(seq=9)
     plain, _ = _graph_breaks(lm.build("llama", intermediate_size=128).train(), ids)
-    breaks, reasons = _graph_breaks(_adapted(lm, kind), ids)
-    assert breaks == plain, reasons  # the same model without adapters: 0 with transformers 5.24
+    for kind in KINDS:
+        breaks, reasons = _graph_breaks(_adapted(lm, kind), ids)
+        assert breaks == plain, (kind, reasons)  # as the same model without adapters: 0 with transformers 5.24
 
 
 def _eager_and_compiled(model: torch.nn.Module, ids: torch.Tensor):

@@ -87,9 +87,10 @@ def test_opcheck_torch_backend(case):
 @pytest.mark.triton
 @pytest.mark.parametrize("case", sorted(op_cases("triton")))
 def test_opcheck_triton_backend(case):
-    """Real calls run the kernels in the interpreter; the fake impls and AOT traces must agree with them."""
+    """Real calls run the kernels in the interpreter; the fake impls must agree with them. (The AOT
+    check is the torch backend's: a trace of CPU tensors always takes the torch path.)"""
     op, args = op_cases("triton")[case]
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_public_ops_run_under_fake_tensor_mode_forward_and_backward():
