@@ -4,7 +4,6 @@ gradients), the Triton path in the interpreter, generation, training, folding, f
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )  # fmt: skip
 
+import fastpeft.kernels.prefix_attention as kernel
 from fastpeft import PrefixTuningConfig, add_prefix_tuning
 from fastpeft.prefix_tuning import PrefixAdapter, attach_prefix_adapter
-
-kernel = importlib.import_module("fastpeft.kernels.prefix_attention")  # the package attribute is the op itself
 
 TINY = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

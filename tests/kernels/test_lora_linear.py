@@ -1,18 +1,16 @@
 """lora_linear (forward and dX, dA, dB, db) against float64 autograd, on both backends and regimes."""
 
-import importlib
 import math
 
 import pytest
 import torch
 
+import fastpeft.kernels.lora_linear as ll
 from fastpeft.kernels.lora_linear import (
     DECODE_MAX_ROWS, check_lora_linear_args, lora_linear, lora_linear_training_backward, lora_linear_training_forward,
 )  # fmt: skip
 from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from fastpeft.kernels.workspace import clear_workspaces, get_workspace, workspace_bytes
-
-ll = importlib.import_module("fastpeft.kernels.lora_linear")  # fastpeft.kernels.lora_linear is the op itself
 
 # max |out - ref| <= TOL * max(1, max |ref|), per tensor; dA sums over M rows so its scale grows
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -4,17 +4,14 @@ reference, and the reference against SDPA over an explicitly concatenated K/V.""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fastpeft.kernels.prefix_attention as pa
 import fastpeft.kernels.prefix_attention_bwd as pa_bwd
 from fastpeft.kernels.backend import force_backend
 from fastpeft.kernels.prefix_attention import prefix_attention, prefix_attention_forward_reference
-
-pa = importlib.import_module("fastpeft.kernels.prefix_attention")  # fastpeft.kernels.prefix_attention is the op
 
 # (out atol, out rtol, grad atol, grad rtol)
 TOL = {
@@ -229,8 +226,7 @@ SM90_COMPILE = r"""
 import os, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import importlib, fastpeft.kernels.prefix_attention_bwd as pb
-pa = importlib.import_module("fastpeft.kernels.prefix_attention")
+import fastpeft.kernels.prefix_attention as pa, fastpeft.kernels.prefix_attention_bwd as pb
 SIZES = {"H_q", "H_kv", "T_q", "T_k", "P", "GROUP", "CAUSAL_OFFSET", "N_PREFIX_BLOCKS"}
 FP32 = {"LSE", "DELTA", "DPK", "DPV", "DBIAS_PART", "BIAS"}
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
