@@ -17,6 +17,7 @@ SCENARIOS: dict[str, str] = {
     "qlora-step": "qlora_step",
     "lora-step": "lora_step",
     "sampling": "sampling",
+    "trl-sft-step": "trl_sft_step",
 }
 
 
