@@ -13,17 +13,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from fastpeft.kernels import (
-    dequantize_nf4,
-    force_backend,
-    linear_cross_entropy,
-    lora_linear,
-    nf4,
-    nf4_lora_decode,
-    prefix_attention,
-    quantize_nf4,
-)
+from fastpeft.kernels import dequantize_nf4, force_backend, nf4, quantize_nf4
+from fastpeft.kernels.linear_cross_entropy import linear_cross_entropy
+from fastpeft.kernels.lora_linear import lora_linear
 from fastpeft.kernels.lora_linear_inputs import weight_op_args
+from fastpeft.kernels.nf4_lora_decode import nf4_lora_decode
+from fastpeft.kernels.prefix_attention import prefix_attention
 from fastpeft.kernels.workspace import clear_workspaces, workspace_bytes
 
 OPS = {
