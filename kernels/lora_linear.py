@@ -22,10 +22,11 @@ Two regimes:
 :func:`lora_linear_reference` / :func:`lora_linear_backward_reference` are the plain-torch ground
 truth for tests.
 
-Custom ops: ``fastpeft::lora_linear`` (forward: y and the kept x·Aᵀ) and
-``fastpeft::lora_linear_backward`` (dX, dA, dB), both ``torch.library.triton_op`` (Triton launches
-through ``wrap_triton``), with ``register_fake`` and ``register_autograd``; the backend choice is
-made inside them, so torch.compile traces :func:`lora_linear` without graph breaks.
+Custom ops: ``fastpeft::lora_linear`` (dense W) and ``fastpeft::nf4_lora_linear`` (NF4 W), the
+forward (y and the kept x·Aᵀ), and ``fastpeft::lora_linear_backward`` (dX, dA, dB), all
+``torch.library.triton_op`` (Triton launches through ``wrap_triton``) with ``register_fake``; the
+forward ops carry the backward with ``register_autograd``. The backend choice is made inside
+them, so torch.compile traces :func:`lora_linear` without graph breaks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_aut
 from fastpeft.kernels.backend import use_triton
 from fastpeft.kernels.lora_linear_inputs import (
     Weight,
+    WeightArgs,
     check_lora_linear_args,
     check_scaling,
     weight_from_op_args,
@@ -157,33 +159,58 @@ def _no_rows(t: torch.Tensor, r: int) -> torch.Tensor:
     return t.new_empty((0, r))
 
 
-@torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
-def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None,
-                    nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
-                    offset: torch.Tensor | None, blocksize: int, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(y ``[M, N]``, x·Aᵀ ``[M, r]`` if ``save_xa`` else ``[0, r]``); W as in :func:`weight_op_args`."""
-    n, r = lora_B.shape
-    w = weight_from_op_args(weight, absmax, nested_absmax, nested_code, offset, blocksize, (n, x.shape[1]), x.dtype)
+def _forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
+             lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The body of the forward ops: (y ``[M, N]``, x·Aᵀ ``[M, r]`` if ``save_xa`` else ``[0, r]``)."""
+    r = lora_A.shape[0]
     with autocast_off(x.device):
         if use_triton(x) and x.shape[0] <= DECODE_MAX_ROWS:
-            y = launch_nf4_lora_decode(x, w, bias, lora_A, lora_B, scaling)
+            y = launch_nf4_lora_decode(x, weight, bias, lora_A, lora_B, scaling)
             return y, (torch.mm(x, lora_A.t()) if save_xa else _no_rows(x, r))
-        y, xa = _training_forward(x, w, bias, lora_A, lora_B, scaling)
+        y, xa = _training_forward(x, weight, bias, lora_A, lora_B, scaling)
         return y, (xa if save_xa else _no_rows(x, r))
 
 
-@_lora_linear_op.register_fake
-def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, save_xa):  # type: ignore[no-untyped-def]
-    """y ``[M, N]`` and x·Aᵀ ``[M or 0, r]``, contiguous, as the real op allocates them.
+def _forward_fake(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """y ``[M, N]`` and x·Aᵀ ``[M or 0, r]``, contiguous, as the real ops allocate them.
 
-    Workspaces the real op uses (held across calls, so not allocated here): an NF4 W is dequantized
+    Workspaces the real ops use (held across calls, so not allocated here): an NF4 W is dequantized
     into ``"nf4_dequant"`` (``[N, K]`` in x's dtype; one buffer, sized for the largest layer, shared by
     all layers) on the training path; the decode path (Triton, M <= 16) sums split-K partials in
     ``"lora_decode_acc"`` (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per column tile).
     """
-    n, r = lora_B.shape
-    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0] if save_xa else 0, r))
+    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0] if save_xa else 0, lora_A.shape[0]))
+
+
+# Two forward ops, not one with optional NF4 arguments: a differentiable torch.library op pays per
+# call for every argument of its schema (~70 µs per eager call at 12 arguments vs 7 on a CPU core).
+@torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Dense W ``[N, K]``: (y ``[M, N]``, x·Aᵀ ``[M, r]`` if ``save_xa`` else ``[0, r]``)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, save_xa)
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, save_xa):  # type: ignore[no-untyped-def]
+    return _forward_fake(x, lora_A, lora_B, save_xa)
+
+
+@torch.library.triton_op("fastpeft::nf4_lora_linear", mutates_args=())
+def _nf4_lora_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                        nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                        offset: torch.Tensor | None, blocksize: int, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                        lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """NF4 W (:meth:`NF4Weight.op_args` and its blocksize): as ``fastpeft::lora_linear``."""
+    w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, (lora_B.shape[0], x.shape[1]),
+                               blocksize, x.dtype)  # fmt: skip
+    return _forward(x, w, bias, lora_A, lora_B, scaling, save_xa)
+
+
+@_nf4_lora_linear_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, save_xa):  # type: ignore[no-untyped-def]
+    return _forward_fake(x, lora_A, lora_B, save_xa)
 
 
 @torch.library.triton_op("fastpeft::lora_linear_backward", mutates_args=())
@@ -213,27 +240,48 @@ def _(grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, blocksi
             grad_y.new_empty(lora_B.shape) if need_b else x.new_empty(0))  # fmt: skip
 
 
-def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, _ = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, output[1], weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B)
-    ctx.blocksize, ctx.scaling, ctx.has_bias = blocksize, scaling, bias is not None
+def _save(ctx, weight_args: WeightArgs, x, bias, lora_A, lora_B, scaling, xa) -> None:  # type: ignore[no-untyped-def]
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, *weight_args[:5], lora_A, lora_B)
+    ctx.blocksize, ctx.scaling, ctx.has_bias = weight_args[5], scaling, bias is not None
 
 
-def _backward(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
+def _grads(ctx, grad_y, need_x: bool, need_bias: bool, need_a: bool, need_b: bool):  # type: ignore[no-untyped-def]
+    """(dX, db, dA, dB), None where not needed, through ``fastpeft::lora_linear_backward``."""
     x, xa, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_x, need_bias, need_a, need_b = need[0], need[7], need[8], need[9]
     grad_x, grad_a, grad_b = torch.ops.fastpeft.lora_linear_backward(
         grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B,
         ctx.scaling, need_x, need_a, need_b,
     )  # fmt: skip
     grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
-    return (grad_x if need_x else None, None, None, None, None, None, None, grad_bias,
-            grad_a if need_a else None, grad_b if need_b else None, None, None)  # fmt: skip
+    return grad_x if need_x else None, grad_bias, grad_a if need_a else None, grad_b if need_b else None
 
 
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _setup_dense(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weight, bias, lora_A, lora_B, scaling, _ = inputs
+    _save(ctx, weight_op_args(weight), x, bias, lora_A, lora_B, scaling, output[1])
+
+
+def _backward_dense(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
+    need = ctx.needs_input_grad
+    grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, need[0], need[2], need[3], need[4])
+    return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _setup_nf4(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, _ = inputs
+    _save(ctx, (packed, absmax, nested_absmax, nested_code, offset, blocksize), x, bias, lora_A, lora_B, scaling,
+          output[1])  # fmt: skip
+
+
+def _backward_nf4(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
+    need = ctx.needs_input_grad
+    grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, need[0], need[7], need[8], need[9])
+    return grad_x, None, None, None, None, None, None, grad_bias, grad_a, grad_b, None, None
+
+
+_lora_linear_op.register_autograd(_backward_dense, setup_context=_setup_dense)
+_nf4_lora_linear_op.register_autograd(_backward_nf4, setup_context=_setup_nf4)
 
 
 def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -242,12 +290,16 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
 
     Inside ``torch.autocast`` it computes in the autocast dtype, like ``nn.Linear``: x, b, A, B and
     a dense W are cast to it (an NF4 W is dequantized straight into it). Runs the op
-    ``fastpeft::lora_linear``.
+    ``fastpeft::lora_linear`` (dense W) or ``fastpeft::nf4_lora_linear``.
     """
     if isinstance(x, torch.Tensor) and x.is_floating_point() and (amp := autocast_dtype(x.device)) is not None:
         x, weight, bias, lora_A, lora_B = cast_for_autocast(amp, x, weight, bias, lora_A, lora_B)  # NF4 W: as is
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
     save_xa = torch.is_grad_enabled() and lora_B.requires_grad  # dB = s·dYᵀ·(x·Aᵀ)
-    y, _ = torch.ops.fastpeft.lora_linear(x, *weight_op_args(weight), bias, lora_A, lora_B, check_scaling(scaling),
-                                          save_xa)  # fmt: skip
+    scaling = check_scaling(scaling)
+    if isinstance(weight, NF4Weight):
+        y, _ = torch.ops.fastpeft.nf4_lora_linear(x, *weight.op_args(), weight.blocksize, bias, lora_A, lora_B, scaling,
+                                                  save_xa)  # fmt: skip
+    else:
+        y, _ = torch.ops.fastpeft.lora_linear(x, weight, bias, lora_A, lora_B, scaling, save_xa)
     return y

@@ -22,7 +22,7 @@ from fastpeft.kernels.prefix_attention import prefix_attention
 from fastpeft.kernels.workspace import clear_workspaces, workspace_bytes
 
 OPS = {
-    "quantize_nf4", "dequantize_nf4", "dequantize_nf4_out", "lora_linear", "lora_linear_backward",
+    "quantize_nf4", "dequantize_nf4", "dequantize_nf4_out", "lora_linear", "nf4_lora_linear", "lora_linear_backward",
     "nf4_lora_decode", "prefix_attention", "prefix_attention_backward", "linear_cross_entropy",
 }  # fmt: skip
 
@@ -49,9 +49,10 @@ def op_cases(kind: str):
     cases = {
         "dequantize_nf4": (ops.dequantize_nf4, (*q_dq.op_args(), [20, 40], 32, torch.bfloat16)),
         "dequantize_nf4_out": (ops.dequantize_nf4_out, (*q.op_args(), 32, torch.empty(20, 40))),
-        "lora_linear nf4": (ops.lora_linear, (x, *weight_op_args(q_dq), bias, a, b, 0.5, True)),
-        "lora_linear dense": (ops.lora_linear, (x, *weight_op_args(_rand(gen, 20, 40)), None, a, b, 0.5, True)),
-        "lora_linear decode rows": (ops.lora_linear, (xs, *weight_op_args(q), bias, a, b, 0.5, True)),
+        "nf4_lora_linear": (ops.nf4_lora_linear, (x, *weight_op_args(q_dq), bias, a, b, 0.5, True)),
+        "nf4_lora_linear decode rows": (ops.nf4_lora_linear, (xs, *weight_op_args(q), bias, a, b, 0.5, True)),
+        "lora_linear": (ops.lora_linear, (x, _rand(gen, 20, 40), None, a, b, 0.5, True)),
+        "lora_linear decode rows": (ops.lora_linear, (xs, _rand(gen, 20, 40), bias, a, b, 0.5, False)),
         "lora_linear_backward": (ops.lora_linear_backward, (_rand(gen, 24, 20), x.detach(), _rand(gen, 24, 4),
                                  *weight_op_args(q_dq), a.detach(), b.detach(), 0.5, True, True, True)),
         "nf4_lora_decode": (ops.nf4_lora_decode, (xs.detach(), *weight_op_args(q_dq), None, a.detach(), b.detach(),
@@ -142,14 +143,14 @@ def test_backward_op_uses_the_kept_x_times_a():
     """dB = s·dYᵀ·(x·Aᵀ) with the x·Aᵀ the forward kept (no recomputation), an empty one recomputed."""
     gen = torch.Generator().manual_seed(5)
     x, w, a, b, gy = (_rand(gen, *s) for s in ((17, 12), (9, 12), (3, 12), (9, 3), (17, 9)))
-    _, xa = torch.ops.fastpeft.lora_linear(x, *weight_op_args(w), None, a, b, 0.5, True)
+    _, xa = torch.ops.fastpeft.lora_linear(x, w, None, a, b, 0.5, True)
     torch.testing.assert_close(xa, x @ a.t())
     other = _rand(gen, 17, 3)  # not x·Aᵀ: shows which one the backward reads
     _, _, grad_b = torch.ops.fastpeft.lora_linear_backward(gy, x, other, *weight_op_args(w), a, b, 0.5, False, False, True)
     torch.testing.assert_close(grad_b, 0.5 * gy.t() @ other)
     _, _, grad_b = torch.ops.fastpeft.lora_linear_backward(gy, x, xa[:0], *weight_op_args(w), a, b, 0.5, False, False, True)
     torch.testing.assert_close(grad_b, 0.5 * gy.t() @ (x @ a.t()))
-    assert torch.ops.fastpeft.lora_linear(x, *weight_op_args(w), None, a, b, 0.5, False)[1].shape == (0, 3)
+    assert torch.ops.fastpeft.lora_linear(x, w, None, a, b, 0.5, False)[1].shape == (0, 3)
 
 
 def test_profiler_sees_the_ops():
@@ -159,7 +160,7 @@ def test_profiler_sees_the_ops():
     with torch.profiler.profile() as prof:
         lora_linear(x, q, None, a, b, 1.0).sum().backward()
     names = {e.key for e in prof.key_averages()}
-    assert {"fastpeft::lora_linear", "fastpeft::lora_linear_backward"} <= names
+    assert {"fastpeft::nf4_lora_linear", "fastpeft::lora_linear_backward"} <= names
 
 
 def test_dequantize_op_is_the_reference_on_the_torch_backend():
