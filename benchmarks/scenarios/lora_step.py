@@ -3,9 +3,10 @@
 ours: ``fastpeft.inject`` (LoRA r 16, alpha 32, all 7 projections, dense frozen base; bound in
 ``bindings.fastpeft_lora_model``); baseline: the same weights wrapped by PEFT
 (``baselines.peft_lora_model``). Both models live in the process together and are timed in
-interleaved rounds (``harness.interleaved_times``: one step of each per round), so the row's
-"vs fastest baseline" is the median over rounds of (our step time / PEFT's), which stays steady
-on a shared CPU where separately timed medians do not. Rows report tokens/s; TFLOP/s counts
+interleaved rounds (``harness.interleaved_times``: one step of each per round, the order flipping),
+so the row's "vs fastest baseline" is the median over pairs of rounds of (our step time / PEFT's)
+(``harness.paired_round_ratios``), which stays steady on a shared CPU where separately timed
+medians do not. Rows report tokens/s; TFLOP/s counts
 model FLOPs (``formulas.llama_qlora_step_flops``: a frozen dense base costs what a frozen NF4 one
 does). No peak memory: the two models are measured at once. No relative-error check: the fused
 op is checked against float64 in tests and in ``train-linear``.
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .. import baselines, bindings
-from ..harness import BASELINE, OURS, Case, Context, ImplSpec, Measured, interleaved_times
+from ..harness import BASELINE, OURS, Case, Context, ImplSpec, Measured, interleaved_times, paired_round_ratios
 from ..llama_configs import llama_config
 from .qlora_step import step_cases
 
@@ -48,7 +49,7 @@ def measure_pair(size: str, batch: int, seq: int, device: torch.device, warmup: 
         out[role] = Measured(median_ms=median_ms, peak_mem_bytes=None, extra={
             "tokens_per_s": batch * seq / (median_ms * 1e-3), "tokens_per_step": batch * seq, "rounds": rounds,
         })  # fmt: skip
-    ratios = [ours / theirs for ours, theirs in zip(times[OURS], times[BASELINE])]
+    ratios = paired_round_ratios(times[OURS], times[BASELINE])
     out[OURS].extra["vs_baseline_interleaved"] = statistics.median(ratios)
     if len(ratios) > 1:  # the spread shows how noisy the machine was
         out[OURS].extra["round_ratio_quartiles"] = statistics.quantiles(ratios, n=4)
@@ -57,7 +58,7 @@ def measure_pair(size: str, batch: int, seq: int, device: torch.device, warmup: 
 
 def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec]]:
     def make(ctx: Context) -> list[ImplSpec]:
-        warmup, rounds = (1, 2) if ctx.small else (2, 21)
+        warmup, rounds = (1, 2) if ctx.small else (2, 22)  # rounds in pairs: each order once
         key = f"{NAME} {size} {batch} {seq}"
 
         def measured(role: str) -> Measured:

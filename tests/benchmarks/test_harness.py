@@ -179,6 +179,9 @@ def test_interleaved_rounds_alternate_order_and_give_the_ratio_by_round():
             harness.Row(scenario="s", group="g", x_name="seq", x=1, impl="b", role=harness.BASELINE, median_ms=2.0)]  # fmt: skip
     harness.set_ratios(rows)  # the per-round median wins over the quotient of medians (1.5)
     assert [r.vs_fastest_baseline for r in rows] == [0.9, 1.0]
+    # whoever runs second is 4% slower: rounds 0, 2 (ours first) and 1, 3 (ours second) pair up
+    pairs = harness.paired_round_ratios([1.0, 1.04, 2.0, 2.08, 5.0], [1.04, 1.0, 2.08, 2.0, 1.0])
+    assert pairs == pytest.approx([1.0, 1.0])  # the odd last round has no partner
 
 
 def test_relative_error_catches_mismatch_and_shape():
