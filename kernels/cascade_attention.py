@@ -25,14 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.kernels import prefix_attention_launch
+from fastpeft.kernels._constants import FLOAT_DTYPES, LN2_JIT, LOG2E, LOG2E_JIT
 from fastpeft.kernels.backend import backend
 from fastpeft.kernels.prefix_attention import _online_softmax_update
-from fastpeft.kernels import prefix_attention_bwd
-from fastpeft.kernels.prefix_attention_bwd import LOG2E, attention_dot, attention_dot_precision
-
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_LOG2E = tl.constexpr(LOG2E)  # globals a compiled kernel may read
-_LN2 = tl.constexpr(0.6931471805599453)
+from fastpeft.kernels.prefix_attention_launch import attention_dot, attention_dot_precision
 
 
 @triton.jit
@@ -66,13 +63,13 @@ def _cascade_prefix_kernel(
         k = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None] * stride_kd,
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]  # fmt: skip
         bias = tl.load(BIAS + p * stride_bp + keys * stride_bl, mask=mask_n, other=float("-inf"))
-        s = attention_dot(q, k, DOT_PRECISION) * scale_log2 + bias[None, :].to(tl.float32) * _LOG2E
+        s = attention_dot(q, k, DOT_PRECISION) * scale_log2 + bias[None, :].to(tl.float32) * LOG2E_JIT
         v = tl.load(v_base + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
         m_i, l_i, acc = _online_softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2_JIT)
     tl.store(O + p * stride_op + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od, o,
              mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
     tl.store(LSE + p * stride_lp + h * stride_lh + rows * stride_lm, lse, mask=mask_m)
@@ -114,12 +111,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 def cascade_prefix_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the kernel (arguments already checked); returns (o fp32, lse fp32)."""
-    if q.dtype not in SUPPORTED:
-        raise TypeError(f"the cascade attention kernel takes {SUPPORTED}, got {q.dtype}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the cascade attention kernel takes {FLOAT_DTYPES}, got {q.dtype}")
     p, h, m, d = q.shape
     # outputs from the attention kernels' one allocator (tests fill it with NaN: unwritten shows)
-    o = prefix_attention_bwd.empty_output((p, h, m, d), torch.float32, q.device)
-    lse = prefix_attention_bwd.empty_output((p, h, m), torch.float32, q.device)
+    o = prefix_attention_launch.empty_output((p, h, m, d), torch.float32, q.device)
+    lse = prefix_attention_launch.empty_output((p, h, m), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
     cfg = cascade_config(m, q.device)

@@ -14,9 +14,7 @@ The base weight is read once for the whole batch, whatever the mix of adapters:
 - otherwise: the base product once, then for each adapter the same two GEMMs the single-adapter op
   (:func:`fastpeft.kernels.lora_linear.lora_linear`) runs, on the whole batch, with the rows of
   other adapters zeroed in x·Aᵀ. Zeros add exactly, so each row is bit for bit what the
-  single-adapter op computes on the same batch (tests/kernels/test_lora_linear_routed.py). The
-  arithmetic follows the single-adapter op's regimes: its CPU reference formula for dense weights,
-  its training path (``addmm`` with alpha into y) elsewhere.
+  single-adapter op computes on the same batch (tests/kernels/test_lora_linear_routed.py).
 
 Backward (W frozen), with ``g_a = (dY·B_a)`` restricted to a's rows and ``xa_a`` likewise:
     dX = dY·W + Σ_a s_a·g_a·A_a      dA_a = s_a·g_aᵀ·x      dB_a = s_a·dYᵀ·xa_a      db = Σ_rows dY
@@ -29,22 +27,17 @@ from collections.abc import Sequence
 import torch
 
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
-from fastpeft.kernels.backend import backend
+from fastpeft.kernels.backend import use_triton
 from fastpeft.kernels.lora_linear import dense_weight
-from fastpeft.kernels.lora_linear_args import Weight, check_lora_linear_args, check_scaling
-from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4
+from fastpeft.kernels.lora_linear_inputs import Weight, check_lora_linear_args, check_scaling
+from fastpeft.kernels.nf4 import NF4Weight
 from fastpeft.kernels.nf4_cpu import gemv_applicable, nf4_linear_cpu
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
 
 
-def _regime(x: torch.Tensor, weight: Weight) -> str:
-    """Which arithmetic the single-adapter op uses here (kept in step with ``LoRALinearFn.forward``)."""
-    kernels = backend(x) == "triton"
-    if kernels and x.shape[0] <= DECODE_MAX_ROWS:
-        return "decode"
-    if kernels or (isinstance(weight, NF4Weight) and x.device.type == "cpu"):
-        return "training"
-    return "reference"
+def _regime(x: torch.Tensor) -> str:
+    """Which arithmetic the single-adapter op uses here (kept in step with ``lora_linear._forward``)."""
+    return "decode" if use_triton(x) and x.shape[0] <= DECODE_MAX_ROWS else "training"
 
 
 def _row_masks(row_adapters: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
@@ -78,7 +71,7 @@ class RoutedLoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, row_adapters, scalings, n_adapters, *factors):  # type: ignore[override]
         lora_A, lora_B = factors[:n_adapters], factors[n_adapters:]
-        regime = _regime(x, weight)
+        regime = _regime(x)
         masks = _row_masks(row_adapters, n_adapters)
         xas: list[torch.Tensor] = []
         if regime == "decode":
@@ -87,19 +80,12 @@ class RoutedLoRALinearFn(torch.autograd.Function):
             scales = torch.tensor(scalings, dtype=torch.float32, device=x.device)
             y = launch_nf4_lora_decode(x, weight, bias, _stacked(lora_A, 0, rank), _stacked(lora_B, 1, rank), 0.0,
                                        row_adapters=ids, adapter_scales=scales)  # fmt: skip
-        elif regime == "training":
+        else:
             y = _base(x, weight, bias)
             for a_, b_, s, mask in zip(lora_A, lora_B, scalings, masks):
                 xa = torch.mm(x, a_.t()).masked_fill_(~mask, 0.0)  # [M, r]: other adapters' rows add zeros
                 y.addmm_(xa, b_.t(), alpha=s)
                 xas.append(xa)
-        else:  # the single-adapter op's CPU reference formula: (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
-            w = dequantize_nf4(weight, x.dtype) if isinstance(weight, NF4Weight) else weight.to(x.dtype)
-            base = x @ w.t()
-            y = base
-            for a_, b_, s, mask in zip(lora_A, lora_B, scalings, masks):
-                y = torch.where(mask, base + s * ((x @ a_.t()) @ b_.t()), y)
-            y = y if bias is None else y + bias.to(x.dtype)
         ctx.save_for_backward(x, row_adapters, *lora_A, *lora_B, *xas)
         ctx.weight, ctx.scalings, ctx.n_adapters, ctx.has_bias = weight, scalings, n_adapters, bias is not None
         return y

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from fastpeft.kernels.backend import tracing
 from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, nf4_code, quantize_nf4
 from fastpeft.kernels.workspace import get_workspace
 
@@ -144,7 +145,7 @@ def _self_checked(found: _Native) -> _Native:
 def _plain_cpu(*tensors: torch.Tensor | None) -> bool:
     """Real CPU tensors with memory behind them (not fake/meta/functional wrappers), outside a
     torch.compile trace (which gets the traceable reference instead): ctypes may read them."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or tracing(*tensors):
         return False
     return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu")
                for t in tensors)  # fmt: skip

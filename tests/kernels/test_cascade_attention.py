@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import fastpeft.kernels.prefix_attention_bwd as pa_bwd
+import fastpeft.kernels.prefix_attention_launch as pa_launch
 from fastpeft.kernels.backend import force_backend
 from fastpeft.kernels.cascade_attention import (
     cascade_config,
@@ -26,7 +26,7 @@ def poisoned(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(pa_bwd, "empty_output", nan_empty)
+    monkeypatch.setattr(pa_launch, "empty_output", nan_empty)
 
 
 def make_case(p, h, m, length, d, dtype, seed, masked="left"):
