@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
-from fastpeft.kernels.backend import backend
+from fastpeft.kernels.backend import backend, is_fake, tile_starts
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -102,6 +102,8 @@ def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore
     block_v = block_v or min(triton.next_power_of_2(n_cols), 8192)
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if is_fake(logits):
+        return loss, lse
     num_warps = 4 if block_v <= 2048 else 8  # row kernels are bandwidth bound: a cheap heuristic, no autotune
     _cross_entropy_grad_kernel[(n_rows,)](
         logits, labels, loss, lse, n_cols, logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=num_warps
@@ -158,14 +160,17 @@ class LinearCrossEntropyFn(torch.autograd.Function):
         v = weight.shape[0]
         want_h = compute_grad and ctx.needs_input_grad[0]
         want_w = compute_grad and ctx.needs_input_grad[1]
-        rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
+        if is_fake(labels):  # no values: every row counts, the most a batch of this shape can take
+            rows = torch.arange(labels.numel(), device=labels.device)
+        else:
+            rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
         count = rows.numel()
         grad_h = torch.zeros_like(hidden) if want_h else None
         # fp32 weights accumulate dW in fp32; half weights accumulate through addmm in their dtype
         grad_w = torch.zeros_like(weight) if want_w else None
         chunk = chunk_size or default_chunk_size(count, v, hidden.shape[1])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, count, chunk):
+        for start in tile_starts(count, chunk, hidden):
             idx = rows[start : start + chunk]
             h_c = hidden.index_select(0, idx)  # [C, H]
             logits = h_c @ weight.t()  # [C, V]
@@ -225,7 +230,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     labels = labels.reshape(-1).long()
     v = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
-    if bool(bad.any()):
+    if not is_fake(bad) and bool(bad.any()):
         raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) "
                          f"and is not ignore_index={ignore_index}")  # fmt: skip
     with autocast_off(hidden.device):

@@ -10,13 +10,54 @@ of the key so that work on two streams never shares a buffer.
 kernel's split-K accumulators and arrival counters reset themselves), so no memset per call.
 
 CUDA graphs: call the op once before capture so the buffers exist outside the graph's pool.
+
+Memory accounting hook: :func:`get_workspace` allocates inside ``allocation_kind("workspace")``
+and an activation offloader allocates its host buffers inside ``allocation_kind("host")``; the
+memory ledger reads :func:`current_allocation_kind` for every storage it sees created. Whichever
+path runs — a Triton launcher on CUDA, the same launcher on FakeTensors (which skips the launch),
+a ``register_fake`` implementation calling :func:`get_workspace` — the ledger labels the buffer
+the same way, so its accounting does not depend on the path.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 _buffers: dict[tuple[str, torch.dtype, torch.device, int | None], torch.Tensor] = {}
+_kinds: list[str] = []
+MEMORY_KINDS = ("workspace", "host")
+
+
+@contextlib.contextmanager
+def allocation_kind(kind: str) -> Iterator[None]:
+    """Label the tensors allocated inside the block as ``kind`` ("workspace" or "host") for accounting."""
+    if kind not in MEMORY_KINDS:
+        raise ValueError(f"kind must be one of {MEMORY_KINDS}, got {kind!r}")
+    _kinds.append(kind)
+    try:
+        yield
+    finally:
+        _kinds.pop()
+
+
+def current_allocation_kind() -> str | None:
+    """The innermost :func:`allocation_kind` label, or None outside any."""
+    return _kinds[-1] if _kinds else None
+
+
+@contextlib.contextmanager
+def isolated_workspaces() -> Iterator[None]:
+    """Run the block with an empty set of workspaces, restoring the previous set after it (the
+    memory ledger's FakeTensor buffers must never be handed to a real kernel, and vice versa)."""
+    global _buffers
+    saved, _buffers = _buffers, {}
+    try:
+        yield
+    finally:
+        _buffers = saved
 
 
 def _stream_key(device: torch.device) -> int | None:
@@ -41,7 +82,8 @@ def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.devic
         _buffers.pop(key, None)
         del buf
         alloc = torch.zeros if zeroed else torch.empty
-        buf = alloc(max(numel, 1), dtype=dtype, device=device)
+        with allocation_kind("workspace"):
+            buf = alloc(max(numel, 1), dtype=dtype, device=device)
         _buffers[key] = buf
     return buf[:numel]
 

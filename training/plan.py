@@ -103,6 +103,8 @@ class PlanInputs:
     double_quant: bool = True
     full_ft_tokens_per_param: float = 0.1
     headroom: float = 0.9  # plan against this fraction of the device memory
+    measure: bool = False  # measure with the memory ledger instead (fastpeft.training.plan_measure)
+    cuda_context_gib: float = 1.0  # --measure: device memory the tensors cannot use (CUDA context, allocator)
 
 
 def load_model_shape(model: str | None, model_config: dict | None) -> ModelShape:
