@@ -76,6 +76,8 @@ def _parser(scenario_names: list[str]) -> argparse.ArgumentParser:
     rec.add_argument("--record-cpu", action="store_true", help="record a CPU run in the results and RESULTS.md")
     rec.add_argument("--no-record", action="store_true", help="do not record even a GPU run")
     p.add_argument("--regenerate", action="store_true", help="only rebuild RESULTS.md from the recorded JSON")
+    p.add_argument("--ledger", action="store_true", help="measure the memory-ledger section of RESULTS.md (fake "
+                   "tensors, any device; with --small a tiny config, printed and not recorded)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--reps", type=int, default=5, help="timed runs per measurement on CPU (default 5)")
     p.add_argument("--strict", action="store_true", help="stop at the first implementation error")
@@ -96,6 +98,8 @@ def main(argv: list[str]) -> int:
         for name in scenarios.SCENARIOS:
             print(f"{name:<18} {scenarios.resolve([name])[0].TITLE}")
         return 0
+    if args.ledger:
+        return _ledger(bench, args, results_dir, results_md, argv)
     if args.regenerate:
         path, skipped = report.write_results_md(results_dir, results_md)
         for line in skipped:
@@ -119,6 +123,22 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"fastpeft bench: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _ledger(bench: ModuleType, args: argparse.Namespace, results_dir: Path, results_md: Path, argv: list[str]) -> int:
+    from fastpeft_benchmarks import ledger_report, report
+
+    data = ledger_report.measure(small=bool(args.small), log=lambda s: print(s, file=sys.stderr))
+    command = shlex.join(["fastpeft", "bench", *argv])
+    if args.small:  # a smoke run: printed, written only to --out
+        if args.out:
+            ledger_report.write(data, args.out, command)
+        print(ledger_report.render({**data, "command": command}))
+        return 0
+    print(f"wrote {ledger_report.write(data, results_dir, command)}")
+    path, _ = report.write_results_md(results_dir, results_md)
+    print(f"regenerated {path}")
     return 0
 
 

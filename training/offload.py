@@ -8,9 +8,11 @@ copy is freed as soon as the copy has run. In the backward, block i fetches its 
 at once starts copying block i-1's input on the side stream, so the transfer overlaps block i's
 recompute and backward: at most two block inputs are on the device at a time (double buffering).
 
-On the CPU the same code runs (the copies are ordinary copies into separate host buffers, no
-streams), so gradients are exactly those of plain checkpointing; the memory ledger counts the host
-buffers apart (they are allocated inside ``allocation_kind("host")``).
+The recompute is torch's non-reentrant checkpoint (each recomputed tensor is freed once its
+backward node has used it); only the block input takes the detour through host memory. On the
+CPU the same code runs (the copies are ordinary copies into separate host buffers, no streams),
+so gradients are exactly those of plain checkpointing; the memory ledger counts the host buffers
+apart (they are allocated inside ``allocation_kind("host")``).
 
 Use: :func:`enable_offloaded_checkpointing` on a transformers model (it replaces the model's
 checkpoint function, so every ``GradientCheckpointingLayer`` block is recomputed this way).
@@ -95,66 +97,45 @@ class ActivationOffloader:
         return x
 
 
-def _autocast_state(device_type: str) -> dict[str, Any]:
-    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
-            "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}  # fmt: skip
+class _Recompute:
+    """The recompute context of one checkpointed block: its input comes back from host memory."""
+
+    def __init__(self, offloader: ActivationOffloader, box: list[Any], stash: list[_Stash]) -> None:
+        self.offloader, self.box, self.stash = offloader, box, stash
+
+    def __enter__(self) -> None:
+        self.box[0] = self.offloader.fetch(self.stash[0])
+
+    def __exit__(self, *exc: object) -> None:
+        self.box[0] = None  # the recomputed graph keeps what it saved of it
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Forward without saving anything but the host copy of ``x``; backward fetches, recomputes, backprops.
+def offloaded_checkpoint(offloader: ActivationOffloader, function: Callable[..., Any], *args: Any,
+                         **kwargs: Any) -> Any:  # fmt: skip
+    """``checkpoint(function, *args, **kwargs)`` (non-reentrant) with ``args[0]``, the block input,
+    held in host memory between the forward and the recompute.
 
-    ``anchor`` is a leaf that requires grad, so the output requires grad (and the backward runs)
-    even when ``x`` does not, e.g. the first block's input under LoRA with frozen embeddings.
-    """
-
-    @staticmethod
-    def forward(ctx, run, offloader, anchor, x):  # type: ignore[override]
-        ctx.run, ctx.offloader = run, offloader
-        ctx.stash = offloader.offload(x)
-        ctx.x_meta = (x.requires_grad,)
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
-        with torch.no_grad():
-            return run(x)
-
-    @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
-        device = ctx.offloader.device
-        devices = [device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=device.type), torch.enable_grad(), \
-             torch.autocast(**ctx.autocast):  # fmt: skip
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, device)
-            x = ctx.offloader.fetch(ctx.stash).detach().requires_grad_(True)
-            out = ctx.run(x)
-        outs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return None, None, None, x.grad if ctx.x_meta[0] else None
-
-
-def offloaded_checkpoint(offloader: ActivationOffloader, anchor: torch.Tensor, function: Callable[..., Any],
-                         *args: Any, **kwargs: Any) -> Any:  # fmt: skip
-    """``checkpoint(function, x)`` with ``x`` (the block input, ``args[0]``) held in host memory.
-
-    Further positional arguments and ``kwargs`` are bound into the recompute; none of them may need
-    a gradient (transformers passes masks and rotary embeddings there).
+    torch's non-reentrant checkpoint keeps the function's arguments alive for the recompute; here
+    the block input reaches the function through a box that is emptied after the forward and
+    refilled from the host copy when the backward recomputes the block. Gradients flow through
+    the forward's graph as with plain checkpointing (the RNG and autocast state are replayed).
     """
     if not args or not isinstance(args[0], torch.Tensor):
         raise TypeError("offloaded checkpointing needs the block input tensor as the first positional argument")
-    x, rest = args[0], args[1:]
-    for value in (*rest, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            raise ValueError("offloaded checkpointing gives gradients to the block input only, but another "
-                             f"argument of shape {tuple(value.shape)} requires grad")  # fmt: skip
+    from torch.utils.checkpoint import checkpoint
 
-    def run(inp: torch.Tensor) -> Any:
-        return function(inp, *rest, **kwargs)
+    box: list[Any] = [args[0]]
+    stash: list[_Stash] = []
+    rest = args[1:]
 
-    return _OffloadedCheckpoint.apply(run, offloader, anchor, x)
+    def run() -> Any:
+        return function(box[0], *rest, **kwargs)
+
+    out = checkpoint(run, use_reentrant=False,
+                     context_fn=lambda: (contextlib.nullcontext(), _Recompute(offloader, box, stash)))  # fmt: skip
+    stash.append(offloader.offload(box[0]))
+    box[0] = None
+    return out
 
 
 def enable_offloaded_checkpointing(model: nn.Module) -> ActivationOffloader:
@@ -165,12 +146,10 @@ def enable_offloaded_checkpointing(model: nn.Module) -> ActivationOffloader:
     """
     if not hasattr(model, "_set_gradient_checkpointing"):
         raise TypeError(f"offloaded checkpointing needs a transformers model, got {type(model).__name__}")
-    device = next(model.parameters()).device
-    offloader = ActivationOffloader(device)
-    anchor = torch.zeros((), device=device, requires_grad=True)  # never updated: not a parameter
+    offloader = ActivationOffloader(next(model.parameters()).device)
 
     def checkpoint_fn(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return offloaded_checkpoint(offloader, anchor, function, *args, **kwargs)
+        return offloaded_checkpoint(offloader, function, *args, **kwargs)
 
     model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpoint_fn)
     if getattr(model, "config", None) is not None:

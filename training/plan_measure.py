@@ -60,7 +60,12 @@ def load_model_config(model: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 def longest_context(probe: Callable[[int], int], budget_bytes: int, resolution: int = RESOLUTION,
                     max_tokens: int = MAX_TOKENS) -> LongestContext:  # fmt: skip
-    """Largest multiple of ``resolution`` with ``probe(tokens) <= budget_bytes`` (``probe`` is monotone)."""
+    """Largest multiple of ``resolution`` with ``probe(tokens) <= budget_bytes`` (``probe`` non-decreasing).
+
+    Secant steps on ``probe(t) - budget`` (the peak is nearly affine in t) until a length that fits
+    and one that does not bracket the answer, then regula falsi with bisection as the fallback
+    whenever an interpolation fails to halve the bracket.
+    """
     probes: list[tuple[int, int]] = []
     cache: dict[int, int] = {}
 
@@ -70,47 +75,37 @@ def longest_context(probe: Callable[[int], int], budget_bytes: int, resolution: 
             probes.append((tokens, cache[tokens]))
         return cache[tokens]
 
-    def answer(lo: int, capped: bool = False) -> LongestContext:
-        nxt = lo + resolution
-        return LongestContext(lo, cache.get(lo), None if capped else peak(nxt), budget_bytes, probes, capped)
+    def snap(t: float) -> int:
+        return int(t) // resolution * resolution
 
-    a, b = 4 * resolution, 32 * resolution
+    def secant(a: int, b: int) -> float:
+        slope = (cache[b] - cache[a]) / (b - a)
+        return b + (budget_bytes - cache[b]) / slope if slope > 0 else 4 * b
+
     if peak(resolution) > budget_bytes:
         return LongestContext(0, None, cache[resolution], budget_bytes, probes)
-    if peak(a) > budget_bytes:
-        lo, hi = resolution, a
-    elif peak(b) > budget_bytes:
-        lo, hi = a, b
-    else:
-        slope = max((cache[b] - cache[a]) / (b - a), 1.0)
-        guess = b + int((budget_bytes - cache[b]) / slope) // resolution * resolution
-        guess = min(max(guess, b + resolution), max_tokens)
-        step = max(resolution, guess // 100 // resolution * resolution)
-        if peak(guess) <= budget_bytes:  # walk up from the guess until a length does not fit
-            lo = guess
-            while True:
-                if lo >= max_tokens:
-                    return answer(max_tokens, capped=True)
-                nxt = min(lo + step, max_tokens)
-                if peak(nxt) > budget_bytes:
-                    hi = nxt
-                    break
-                lo, step = nxt, step * 2
-        else:  # walk down until one fits (b did)
-            hi = guess
-            while True:
-                nxt = max(hi - step, b)
-                if nxt == b or peak(nxt) <= budget_bytes:
-                    lo = nxt
-                    break
-                hi, step = nxt, step * 2
-    while hi - lo > resolution:
-        mid = (lo + hi) // 2 // resolution * resolution
-        if peak(mid) <= budget_bytes:
-            lo = mid
+    lo, hi, prev = resolution, None, resolution
+    t = 8 * resolution
+    while hi is None:  # grow from what fitted, at most 8x per step
+        t = min(max(snap(t), lo + resolution), 8 * lo, max_tokens)
+        if peak(t) > budget_bytes:
+            hi = t
+        elif t >= max_tokens:
+            return LongestContext(t, cache[t], None, budget_bytes, probes, capped=True)
         else:
-            hi = mid
-    return answer(lo)
+            prev, lo = lo, t
+            t = secant(prev, lo)
+    interpolate = True
+    while hi - lo > resolution:
+        width = hi - lo
+        t = lo + (budget_bytes - cache[lo]) / max(cache[hi] - cache[lo], 1) * width if interpolate else (lo + hi) / 2
+        t = min(max(snap(t), lo + resolution), hi - resolution)
+        if peak(t) <= budget_bytes:
+            lo = t
+        else:
+            hi = t
+        interpolate = interpolate and hi - lo <= width / 2 or not interpolate  # bisect once after a poor step
+    return LongestContext(lo, cache[lo], peak(lo + resolution), budget_bytes, probes)
 
 
 def design_for(method: str) -> StepDesign:
