@@ -127,7 +127,8 @@ def plot_result(result: dict[str, Any], directory: Path, stem: str) -> list[Path
 
     paths = []
     for scenario in dict.fromkeys(r["scenario"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["scenario"] == scenario and r.get("median_ms")]
+        # memory-only rows (the ledger: no time) still get their memory bars
+        rows = [r for r in result["rows"] if r["scenario"] == scenario and (r.get("median_ms") or r.get("peak_mem_bytes"))]
         if not rows:
             continue
         fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -136,7 +137,7 @@ def plot_result(result: dict[str, Any], directory: Path, stem: str) -> list[Path
         color = {impl: plt.cm.tab10(i % 10) for i, impl in enumerate(impls)}  # one colour per implementation
         styles = ("-", "--", ":", "-.")  # one line style per shape group
         for group, impl in dict.fromkeys((r["group"], r["impl"]) for r in rows):
-            pts = sorted((r["x"], r["median_ms"]) for r in rows if (r["group"], r["impl"]) == (group, impl))
+            pts = sorted((r["x"], r["median_ms"]) for r in rows if (r["group"], r["impl"]) == (group, impl) and r.get("median_ms"))
             ax_time.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[impl],
                          linestyle=styles[groups.index(group) % len(styles)], label=f"{impl} [{group}]")  # fmt: skip
         ax_time.set(xlabel=rows[0]["x_name"], ylabel="median time (ms)", title=f"{scenario}: time", yscale="log")

@@ -37,7 +37,7 @@ class _Stash:
     def __init__(self, host: torch.Tensor, previous: _Stash | None) -> None:
         self.host: torch.Tensor | None = host
         self.device_copy: torch.Tensor | None = None
-        self.ready: Any = None  # CUDA event: the copy into ``device_copy`` (or out of the device) is done
+        self.ready: Any = None  # CUDA event recorded after the copy into ``device_copy``
         self.previous = weakref.ref(previous) if previous is not None else None
 
 
