@@ -1,6 +1,6 @@
 """What a (Q)LoRA user runs today, in one place: the scenarios and the pytest-benchmark suites share it.
 
-The methods follow the anchor scripts (/work/shared/anchors/bench_anchors*.py), written anew:
+Each is what the libraries' users write, with their documented defaults:
 - dense torch: ``F.linear`` on a frozen bf16 weight + PEFT's unfused LoRA ``(x·Aᵀ)·Bᵀ·s``;
 - bitsandbytes: ``bnb.nn.Linear4bit`` NF4 (blocksize 64, double quant) + the same unfused LoRA;
 - SDPA: causal without prefix, and the prefix concatenated into K/V with a boolean mask;
@@ -140,7 +140,8 @@ def random_llama_dir(config: Any, device: torch.device) -> Iterator[str]:
 
 
 def hf_bnb_peft_model(model_dir: str, device: torch.device, training: bool) -> torch.nn.Module:
-    """Load ``model_dir`` in bnb NF4 and wrap it with PEFT LoRA, as the anchors did.
+    """Load ``model_dir`` in bnb NF4 (bf16 compute) and wrap it with PEFT LoRA (r 16, alpha 32, all 7
+    projections), the recipe of PEFT's and bitsandbytes' QLoRA guides.
 
     Training adds ``prepare_model_for_kbit_training`` (gradient checkpointing on) and ``model.train()``.
     """
@@ -181,11 +182,12 @@ def timed_steps(step: Any, steps: int, device: torch.device) -> list[float]:
 
 def hf_qlora_step(model_dir: str, vocab: int, batch: int, seq: int, device: torch.device, warmup: int = 2,
                   steps: int = 5) -> Measured:  # fmt: skip
-    """Median time of one HF + bnb + PEFT QLoRA step (AdamW lr 1e-4, labels = inputs), anchors' method.
+    """Median time of one HF + bnb + PEFT QLoRA step (AdamW lr 1e-4, labels = inputs, ``warmup``
+    untimed steps first).
 
     ``model_dir`` holds a bf16 checkpoint (:func:`random_llama_dir`). Peak memory: absolute
-    ``max_memory_allocated`` over the timed steps on CUDA (model, optimizer and activations, as in
-    the anchors); on CPU the RSS rise from before the model was loaded.
+    ``max_memory_allocated`` over the timed steps on CUDA (model, optimizer and activations: what a
+    user sees as the memory a run needs); on CPU the RSS rise from before the model was loaded.
     """
     on_cpu = device.type != "cuda"
     with PeakMemory(device) if on_cpu else contextlib.nullcontext() as cpu_window:

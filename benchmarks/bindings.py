@@ -1,7 +1,8 @@
 """Our implementations, bound by name in this one place.
 
-Kernels and recipes written elsewhere in the project are looked up here; while one is missing
-(or fails to import) its row says "not available in this build (...)" and the run goes on.
+Kernels, and the measuring functions beside this module (``training_steps``, ``sampling_throughput``),
+are looked up here; while one is missing (or fails to import) its row says "not available in this
+build (...)" and the run goes on.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from .harness import Measured, PeakMemory, not_available
 
 # candidate (module, function name) pairs: the first one found is used
 PREFIX_ATTENTION = (("fastpeft.kernels.prefix_attention", "prefix_attention"),)
-QLORA_STEP = (("fastpeft.training.bench_step", "run_training_steps"),)
-SAMPLING = (("fastpeft.reasoning.sampler", "measure_sampling_throughput"),)
+QLORA_STEP = ((f"{__package__}.training_steps", "run_training_steps"),)
+SAMPLING = ((f"{__package__}.sampling_throughput", "measure_sampling_throughput"),)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -8,7 +8,7 @@ slowly for a benchmark; so these suites pin the torch reference on CPU unless a 
 
 import pytest
 
-from fastpeft.cli_bench import load_benchmarks
+from fastpeft.cli.bench import load_benchmarks
 from fastpeft.kernels.backend import force_backend, interpreting
 
 load_benchmarks()

@@ -99,7 +99,9 @@ sys.exit(1 if bad or not rows else 0)
 PY
 step offload-speed 60 "$PY" - "$SMOKE" "$OUT" <<'PY'
 import json, sys
-from fastpeft.training.bench_step import run_training_steps
+from fastpeft.cli.bench import load_benchmarks
+load_benchmarks()
+from fastpeft_benchmarks.training_steps import run_training_steps
 smoke = sys.argv[1] == "1"
 size = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             vocab_size=64) if smoke else dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

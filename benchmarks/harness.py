@@ -204,7 +204,7 @@ class PeakMemory:
     """Peak memory inside a ``with`` block, in bytes (``.peak``; None where it cannot be measured).
 
     CUDA: ``max_memory_allocated`` minus what was allocated when the block began, or the absolute
-    value with ``absolute=True`` (what the anchors report for whole models). CPU: how far the
+    value with ``absolute=True`` (for whole models: everything the run holds). CPU: how far the
     process's peak RSS rose above its RSS when the block began.
     """
 

@@ -1,6 +1,10 @@
-"""The Llama configurations of the whole-model scenarios (see /work/shared/ANCHORS.md).
+"""The Llama configurations of the whole-model scenarios.
 
-Random weights only: models are built from these configs, never downloaded.
+"8B" has the shape of Llama 3.1 8B (the ``config.json`` of ``meta-llama/Llama-3.1-8B`` on the
+Hugging Face Hub: hidden 4096, 32 layers, intermediate 14336, 32 heads / 8 KV heads, vocabulary
+128256); "1.2B" is a smaller Llama of our own choosing (hidden 2048, 16 layers, intermediate 8192,
+16 heads / 8 KV heads, vocabulary 32000, about 1.2 B parameters). Random weights only: models are
+built from these configs, never downloaded.
 """
 
 from __future__ import annotations

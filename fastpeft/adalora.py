@@ -42,7 +42,8 @@ from fastpeft.adapters import LoraAdapter, check_rank
 from fastpeft.inject import adapter_configs
 from fastpeft.kernels.lora_linear import lora_linear
 from fastpeft.lifecycle import active_adapter
-from fastpeft.lora_linear import ADAPTER_VARIANTS, iter_adapter_layers
+from fastpeft.lora_linear import iter_adapter_layers
+from fastpeft.variants import register_variant
 
 ALLOCATORS_ATTR = "fastpeft_adalora_allocators"  # {adapter name: RankAllocator} on the model instance
 TRIPLET = ("lora_A", "lora_B", "lora_E")
@@ -112,11 +113,11 @@ def settings_from_variant_config(r: int, variant_config: dict[str, Any]) -> AdaL
     return AdaLoraSettings(**{"init_r": r, **variant_config})
 
 
-# -- LoraConfig / adapter_io hooks ----------------------------------------------------------------
+# -- the registry's hooks (LoraConfig validation, adapter_config.json, on-disk tensors) -------------
 
 
 def normalize_adalora_config(config: Any) -> None:
-    """Called by ``LoraConfig.validate``: fill in AdaLoRA's settings; ``variant_config['init_r']`` sets r."""
+    """Fill in and check a LoraConfig's AdaLoRA settings; ``variant_config['init_r']`` sets r."""
     if config.use_rslora:
         raise ValueError("LoraConfig.use_rslora cannot be used with variant 'adalora' (its scaling is alpha/init_r)")
     settings = settings_from_variant_config(config.r, config.variant_config)
@@ -125,21 +126,21 @@ def normalize_adalora_config(config: Any) -> None:
 
 
 def adalora_peft_fields(config: Any) -> dict[str, Any]:
-    """The keys PEFT's AdaLoraConfig adds to adapter_config.json (plus peft_type and r)."""
+    """The keys PEFT's AdaLoraConfig adds to adapter_config.json (and r)."""
     fields = dict(config.variant_config)
     # PEFT ignores r for AdaLoRA and warns when it differs from its default 8; init_r is the rank
-    return {**fields, "peft_type": "ADALORA", "r": 8}
+    return {**fields, "r": 8}
 
 
-def adalora_config_from_peft(cls: type, data: dict[str, Any], **overrides: Any) -> Any:
-    """A fastpeft LoraConfig (variant "adalora") from PEFT's AdaLoRA adapter_config.json dict."""
+def adalora_fields_from_peft(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """PEFT's AdaLoRA adapter_config.json dict -> (its LoRA fields, with r = init_r; variant_config)."""
     names = [f.name for f in dataclasses.fields(AdaLoraSettings)]
     settings = {k: data[k] for k in names if k in data}
     if "init_r" not in settings:
         raise ValueError("adapter_config.json has peft_type 'ADALORA' but no init_r")
     lora_data = {k: v for k, v in data.items() if k not in names}
-    lora_data.update(peft_type="LORA", r=settings["init_r"])
-    return cls.from_peft_dict(lora_data, variant="adalora", variant_config=settings, **overrides)
+    lora_data["r"] = settings["init_r"]
+    return lora_data, settings
 
 
 def _split_key(key: str, prefix: str) -> tuple[str, str]:
@@ -198,8 +199,6 @@ def expand_by_rank_pattern(adapters: dict[str, dict[str, torch.Tensor]], config:
 class AdaLoraAdapter(LoraAdapter):
     """A ``[r, in]``, E ``[r, 1]``, B ``[out, r]``; r = init_r for the adapter's whole life."""
 
-    variant = "adalora"
-
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
                  *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -255,14 +254,19 @@ class AdaLoraAdapter(LoraAdapter):
         a, e, b = (p.detach().float() for p in (self.lora_A, self.lora_E, self.lora_B))
         return self.scaling * (b @ (a * e))
 
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"lora_A": (self.r, self.in_features), "lora_B": (self.out_features, self.r), "lora_E": (self.r, 1)}
+    @classmethod
+    def peft_shapes(cls, r: int, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": (r, in_features), "lora_B": (out_features, r), "lora_E": (r, 1)}
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
 
 
-ADAPTER_VARIANTS["adalora"] = AdaLoraAdapter
+register_variant(
+    "adalora", AdaLoraAdapter, normalize=normalize_adalora_config, peft_type="ADALORA",
+    peft_fields=adalora_peft_fields, from_peft=adalora_fields_from_peft, pack=compress_by_rank_pattern,
+    unpack=expand_by_rank_pattern,
+)
 
 
 def adalora_adapters(model: nn.Module, adapter_name: str | None = None) -> dict[str, AdaLoraAdapter]:

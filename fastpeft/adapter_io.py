@@ -7,9 +7,11 @@ A directory holds ``adapter_config.json`` (the keys PEFT 0.21 writes: peft_type 
     base_model.model.<module path>.lora_A.weight        [r, in]
     base_model.model.<module path>.lora_B.weight        [out, r]
     base_model.model.<module path>.lora_magnitude_vector [out]      (DoRA)
+    base_model.model.<module path>.lora_A / lora_E / lora_B         (AdaLoRA: [r, in], [r, 1], [out, r])
     base_model.model.<module path>.base_layer.bias      (bias="all"/"lora_only", adapted layers)
     base_model.model.<path>.bias / .<param>             (bias="all" elsewhere; modules_to_save)
 
+Which tensors a variant stores, with which shapes, is the variant's (:mod:`fastpeft.variants`).
 Loading validates every key, shape and dtype against the model before anything is assigned, so a
 truncated file, a foreign architecture or a wrong shape raises and leaves the model unchanged.
 Pickle files (``adapter_model.bin``) are refused unless ``allow_pickle=True``, and then read with
@@ -29,15 +31,16 @@ from torch import nn
 from fastpeft.config import LoraConfig
 from fastpeft.inject import adapter_configs, inject, linear_paths, mark_trainable
 from fastpeft.lifecycle import active_adapter, list_adapters, modules_to_save_wrappers, require_adapter, set_adapter
-from fastpeft.lora_linear import ADAPTER_VARIANTS, AdapterLinear, iter_adapter_layers, linear_kind
+from fastpeft.lora_linear import AdapterLinear, iter_adapter_layers, linear_kind
+from fastpeft.variants import adapter_suffixes, get_variant
 
 CONFIG_NAME = "adapter_config.json"
+# what PEFT's config cannot say about an NF4 base fastpeft quantized itself; load_adapter applies it
+FASTPEFT_CONFIG_NAME = "fastpeft_config.json"
+_BASE_FIELDS = ("quantize", "double_quant", "blocksize", "compute_dtype")
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-# the last three: AdaLoRA (PEFT stores its ParameterDict entries without ".weight")
-_ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_A", "lora_B", "lora_E")
-
 
 PROMPT_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "FASTPEFT_GATED_PREFIX")
 
@@ -74,10 +77,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         if name in wrapper.copies:
             for pname, tensor in wrapper.copies[name].state_dict().items():
                 tensors[f"{PREFIX}{path}.{pname}"] = tensor
-    if config.variant == "adalora":  # PEFT drops AdaLoRA's pruned triplets (rank_pattern) on save
-        from fastpeft.adalora import compress_by_rank_pattern
-
-        tensors = compress_by_rank_pattern(tensors, config, PREFIX)
+    variant = get_variant(config.variant)
+    if variant.pack is not None:  # e.g. AdaLoRA: PEFT drops pruned triplets (rank_pattern) on save
+        tensors = variant.pack(tensors, config, PREFIX)
     target = config.target_modules
     if target is None or target == "all-linear":  # PEFT stores the resolved names
         target = sorted({path.rpartition(".")[2] for path, _ in layers})
@@ -91,7 +93,31 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
               str(directory / WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    write_base_fields(config, directory)
     return directory
+
+
+def write_base_fields(config: LoraConfig, directory: Path) -> None:
+    """``fastpeft_config.json``: the NF4 settings of a base fastpeft quantized (nothing otherwise)."""
+    if config.quantize is None:
+        return
+    base = {f: getattr(config, f) for f in _BASE_FIELDS}
+    base["compute_dtype"] = None if config.compute_dtype is None else str(config.compute_dtype).removeprefix("torch.")
+    (directory / FASTPEFT_CONFIG_NAME).write_text(json.dumps(base, indent=2, sort_keys=True) + "\n")
+
+
+def _read_base_fields(directory: Path) -> dict:
+    """The NF4 settings :func:`save_adapter` recorded (empty when the base was not quantized by us)."""
+    path = directory / FASTPEFT_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or set(data) - set(_BASE_FIELDS):
+        raise ValueError(f"{path} must hold an object with keys from {_BASE_FIELDS}, got {data!r}")
+    return data
 
 
 def _read_config(directory: Path) -> dict:
@@ -155,6 +181,8 @@ def _check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> N
 def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> _LoadPlan:
     """Check every tensor against the model; nothing is modified here."""
     plan = _LoadPlan({}, {}, {})
+    variant = get_variant(config.variant)
+    suffixes = adapter_suffixes()
     linears = linear_paths(model)
     mts_names = config.modules_to_save or []
     modules = dict(model.named_modules())
@@ -162,7 +190,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
         if not key.startswith(PREFIX):
             raise ValueError(f"key {key}: PEFT keys start with {PREFIX!r}")
         path = key[len(PREFIX):]
-        suffix = next((s for s in _ADAPTER_SUFFIXES if path.endswith("." + s)), None)
+        suffix = next((s for s in suffixes if path.endswith("." + s)), None)
         if suffix is not None:
             plan.adapters.setdefault(path[: -len(suffix) - 1], {})[suffix] = tensor
             continue
@@ -178,12 +206,8 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
             raise ValueError(f"key {key}: not a LoRA tensor, bias or modules_to_save tensor this config expects")
     if not plan.adapters:
         raise ValueError("the adapter file holds no LoRA tensors (lora_A.weight / lora_B.weight)")
-    expected_suffixes = {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if config.use_dora else set())
-    if config.variant == "adalora":  # PEFT's AdaLoRA keys; pruned triplets restored as zeros at init_r
-        from fastpeft.adalora import expand_by_rank_pattern
-
-        expand_by_rank_pattern(plan.adapters, config, PREFIX)
-        expected_suffixes = {"lora_A", "lora_B", "lora_E"}
+    if variant.unpack is not None:  # e.g. AdaLoRA: pruned triplets restored as zeros at init_r
+        variant.unpack(plan.adapters, config, PREFIX)
     for path, found in plan.adapters.items():
         key = PREFIX + path
         if path not in linears:
@@ -191,14 +215,10 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
             raise ValueError(
                 f"key {key}.*: module {path!r} {what} in this model (adapter made for another architecture?)"
             )
-        missing, extra = expected_suffixes - set(found), set(found) - expected_suffixes
+        shapes = variant.peft_shapes(config.r, *_features(linears[path]))
+        missing, extra = set(shapes) - set(found), set(found) - set(shapes)
         if missing or extra:
             raise ValueError(f"module {path}: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}")
-        in_f, out_f = _features(linears[path])
-        shapes = {
-            "lora_A.weight": (config.r, in_f), "lora_B.weight": (out_f, config.r), "lora_magnitude_vector": (out_f,),
-            "lora_A": (config.r, in_f), "lora_B": (out_f, config.r), "lora_E": (config.r, 1),
-        }  # fmt: skip
         for suffix, tensor in found.items():
             _check_shape(f"{key}.{suffix}", tensor, shapes[suffix])
     for path, tensor in plan.params.items():
@@ -231,7 +251,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     adapters every other ``requires_grad`` stays as it was, a plain model gets a frozen base.
     ``is_trainable=True`` makes it the trainable adapter (as ``inject`` does). With
     ``activate`` the adapter becomes the active one. ``config_overrides`` sets our own config fields
-    (``quantize="nf4"``, ``double_quant``, ``compute_dtype``). Returns ``model``.
+    (``quantize="nf4"``, ``double_quant``, ``compute_dtype``); by default they are those the directory's
+    ``fastpeft_config.json`` recorded (an adapter trained on a base fastpeft quantized to NF4 is
+    reloaded on the same NF4 weights). Returns ``model``.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -243,9 +265,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
         load_prompt_adapter(model, directory, allow_pickle=allow_pickle)
         return model
-    config = LoraConfig.from_peft_dict(raw_config, **config_overrides)
-    if config.variant not in ADAPTER_VARIANTS:
-        raise ValueError(f"adapter variant {config.variant!r} is not available in this build")
+    config = LoraConfig.from_peft_dict(raw_config, **{**_read_base_fields(directory), **config_overrides})
     if adapter_name in adapter_configs(model):
         existing = list(adapter_configs(model))
         raise ValueError(f"adapter {adapter_name!r} already exists in this model (adapters: {existing})")

@@ -11,13 +11,15 @@ owning AdapterLinear; x is always 2-D ``[M, in]``):
   used when batch rows are routed to different adapters and the base matmul runs once;
 - ``delta_weight() -> [out, in]``: the fp32 low-rank update (s·B·A for LoRA);
 - ``merge_into(layer, w) -> w'`` / ``unmerge_from(layer, w') -> w`` on fp32 dense weights;
-- ``peft_shapes()`` / ``peft_tensors()`` / ``load_peft_tensors(tensors)``: the tensors under their
-  PEFT key suffixes (``lora_A.weight``, ``lora_B.weight``, ...), used by adapter_io;
+- ``peft_shapes(r, in, out)`` (a classmethod) / ``peft_tensors()`` / ``load_peft_tensors(tensors)``:
+  the tensors under their PEFT key suffixes (``lora_A.weight``, ``lora_B.weight``, ...), used by
+  adapter_io (the shapes check a file before anything is loaded);
 - ``init_from_layer(layer)``: called once after construction (DoRA sets its magnitude here).
 
-A variant (AdaLoRA, Delta-LoRA, ...) subclasses :class:`LoraAdapter`, overrides what differs,
-declares ``variant = "<name>"`` and registers itself in ``ADAPTER_VARIANTS``
-(:mod:`fastpeft.lora_linear`); ``LoraConfig.variant`` and ``variant_config`` select and configure it.
+A variant (AdaLoRA, Delta-LoRA, ...) subclasses :class:`LoraAdapter`, overrides what differs and
+registers itself with :func:`fastpeft.variants.register_variant` (which also carries its config
+normalisation and on-disk format); ``LoraConfig.variant`` and ``variant_config`` select and
+configure it. Keyword-only constructor arguments (besides ``dtype``, ``device``) are its settings.
 Layer access available to adapters: ``layer.base_operand()`` (dense tensor or NF4Weight for the
 fused op), ``layer.dense_weight(dtype)``, ``layer.base_linear(x, bias=True)``, ``layer.bias``,
 ``layer.base_needs_grad()``.
@@ -49,7 +51,7 @@ class LoraAdapter(nn.Module):
     y = base(x) + s·B(A(dropout(x))) runs; in eval mode or with dropout 0 the fused op runs.
     """
 
-    variant = "lora"
+    variant = "lora"  # set by register_variant to the name the variant is registered under
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
@@ -119,9 +121,10 @@ class LoraAdapter(nn.Module):
         """Inverse of :meth:`merge_into` (exact up to rounding)."""
         return weight - self.delta_weight().to(weight.device)
 
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the tensors PEFT stores for this adapter, by key suffix."""
-        return {"lora_A.weight": (self.r, self.in_features), "lora_B.weight": (self.out_features, self.r)}
+    @classmethod
+    def peft_shapes(cls, r: int, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors PEFT stores for one adapted ``[out, in]`` layer, by key suffix."""
+        return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}

@@ -10,8 +10,10 @@ B too), ``fan_in_fan_out`` (informational: GPT-2 Conv1D layers are detected by t
 
 Ours: ``quantize`` (None | "nf4": every frozen linear in the transformer blocks becomes NF4),
 ``double_quant``, ``blocksize``, ``compute_dtype``, ``last_layers_fraction`` (adapters only in the
-last fraction of transformer blocks, at least one block), ``variant`` ("lora" | "dora" |
-"adalora" | "delta_lora") with its parameters in ``variant_config``.
+last fraction of transformer blocks, at least one block), ``variant`` (a registered variant:
+"lora" | "dora" | "adalora" | "delta_lora", see :mod:`fastpeft.variants`) with its parameters in
+``variant_config``. ``use_dora=True`` is PEFT's spelling of ``variant="dora"``; with another variant
+it is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 import torch
 
-VARIANTS = ("lora", "dora", "adalora", "delta_lora")
+from fastpeft.variants import LORA_PEFT_TYPE, get_variant, peft_types, variant_for_peft_type, variant_names
+
 BIAS_OPTIONS = ("none", "all", "lora_only")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -89,7 +92,10 @@ class LoraConfig:
                     f"LoraConfig.compute_dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {self.compute_dtype!r}"
                 )
             self.compute_dtype = _DTYPES[self.compute_dtype]
-        if self.use_dora and self.variant == "lora":
+        if self.use_dora and self.variant not in ("lora", "dora"):
+            raise ValueError(f"LoraConfig.use_dora=True selects the DoRA variant and cannot be combined with "
+                             f"variant={self.variant!r}")
+        if self.use_dora:
             self.variant = "dora"
         self.use_dora = self.variant == "dora"
         self.validate()
@@ -137,16 +143,11 @@ class LoraConfig:
                 raise bad("last_layers_fraction", "None or a number in (0, 1]")
             if self.layers_to_transform is not None:
                 raise ValueError("LoraConfig.last_layers_fraction and layers_to_transform cannot both be set")
-        if self.variant == "adalora":  # fills in and checks AdaLoRA's settings; variant_config["init_r"] sets r
-            from fastpeft.adalora import normalize_adalora_config
-
-            normalize_adalora_config(self)
-        if self.variant == "delta_lora" and self.quantize is not None:
-            raise ValueError("LoraConfig.variant 'delta_lora' updates the base weights and cannot use quantize='nf4'")
-        if self.variant not in VARIANTS:
-            raise bad("variant", f"one of {VARIANTS}")
+        if self.variant not in variant_names():
+            raise bad("variant", f"one of {variant_names()}")
         if not isinstance(self.variant_config, dict):
             raise bad("variant_config", "a dict")
+        get_variant(self.variant).check_config(self)  # may fill in variant_config (AdaLoRA: init_r sets r)
         if self.task_type != "CAUSAL_LM":
             raise bad("task_type", "'CAUSAL_LM'")
 
@@ -164,9 +165,10 @@ class LoraConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         """The dict PEFT's ``LoraConfig.save_pretrained`` writes (same keys, PEFT-compatible values)."""
         target = self.target_modules
+        variant = get_variant(self.variant)
         out = dict(_PEFT_DEFAULTS)
         out.update(
-            peft_type="LORA", task_type=self.task_type, base_model_name_or_path=self.base_model_name_or_path,
+            peft_type=variant.peft_type, task_type=self.task_type, base_model_name_or_path=self.base_model_name_or_path,
             r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             target_modules=list(target) if isinstance(target, (list, tuple)) else target,
             exclude_modules=self.exclude_modules, layers_to_transform=self.layers_to_transform,
@@ -174,10 +176,8 @@ class LoraConfig:
             bias=self.bias, modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
             fan_in_fan_out=self.fan_in_fan_out, inference_mode=True,
         )  # fmt: skip
-        if self.variant == "adalora":  # PEFT's AdaLoraConfig: peft_type "ADALORA" and its schedule keys
-            from fastpeft.adalora import adalora_peft_fields
-
-            out.update(adalora_peft_fields(self))
+        if variant.peft_fields is not None:
+            out.update(variant.peft_fields(self))
         return out
 
     @classmethod
@@ -185,13 +185,13 @@ class LoraConfig:
         """Build from a parsed adapter_config.json; refuses PEFT types and options we cannot honour."""
         if not isinstance(data, dict):
             raise ValueError(f"adapter_config.json must hold a JSON object, got {type(data).__name__}")
-        if data.get("peft_type") == "ADALORA":  # its schedule keys -> variant_config, then the LORA path
-            from fastpeft.adalora import adalora_config_from_peft
-
-            return adalora_config_from_peft(cls, data, **overrides)
         peft_type = data.get("peft_type")
-        if peft_type != "LORA":
-            raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; only 'LORA' is available in this build")
+        variant = variant_for_peft_type(peft_type) if peft_type != LORA_PEFT_TYPE else None
+        if variant is not None:  # e.g. ADALORA: its own keys -> variant_config, the rest read as LORA's
+            data, variant_config = variant.from_peft(data)
+            overrides = {"variant": variant.name, "variant_config": variant_config, **overrides}
+        elif peft_type != LORA_PEFT_TYPE:
+            raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; available in this build: {peft_types()}")
         for key in _UNSUPPORTED_PEFT_OPTIONS:
             value = data.get(key)
             if value not in (None, False, {}, [], _PEFT_DEFAULTS.get(key)):

@@ -32,13 +32,12 @@ from torch import nn
 from fastpeft.adapters import LoraAdapter
 from fastpeft.kernels.nf4 import NF4Weight
 from fastpeft.lifecycle import active_adapter
-from fastpeft.lora_linear import ADAPTER_VARIANTS, LoRALinear, iter_adapter_layers
+from fastpeft.lora_linear import LoRALinear, iter_adapter_layers
+from fastpeft.variants import register_variant
 
 
 class DeltaLoraAdapter(LoraAdapter):
     """LoRA factors A ``[r, in]``, B ``[out, r]`` whose product's change also updates W (dense only)."""
-
-    variant = "delta_lora"
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
@@ -64,7 +63,12 @@ class DeltaLoraAdapter(LoraAdapter):
         return super().extra_repr() + f", update_ratio={self.update_ratio}"
 
 
-ADAPTER_VARIANTS["delta_lora"] = DeltaLoraAdapter
+def _check_delta_lora_config(config: Any) -> None:
+    if config.quantize is not None:
+        raise ValueError("LoraConfig.variant 'delta_lora' updates the base weights and cannot use quantize='nf4'")
+
+
+register_variant("delta_lora", DeltaLoraAdapter, normalize=_check_delta_lora_config)
 
 
 class DeltaLoraUpdater:

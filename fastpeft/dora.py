@@ -28,8 +28,6 @@ from fastpeft.kernels.lora_linear import lora_linear
 class DoraAdapter(LoraAdapter):
     """LoRA factors A ``[r, in]``, B ``[out, r]`` plus the magnitude vector ``magnitude [out]``."""
 
-    variant = "dora"
-
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
                  *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:  # fmt: skip
@@ -86,8 +84,9 @@ class DoraAdapter(LoraAdapter):
         self._merge_norm = None
         return weight / factor.view(-1, 1) - self.delta_weight().to(weight.device)
 
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {**super().peft_shapes(), "lora_magnitude_vector": (self.out_features,)}
+    @classmethod
+    def peft_shapes(cls, r: int, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        return {**super().peft_shapes(r, in_features, out_features), "lora_magnitude_vector": (out_features,)}
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude}

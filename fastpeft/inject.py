@@ -25,6 +25,7 @@ import re
 from torch import nn
 
 from fastpeft.config import LoraConfig
+from fastpeft.hf_checkpoint import install_save_pretrained
 from fastpeft.lora_linear import AdapterLinear, LoRALinear, iter_adapter_layers, linear_kind
 from fastpeft.modules_to_save import ModulesToSave
 from fastpeft.qlora_linear import QLoRALinear
@@ -196,6 +197,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
 
     set_adapter(model, adapter_name)
     mark_trainable(model, adapter_name)
+    install_save_pretrained(model)  # save_pretrained / Trainer checkpoints write PEFT-format adapters
     return model
 
 

@@ -4,7 +4,7 @@ An AdapterLinear replaces an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose ``[in, 
 transposed into our ``[out, in]`` layout and remembered as ``fan_in_fan_out``) in place. It owns the
 frozen base weight and bias and any number of named adapters (``self.adapters``, an
 ``nn.ModuleDict`` of :class:`~fastpeft.adapters.LoraAdapter` objects — see that module for the seam
-a variant such as AdaLoRA or Delta-LoRA plugs into; register it in ``ADAPTER_VARIANTS``).
+a variant such as AdaLoRA or Delta-LoRA plugs into, and :mod:`fastpeft.variants` for registering one).
 
 Forward, for x ``[..., in]`` (leading dims flattened for the fused op):
 - ``disabled`` or no active adapter: the base layer only;
@@ -27,11 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.adapters import LoraAdapter
-from fastpeft.dora import DoraAdapter
 from fastpeft.kernels.autocast import autocast_dtype, compute_dtype
 from fastpeft.kernels.nf4 import NF4Weight
-
-ADAPTER_VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+from fastpeft.variants import get_variant
 
 
 def linear_kind(module: nn.Module) -> str | None:
@@ -108,6 +106,16 @@ class AdapterLinear(nn.Module):
     def base_needs_grad(self) -> bool:
         return False
 
+    def get_base_layer(self) -> nn.Module:
+        """The frozen base as the plain module this layer replaced (nn.Linear, GPT-2 Conv1D or a
+        bitsandbytes Linear4bit) sharing this layer's tensors, as PEFT layers expose theirs. Built on
+        each call and never registered as a child, so ``state_dict`` keys do not change."""
+        raise NotImplementedError
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.get_base_layer()
+
     def base_linear(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """x·Wᵀ (+ b), ``[M, in] -> [M, out]``."""
         return F.linear(x, self.dense_weight(compute_dtype(x)), self.bias if bias else None)
@@ -121,9 +129,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters: {list(self.adapters)})")
-        if variant not in ADAPTER_VARIANTS:
-            raise ValueError(f"unknown adapter variant {variant!r}; available: {sorted(ADAPTER_VARIANTS)}")
-        adapter = ADAPTER_VARIANTS[variant](
+        adapter = get_variant(variant).adapter(
             self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
             dtype=self.dtype, device=self.device, **(variant_config or {}),
         )  # fmt: skip
@@ -335,6 +341,13 @@ class LoRALinear(AdapterLinear):
     def write_base_weight(self, weight: torch.Tensor) -> None:
         # in place: optimizers and tied references keep pointing at the same Parameter
         self.weight.data.copy_(weight.to(self.weight.dtype))
+
+    def get_base_layer(self) -> nn.Module:
+        if not self.fan_in_fan_out:  # the very same Parameters
+            module = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            module.weight, module.bias = self.weight, self.bias
+            return module
+        return _plain_dense_module(self.weight.detach(), self.bias, fan_in_fan_out=True)
 
     def to_dense_module(self, weight: torch.Tensor | None = None) -> nn.Module:
         """A plain nn.Linear / Conv1D with ``weight`` (default: the current base weight)."""

@@ -1,8 +1,10 @@
 """Compute allocation: route queries by estimated difficulty, escalate when the model is unsure.
 
-Dynamic allocation (our source material, test-time scaling): a difficulty in [0, 1] from query
-features routes to greedy decoding (< ``low`` = 0.3), beam search of width 3 (``low``..``high``) or
-MCTS of depth 5 (>= ``high`` = 0.7). The features, each in [0, 1]:
+Dynamic allocation, with the thresholds of the survey "LLM Post-Training: A Deep Dive into Reasoning
+Large Language Models" (arXiv:2502.21321, test-time scaling; after the compute-optimal allocation of
+Snell et al., arXiv:2408.03314): a difficulty in [0, 1] from query features routes to greedy decoding
+(< ``low`` = 0.3), beam search of width 3 (``low``..``high``) or MCTS of depth 5 (>= ``high`` = 0.7).
+The features, each in [0, 1]:
 
 - ``length``: words / ``length_scale`` (saturating at 1);
 - ``structure``: numbers, operators, nesting depth and multi-step words / ``structure_scale``;

@@ -96,6 +96,11 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     return a is not None and a == b
 
 
+def is_correct(text: str, reference: str | int) -> bool:
+    """True when the final answer stated in ``text`` (:func:`extract_answer`) matches ``reference``."""
+    return answers_match(extract_answer(text), str(reference))
+
+
 def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[str | None, float]:
     """The answer with the largest summed weight and that sum; None answers do not vote.
 

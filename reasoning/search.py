@@ -12,7 +12,7 @@ at equal budgets compare strategies at equal compute.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -133,7 +133,3 @@ class _AdapterGenerator:
 
 def _with_adapter(generator: Generator, adapter: str | None) -> Generator:
     return generator if adapter is None else _AdapterGenerator(generator, adapter)
-
-
-def known_strategies() -> Iterable[str]:
-    return sorted(STRATEGIES)

@@ -52,10 +52,6 @@ class Completion:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    @property
-    def logprob(self) -> float:
-        return float(sum(self.token_logprobs))
-
 
 @runtime_checkable
 class Generator(Protocol):

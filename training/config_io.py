@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,11 +126,17 @@ def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _scalar(text: str) -> Any:
-    """A command-line value as YAML reads it (numbers, true/false, null, [lists], {maps})."""
+    """A command-line value as YAML reads it (numbers, true/false, null, [lists], {maps}); text that
+    YAML reads as a plain string is kept as typed (``--stop "; "`` keeps its space)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    return text if isinstance(value, str) and not text.lstrip().startswith(("'", '"')) else value
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}
+_YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -146,34 +153,69 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split ``argv`` into an optional YAML path and a dict of (dotted) overrides."""
-    config_path, overrides, i = None, {}, 0
+def parse_overrides(
+    argv: list[str],
+    flags: Collection[str] = (),
+    positional: str | None = None,
+    aliases: Mapping[str, str | tuple[str, Any]] | None = None,
+) -> tuple[str | None, dict[str, Any]]:
+    """Split ``argv`` into an optional YAML path and a dict of (dotted) overrides.
+
+    ``--key value``, ``--key=value`` and ``--set key=value`` set a key (dashes in ``--key`` read as
+    underscores); a key given twice is an error. A key in ``flags`` (booleans) does not take the
+    next word as its value when that word is a config file or, with ``positional``, a bare word that
+    is not true/false (``--small decode-linear``: a flag, then a positional argument). With
+    ``positional``, bare words other than a ``.yaml``/``.yml`` file are collected as a list under
+    that key (``fastpeft bench decode-linear sampling``). ``aliases`` maps a flag to another key
+    (``"list": "list_scenarios"``) or to a key and a fixed value (``"full": ("small", False)``).
+    """
+    aliases = aliases or {}
+    config_path, overrides, seen, words, i = None, {}, set(), [], 0
+
+    def put(key: str, value: Any) -> None:
+        if key in seen:
+            raise ConfigError(f"{key!r} is given twice on the command line")
+        seen.add(key)
+        _set_dotted(overrides, key, value)
+
     while i < len(argv):
         arg = argv[i]
         if arg == "--set":
             if i + 1 >= len(argv) or "=" not in argv[i + 1]:
                 raise ConfigError("--set needs key=value")
             key, _, text = argv[i + 1].partition("=")
-            _set_dotted(overrides, key.strip(), _scalar(text))
+            put(key.strip(), _scalar(text))
             i += 2
         elif arg.startswith("--"):
-            body = arg[2:]
-            if "=" in body:
-                key, _, text = body.partition("=")
+            body, has_value, text = arg[2:].partition("=")
+            key = body.replace("-", "_")
+            alias = aliases.get(key, aliases.get(body))
+            if isinstance(alias, tuple):
+                if has_value:
+                    raise ConfigError(f"--{body} takes no value")
+                put(*alias)
                 i += 1
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                key, text = body, argv[i + 1]
-                i += 2
-            else:
-                key, text = body, "true"  # a bare flag means true
-                i += 1
-            _set_dotted(overrides, key.replace("-", "_"), _scalar(text))
+                continue
+            key = alias or key
+            i += 1
+            if not has_value:
+                following = argv[i] if i < len(argv) else None
+                takes_next = following is not None and not following.startswith("--")
+                if key in flags and takes_next and following.lower() not in _BOOL_WORDS:
+                    takes_next = positional is None and not following.endswith(_YAML_SUFFIXES)
+                text = following if takes_next else "true"  # a bare flag means true
+                i += takes_next
+            put(key, _scalar(text))
+        elif positional is not None and not arg.endswith(_YAML_SUFFIXES):
+            words.append(arg)
+            i += 1
         elif config_path is None:
             config_path = arg
             i += 1
         else:
             raise ConfigError(f"unexpected argument {arg!r} (only one config file may be given)")
+    if words:
+        put(positional, words)
     return config_path, overrides
 
 
@@ -188,9 +230,33 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_cli(cls: type[T], argv: list[str], defaults: dict[str, Any] | None = None) -> T:
-    """``[CONFIG.yaml] [overrides]`` -> a validated ``cls`` instance (ConfigError on any problem)."""
-    config_path, overrides = parse_overrides(argv)
+def _is_bool(tp: Any) -> bool:
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return tp is bool or (union and set(typing.get_args(tp)) == {bool, type(None)})
+
+
+def _takes_list(tp: Any) -> bool:
+    arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return any(a in (list, tuple) or typing.get_origin(a) in (list, tuple) for a in arms)
+
+
+def parse_cli(
+    cls: type[T],
+    argv: list[str],
+    defaults: dict[str, Any] | None = None,
+    positional: str | None = None,
+    aliases: Mapping[str, str | tuple[str, Any]] | None = None,
+) -> T:
+    """``[CONFIG.yaml] [overrides]`` -> a validated ``cls`` instance (ConfigError on any problem).
+
+    ``positional`` and ``aliases``: see :func:`parse_overrides`; ``cls``'s boolean fields are its flags.
+    """
+    hints = typing.get_type_hints(cls)
+    flags = [name for name, tp in hints.items() if _is_bool(tp)]
+    config_path, overrides = parse_overrides(argv, flags, positional, aliases)
+    words = overrides.get(positional) if positional else None
+    if words is not None and len(words) == 1 and not _takes_list(hints.get(positional)):
+        overrides[positional] = words[0]  # `fastpeft info DIR`: one word for a one-value field
     values = merge(defaults or {}, load_yaml(config_path) if config_path else {})
     return from_dict(cls, merge(values, overrides))
 

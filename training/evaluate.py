@@ -2,9 +2,9 @@
 
 Exact match applies where records carry an ``"answer"``: the model continues each prompt greedily
 (transformers' ``generate``, batched with left padding) and the continuation is judged by
-``match``: ``"answer"`` compares the number after the last ``answer`` (the bundled arithmetic
-task's format, :func:`fastpeft.training.arithmetic.is_correct`), ``"exact"`` compares the whole
-continuation after stripping whitespace.
+``match``: ``"answer"`` compares the stated final answer (``answer 85``, the bundled arithmetic
+task's format, or ``#### 85``, ``\\boxed{85}``: :func:`fastpeft.reasoning.answers.is_correct`),
+``"exact"`` compares the whole continuation after stripping whitespace.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft.training.arithmetic import is_correct
+from fastpeft.reasoning.answers import is_correct
 from fastpeft.training.data import Row, collate
 from fastpeft.training.losses import CausalLMLoss
 

@@ -22,9 +22,10 @@ The total is the plain sum (gradients are counted as if they coexisted with ever
 which makes full fine-tuning estimates a little high); on CPU it lands within ~20% of the
 measured peak for a small Llama in every mode (see ``tests/training/test_plan.py``).
 
-Decision flow (after our source material): if full fine-tuning fits and the data is large
-(``data_tokens >= full_ft_tokens_per_param x parameters``) choose full FT; else LoRA if it fits;
-else QLoRA if it fits; else nothing fits (shorter sequences, smaller batch, more GPUs).
+Decision flow (a simplified form of the method choice in the survey "LLM Post-Training: A Deep
+Dive into Reasoning Large Language Models", arXiv:2502.21321): if full fine-tuning fits and the
+data is large (``data_tokens >= full_ft_tokens_per_param x parameters``) choose full FT; else LoRA
+if it fits; else QLoRA if it fits; else nothing fits (shorter sequences, smaller batch, more GPUs).
 """
 
 from __future__ import annotations

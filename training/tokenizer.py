@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# the bundled file's vocabulary, in id order (tests/training/test_tokenizer.py checks the file against it)
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHARACTERS = ("\n", "\t") + tuple(chr(i) for i in range(32, 127))
 CHAT_TEMPLATE = (
@@ -31,17 +32,6 @@ _CANDIDATES = (
     Path(__file__).resolve().parents[1] / "fastpeft" / "data" / "char_tokenizer.json",
     Path(__file__).resolve().parents[1] / "data" / "char_tokenizer.json",
 )
-
-
-def build_char_tokenizer_json() -> str:
-    """The JSON text of the bundled tokenizer, built with the ``tokenizers`` library."""
-    from tokenizers import Tokenizer, decoders, models
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()  # characters join back without spaces
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok.to_str(pretty=True)
 
 
 def tokenizer_file() -> Path:

@@ -2,7 +2,7 @@
 
 ours: the SFT recipe's measuring function (bound in ``bindings.QLORA_STEP``); baseline: HF
 transformers + bitsandbytes 4-bit + PEFT LoRA (r 16, alpha 32, all 7 projections, gradient
-checkpointing, ``model.train()``), the anchors' method. Rows report tokens/s and peak memory;
+checkpointing, ``model.train()``), PEFT's QLoRA recipe. Rows report tokens/s and peak memory;
 TFLOP/s counts model FLOPs (``formulas.llama_qlora_step_flops``); floor = those FLOPs at the
 measured bf16 GEMM rate. No relative-error check here: the kernels inside are checked by the
 linear and attention scenarios at their real shapes.
@@ -26,7 +26,7 @@ RANK = baselines.LORA_RANK
 
 def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec]]:
     def make(ctx: Context) -> list[ImplSpec]:
-        warmup, steps = (1, 1) if ctx.small else (2, 5)  # the anchors: 2 warm-up, 5 timed
+        warmup, steps = (1, 1) if ctx.small else (2, 5)  # warm-up steps, then timed ones
 
         def ours() -> Measured:
             return bindings.qlora_step(llama_config(size), batch, seq, ctx.device, warmup, steps)

@@ -1,8 +1,7 @@
 """sampling: N sampled continuations of one prompt on an NF4 + LoRA model ("1.2B", random weights).
 
 ours: the batched KV-cache sampler's measuring function (bound in ``bindings.SAMPLING``);
-baseline: HF ``generate`` (do_sample, exactly ``new_tokens`` per row) on bnb 4-bit + PEFT LoRA,
-the anchors' method. Rows report tokens/s; GB/s counts the weight bytes every decode step must
+baseline: HF ``generate`` (do_sample, exactly ``new_tokens`` per row) on bnb 4-bit + PEFT LoRA. Rows report tokens/s; GB/s counts the weight bytes every decode step must
 read (``formulas.llama_decode_step_bytes`` × new tokens; the KV cache is not counted), and the
 floor is those bytes at the measured copy bandwidth.
 """

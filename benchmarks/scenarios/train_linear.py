@@ -2,7 +2,7 @@
 
 W is frozen (no dW). Compute-bound: the row reports TFLOP/s of the whole fwd + bwd
 (``formulas.lora_linear_flops(backward=True)``); the floor is the two base GEMMs (x·Wᵀ and dY·W)
-at the measured bf16 GEMM rate, as in the anchors.
+at the bf16 GEMM rate measured in the same run.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ when some fact matches it exactly (after normalisation) or fuzzily: the larger o
 similarity ratio and the share of the claim's content words that the fact contains, at least
 ``match_threshold``. A claim and a fact that differ in negation ("does not treat") never match.
 
-FActScore here is the share of a response's atomic claims (sentences, split further at semicolons
-and at ", and" / ", but" clause boundaries) that the knowledge base supports. Our source material
-asks > 0.85 of a medical QA system: ``MEDICAL_FACTSCORE_BAR``, the default ``pass_threshold``.
+FActScore (Min et al., arXiv:2305.14251) here is the share of a response's atomic claims
+(sentences, split further at semicolons and at ", and" / ", but" clause boundaries) that the
+knowledge base supports. The survey "LLM Post-Training: A Deep Dive into Reasoning Large Language
+Models" (arXiv:2502.21321) asks > 0.85 of a medical QA system: ``MEDICAL_FACTSCORE_BAR``, the
+default ``pass_threshold``.
 """
 
 from __future__ import annotations

@@ -93,6 +93,32 @@ def float64_reference(base: nn.Module, adapted: nn.Module, adapter_name: str | N
     return reference
 
 
+def bnb_nf4(weight: torch.Tensor, double_quant: bool = True, blocksize: int = 64):
+    """bitsandbytes' NF4 quantization of ``weight`` as an NF4Weight: the independent reference for
+    the bytes of a (re-)quantized weight."""
+    from fastpeft.kernels.nf4 import NF4Weight
+
+    functional = pytest.importorskip("bitsandbytes.functional")
+    packed, state = functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                             quant_type="nf4")  # fmt: skip
+    return NF4Weight.from_bnb(packed, state)
+
+
+def assert_same_nf4(ours, theirs) -> None:
+    """Two NF4Weights hold the same bytes (codes, block scales and, with double quant, their quantization)."""
+    for field in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+
+
+@pytest.fixture
+def nf4():
+    """``nf4.bnb(weight, double_quant)`` (bitsandbytes' quantization) and ``nf4.assert_same(a, b)``."""
+    return types.SimpleNamespace(bnb=bnb_nf4, assert_same=assert_same_nf4)
+
+
 @pytest.fixture
 def lm():
     """Helpers for whole-model tests: build, ids, logits, randomize, reference."""

@@ -7,6 +7,7 @@ from fastpeft.reasoning.answers import (
     canonicalize,
     extract_answer,
     has_answer_marker,
+    is_correct,
     majority_vote,
     weighted_vote,
 )
@@ -43,6 +44,14 @@ def test_numbers_compare_exactly_not_by_float_rounding():
     assert canonicalize("0.1") != canonicalize("0.10000000000000001")
     assert canonicalize("1,234") == "1234" and canonicalize("1,2") == "1,2"  # only real thousands groups
     assert answers_match("answer: 85", "85.0") and not answers_match(None, "85") and not answers_match("", "")
+
+
+def test_is_correct_compares_the_stated_answer_with_the_reference():
+    assert extract_answer("answer 1; no wait, answer: -12") == "-12"
+    assert extract_answer("answer 1,234") == "1234"
+    assert is_correct("...; answer 085", 85) and is_correct("#### 0.5", "1/2")
+    assert not is_correct("...; answer 86", "85")
+    assert not is_correct("garbage", "85") and not is_correct("we add 80 and 5", "85")  # mentioned, not stated
 
 
 def test_votes_canonicalise_and_break_ties_by_first_seen():

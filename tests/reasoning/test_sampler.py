@@ -11,7 +11,7 @@ import fastpeft
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from fastpeft.reasoning.kv_cache import SharedPrefixState, shared_prefix_attention
-from fastpeft.reasoning.sampler import Sampler, measure_sampling_throughput
+from fastpeft.reasoning.sampler import Sampler
 from fastpeft.reasoning.types import Generator, SamplingParams
 from fastpeft.training.tokenizer import load_char_tokenizer
 
@@ -289,12 +289,6 @@ def test_protocol_and_model_state_restored(llama):
     assert llama.training and not llama.model.layers[0].training and llama.model.layers[1].training
     assert llama.config._attn_implementation == before
     llama.eval()
-
-
-def test_measure_sampling_throughput(llama):
-    stats = measure_sampling_throughput(llama, prompt_len=5, new_tokens=4, n=3, num_prompts=2, repeats=1)
-    assert stats["sequences"] == 6 and stats["new_tokens"] == 4 and stats["device"] == "cpu"
-    assert stats["tokens_per_s"] == pytest.approx(6 * 4 / stats["seconds"]) and stats["seconds"] > 0
 
 
 @pytest.mark.gpu

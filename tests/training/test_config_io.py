@@ -80,3 +80,23 @@ def test_post_init_errors_become_config_errors():
 def test_parse_overrides_bare_flag_and_dotted():
     path, values = parse_overrides(["cfg.yaml", "--a.b.c", "1", "--x"])
     assert path == "cfg.yaml" and values == {"a": {"b": {"c": 1}}, "x": True}
+
+
+def test_strings_keep_what_was_typed_and_keys_may_not_repeat():
+    assert parse_cli(Toy, ["--name", "; "]).name == "; "  # YAML alone would strip the space
+    assert parse_cli(Toy, ["--name", "'007'"]).name == "007"  # YAML quoting still forces a string
+    with pytest.raises(ConfigError, match="'steps' is given twice"):
+        parse_cli(Toy, ["--steps", "1", "--set", "steps=2"])
+
+
+def test_flags_positionals_and_aliases(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: from-yaml\n")
+    out = parse_cli(Toy, ["--flag", str(cfg)])  # a flag does not take a config file as its value
+    assert out.flag is True and out.name == "from-yaml"
+    out = parse_cli(Toy, ["--flag", "1", "2", "--b-mode", "--n", "4"], positional="items",
+                    aliases={"b_mode": ("mode", "b"), "n": "steps"})  # fmt: skip
+    assert out == Toy(items=[1, 2], flag=True, mode="b", steps=4)
+    assert parse_cli(Toy, ["only"], positional="name").name == "only"  # one word for a one-value field
+    assert parse_cli(Toy, ["3"], positional="items").items == [3]
+    assert parse_cli(Toy, ["--flag", "false", "x"], positional="name").flag is False

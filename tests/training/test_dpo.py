@@ -10,21 +10,19 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.dpo import DPOConfig, PairLogprobs, reference_logprobs, train
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.rl_common import tokenize_pairs
 from fastpeft.training.tokenizer import load_char_tokenizer
 
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 112, "max_position_embeddings": 128}  # fmt: skip
 PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"],
           "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0")}
          for r in make_arithmetic_dataset(8, seed=4)]  # fmt: skip
 
 
-def _config(tmp_path, name, **kw):
-    base = dict(model_config=TINY, train_data=PAIRS, max_steps=4, lr=1e-2, beta=0.5, micro_batch_size=4,
+def _config(model_config, tmp_path, name, **kw):
+    base = dict(model_config=model_config, train_data=PAIRS, max_steps=4, lr=1e-2, beta=0.5, micro_batch_size=4,
                 lora={"r": 4, "lora_alpha": 8}, output_dir=str(tmp_path / name), progress=False, plot=False,
                 device="cpu")  # fmt: skip
     return DPOConfig(**{**base, **kw})
@@ -41,9 +39,9 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def test_reference_is_the_base_model_without_a_copy():
+def test_reference_is_the_base_model_without_a_copy(tiny_config):
     tok = load_char_tokenizer()
-    model = build_model(None, TINY, seed=0)
+    model = build_model(None, tiny_config, seed=0)
     base = copy.deepcopy(model)
     fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():  # make the adapter matter
@@ -60,46 +58,46 @@ def test_reference_is_the_base_model_without_a_copy():
     assert any(abs(policy[i][0] - ref[i][0]) > 1e-3 for i in ref)
 
 
-def test_dpo_steps_move_the_loss_and_precompute_matches(tmp_path):
-    result = _quiet(train, _config(tmp_path, "live"))
+def test_dpo_steps_move_the_loss_and_precompute_matches(tmp_path, tiny_config):
+    result = _quiet(train, _config(tiny_config, tmp_path, "live"))
     losses = _losses(tmp_path / "live")
     # fresh LoRA (B = 0): policy == reference, so the first loss is log 2
     assert losses[0] == pytest.approx(0.693147, abs=1e-4)
     assert losses[-1] < losses[0] and result.saved is not None
-    _quiet(train, _config(tmp_path, "pre", precompute_ref=True))
+    _quiet(train, _config(tiny_config, tmp_path, "pre", precompute_ref=True))
     assert _losses(tmp_path / "pre") == pytest.approx(losses, abs=1e-4)
 
 
-def test_ipo_runs(tmp_path):
-    _quiet(train, _config(tmp_path, "ipo", loss_type="ipo", beta=0.1, max_steps=2))
+def test_ipo_runs(tmp_path, tiny_config):
+    _quiet(train, _config(tiny_config, tmp_path, "ipo", loss_type="ipo", beta=0.1, max_steps=2))
     losses = _losses(tmp_path / "ipo")
     # IPO at the reference: (0 - 1/(2β))² = 25
     assert losses[0] == pytest.approx(25.0, abs=1e-3) and losses[1] < losses[0]
 
 
-def test_resume_continues_exactly(tmp_path):
-    _quiet(train, _config(tmp_path, "full", max_steps=4))
-    _quiet(train, _config(tmp_path, "cut", max_steps=2, save_every=2))
-    _quiet(train, _config(tmp_path, "cut", max_steps=4, resume=True))
+def test_resume_continues_exactly(tmp_path, tiny_config):
+    _quiet(train, _config(tiny_config, tmp_path, "full", max_steps=4))
+    _quiet(train, _config(tiny_config, tmp_path, "cut", max_steps=2, save_every=2))
+    _quiet(train, _config(tiny_config, tmp_path, "cut", max_steps=4, resume=True))
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"))
 
 
-def test_full_finetuning_needs_precomputed_reference(tmp_path):
+def test_full_finetuning_needs_precomputed_reference(tmp_path, tiny_config):
     with pytest.raises(ValueError, match="adapters disabled"):
-        _quiet(train, _config(tmp_path, "f", finetune="full"))
+        _quiet(train, _config(tiny_config, tmp_path, "f", finetune="full"))
 
 
-def test_sft_coef_adds_the_chosen_mean_token_nll(tmp_path):
+def test_sft_coef_adds_the_chosen_mean_token_nll(tmp_path, tiny_config):
     from fastpeft.training.data import BatchPlan, collate
     from fastpeft.training.losses import CausalLMLoss
 
     coef = 0.5
-    _quiet(train, _config(tmp_path, "rpo", sft_coef=coef, max_steps=1))
+    _quiet(train, _config(tiny_config, tmp_path, "rpo", sft_coef=coef, max_steps=1))
     tok = load_char_tokenizer()
-    base = build_model(None, TINY, seed=0)  # the run's starting weights (fresh LoRA adds nothing)
+    base = build_model(None, tiny_config, seed=0)  # the run's starting weights (fresh LoRA adds nothing)
     loss_fn = CausalLMLoss(base, "full")
     first = BatchPlan(list(range(len(PAIRS))), 4, seed=0).micro_batches(0)[0]  # the pairs of step 1
     pairs = tokenize_pairs([PAIRS[i] for i in first], tok, 128)

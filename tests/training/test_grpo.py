@@ -11,18 +11,16 @@ import torch
 import fastpeft
 from fastpeft.reasoning.types import Completion
 from fastpeft.training import grpo
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.grpo import GRPOConfig, train
 from fastpeft.training.rewards import MultiObjectiveReward, arithmetic_reward
 from fastpeft.training.rollout import layout
 
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 112, "max_position_embeddings": 128}  # fmt: skip
 RECORDS = make_arithmetic_dataset(8, seed=2)
 
 
-def _config(tmp_path, **kw):
-    base = dict(model_config=TINY, train_data=RECORDS, eval_data=RECORDS[:2], max_steps=2, prompts_per_step=2,
+def _config(model_config, tmp_path, **kw):
+    base = dict(model_config=model_config, train_data=RECORDS, eval_data=RECORDS[:2], max_steps=2, prompts_per_step=2,
                 num_generations=4, max_new_tokens=8, max_seq_len=64, lr=1e-2, lora={"r": 4, "lora_alpha": 8},
                 output_dir=str(tmp_path / "grpo"), progress=False, plot=False, device="cpu",
                 eval_max_examples=2)  # fmt: skip
@@ -55,15 +53,15 @@ def test_layout_puts_every_completion_at_the_same_column():
     assert pos[1, 2:].tolist() == [0, 1, 2, 3] and comp.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
-def test_grpo_steps_update_the_adapter_and_count_skipped_rewards(tmp_path, monkeypatch):
+def test_grpo_steps_update_the_adapter_and_count_skipped_rewards(tmp_path, monkeypatch, tiny_config):
     calls = []
     real = fastpeft.disable_adapters
     monkeypatch.setattr(grpo.fastpeft, "disable_adapters", lambda m: calls.append(1) or real(m))
     from fastpeft.training.model_setup import build_model
 
-    model = build_model(None, TINY, seed=0)
+    model = build_model(None, tiny_config, seed=0)
     reward = MultiObjectiveReward({"len": _length, "flaky": _flaky, "correct": arithmetic_reward})
-    result = _run(_config(tmp_path, beta=0.1, num_iterations=2), reward, model)
+    result = _run(_config(tiny_config, tmp_path, beta=0.1, num_iterations=2), reward, model)
     records = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward_mean" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
@@ -78,9 +76,9 @@ def test_grpo_steps_update_the_adapter_and_count_skipped_rewards(tmp_path, monke
 
 
 @pytest.mark.parametrize("aggregation", ["dr_grpo", "dapo"])
-def test_beta_zero_skips_the_reference_pass(tmp_path, monkeypatch, aggregation):
+def test_beta_zero_skips_the_reference_pass(tmp_path, monkeypatch, aggregation, tiny_config):
     monkeypatch.setattr(grpo.fastpeft, "disable_adapters", lambda m: pytest.fail("reference pass with beta=0"))
-    result = _run(_config(tmp_path, beta=0.0, max_steps=1, loss_aggregation=aggregation, advantage_scale="none",
+    result = _run(_config(tiny_config, tmp_path, beta=0.0, max_steps=1, loss_aggregation=aggregation, advantage_scale="none",
                           eval_data=None), MultiObjectiveReward({"len": _length}))  # fmt: skip
     assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])
 
@@ -98,11 +96,11 @@ class TruncatingGenerator:
 
 
 @pytest.mark.parametrize("mask_truncated", [True, False])
-def test_masked_truncated_completions_give_no_gradient(tmp_path, mask_truncated):
+def test_masked_truncated_completions_give_no_gradient(tmp_path, mask_truncated, tiny_config):
     from fastpeft.training.model_setup import build_model
 
-    model = build_model(None, TINY, seed=0)
-    config = _config(tmp_path, max_new_tokens=3, mask_truncated=mask_truncated, max_steps=1, eval_data=None)
+    model = build_model(None, tiny_config, seed=0)
+    config = _config(tiny_config, tmp_path, max_new_tokens=3, mask_truncated=mask_truncated, max_steps=1, eval_data=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train(config, model=model, reward=MultiObjectiveReward({"len": _length}), sampler=TruncatingGenerator())
@@ -125,16 +123,16 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("recipe", ["grpo", "ppo"])
-def test_resume_continues_exactly(tmp_path, recipe):
+def test_resume_continues_exactly(tmp_path, recipe, tiny_config):
     from safetensors.torch import load_file
 
     from fastpeft.training import ppo
 
     def run(name, **kw):
         if recipe == "grpo":
-            config = _config(tmp_path / name, eval_data=None, beta=0.1, num_iterations=2, **kw)
+            config = _config(tiny_config, tmp_path / name, eval_data=None, beta=0.1, num_iterations=2, **kw)
             return _run(config, MultiObjectiveReward({"len": _length}))
-        config = ppo.PPOConfig(model_config=TINY, train_data=RECORDS, prompts_per_step=2, samples_per_prompt=2,
+        config = ppo.PPOConfig(model_config=tiny_config, train_data=RECORDS, prompts_per_step=2, samples_per_prompt=2,
                                max_new_tokens=8, max_seq_len=64, mini_batch_size=2, lr=1e-2,
                                lora={"r": 4, "lora_alpha": 8}, output_dir=str(tmp_path / name / "grpo"),
                                progress=False, plot=False, device="cpu", **kw)  # fmt: skip

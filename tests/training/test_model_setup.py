@@ -1,11 +1,10 @@
-"""Optimizers, schedulers and the benchmark step function."""
+"""Optimizers, schedulers and model construction."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastpeft.training.bench_step import run_training_steps
 from fastpeft.training.model_setup import build_model, build_optimizer, build_scheduler
 
 
@@ -53,12 +52,3 @@ def test_build_model_needs_exactly_one_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model(str(tmp_path / "missing"), None)
 
-
-@pytest.mark.parametrize("finetune", ["qlora", "full"])
-def test_run_training_steps_reports_throughput_and_memory(finetune):
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=64)  # fmt: skip
-    out = run_training_steps(cfg, steps=2, batch_size=2, seq_len=16, finetune=finetune, device="cpu",
-                             dtype="float32", bf16_autocast=finetune == "full", warmup_steps=1)  # fmt: skip
-    assert out["tokens_per_s"] > 0 and out["peak_memory_bytes"] > 0 and out["loss"] == out["loss"]
-    assert out["trainable_params"] > 0 and out["finetune"] == finetune

@@ -7,13 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.ppo import PPOConfig, sequence_rewards_to_tokens, train
 from fastpeft.training.rewards import MultiObjectiveReward
-
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 112, "max_position_embeddings": 128}  # fmt: skip
 
 
 def test_sequence_reward_lands_on_the_last_token():
@@ -22,9 +19,9 @@ def test_sequence_reward_lands_on_the_last_token():
     assert out.tolist() == [[0, 0, 2.0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 0]]
 
 
-def test_ppo_steps_update_policy_and_value_head(tmp_path):
-    model = build_model(None, TINY, seed=0)
-    config = PPOConfig(model_config=TINY, train_data=make_arithmetic_dataset(8, seed=6), max_steps=2,
+def test_ppo_steps_update_policy_and_value_head(tmp_path, tiny_config):
+    model = build_model(None, tiny_config, seed=0)
+    config = PPOConfig(model_config=tiny_config, train_data=make_arithmetic_dataset(8, seed=6), max_steps=2,
                        prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, max_seq_len=64, mini_batch_size=2,
                        ppo_epochs=2, lr=1e-2, kl_coef=0.1, lora={"r": 4, "lora_alpha": 8},
                        output_dir=str(tmp_path / "ppo"), progress=False, plot=False, device="cpu")  # fmt: skip
@@ -40,7 +37,7 @@ def test_ppo_steps_update_policy_and_value_head(tmp_path):
     lora_b = [float(p.detach().abs().max()) for n, p in model.named_parameters() if "lora_B" in n]
     assert max(lora_b) > 0
     head = load_file(str(tmp_path / "ppo" / "adapter" / "value_head.safetensors"))
-    assert head["weight"].shape == (1, TINY["hidden_size"]) and float(head["weight"].abs().max()) > 0
+    assert head["weight"].shape == (1, tiny_config["hidden_size"]) and float(head["weight"].abs().max()) > 0
 
 
 def test_ppo_config_errors():

@@ -7,13 +7,10 @@ import warnings
 import pytest
 import torch
 
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import RewardConfig, RewardScorer, last_token_scores, load_reward_model, train
 from fastpeft.training.tokenizer import load_char_tokenizer
-
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 112, "max_position_embeddings": 128}  # fmt: skip
 
 
 def pairs(n: int, seed: int) -> list[dict]:
@@ -33,8 +30,8 @@ def test_last_token_scores_handles_both_padding_sides():
     assert last_token_scores(scores, left).tolist() == [5.0, 10.0]
 
 
-def test_reward_model_trains_saves_and_reloads(tmp_path):
-    config = RewardConfig(model_config=TINY, train_data=pairs(16, 1), eval_data=pairs(8, 2), max_steps=6, lr=5e-3,
+def test_reward_model_trains_saves_and_reloads(tmp_path, tiny_config):
+    config = RewardConfig(model_config=tiny_config, train_data=pairs(16, 1), eval_data=pairs(8, 2), max_steps=6, lr=5e-3,
                           micro_batch_size=8, centering_coef=0.01, lora={"r": 4, "lora_alpha": 8},
                           output_dir=str(tmp_path / "rm"), progress=False, device="cpu")  # fmt: skip
     with warnings.catch_warnings():
@@ -51,7 +48,7 @@ def test_reward_model_trains_saves_and_reloads(tmp_path):
     tok = load_char_tokenizer()
     prompt, response = config.train_data[0]["prompt"], config.train_data[0]["chosen"]
     before = RewardScorer(result.model, tok).raw(prompt, response)
-    reloaded = load_reward_model(build_model(None, TINY, seed=0), saved)
+    reloaded = load_reward_model(build_model(None, tiny_config, seed=0), saved)
     after = RewardScorer(reloaded, tok)
     assert after.raw(prompt, response) == pytest.approx(before, abs=1e-5)
     assert 0.0 < after.score(prompt, response) < 1.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import ScalarHeadModel
 from fastpeft.training.rewards import MultiObjectiveReward, answer_format_reward, arithmetic_reward, build_reward
@@ -15,8 +15,6 @@ from fastpeft.training.rewards.process import (ProcessRewardModel, StepCheckerRe
                                                train_process_reward_model)  # fmt: skip
 from fastpeft.training.tokenizer import load_char_tokenizer
 
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 112, "max_position_embeddings": 128}  # fmt: skip
 RECORD = {"prompt": "Q: 47+38=?\nA:", "answer": "85"}
 RIGHT = " 7+8=15 write 5 carry 1; 4+3+1=8; answer 85"
 
@@ -111,10 +109,10 @@ def _prm_records(n: int) -> list[dict]:
     return records
 
 
-def test_process_reward_model_trains_on_step_labels():
+def test_process_reward_model_trains_on_step_labels(tiny_config):
     torch.manual_seed(0)
     tok = load_char_tokenizer()
-    lm = build_model(None, TINY, seed=0)
+    lm = build_model(None, tiny_config, seed=0)
     fastpeft.inject(lm, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     prm = ProcessRewardModel(ScalarHeadModel(lm), tok)
     records = _prm_records(16)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.training.arithmetic import make_arithmetic_dataset
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.losses_rl import group_advantages, grpo_loss
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import ScalarHeadModel
@@ -20,8 +20,6 @@ from fastpeft.training.rewards import MultiObjectiveReward, arithmetic_reward
 from fastpeft.training.rewards.hacking import HackingDetector, length_reward
 from fastpeft.training.tokenizer import load_char_tokenizer
 
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 112, "max_position_embeddings": 128}  # fmt: skip
 K = 8  # action k = answer followed by 2k filler words
 RECORDS = make_arithmetic_dataset(4, seed=5)
 
@@ -31,9 +29,9 @@ def completion(record: dict, k: int) -> str:
 
 
 @pytest.fixture  # function scope: conftest pins the CPU tests to the torch reference per test
-def detector() -> HackingDetector:
+def detector(tiny_config) -> HackingDetector:
     torch.manual_seed(0)
-    lm = build_model(None, TINY, seed=0)
+    lm = build_model(None, tiny_config, seed=0)
     fastpeft.inject(lm, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     det = HackingDetector(ScalarHeadModel(lm), load_char_tokenizer())
     train = make_arithmetic_dataset(12, seed=9)

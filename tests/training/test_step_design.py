@@ -33,7 +33,10 @@ def test_cli_switches_and_validation(tiny_llama):
 
 
 def test_benchmark_step_applies_the_design(tiny_llama):
-    from fastpeft.training.bench_step import run_training_steps
+    from fastpeft.cli.bench import load_benchmarks
+
+    load_benchmarks()
+    from fastpeft_benchmarks.training_steps import run_training_steps
 
     config = {k: v for k, v in tiny_llama().items() if k != "model_type"}
     design = {"offload_activations": True, "mlp_tile_rows": 8, "lean_norms": True}
