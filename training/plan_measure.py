@@ -159,7 +159,7 @@ def measure_plan(inputs: Any, log: Callable[[str], None] | None = None) -> dict[
 
 def format_measured(result: dict[str, Any], inputs: Any) -> str:
     from fastpeft.training.ledger_step import notes_for
-    from fastpeft.training.memory_ledger import format_ledger_table
+    from fastpeft.training.memory_ledger import format_gib, format_ledger_table
 
     budget = inputs.gpu_memory_gib - inputs.cuda_context_gib
     lines = [f"memory ledger (measured): one training step (forward, backward, AdamW) per length, {result['design']}",
@@ -168,11 +168,11 @@ def format_measured(result: dict[str, Any], inputs: Any) -> str:
              f"{'':<8}{'longest context (batch 1)':>28}{'peak there':>14}{'+' + str(RESOLUTION) + ' tokens':>14}"]  # fmt: skip
     for method, found in result["longest"].items():
         if found.tokens == 0:
-            lines.append(f"{method:<8}{'does not fit':>28}{'':>14}{found.next_peak_bytes / GiB:>10.2f} GiB"
+            lines.append(f"{method:<8}{'does not fit':>28}{'':>14}{format_gib(found.next_peak_bytes):>14}"
                          f"  (at {RESOLUTION} tokens)")  # fmt: skip
             continue
-        more = "(cap)" if found.capped else f"{found.next_peak_bytes / GiB:.2f} GiB"
-        lines.append(f"{method:<8}{found.tokens:>21,} tokens{found.peak_bytes / GiB:>10.2f} GiB{more:>14}")
+        more = "(cap)" if found.capped else format_gib(found.next_peak_bytes)
+        lines.append(f"{method:<8}{found.tokens:>21,} tokens{format_gib(found.peak_bytes):>14}{more:>14}")
     lines += ["", f"ledger at {inputs.batch_size} x {inputs.seq_len} tokens:",
               format_ledger_table(result["at_seq_len"]), ""]  # fmt: skip
     spec = spec_for(result["config"], "qlora", inputs.seq_len)
