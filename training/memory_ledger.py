@@ -74,9 +74,8 @@ class MemoryTracker(TorchDispatchMode):
     """Counts storage bytes alive at once, by category (see the module docstring).
 
     Use: ``tracker.register(t, "weights")`` for tensors made before the step, ``tracker.watch_grads(
-    params)``, then run the step inside ``with tracker:`` with ``tracker.phase(...)`` set around the
-    forward, loss, backward and optimizer step. ``nbytes`` in :meth:`register` overrides a storage's
-    size (the HF baseline counts its stand-in dense base weights at their NF4 size).
+    params)``, then run the step inside ``with tracker:`` with ``tracker.set_phase(...)`` before the
+    forward, loss, backward and optimizer step.
     """
 
     def __init__(self, detail: bool = False) -> None:
@@ -137,16 +136,16 @@ class MemoryTracker(TorchDispatchMode):
         if entry is not None:
             self._sub(entry[0], entry[1])
 
-    def track(self, tensor: torch.Tensor, category: str | None = None, nbytes: int | None = None) -> None:
+    def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
         """Count ``tensor``'s storage (once) as ``category`` (default: from the phase)."""
         storage = tensor.untyped_storage()
         key = id(storage)
         entry = self._live.get(key)
-        size = storage.nbytes() if nbytes is None else int(nbytes)
+        size = storage.nbytes()
         if entry is not None:
-            if category is None or (entry[1] == category and nbytes is None):
+            if category is None or entry[1] == category:
                 return
-            self._sub(entry[0], entry[1])  # relabel (and resize) an existing storage
+            self._sub(entry[0], entry[1])  # relabel an existing storage
             ref = entry[2]
         else:
             ref = weakref.ref(storage, functools.partial(self._freed, key))
@@ -156,19 +155,19 @@ class MemoryTracker(TorchDispatchMode):
             self._origin[key] = f"{self._phase}: {self._op} {tuple(tensor.shape)} {tensor.dtype}"
         self._add(key, size, category)
 
-    def register(self, tensor: torch.Tensor, category: str, nbytes: int | None = None) -> None:
+    def register(self, tensor: torch.Tensor, category: str) -> None:
         """Label a tensor made before the step (weights, trainable parameters) or relabel one."""
         if category not in CATEGORIES:
             raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
-        self.track(tensor, category, nbytes)
+        self.track(tensor, category)
 
     def register_module(self, module: torch.nn.Module) -> None:
         """Trainable parameters as ``trainable``, every other parameter and buffer as ``weights``."""
         for p in module.parameters():
             self.register(p, "trainable" if p.requires_grad else "weights")
         for b in module.buffers():
-            if b.untyped_storage().nbytes():
-                self.track(b, None if id(b.untyped_storage()) in self._live else "weights")
+            if id(b.untyped_storage()) not in self._live:
+                self.register(b, "weights")
 
     def watch_grads(self, params: Iterable[torch.nn.Parameter]) -> list[Any]:
         """Relabel each gradient as ``trainable`` once it is accumulated into ``.grad``; returns the hook handles."""
