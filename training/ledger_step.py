@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,12 +82,13 @@ def notes_for(spec: LedgerSpec) -> list[str]:
 
 
 @contextlib.contextmanager
-def fake_step_context() -> Iterator[Any]:
-    """FakeTensorMode on the CPU with fastpeft's kernels on their CUDA allocation path and fresh workspaces."""
+def fake_step_context(mode: Any = None) -> Iterator[Any]:
+    """FakeTensorMode (``mode``, or a new one) on the CPU with fastpeft's kernels on their CUDA
+    allocation path and fresh workspaces."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     nf4_code("cpu"), dynamic_map("cpu")  # cached real constants: make them before fake mode, never inside it
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
     previous = torch.get_default_dtype()
     with isolated_workspaces(), force_backend("triton"), mode:
         try:
@@ -146,32 +148,53 @@ def _phase_on_call(module: nn.Module, tracker: MemoryTracker, phase: str) -> Any
     return module.register_forward_pre_hook(lambda *_: tracker.set_phase(phase))
 
 
+# The last fake model built, by everything but the batch shape: a length search measures one model
+# at many lengths, and building an 8B model on fake tensors costs more than its step.
+_LAST_FAKE_MODEL: dict[str, tuple[Any, nn.Module]] = {}
+
+
+def _model_key(spec: LedgerSpec) -> str:
+    fields = dataclasses.asdict(spec)
+    fields.pop("seq_len"), fields.pop("batch_size")
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
 def measure_step(spec: LedgerSpec, detail: bool = False, fake: bool = True) -> LedgerResult:
     """Peak device bytes of one steady-state training step of ``spec``, by category (see the module
     docstring). ``fake=False`` runs the step on real CPU tensors instead (small models: tests);
     ``detail=True`` lists the storages alive at the peak in ``meta["peak_storages"]``."""
-    with fake_step_context() if fake else real_step_context():
-        model = _build_model(spec)
-        tracker = MemoryTracker(detail)
-        tracker.register_module(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-        vocab = model.get_input_embeddings().num_embeddings
+    key = _model_key(spec)
+    mode, model = _LAST_FAKE_MODEL.pop(key, (None, None)) if fake else (None, None)
+    _LAST_FAKE_MODEL.clear()
+    with fake_step_context(mode) if fake else real_step_context() as mode:
+        model = model if model is not None else _build_model(spec)
+        if fake:
+            _LAST_FAKE_MODEL[key] = (mode, model)
+        return _run_step(spec, model, detail)
+
+
+def _run_step(spec: LedgerSpec, model: nn.Module, detail: bool) -> LedgerResult:
+    tracker = MemoryTracker(detail)
+    tracker.register_module(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    vocab = model.get_input_embeddings().num_embeddings
+    hooks = []
+    try:
         with tracker, cuda_attention_rules(), _unpacked_rows():
             tracker.set_phase("optimizer")  # the state every later step starts with
             for p in params:
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tracker.watch_grads(params)
+            hooks = tracker.watch_grads(params)
             tracker.set_phase("forward")
             ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len))
             if spec.stack == "hf_peft":
                 from fastpeft.training.ledger_baseline import hf_loss
 
-                hook = _phase_on_call(model.get_output_embeddings(), tracker, "loss")
+                hooks.append(_phase_on_call(model.get_output_embeddings(), tracker, "loss"))
                 loss = hf_loss(model, ids)
-                hook.remove()
             else:
                 positions = torch.arange(spec.seq_len).expand(spec.batch_size, -1)
                 hidden = model.base_model(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :-1]
@@ -184,8 +207,12 @@ def measure_step(spec: LedgerSpec, detail: bool = False, fake: bool = True) -> L
             del loss
             tracker.set_phase("optimizer")
             optimizer.step()
-        result = tracker.result(notes_for(spec), seq_len=spec.seq_len, batch_size=spec.batch_size, method=spec.method,
-                                stack=spec.stack, design=dataclasses.asdict(spec.design))  # fmt: skip
-        if detail:
-            result.meta["peak_storages"] = tracker.peak_storages
-        return result
+    finally:  # the model may measure another length next: no hooks, no gradients left on it
+        for hook in hooks:
+            hook.remove()
+        optimizer.zero_grad(set_to_none=True)
+    result = tracker.result(notes_for(spec), seq_len=spec.seq_len, batch_size=spec.batch_size, method=spec.method,
+                            stack=spec.stack, design=dataclasses.asdict(spec.design))  # fmt: skip
+    if detail:
+        result.meta["peak_storages"] = tracker.peak_storages
+    return result

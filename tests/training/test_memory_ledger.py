@@ -138,3 +138,12 @@ def test_format_table_lists_every_category():
     a = measure_step(LedgerSpec(TINY, seq_len=24))
     table = format_ledger_table({"fastpeft": a, "again": a})
     assert table.count("\n") == len(CATEGORIES) + 4 and "| fastpeft | again |" in table
+
+
+def test_a_reused_fake_model_measures_the_same():
+    # a length search builds the model once and measures it at many lengths
+    spec = LedgerSpec(TINY, seq_len=40, design=StepDesign.long_context())
+    first = measure_step(spec)
+    measure_step(LedgerSpec(TINY, seq_len=90, design=StepDesign.long_context()))
+    again = measure_step(spec)
+    assert again.peak_bytes == first.peak_bytes and again.peak_by_category == first.peak_by_category
