@@ -11,24 +11,57 @@ kernel's split-K accumulators and arrival counters reset themselves), so no mems
 
 CUDA graphs: call the op once before capture so the buffers exist outside the graph's pool.
 
-Memory accounting hook: :func:`get_workspace` allocates inside ``allocation_kind("workspace")``
-and an activation offloader allocates its host buffers inside ``allocation_kind("host")``; the
-memory ledger reads :func:`current_allocation_kind` for every storage it sees created. Whichever
-path runs — a Triton launcher on CUDA, the same launcher on FakeTensors (which skips the launch),
-a ``register_fake`` implementation calling :func:`get_workspace` — the ledger labels the buffer
-the same way, so its accounting does not depend on the path.
+Memory accounting hook (the memory ledger, ``fastpeft.training.memory_ledger``):
+
+- :func:`get_workspace` allocates inside ``allocation_kind("workspace")`` and tells the installed
+  observers about every buffer it makes; an activation offloader allocates its host copies inside
+  ``allocation_kind("host")``. The ledger reads :func:`current_allocation_kind` for each storage it
+  sees created and is an observer itself.
+- A ``register_fake`` implementation runs below the ledger's dispatch mode, so the ledger sees
+  only the op's outputs. To be counted like the real op, it calls :func:`get_workspace` for the
+  workspaces the real op uses and :func:`note_transient` for the temporaries it frees before
+  returning (e.g. a ``[C, V]`` logits chunk), both only when :func:`accounting` is True: under
+  torch.compile's tracing nobody observes, and a FakeTensor must never enter the shared buffers.
+
+Either way — a Triton launcher on CUDA, the same launcher on FakeTensors (which skips the launch),
+a ``register_fake`` implementation — the ledger labels the buffer the same way, so its accounting
+does not depend on the path.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 _buffers: dict[tuple[str, torch.dtype, torch.device, int | None], torch.Tensor] = {}
 _kinds: list[str] = []
+_observers: list[Any] = []  # objects with .allocated(tensor, kind) and .transient(nbytes)
 MEMORY_KINDS = ("workspace", "host")
+
+
+@contextlib.contextmanager
+def observe_allocations(observer: Any) -> Iterator[None]:
+    """Tell ``observer`` (``.allocated(tensor, kind)``, ``.transient(nbytes)``) about special allocations."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+def accounting() -> bool:
+    """True while a memory ledger observes allocations (fake implementations may then allocate workspaces)."""
+    return bool(_observers)
+
+
+def note_transient(nbytes: int) -> None:
+    """For ``register_fake`` implementations: the real op holds ``nbytes`` more for a moment (a
+    temporary freed before it returns) on top of its outputs; the ledger counts it at its peak."""
+    for observer in _observers:
+        observer.transient(int(nbytes))
 
 
 @contextlib.contextmanager
@@ -85,6 +118,8 @@ def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.devic
         with allocation_kind("workspace"):
             buf = alloc(max(numel, 1), dtype=dtype, device=device)
         _buffers[key] = buf
+        for observer in _observers:
+            observer.allocated(buf, "workspace")
     return buf[:numel]
 
 

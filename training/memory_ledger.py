@@ -38,7 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fastpeft.kernels.workspace import current_allocation_kind
+from fastpeft.kernels.workspace import current_allocation_kind, observe_allocations
 
 CATEGORIES = ("weights", "trainable", "activations", "backward", "loss", "workspace")
 CATEGORY_LABELS = {
@@ -94,6 +94,7 @@ class MemoryTracker(TorchDispatchMode):
         self.host_peak = 0
         self.ops = 0
         self._phase = "setup"
+        self._pending = 0  # transient bytes a fake implementation reported for the op now running
 
     # -- labelling --------------------------------------------------------------------------------
     def set_phase(self, phase: str) -> None:
@@ -177,6 +178,24 @@ class MemoryTracker(TorchDispatchMode):
 
         return [p.register_post_accumulate_grad_hook(relabel) for p in params]
 
+    # -- what fake implementations report (fastpeft.kernels.workspace) ------------------------------
+    def allocated(self, tensor: torch.Tensor, kind: str) -> None:
+        self.track(tensor, "workspace" if kind == "workspace" else None)
+
+    def transient(self, nbytes: int) -> None:
+        self._pending += nbytes  # on top of the op's outputs, which arrive when the op returns
+
+    def __enter__(self) -> MemoryTracker:
+        self._observing = observe_allocations(self)
+        self._observing.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._observing.__exit__(*exc)
+
     # -- dispatch ---------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
@@ -186,6 +205,10 @@ class MemoryTracker(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
+        if self._pending:
+            pending, self._pending = self._pending, 0
+            self._add(-1, pending, self._category())
+            self._sub(pending, self._category())
         return out
 
     def result(self, notes: Iterable[str] = (), **meta: Any) -> LedgerResult:

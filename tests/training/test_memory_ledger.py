@@ -147,3 +147,33 @@ def test_a_reused_fake_model_measures_the_same():
     measure_step(LedgerSpec(TINY, seq_len=90, design=StepDesign.long_context()))
     again = measure_step(spec)
     assert again.peak_bytes == first.peak_bytes and again.peak_by_category == first.peak_by_category
+
+
+def test_fake_implementations_report_workspaces_and_transients():
+    # a register_fake runs below the ledger's dispatch mode: it reports what the real op holds
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastpeft.kernels import workspace
+
+    lib = torch.library.Library("ledger_test", "FRAGMENT")
+    lib.define("scaled(Tensor x) -> Tensor")
+
+    def fake(x):
+        if workspace.accounting():
+            workspace.get_workspace("ledger_test_ws", 1000, torch.float32, x.device)  # 4000 bytes, kept
+            workspace.note_transient(10_000)  # freed inside the real op
+        return torch.empty_like(x)
+
+    torch.library.register_fake("ledger_test::scaled", fake, lib=lib)
+    traced = []
+    with FakeTensorMode(), workspace.isolated_workspaces():
+        x = torch.empty(100)  # 400 bytes
+        torch.ops.ledger_test.scaled(x)  # no ledger: nothing allocated beyond the output
+        assert not workspace.accounting()
+        tracker = MemoryTracker()
+        with tracker:
+            tracker.set_phase("forward")
+            y = torch.ops.ledger_test.scaled(x)
+            traced.append(y)
+        assert tracker.current["workspace"] == 4000 and tracker.current["activations"] == 400
+    assert tracker.peak == 4000 + 400 + 10_000  # the transient on top of the op's output
