@@ -152,7 +152,8 @@ def render(data: dict[str, Any]) -> str:
              "8192, 16/8, 32000) of `../shared/ANCHORS.md`; QLoRA r 16 on all seven projections, bf16, AdamW "
              f"(foreach) on the adapters, batch 1 unless stated. fastpeft: {data['design']}. Longest context: the "
              f"longest length whose measured peak fits the card minus {ctx:g} GiB for the CUDA context and the "
-             "allocator (searched to 256 tokens: that length fits, 256 more do not). The HF + bnb + PEFT column "
+             "allocator (searched to 256 tokens: that length fits, 256 more do not); host RAM: the pinned memory the "
+             "offloaded block inputs take there (layers × tokens × hidden × 2 bytes). The HF + bnb + PEFT column "
              "is the same ledger on the anchors' baseline (bitsandbytes stand-in: same NF4 bytes, same per-call "
              "dense dequantization); its measured peaks in ANCHORS.md are 1-18% higher.", "",
              "### Targets", "", "| target | goal | fastpeft (ledger) | reached | HF + bnb + PEFT (ledger) | for reference |",
@@ -160,8 +161,9 @@ def render(data: dict[str, Any]) -> str:
     for row in data["longest"]:
         ours = row["fastpeft"]
         ok = "yes" if ours["tokens"] >= row["goal_tokens"] else "**no**"
+        host = f", host RAM {_gib(ours['host_peak_bytes'])}" if ours.get("host_peak_bytes") else ""
         lines.append(f"| {row['label']} | ≥ {row['goal_tokens']:,} tokens | {_tokens(ours)} (peak "
-                     f"{_gib(ours['peak_bytes'])}) | {ok} | {_tokens(row['hf_peft'])} | {row['reference']} |")  # fmt: skip
+                     f"{_gib(ours['peak_bytes'])}{host}) | {ok} | {_tokens(row['hf_peft'])} | {row['reference']} |")  # fmt: skip
     for row in data["peaks"]:
         peak = row["fastpeft"]["peak_bytes"]
         ok = "yes" if peak <= row["goal_gib"] * GiB else "**no**"

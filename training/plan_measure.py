@@ -39,6 +39,7 @@ class LongestContext:
     budget_bytes: int
     probes: list[tuple[int, int]]  # (tokens, peak bytes) of every measured step
     capped: bool = False  # True when MAX_TOKENS still fitted
+    host_peak_bytes: int | None = None  # host memory the offloaded activations take at ``tokens``
 
 
 def load_model_config(model: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -130,13 +131,18 @@ def measure_longest(config: dict[str, Any], method: str, gpu_memory_gib: float,
     if budget <= 0:
         raise ValueError(f"gpu_memory_gib ({gpu_memory_gib}) must exceed the CUDA context allowance ({cuda_context_gib})")
 
+    host: dict[int, int] = {}
+
     def probe(tokens: int) -> int:
         result = measure_step(spec_for(config, method, tokens, lora_r, 1, design, stack))
+        host[tokens] = result.host_peak_bytes
         if log:
             log(f"  {stack} {method}: {tokens:,} tokens -> {result.peak_bytes / GiB:.2f} GiB")
         return result.peak_bytes
 
-    return longest_context(probe, budget)
+    found = longest_context(probe, budget)
+    found.host_peak_bytes = host.get(found.tokens)
+    return found
 
 
 def measure_at(config: dict[str, Any], method: str, seq_len: int, batch_size: int = 1, lora_r: int = 16,
@@ -165,14 +171,16 @@ def format_measured(result: dict[str, Any], inputs: Any) -> str:
     lines = [f"memory ledger (measured): one training step (forward, backward, AdamW) per length, {result['design']}",
              f"card {inputs.gpu_memory_gib:g} GiB - {inputs.cuda_context_gib:g} GiB allowance for the CUDA context and "
              f"allocator = {budget:g} GiB for tensors; LoRA r={inputs.lora_r} on all linear layers", "",
-             f"{'':<8}{'longest context (batch 1)':>28}{'peak there':>14}{'+' + str(RESOLUTION) + ' tokens':>14}"]  # fmt: skip
+             f"{'':<8}{'longest context (batch 1)':>28}{'peak there':>14}{'+' + str(RESOLUTION) + ' tokens':>14}"
+             f"{'host RAM (offload)':>20}"]  # fmt: skip
     for method, found in result["longest"].items():
         if found.tokens == 0:
             lines.append(f"{method:<8}{'does not fit':>28}{'':>14}{format_gib(found.next_peak_bytes):>14}"
                          f"  (at {RESOLUTION} tokens)")  # fmt: skip
             continue
         more = "(cap)" if found.capped else format_gib(found.next_peak_bytes)
-        lines.append(f"{method:<8}{found.tokens:>21,} tokens{format_gib(found.peak_bytes):>14}{more:>14}")
+        lines.append(f"{method:<8}{found.tokens:>21,} tokens{format_gib(found.peak_bytes):>14}{more:>14}"
+                     f"{format_gib(found.host_peak_bytes or 0):>20}")  # fmt: skip
     lines += ["", f"ledger at {inputs.batch_size} x {inputs.seq_len} tokens:",
               format_ledger_table(result["at_seq_len"]), ""]  # fmt: skip
     spec = spec_for(result["config"], "qlora", inputs.seq_len)
