@@ -30,7 +30,8 @@ from torch import nn
 
 from fastpeft.config import LoraConfig
 from fastpeft.inject import adapter_configs, inject, linear_paths, mark_trainable
-from fastpeft.lifecycle import active_adapter, list_adapters, modules_to_save_wrappers, require_adapter, set_adapter
+from fastpeft.lifecycle import (ACTIVE_ATTR, active_adapter, list_adapters, modules_to_save_wrappers, prompt_adapters,
+                                require_adapter, set_adapter)  # fmt: skip
 from fastpeft.lora_linear import AdapterLinear, iter_adapter_layers, linear_kind
 from fastpeft.variants import adapter_suffixes, get_variant
 
@@ -56,6 +57,15 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     if name is None:
         raise ValueError("save_adapter: the model has no active adapter; pass adapter_name")
     require_adapter(model, name)
+    prompt = prompt_adapters(model).get(name)
+    if prompt is not None:  # prompt / prefix tuning: PEFT's format where PEFT has the method
+        from fastpeft.prompt_io import save_prompt_adapter
+
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_adapter: {directory} exists and is not a directory")
+        save_prompt_adapter(prompt, directory, _base_model_name(model))
+        return directory
     config = adapter_configs(model)[name]
     layers = [(path, layer) for path, layer in iter_adapter_layers(model) if name in layer.adapters]
     tensors: dict[str, torch.Tensor] = {}
@@ -88,6 +98,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         base_model_name_or_path=config.base_model_name_or_path or _base_model_name(model),
     ).to_peft_dict()  # fmt: skip
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_adapter: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage (tied weights)
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
@@ -125,9 +137,12 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {directory} an adapter directory?)")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -176,6 +191,8 @@ def _check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> N
         )
     if not tensor.is_floating_point():
         raise ValueError(f"key {key}: dtype {tensor.dtype} is not floating point")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"key {key}: the adapter file holds NaN/inf values (a diverged run?); refusing to load it")
 
 
 def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> _LoadPlan:
@@ -255,6 +272,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     ``fastpeft_config.json`` recorded (an adapter trained on a base fastpeft quantized to NF4 is
     reloaded on the same NF4 weights). Returns ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter expects a torch nn.Module, got {type(model).__name__}")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
@@ -271,7 +290,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         raise ValueError(f"adapter {adapter_name!r} already exists in this model (adapters: {existing})")
     plan = _plan(model, config, _read_tensors(directory, allow_pickle))
 
-    previous_active = active_adapter(model)
+    previous_active = model.__dict__.get(ACTIVE_ATTR)  # a LoRA adapter (prompt adapters are always on)
     # a model that already has adapters keeps its requires_grad flags; a plain one gets a frozen base
     had_adapters = bool(list_adapters(model))
     trainable = {id(p): p.requires_grad and had_adapters for p in model.parameters()}

@@ -151,6 +151,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     copies and, per ``config.bias``, biases); everything else is frozen. ``target_paths`` overrides
     the matching with exact module paths (used when loading a saved adapter).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject expects a torch nn.Module (e.g. a transformers model), got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"inject expects a fastpeft.LoraConfig, got {type(config).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:

@@ -8,8 +8,9 @@ Fixtures for every folder (a fixture is visible only below its conftest; fixture
 importable helpers because pytest runs with ``--import-mode=importlib``): ``tiny_llama`` (a
 model_config dict), ``char_tokenizer`` (the bundled tokenizer), ``arithmetic_records`` (a small
 arithmetic dataset), ``python_command`` (a fresh Python that imports this checkout),
-``arithmetic_mock`` (a deterministic mock of an arithmetic model, for the search tests) and
-``peft_kit`` (helpers for the PEFT-path and TRL tests).
+``arithmetic_mock`` (a deterministic mock of an arithmetic model, for the search tests),
+``peft_kit`` (helpers for the PEFT-path and TRL tests) and ``require_bwrap`` (skips a code-sandbox
+test where bubblewrap cannot run; fails instead with ``FASTPEFT_REQUIRE_BWRAP=1``, which CI sets).
 """
 
 import os
@@ -228,3 +229,16 @@ def peft_kit():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def require_bwrap():
+    """Skip a sandbox test where bubblewrap cannot run; fail instead when FASTPEFT_REQUIRE_BWRAP=1
+    (set by .ci/run, so CI always tests the real boundary)."""
+    from fastpeft.training.rewards.sandbox_bwrap import bwrap_problem
+
+    problem = bwrap_problem()
+    if problem is not None:
+        if os.environ.get("FASTPEFT_REQUIRE_BWRAP") == "1":
+            pytest.fail(f"FASTPEFT_REQUIRE_BWRAP=1 but {problem}")
+        pytest.skip(problem)
