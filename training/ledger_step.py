@@ -148,9 +148,21 @@ def _phase_on_call(module: nn.Module, tracker: MemoryTracker, phase: str) -> Any
     return module.register_forward_pre_hook(lambda *_: tracker.set_phase(phase))
 
 
-# The last fake model built, by everything but the batch shape: a length search measures one model
-# at many lengths, and building an 8B model on fake tensors costs more than its step.
-_LAST_FAKE_MODEL: dict[str, tuple[Any, nn.Module]] = {}
+# Inside reusing_models(): the last fake model built, by everything but the batch shape. A length
+# search measures one model at many lengths, and building an 8B model on fake tensors costs more
+# than its step. None outside the block, so no fake model outlives the search.
+_REUSED: dict[str, tuple[Any, nn.Module]] | None = None
+
+
+@contextlib.contextmanager
+def reusing_models() -> Iterator[None]:
+    """Let :func:`measure_step` reuse its last fake model for specs that differ only in the batch shape."""
+    global _REUSED
+    previous, _REUSED = _REUSED, {}
+    try:
+        yield
+    finally:
+        _REUSED = previous
 
 
 def _model_key(spec: LedgerSpec) -> str:
@@ -163,13 +175,15 @@ def measure_step(spec: LedgerSpec, detail: bool = False, fake: bool = True) -> L
     """Peak device bytes of one steady-state training step of ``spec``, by category (see the module
     docstring). ``fake=False`` runs the step on real CPU tensors instead (small models: tests);
     ``detail=True`` lists the storages alive at the peak in ``meta["peak_storages"]``."""
+    cache = _REUSED if fake else None
     key = _model_key(spec)
-    mode, model = _LAST_FAKE_MODEL.pop(key, (None, None)) if fake else (None, None)
-    _LAST_FAKE_MODEL.clear()
+    mode, model = cache.pop(key, (None, None)) if cache is not None else (None, None)
+    if cache is not None:
+        cache.clear()
     with fake_step_context(mode) if fake else real_step_context() as mode:
         model = model if model is not None else _build_model(spec)
-        if fake:
-            _LAST_FAKE_MODEL[key] = (mode, model)
+        if cache is not None:
+            cache[key] = (mode, model)
         return _run_step(spec, model, detail)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastpeft.training.ledger_step import LedgerSpec, measure_step
+from fastpeft.training.ledger_step import LedgerSpec, measure_step, reusing_models
 from fastpeft.training.memory_ledger import GiB, LedgerResult
 from fastpeft.training.step_design import StepDesign
 
@@ -140,7 +140,8 @@ def measure_longest(config: dict[str, Any], method: str, gpu_memory_gib: float,
             log(f"  {stack} {method}: {tokens:,} tokens -> {result.peak_bytes / GiB:.2f} GiB")
         return result.peak_bytes
 
-    found = longest_context(probe, budget)
+    with reusing_models():
+        found = longest_context(probe, budget)
     found.host_peak_bytes = host.get(found.tokens)
     return found
 

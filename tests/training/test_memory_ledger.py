@@ -142,11 +142,16 @@ def test_format_table_lists_every_category():
 
 def test_a_reused_fake_model_measures_the_same():
     # a length search builds the model once and measures it at many lengths
+    from fastpeft.training import ledger_step
+
     spec = LedgerSpec(TINY, seq_len=40, design=StepDesign.long_context())
     first = measure_step(spec)
-    measure_step(LedgerSpec(TINY, seq_len=90, design=StepDesign.long_context()))
-    again = measure_step(spec)
+    with ledger_step.reusing_models():
+        measure_step(LedgerSpec(TINY, seq_len=90, design=StepDesign.long_context()))
+        again = measure_step(spec)
+        assert len(ledger_step._REUSED) == 1
     assert again.peak_bytes == first.peak_bytes and again.peak_by_category == first.peak_by_category
+    assert ledger_step._REUSED is None  # no fake model outlives the block
 
 
 def test_fake_implementations_report_workspaces_and_transients():
