@@ -7,13 +7,16 @@ bitsandbytes + PEFT baseline (:mod:`fastpeft.training.ledger_baseline`) — and 
 backward and an AdamW step (``foreach``, CUDA's default; its state made beforehand, as in every step
 after the first) inside :class:`fastpeft.training.memory_ledger.MemoryTracker`.
 
-How our own ops enter the ledger: with FakeTensors the kernel dispatch takes the CUDA ("triton")
-path (:mod:`fastpeft.kernels.backend`) and each launcher allocates its outputs and workspaces
-(:mod:`fastpeft.kernels.workspace`) as on CUDA, then skips the launch: NF4 dequantization into one
-reused workspace per dtype, the fused LoRA op saving x and x·Aᵀ, the chunked loss's one ``[C, V]``
-fp32 chunk, the decode kernel's split-K workspace. Torch ops (SDPA, norms, the optimizer) run
-their fake implementations, which allocate what their CUDA kernels do; SDPA on fake CPU tensors
-takes the flash path, which saves the output and log-sum-exp like CUDA's (no ``T × T`` matrix).
+How our own ops enter the ledger: each kernel is a ``fastpeft::`` custom op, so on FakeTensors its
+``register_fake`` implementation runs; it allocates the op's outputs as the CUDA path does and,
+because the ledger observes (:func:`fastpeft.kernels.workspace.accounting`), the workspaces that
+path keeps (NF4 dequantization into one ``nf4_dequant`` buffer per dtype, the decode kernel's
+split-K buffers) and the temporaries it frees inside the op (the loss's ``[C, V]`` logits chunk);
+the fused LoRA op saves x and x·Aᵀ. Torch ops (SDPA, norms, the optimizer) run their fake
+implementations, which allocate what their CUDA kernels do; SDPA on fake CPU tensors takes the
+flash path, which saves the output and log-sum-exp like CUDA's (no ``T × T`` matrix), and
+:func:`~fastpeft.training.memory_ledger.cuda_attention_rules` sends what CUDA would run on the
+math backend there too.
 
 Rows are single unpadded sequences (every token a target, no attention mask). On real tensors
 transformers sees from the position ids that nothing is packed and lets SDPA run causal without a
@@ -73,8 +76,9 @@ def notes_for(spec: LedgerSpec) -> list[str]:
     notes = ["fake CPU tensors under FakeTensorMode: bytes of tensor storage alive at once, not a timing; "
              "allocator rounding and fragmentation and the CUDA context are not included"]  # fmt: skip
     if spec.stack == "fastpeft":
-        notes.append("fastpeft ops allocate through their CUDA launchers (launch skipped on FakeTensors): NF4 "
-                     "dequant into one workspace per dtype, fused LoRA saves x and x·Aᵀ, chunked LM-head loss")  # fmt: skip
+        notes.append("fastpeft ops enter through their fake implementations, which report the CUDA path's "
+                     "workspaces and temporaries: NF4 dequant into one workspace per dtype, fused LoRA saves x "
+                     "and x·Aᵀ, the chunked LM-head loss's [C, V] chunk")  # fmt: skip
     else:
         notes.append("bitsandbytes ops do not run on FakeTensors: each Linear4bit is a stand-in holding its "
                      "NF4 bytes and making bnb's per-call dense dequantized weight (ledger_baseline.py)")  # fmt: skip
