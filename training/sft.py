@@ -33,7 +33,8 @@ from fastpeft.training.evaluate import evaluate_loss, exact_match
 from fastpeft.training.losses import CausalLMLoss
 from fastpeft.training.metrics import MetricsLogger, Throughput, peak_memory_bytes, plot_loss_curve, progress_bar
 from fastpeft.training.model_setup import (apply_finetune_mode, build_model, build_optimizer, build_scheduler,
-                                           enable_gradient_checkpointing, resolve_device)  # fmt: skip
+                                           resolve_device)  # fmt: skip
+from fastpeft.training.step_design import StepDesign, apply_step_design
 from fastpeft.training.tokenizer import load_tokenizer
 
 _PATH = {"path": True}  # fields checked for existence when read from YAML / the command line
@@ -79,6 +80,10 @@ class SFTConfig:
     max_grad_norm: float | None = 1.0  # null: no clipping
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # memory (fastpeft.training.step_design): block inputs in host memory; MLP over row tiles; lean norms
+    offload_activations: bool = False
+    mlp_tile_rows: int | None = None
+    lean_norms: bool = False
     loss_impl: str = "auto"
     loss_chunk_size: int | None = None
     max_bad_steps: int = 10
@@ -103,6 +108,7 @@ class SFTConfig:
         check_training_fields(self)
         if not 0.0 <= self.general_fraction < 1.0:
             raise ValueError(f"general_fraction must be in [0, 1), got {self.general_fraction}")
+        StepDesign(self.gradient_checkpointing, self.offload_activations, self.mlp_tile_rows, self.lean_norms)  # checks
         if self.parallel not in dist_utils.PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {dist_utils.PARALLEL_MODES}, got {self.parallel!r}")
         if self.parallel == "fsdp" and self.optimizer not in dist_utils.FSDP_OPTIMIZERS:
@@ -171,8 +177,8 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
         lora["last_layers_fraction"] = 0.1
     has_adapters = apply_finetune_mode(model, config.finetune, lora)
     model.to(device)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    apply_step_design(model, StepDesign(config.gradient_checkpointing, config.offload_activations,
+                                        config.mlp_tile_rows, config.lean_norms))  # fmt: skip
     model.train()
 
     if config.train_data is None:

@@ -21,6 +21,7 @@ SCENARIOS: dict[str, str] = {
     "multi-adapter": "multi_adapter",
     "cpu-kernels": "cpu_kernels",
     "cpu-models": "cpu_models",
+    "memory": "memory",
 }
 
 

@@ -226,3 +226,21 @@ def test_every_row_fast_path_and_upstream_gradient(chunk_size, ignored):
     (linear_cross_entropy(hid, wt, labels, chunk_size=chunk_size) * 2.5).backward()
     torch.testing.assert_close(hid.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wt.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+@pytest.mark.gpu
+def test_cuda_llama3_vocabulary_matches_float64():
+    """The Triton row kernel and the chunk loop on a GPU at Llama-3's shapes (H 4096, V 128256), bf16."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 1024, 4096, 128256
+    hidden = torch.randn(n, h, generator=gen).cuda()
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).cuda()
+    labels = _labels(n, v, gen).cuda()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels, ignore_index=-100)
+    want.backward()
+    hid, wt = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    got = linear_cross_entropy(hid, wt, labels)
+    got.backward()
+    torch.testing.assert_close(got.double(), want.detach(), atol=3e-2, rtol=3e-2)
+    for g, w in ((hid.grad, h64.grad), (wt.grad, w64.grad)):
+        err = (g.double() - w).norm() / w.norm()
+        assert err < 2e-2, f"relative error {err:.2e}"
