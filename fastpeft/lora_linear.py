@@ -30,6 +30,7 @@ from torch import nn
 
 from fastpeft.adapters import LoraAdapter
 from fastpeft.kernels.autocast import autocast_dtype, compute_dtype
+from fastpeft.kernels.backend import tracing
 from fastpeft.kernels.lora_linear_routed import lora_linear_routed
 from fastpeft.kernels.nf4 import NF4Weight
 from fastpeft.variants import get_variant
@@ -73,10 +74,13 @@ class RowRouting:
     def adapter_ids(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """int64 ``[batch]``: batch row i's index in ``names`` (-1 when its adapter is not among them)."""
         key = (names, device)
-        if key not in self._ids:
-            self._ids[key] = torch.tensor([names.index(a) if a in names else -1 for a in self.row_adapters],
-                                          dtype=torch.int64, device=device)  # fmt: skip
-        return self._ids[key]
+        if key in self._ids:
+            return self._ids[key]
+        ids = torch.tensor([names.index(a) if a in names else -1 for a in self.row_adapters], dtype=torch.int64,
+                           device=device)  # fmt: skip
+        if not (torch.compiler.is_compiling() or tracing(ids)):  # a traced tensor is never kept
+            self._ids[key] = ids
+        return ids
 
 
 class AdapterLinear(nn.Module):

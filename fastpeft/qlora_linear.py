@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastpeft.bnb_interop import linear4bit_view, nf4_from_linear4bit
+from fastpeft.kernels.backend import tracing
 from fastpeft.kernels.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_nf4
 from fastpeft.lora_linear import AdapterLinear, _plain_dense_module, linear_kind
 
@@ -114,7 +115,8 @@ class QLoRALinear(AdapterLinear):
         nested = {n: getattr(self, n) for n in _NF4_BUFFERS[2:]} if self.double_quant else {}
         weight = NF4Weight(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
                            blocksize=self.blocksize, dtype=self.weight_dtype, **nested)  # fmt: skip
-        self.__dict__["_nf4_view"] = (buffers, weight)
+        if not (torch.compiler.is_compiling() or tracing(*buffers)):  # never keep a traced view
+            self.__dict__["_nf4_view"] = (buffers, weight)
         return weight
 
     @property
