@@ -183,15 +183,22 @@ def _forward_fake(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per 32-column tile). They are made
     here only for the memory ledger (:func:`fastpeft.kernels.workspace.accounting`).
     """
-    m, k = x.shape
     n, r = lora_B.shape
-    if accounting():
-        if m > DECODE_MAX_ROWS and nf4:
-            get_workspace("nf4_dequant", n * k, x.dtype, x.device)
-        elif m <= DECODE_MAX_ROWS:
-            get_workspace("lora_decode_acc", DECODE_MAX_ROWS * n, torch.float32, x.device, zeroed=True)
-            get_workspace("lora_decode_count", -(-n // 32), torch.int32, x.device, zeroed=True)
-    return x.new_empty((m, n)), x.new_empty((m if save_xa else 0, r))
+    account_forward_workspaces(x, n, nf4)
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0] if save_xa else 0, r))
+
+
+def account_forward_workspaces(x: torch.Tensor, n: int, nf4: bool) -> None:
+    """Inside a forward op's fake implementation: make the workspaces the real op uses for x
+    ``[M, K]`` and N output columns, for the memory ledger only (:func:`~fastpeft.kernels.workspace.accounting`)."""
+    if not accounting():
+        return
+    m, k = x.shape
+    if m > DECODE_MAX_ROWS and nf4:
+        get_workspace("nf4_dequant", n * k, x.dtype, x.device)
+    elif m <= DECODE_MAX_ROWS:
+        get_workspace("lora_decode_acc", DECODE_MAX_ROWS * n, torch.float32, x.device, zeroed=True)
+        get_workspace("lora_decode_count", -(-n // 32), torch.int32, x.device, zeroed=True)
 
 
 # Two forward ops, not one with optional NF4 arguments: a differentiable torch.library op pays per
