@@ -2,27 +2,31 @@
 
 Timing implementation A for a while and then B measures B under whatever load the machine had by
 then; on a shared 2-core machine that alone moves a ratio by 2x. Here every implementation of a case
-is built first and warmed up (that call's time sets how many calls a round makes), then timed in
-rounds — one call of each per round (a short call repeated until the round lasts ``ROUND_MIN_MS``),
-the order rotating, the last round also measuring peak memory — and the
-ratio that is reported is the median over rounds of (ours / baseline) in the same round, which a
-load that drifts slowly cancels out of. Each row also keeps its own median time.
+is built first and warmed up (that call's time sets how many calls a turn makes: a short call is
+repeated until a turn lasts ``ROUND_MIN_MS``), then timed in rounds by
+:func:`~fastpeft_benchmarks.harness.interleaved_times` (one turn of each per round, the order
+reversed every other round, the last round also measuring peak memory). The reported ratio is the
+median of :func:`~fastpeft_benchmarks.harness.paired_round_ratios` (ours / baseline within a
+round, each pair of rounds having both orders), which a load that drifts slowly cancels out of.
+Each row also keeps its own median time.
 
-Rows: ``vs_fastest_baseline`` = median round ratio to the baseline with the smallest median;
+Rows: ``vs_fastest_baseline`` = median paired-round ratio to the baseline with the smallest median;
 ``extra["speedup"]`` = its inverse; ``extra["round_ratios"]`` all of them; with a case ``target``,
 ``extra["target"]`` and ``extra["target_met"]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from .harness import BASELINE, OURS, Case, Context, ImplSpec, Measured, Row, Unavailable, _base_row, _check, _fill_rates
-from .harness import PeakMemory, free_memory, synchronize
+from .harness import PeakMemory, free_memory, interleaved_times, paired_round_ratios, synchronize
 
 INTERLEAVED_ROUNDS = 5
 
@@ -34,17 +38,16 @@ def _error_status(exc: Exception, ctx: Context) -> str:
     return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-ROUND_MIN_MS = 20.0  # a round repeats a short call until it lasts this long: one preemption is a small share
+ROUND_MIN_MS = 20.0  # a turn repeats a short call until it lasts this long: one preemption is a small share
 
 
-def _timed(run: Any, ctx: Context, calls: int = 1) -> float:
-    """Milliseconds per call of ``run`` over ``calls`` back-to-back calls."""
+def _timed(run: Any, ctx: Context) -> float:
+    """Milliseconds of one call of ``run`` (the warm-up)."""
     synchronize(ctx.device)
     start = time.perf_counter()
-    for _ in range(calls):
-        run()
+    run()
     synchronize(ctx.device)
-    return (time.perf_counter() - start) * 1e3 / calls
+    return (time.perf_counter() - start) * 1e3
 
 
 def _calls_per_round(once_ms: float) -> int:
@@ -84,23 +87,30 @@ def run_interleaved(case: Case, specs: list[ImplSpec], ctx: Context) -> list[Row
             row.status = str(exc)
         except Exception as exc:  # one broken implementation must not cost the rest
             row.status = _error_status(exc, ctx)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    n_rounds = max(ctx.cpu_reps, 1)
-    names = list(runs)
     peaks: dict[str, int | None] = {}
-    for r in range(n_rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)] if names else []:
-            try:
-                if r == n_rounds - 1:  # the last round also records peak memory (no extra call)
-                    with PeakMemory(ctx.device) as window:
-                        times[name].append(_timed(runs[name].run, ctx, calls[name]))
-                    peaks[name] = window.peak
-                else:
-                    times[name].append(_timed(runs[name].run, ctx, calls[name]))
-            except Exception as exc:
-                next(row for row in rows if row.impl == name).status = _error_status(exc, ctx)
-                times[name] = []
-                names.remove(name)
+    failed: dict[str, Exception] = {}
+
+    def turn(name: str) -> Any:
+        def call() -> None:
+            if name not in failed:  # one that fails is skipped from then on
+                try:
+                    runs[name].run()
+                except Exception as exc:
+                    failed[name] = exc
+        return call
+
+    @contextlib.contextmanager
+    def peak_memory(name: str) -> Iterator[None]:
+        with PeakMemory(ctx.device) as window:
+            yield
+        peaks[name] = window.peak
+
+    times = interleaved_times({name: turn(name) for name in runs}, 0, max(ctx.cpu_reps, 1), ctx.device, calls,
+                              peak_memory)  # fmt: skip
+    times = {name: [t * 1e3 for t in ts] for name, ts in times.items()}  # ms per call
+    for name, exc in failed.items():
+        next(row for row in rows if row.impl == name).status = _error_status(exc, ctx)
+    names = [name for name in runs if name not in failed]
     by_name = {row.impl: row for row in rows}
     for name in names:
         row = by_name[name]
@@ -123,7 +133,7 @@ def _set_round_ratios(rows: list[Row], times: dict[str, list[float]], case: Case
     for row in rows:
         if not row.median_ms or not (row.status == "ok" or row.status.startswith("MISMATCH")):
             continue
-        ratios = [t / b for t, b in zip(times[row.impl], base)]
+        ratios = paired_round_ratios(times[row.impl], base) or [t / b for t, b in zip(times[row.impl], base)]
         row.vs_fastest_baseline = statistics.median(ratios)
         row.extra.update(speedup=1.0 / row.vs_fastest_baseline, round_ratios=ratios, baseline=fastest.impl,
                          rounds=len(ratios))  # fmt: skip

@@ -227,9 +227,9 @@ def render_results_md(results: Iterable[dict[str, Any]], md_dir: Path, ledger: d
     if cpu:
         lines += ["## CPU runs", "",
                   "This project's shared 2-core CPU machine. Cases marked as interleaved time their "
-                  "implementations in alternating rounds; their speedup is the median over rounds of "
-                  "(baseline time ÷ ours) within a round, so load from other work on the machine cancels out "
-                  "(benchmarks/interleaved.py). Targets are issue 17's.", ""]  # fmt: skip
+                  "implementations in rounds whose order flips every other round; their speedup is the median "
+                  "over pairs of rounds of (baseline time ÷ ours) within a round, so load from other work on "
+                  "the machine cancels out (benchmarks/interleaved.py). Targets are issue 17's.", ""]  # fmt: skip
         lines += _result_sections(cpu, md_dir)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -1,5 +1,6 @@
 """The benchmark harness: every scenario end to end on CPU, bad names, missing baselines, formulas."""
 
+import contextlib
 import json
 import sys
 
@@ -187,6 +188,20 @@ def test_interleaved_rounds_alternate_order_and_give_the_ratio_by_round():
     # whoever runs second is 4% slower: rounds 0, 2 (ours first) and 1, 3 (ours second) pair up
     pairs = harness.paired_round_ratios([1.0, 1.04, 2.0, 2.08, 5.0], [1.04, 1.0, 2.08, 2.0, 1.0])
     assert pairs == pytest.approx([1.0, 1.0])  # the odd last round has no partner
+
+
+def test_interleaved_turns_repeat_short_calls_and_the_last_round_is_wrapped():
+    calls, wrapped = [], []
+
+    @contextlib.contextmanager
+    def last_round(name):
+        wrapped.append(name)
+        yield
+
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = harness.interleaved_times(fns, 0, 2, torch.device("cpu"), calls={"a": 3}, last_round=last_round)
+    assert calls == ["a", "a", "a", "b", "b", "a", "a", "a"] and wrapped == ["b", "a"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
 
 
 def test_relative_error_catches_mismatch_and_shape():
