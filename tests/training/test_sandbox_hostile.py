@@ -24,7 +24,7 @@ from fastpeft.training.rewards.code_sandbox import CodeReward, SandboxLimits, ru
 LIMITS = SandboxLimits(wall_time_s=3.0, cpu_time_s=2, memory_mb=256, max_processes=16, max_file_mb=1, disk_mb=4)
 SECRET = 918273645
 HOSTILE = ["gc_search_for_expected_values", "patch_the_runner", "remount_and_write_outside", "write_outside",
-           "shell_out", "tcp_to_the_trainer", "internet_and_dns", "unix_socket_path", "unix_socket_abstract",
+           "new_user_namespace", "shell_out", "tcp_to_the_trainer", "internet_and_dns", "unix_socket_path", "unix_socket_abstract",
            "signal_the_trainer", "kill_everything", "read_trainer_environ", "read_trainer_memory", "read_shadow",
            "read_repo_and_home", "fork_bomb_counted", "fork_bomb_classic", "thread_bomb", "memory_bomb",
            "disk_bomb", "daemon_outlives_a_timeout", "daemon_outlives_an_exit", "forged_result_lines",
@@ -89,6 +89,13 @@ def attack():
         except OSError:
             pass
     return False
+""", ["assert attack() is True"]),
+        "new_user_namespace": ("""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER = 0x10000000
+def attack():  # a fresh user namespace would hold every capability inside it
+    return libc.unshare(CLONE_NEWUSER) == 0
 """, ["assert attack() is True"]),
         "write_outside": (f"""
 def attack():

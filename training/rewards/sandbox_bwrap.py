@@ -109,12 +109,14 @@ def _workdir(disk_bytes: int) -> list[str]:
 
 
 def inner_command(argv: list[str], disk_bytes: int, info_fd: int | None) -> list[str]:
-    """The unprivileged bwrap: all namespaces, uid 65534, no caps, capped writable /tmp."""
+    """The unprivileged bwrap: all namespaces, uid 65534, no caps, capped writable /tmp; the child
+    cannot make user namespaces of its own (where it would hold every capability again)."""
     bwrap = find_bwrap()
     assert bwrap is not None
     info = ["--info-fd", str(info_fd)] if info_fd is not None else []
     return [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *info, *_ENV,
+            "--disable-userns", "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            *info, *_ENV,
             *read_only_view(), *_workdir(disk_bytes), "--", *argv]  # fmt: skip
 
 
