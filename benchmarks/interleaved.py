@@ -25,8 +25,24 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-from .harness import BASELINE, OURS, Case, Context, ImplSpec, Measured, Row, Unavailable, _base_row, _check, _fill_rates
-from .harness import PeakMemory, free_memory, interleaved_times, paired_round_ratios, synchronize
+from .harness import (
+    BASELINE,
+    OURS,
+    Case,
+    Context,
+    ImplSpec,
+    Measured,
+    PeakMemory,
+    Row,
+    Unavailable,
+    _base_row,
+    _check,
+    _fill_rates,
+    free_memory,
+    interleaved_times,
+    paired_round_ratios,
+    synchronize,
+)
 
 INTERLEAVED_ROUNDS = 5
 

@@ -167,7 +167,7 @@ def _dequant_native_blocks(fn, packed: torch.Tensor, absmax: torch.Tensor, out: 
        blocksize)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_pair_table() -> torch.Tensor:
     """``[256]`` float64 words, each the two fp32 NF4 values of byte b's high then low nibble: one
     8-byte gather per byte yields both elements in order (``.view(torch.float32)``)."""

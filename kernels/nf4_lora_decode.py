@@ -43,9 +43,14 @@ from fastpeft.kernels.lora_linear_inputs import (
     weight_op_args,
 )
 from fastpeft.kernels.nf4 import (
-    NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, kernel_args, nf4_block_scale, nf4_dequant_tile,
+    NESTED_BLOCKSIZE,
+    NF4Weight,
+    dequantize_nf4_reference,
+    kernel_args,
+    nf4_block_scale,
+    nf4_dequant_tile,
     nf4_unpack_bytes,
-)  # fmt: skip
+)
 from fastpeft.kernels.workspace import get_workspace
 
 DECODE_MAX_ROWS = 16  # tl.dot's smallest M tile; more rows go to the training path (dequant + cuBLAS)
@@ -84,7 +89,7 @@ def _lora_decode_kernel(
     # byte offsets from their own multiple-of-16 argument: k0 // 2 would only be known 8-aligned,
     # which caps the packed loads at 64 bits
     kb_start = pid_k * k_per_split_bytes
-    for step in range(0, tl.cdiv(k_end - k_start, BLOCK_K)):
+    for step in range(tl.cdiv(k_end - k_start, BLOCK_K)):
         k0 = k_start + step * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end

@@ -10,6 +10,7 @@ no filtering), which is what verifiers and search strategies score.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -107,7 +108,7 @@ class RowFinishState:
     """
 
     RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
-    REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
+    REASONS: ClassVar[dict[int, str]] = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
     def __init__(self, budgets: Sequence[int], eos_token_ids: Sequence[int], device: torch.device) -> None:
         rows, steps = len(budgets), max(budgets)

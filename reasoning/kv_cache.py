@@ -26,9 +26,9 @@ from collections.abc import Iterator
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, StaticCache, StaticLayer
 
 from fastpeft.kernels.cascade_attention import cascade_prefix_attention, merge_attention_states
-from transformers.cache_utils import Cache, StaticCache, StaticLayer
 
 SHARED_PREFIX_ATTENTION = "fastpeft_shared_prefix"
 STATE_KWARG = "fastpeft_shared_prefix_state"

@@ -130,8 +130,9 @@ def test_bad_arguments_are_clear_errors():
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_model_under_route_adapters_equals_separate_runs_exactly(quantize):
     """fp32 Llama, three plain LoRA adapters: each routed row is bit for bit that adapter's own run."""
-    import fastpeft
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fastpeft
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

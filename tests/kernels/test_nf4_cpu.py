@@ -160,7 +160,6 @@ def test_derived_cache_follows_the_weight():
     second = nc.nf4_linear_cpu(x, q)
     assert not torch.equal(first, second) and rel_err(second, want) <= 8e-3
     assert torch.equal(nc.absmax_fp32_cpu(q), q.absmax_fp32())
-    key = nc._weight_key(q)
     del q, entry
     third = weight((64, 128), 64, True, "third")
     nc.absmax_fp32_cpu(third)  # a miss sweeps freed weights' entries (third may reuse q's address)

@@ -6,10 +6,9 @@ import types
 
 import pytest
 import torch
-
-import fastpeft
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+import fastpeft
 from fastpeft.reasoning.kv_cache import SharedPrefixState, shared_prefix_attention
 from fastpeft.reasoning.sampler import Sampler
 from fastpeft.reasoning.types import Generator, SamplingParams
