@@ -172,3 +172,18 @@ def test_other_variants_keep_the_group_path():
         got = layer(x)
     torch.testing.assert_close(got[0], want["dora"][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got[1], want["default"][1], atol=1e-6, rtol=1e-6)
+
+
+def test_compiles_without_graph_breaks_and_matches_eager():
+    """fastpeft::lora_linear_routed under torch.compile (fullgraph, AOTAutograd): forward and every gradient."""
+    x, weight, _, b, lora_A, lora_B, ids = make_case(9, 24, 64, "nf4_dq", seed=4)
+    grad_y = torch.randn(9, 24, generator=torch.Generator().manual_seed(3))
+    want = run(x, weight, b, lora_A, lora_B, ids, grad_y)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: lora_linear_routed(*args), backend="aot_eager", fullgraph=True)
+    xg, *params = (t.clone().requires_grad_() for t in (x, *lora_A, *lora_B))
+    y = compiled(xg, weight, b, ids, params[:3], params[3:], SCALINGS)
+    y.backward(grad_y)
+    got = [y.detach(), xg.grad, *(p.grad for p in params)]
+    for g, w in zip(got, [want[0], want[1], *want[2], *want[3]], strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
