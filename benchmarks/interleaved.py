@@ -11,7 +11,8 @@ round, each pair of rounds having both orders), which a load that drifts slowly 
 Each row also keeps its own median time.
 
 Rows: ``vs_fastest_baseline`` = median paired-round ratio to the baseline with the smallest median;
-``extra["speedup"]`` = its inverse; ``extra["round_ratios"]`` all of them; with a case ``target``,
+``extra["speedup"]`` = its inverse; ``extra["round_ratios"]`` all of them (``extra["pairs"]`` of
+``extra["rounds"]``); with a case ``target``,
 ``extra["target"]`` and ``extra["target_met"]``.
 """
 
@@ -149,10 +150,11 @@ def _set_round_ratios(rows: list[Row], times: dict[str, list[float]], case: Case
     for row in rows:
         if not row.median_ms or not (row.status == "ok" or row.status.startswith("MISMATCH")):
             continue
-        ratios = paired_round_ratios(times[row.impl], base) or [t / b for t, b in zip(times[row.impl], base)]
+        paired = paired_round_ratios(times[row.impl], base)
+        ratios = paired or [t / b for t, b in zip(times[row.impl], base)]  # one round: its ratio
         row.vs_fastest_baseline = statistics.median(ratios)
         row.extra.update(speedup=1.0 / row.vs_fastest_baseline, round_ratios=ratios, baseline=fastest.impl,
-                         rounds=len(ratios))  # fmt: skip
+                         rounds=len(times[row.impl]), pairs=len(paired))  # fmt: skip
     set_target(rows, case)
 
 

@@ -94,7 +94,9 @@ def interleaved_cells(row: dict[str, Any]) -> list[str]:
     extra = row.get("extra") or {}
     speedup = extra.get("speedup")
     base = extra.get("baseline")
-    speed = "-" if speedup is None else f"{speedup:.2f}× ({extra.get('rounds')} rounds)"
+    pairs = extra.get("pairs")  # ratios of pairs of rounds (benchmarks/interleaved.py), else of rounds
+    counted = f"{pairs} pairs of {extra.get('rounds')} rounds" if pairs else f"{extra.get('rounds')} rounds"
+    speed = "-" if speedup is None else f"{speedup:.2f}× ({counted})"
     if speedup is not None and base and base != row["impl"]:
         speed += f" vs {base}"
     met = {True: "yes", False: "**no**"}.get(extra.get("target_met"), "")
