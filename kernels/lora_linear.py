@@ -117,15 +117,21 @@ def _training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")  # fmt: skip
-    if isinstance(weight, NF4Weight) and gemv_applicable(x, weight):  # CPU decode: bnb's fused GEMV
-        y = nf4_linear_cpu(x, weight, bias)
-        y = y if out is None else out.copy_(y)
-    else:
-        w = dense_weight(weight, x.dtype)
-        y = torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
+    y = base_linear(x, weight, bias, out)
     xa = torch.mm(x, lora_A.t())  # [M, r]
     y.addmm_(xa, lora_B.t(), alpha=scaling)  # one GEMM with beta=1: no [M, N] temporary
     return y, xa
+
+
+def base_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x·Wᵀ + b ``[M, N]`` as the training path computes it (into ``out`` when given): bitsandbytes'
+    fused GEMV for CPU decode rows of an NF4 W, else W dense (the workspace for NF4) and one GEMM."""
+    if isinstance(weight, NF4Weight) and gemv_applicable(x, weight):
+        y = nf4_linear_cpu(x, weight, bias)
+        return y if out is None else out.copy_(y)
+    w = dense_weight(weight, x.dtype)
+    return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
 
 
 def lora_linear_training_backward(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, weight: Weight,

@@ -33,7 +33,7 @@ import torch
 
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.kernels.backend import tracing, use_triton
-from fastpeft.kernels.lora_linear import account_forward_workspaces, dense_weight
+from fastpeft.kernels.lora_linear import account_forward_workspaces, base_linear, dense_weight
 from fastpeft.kernels.lora_linear_inputs import (
     Weight,
     check_lora_linear_args,
@@ -41,8 +41,6 @@ from fastpeft.kernels.lora_linear_inputs import (
     weight_from_op_args,
     weight_op_args,
 )
-from fastpeft.kernels.nf4 import NF4Weight
-from fastpeft.kernels.nf4_cpu import gemv_applicable, nf4_linear_cpu
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
 from fastpeft.kernels.workspace import accounting, get_workspace
 
@@ -54,14 +52,6 @@ def _regime(x: torch.Tensor) -> str:
 
 def _row_masks(row_adapters: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
     return [(row_adapters == a)[:, None] for a in range(n_adapters)]
-
-
-def _base(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x·Wᵀ + b as the single-adapter op's training path computes it."""
-    if isinstance(weight, NF4Weight) and gemv_applicable(x, weight):
-        return nf4_linear_cpu(x, weight, bias)
-    w = dense_weight(weight, x.dtype)
-    return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
 
 
 def _stacked(tensors: Sequence[torch.Tensor], dim: int, rank: int) -> torch.Tensor:
@@ -108,7 +98,7 @@ def _routed_op(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | Non
                                        adapter_scales=scales)  # fmt: skip
             xas = _masked_xas(x, lora_A, row_adapters) if save_xa else []
         else:
-            y = _base(x, w, bias)
+            y = base_linear(x, w, bias)
             xas = _masked_xas(x, lora_A, row_adapters)
             for xa, b_, s in zip(xas, lora_B, scalings):
                 y.addmm_(xa, b_.t(), alpha=s)
