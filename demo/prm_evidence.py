@@ -50,7 +50,7 @@ class EvidenceSettings:
     step_tokens: int = 28  # the longest step, "8*7+1=57 write 7 carry 5; ", is 26 characters
     max_steps: int = 8  # a hard-tier solution has at most 7 steps
     bins: int = 4
-    grpo: dict = dataclasses.field(default_factory=lambda: {"steps": 40, "prompts": 8, "generations": 8, "lr": 2e-4,
+    grpo: dict = dataclasses.field(default_factory=lambda: {"steps": 30, "prompts": 8, "generations": 8, "lr": 2e-4,
                                                             "beta": 0.02, "eval_every": 10, "eval_problems": 100})
     swarm_problems: int = 100
     shared_batch_problems: int = 20
@@ -101,13 +101,17 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, progress: bool =
     heldout = load_records(str(root / "labels" / "heldout.jsonl"))
     stages["prm"] = prm_stages.train_reward(root, st, base, "prm", "process", train_labels)
     stages["orm"] = prm_stages.train_reward(root, st, base, "orm", "outcome", outcome_records(train_labels))
+    # the same PRM recipe on the checker's exact step labels: is it the labels or the model that limits?
+    stages["prm_checker"] = prm_stages.train_reward(root, st, base, "prm_checker", "process", train_labels, "checker")
     prm = load_step_scorer(model, stages["prm"]["saved"], tok, "prm", max_seq_len=max_len)
     orm = load_step_scorer(model, stages["orm"]["saved"], tok, "orm", max_seq_len=max_len)
+    prm_checker = load_step_scorer(model, stages["prm_checker"]["saved"], tok, "prm_checker", max_seq_len=max_len)
 
     # 1. held-out reward-model accuracy: targets are the checker's labels (the truth)
     rows = tokenize_label_records(heldout, tok, max_len, "process", "checker")
-    reward_eval = {name: prm_report.reward_metrics(evaluate_labels(sm.model, rows, tok.pad_token_id, 64, torch.device("cpu")),
-                                                   sm, heldout) for name, sm in (("prm", prm), ("orm", orm))}  # fmt: skip
+    reward_eval = {name: prm_report.reward_metrics(evaluate_labels(sm.model, rows, tok.pad_token_id, 64, torch.device("cpu"),
+                                                                   sm.adapter), sm, heldout)
+                   for name, sm in (("prm", prm), ("orm", orm), ("prm_checker", prm_checker))}  # fmt: skip
 
     # 2. search on validation and test
     scorers = {"orm": lambda p: orm, "prm": lambda p: prm,
@@ -115,12 +119,14 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, progress: bool =
     configs = search_configs(s.budgets, st.max_new_tokens, s.step_tokens, s.max_steps)
     pool = SamplePool(sampler, tok, SamplingParams(max_new_tokens=st.max_new_tokens, temperature=st.temperature),
                       seed=st.seed)  # fmt: skip
+    models = {k: stages[k] for k in ("base", "policy", "prm", "orm")}  # what the search outcomes depend on
     t_search = time.perf_counter()
     tables = {}
     for split in ("val", "test"):
         chosen = {k: v for k, v in configs.items() if split == "test" or not k.startswith("fixed_allocation")}
         tables[split] = run_configs(chosen, data[split], sampler, pool, scorers, st.temperature,
-                                    st.seed + (0 if split == "val" else 500), progress)  # fmt: skip
+                                    st.seed + (0 if split == "val" else 500), progress, root / "search" / split,
+                                    models)  # fmt: skip
     search_seconds = time.perf_counter() - t_search
 
     # 3. compute-optimal allocation (validation -> test)

@@ -82,7 +82,7 @@ def allocation_study(tables: Mapping[str, Mapping[str, ConfigResult]], difficult
     configs = {k: {o: v for o, v in c.items() if o != "source"} for k, c in configs.items()}  # pool: evaluation only
     top = f"bon_orm@{max(budgets)}"
     quarter = val[top].mean_tokens / 4
-    limits = sorted({*(float(b) for b in budgets if b < max(budgets)), quarter, None} - {None}) + [None]
+    limits = [*sorted({*(float(b) for b in budgets if b < max(budgets)), quarter}), None]
     rows = []
     for limit in limits:
         try:
@@ -122,7 +122,7 @@ def targets(results: Mapping[str, Any], tables: Mapping[str, Mapping[str, Config
     test = tables["test"]
     top = max(budgets)
     rm = results["reward_models"]
-    best = max(("prm", "orm"), key=lambda k: rm[k]["pairwise_final"]["accuracy"] or 0)
+    best = max(rm, key=lambda k: rm[k]["pairwise_final"]["accuracy"] or 0)
     out = [{"target": "reward model pairwise accuracy (held-out) >= 0.90", "model": best,
             "value": rm[best]["pairwise_final"]["accuracy"], "se": rm[best]["pairwise_final"]["se"],
             "met": (rm[best]["pairwise_final"]["accuracy"] or 0) >= 0.90}]  # fmt: skip

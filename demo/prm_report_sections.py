@@ -15,7 +15,9 @@ def _reward_table(rm: Mapping[str, Any]) -> str:
              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, m in rm.items():
         pf, pm = m["pairwise_final"], m["pairwise_min_step"]
-        lines.append(f"| {name.upper()} | {_fmt(pf['accuracy'], pf['se'])} ({pf['pairs']} pairs, {pf['prompts']} prompts) "
+        label = {"prm": "PRM (Monte Carlo soft labels)", "orm": "ORM (outcomes)",
+                 "prm_checker": "PRM (checker labels)"}.get(name, name)  # fmt: skip
+        lines.append(f"| {label} | {_fmt(pf['accuracy'], pf['se'])} ({pf['pairs']} pairs, {pf['prompts']} prompts) "
                      f"| {_fmt(pm['accuracy'], pm['se'])} | {_fmt(m['eval_outcome_accuracy'], m['outcome_se'])} "
                      f"| {_fmt(m['eval_step_accuracy'])} | {_fmt(m['eval_step_auc'])} |")  # fmt: skip
     return "\n".join(lines)

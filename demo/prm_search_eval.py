@@ -11,9 +11,11 @@ drawn in fixed chunks with fixed seeds, so every selector at every budget sees t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -119,12 +121,25 @@ def problem_seed(seed: int, index: int) -> int:
 
 def run_configs(configs: Mapping[str, Mapping[str, Any]], problems: Sequence[Mapping[str, str]],
                 sampler: Generator, pool: SamplePool, scorers: Mapping[str, Callable[[Mapping[str, str]], Any]],
-                temperature: float, seed: int, progress: bool = True) -> dict[str, ConfigResult]:  # fmt: skip
+                temperature: float, seed: int, progress: bool = True, cache: Path | None = None,
+                cache_key: Any = None) -> dict[str, ConfigResult]:  # fmt: skip
     """Run every configuration on every problem. ``scorers[name](problem)`` gives the scorer a
-    configuration's ``"scorer"`` names (per problem, so the oracle can know the answer)."""
+    configuration's ``"scorer"`` names (per problem, so the oracle can know the answer).
+
+    With ``cache`` (a directory), each configuration's outcomes are kept in ``<label>.json`` with
+    ``cache_key`` (what they depend on: models, problems, seed) and reused while it matches.
+    """
     out = {}
     bar = tqdm(total=len(configs) * len(problems), desc="search", disable=not progress)
     for label, config in configs.items():
+        key = json.dumps({"config": config, "problems": [p["prompt"] for p in problems], "seed": seed,
+                          "temperature": temperature, "models": cache_key}, sort_keys=True, default=str)  # fmt: skip
+        path = cache / f"{label}.json" if cache is not None else None
+        if path is not None and path.exists() and json.loads(path.read_text())["key"] == key:
+            saved = json.loads(path.read_text())
+            out[label] = ConfigResult(label, dict(config), saved["correct"], saved["tokens"])
+            bar.update(len(problems))
+            continue
         cfg = dict(config)
         history = OutcomeHistory() if cfg["strategy"] == "dynamic_allocation" else None
         correct, tokens = [], []
@@ -143,6 +158,9 @@ def run_configs(configs: Mapping[str, Mapping[str, Any]], problems: Sequence[Map
                 history.add(prob["prompt"], ok)
             bar.update(1)
         out[label] = ConfigResult(label, dict(config), correct, tokens)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"key": key, "correct": correct, "tokens": tokens}))
     bar.close()
     return out
 
@@ -161,7 +179,7 @@ def search_configs(budgets: Sequence[int], response_tokens: int, step_tokens: in
         out[f"majority@{b}"] = {"strategy": "majority_vote", "budget": b, "source": "pool", **full}
         out[f"bon_oracle@{b}"] = {"strategy": "best_of_n", "budget": b, "scorer": "oracle", "source": "pool", **full}
         width = 2 if b < 1024 else 4
-        n = max(width, (b // 160) // width * width)
+        n = max(width, (b // 100) // width * width)  # a response is ~75 tokens; steps reserve 28 each
         out[f"beam_prm@{b}"] = {"strategy": "beam_search", "budget": b, "scorer": "prm", "n": n, "beam_width": width,
                                 "max_new_tokens": step_tokens, "stop": "; ", "max_steps": max_steps}  # fmt: skip
         if fixed_allocation:

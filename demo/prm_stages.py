@@ -44,7 +44,7 @@ class StageSettings:
     policy_lr: float = 1e-3
     label_prompts: int = 1200
     heldout_prompts: int = 150
-    heldout_samples: int = 4
+    heldout_samples: int = 8
     rollouts: int = 4
     temperature: float = 0.8
     max_new_tokens: int = 170

@@ -103,7 +103,7 @@ def choose_per_bin(accuracy: Sequence[Mapping[str, float]], tokens: Sequence[Map
     for acc_b, tok_b, w in zip(accuracy, tokens, weights):
         if set(acc_b) != set(tok_b) or not acc_b:
             raise ValueError(f"a bin's accuracy and tokens must name the same non-empty labels, got {sorted(acc_b)}")
-        grown = [(t + w * tok_b[c], a + w * acc_b[c], labels + [c]) for t, a, labels in frontier for c in acc_b]
+        grown = [(t + w * tok_b[c], a + w * acc_b[c], [*labels, c]) for t, a, labels in frontier for c in acc_b]
         if max_mean_tokens is not None:
             grown = [g for g in grown if g[0] <= max_mean_tokens + 1e-9]
         grown.sort(key=lambda g: (g[0], -g[1]))

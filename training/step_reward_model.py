@@ -180,15 +180,20 @@ def pairwise_accuracy(final_scores: Sequence[float], outcomes: Sequence[int], pr
 
 @torch.no_grad()
 def evaluate_labels(model: ScalarHeadModel, rows: Sequence[LabelRow], pad_id: int, batch_size: int,
-                    device: torch.device) -> dict[str, Any]:  # fmt: skip
-    """Held-out loss, step accuracy / AUC, outcome accuracy and pairwise accuracy (module docstring)."""
+                    device: torch.device, adapter: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Held-out loss, step accuracy / AUC, outcome accuracy and pairwise accuracy (module docstring).
+
+    ``adapter``: route every row through that adapter (a reward model sharing its base with others).
+    """
     was = model.training
     model.eval()
     logits, targets = [], []
     try:
         for i in range(0, len(rows), batch_size):
             b = collate_label_rows(rows[i : i + batch_size], pad_id, device)
-            logits.append(boundary_logits(model(b["input_ids"], b["attention_mask"], b["position_ids"]), b))
+            with _routed(model.lm, adapter, b["input_ids"].shape[0]):
+                scores = model(b["input_ids"], b["attention_mask"], b["position_ids"])
+            logits.append(boundary_logits(scores, b))
             targets.append(b["target"])
     finally:
         model.train(was)
@@ -207,6 +212,14 @@ def evaluate_labels(model: ScalarHeadModel, rows: Sequence[LabelRow], pad_id: in
     pw = pairwise_accuracy(finals, outcomes, [r.prompt for r in rows])
     out["eval_pairwise_accuracy"], out["eval_pairs"] = pw["pairwise_accuracy"], pw["pairs"]
     return out
+
+
+def _routed(lm: nn.Module, adapter: str | None, rows: int) -> contextlib.AbstractContextManager:
+    if adapter is None:
+        return contextlib.nullcontext()
+    import fastpeft
+
+    return fastpeft.route_adapters(lm, [adapter] * rows)
 
 
 def train_on_labels(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
@@ -295,11 +308,7 @@ class StepScorer:
         self.forward_rows = 0  # rows scored by a forward pass (cache misses), for the cost reports
 
     def _route(self, rows: int) -> contextlib.AbstractContextManager:
-        if self.adapter is None:
-            return contextlib.nullcontext()
-        import fastpeft
-
-        return fastpeft.route_adapters(self.model.lm, [self.adapter] * rows)
+        return _routed(self.model.lm, self.adapter, rows)
 
     @torch.no_grad()
     def _forward(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[list[float]]:

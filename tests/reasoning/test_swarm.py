@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastpeft.demo.swarm_task import decomposition, integration_prompt, make_multipart, parse_parts
 from fastpeft.demo.hard_tier import make_sum
+from fastpeft.demo.swarm_task import decomposition, integration_prompt, make_multipart, parse_parts
 from fastpeft.reasoning.search import search
 from fastpeft.reasoning.types import Completion
 

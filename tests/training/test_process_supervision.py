@@ -3,6 +3,7 @@ per-token advantages come from step scores."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -43,7 +44,7 @@ class DigitPRM:
         from fastpeft.training.step_labels import step_ends
 
         ends = step_ends(response)
-        return [sum(ch.isdigit() for ch in response[a:b]) / max(b - a, 1) for a, b in zip(ends, ends[1:])]
+        return [sum(ch.isdigit() for ch in response[a:b]) / max(b - a, 1) for a, b in itertools.pairwise(ends)]
 
 
 def test_grpo_trains_on_process_advantages(tmp_path, tiny_config, char_tokenizer):

@@ -90,7 +90,7 @@ def test_checker_labels_on_the_hard_tier():
     assert labeller.labels(rec["prompt"], rec["completion"]) == [1, 1, 1, 1, 1]
     assert labeller.labels(rec["prompt"], broken) == [1, 1, 0, 0, 0]
     assert import_checker("fastpeft.demo.hard_tier:check_steps") is check_steps
-    with pytest.raises(ValueError, match="package.module:function"):
+    with pytest.raises(ValueError, match=r"package\.module:function"):
         import_checker("check_steps")
 
 

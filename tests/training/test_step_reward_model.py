@@ -116,7 +116,7 @@ def test_scorer_extracts_step_scores_and_shares_the_policy_model(tmp_path, tiny_
     scorer = load_step_scorer(shared, result.saved, char_tokenizer, adapter_name="prm")
     assert fastpeft.active_adapter(shared) == "policy"
     assert scorer.step_scores(PROMPT, response) == pytest.approx(steps, abs=1e-5)
-    assert scorer.score_batch(PROMPT, prefixes + [" 2+3=6; answer 6"])[:2] == pytest.approx(steps, abs=1e-5)
+    assert scorer.score_batch(PROMPT, [*prefixes, " 2+3=6; answer 6"])[:2] == pytest.approx(steps, abs=1e-5)
     assert scorer.forward_rows == 1 + 3
     scorer.score_batch(PROMPT, prefixes)
     assert scorer.forward_rows == 4  # cached
