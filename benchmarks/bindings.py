@@ -72,16 +72,18 @@ def kernel_backend(t: torch.Tensor) -> str:
     return backend(t)
 
 
-def qlora_step(config: Any, batch: int, seq: int, device: torch.device, warmup: int, steps: int) -> Measured:
+def qlora_step(config: Any, batch: int, seq: int, device: torch.device, warmup: int, steps: int,
+               **options: Any) -> Measured:  # fmt: skip
     """Our whole QLoRA training step on ``config`` (the SFT recipe's measuring function).
 
-    ``fn(llama_config, batch_size=, seq_len=, steps=, warmup_steps=, device=)`` returns a dict
-    (or object) with ``tokens_per_s`` and ``peak_memory_bytes``.
+    ``fn(llama_config, batch_size=, seq_len=, steps=, warmup_steps=, device=, **options)`` returns a
+    dict (or object) with ``tokens_per_s`` and ``peak_memory_bytes``; ``options`` it does not take
+    (e.g. ``design``) are dropped.
     """
     fn = bind(QLORA_STEP)
     fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # it takes LlamaConfig fields
     out = call_with_supported(fn, fields, batch_size=batch, seq_len=seq, steps=steps, warmup_steps=warmup,
-                              device=device)
+                              device=device, **options)
     return _measured(out, tokens=batch * seq)
 
 
@@ -102,6 +104,14 @@ def fastpeft_qlora_model(config: Any, device: torch.device) -> torch.nn.Module:
         torch.set_default_dtype(previous)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS, quantize="nf4")
     return inject(model, lora).eval()
+
+
+def fastpeft_lora_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (dense, changed in place) with fastpeft LoRA (r 16, alpha 32, all 7 projections), training mode."""
+    from fastpeft.config import LoraConfig
+    from fastpeft.inject import inject
+
+    return inject(model, LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS)).train()
 
 
 def sampling(model: torch.nn.Module, n: int, prompt_len: int, new_tokens: int, repeats: int) -> Measured:

@@ -65,8 +65,6 @@ class DPOConfig(RecipeConfig):
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.sft_coef < 0:
             raise ValueError(f"sft_coef must be >= 0, got {self.sft_coef}")
-        if self.micro_batch_size <= 0 or self.grad_accum_steps <= 0 or self.eval_batch_size <= 0:
-            raise ValueError("micro_batch_size, grad_accum_steps and eval_batch_size must be positive")
 
 
 @dataclasses.dataclass

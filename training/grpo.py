@@ -56,6 +56,10 @@ class GRPOConfig(RolloutConfig):
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     beta: float = 0.04
+    # TRL's conventions, off by default (see losses_rl): sample std, all rows counted, ratio-weighted KL
+    advantage_std_correction: int = 0
+    count_empty_rows: bool = False
+    kl_ratio_correction: bool = False
     num_iterations: int = 1
     micro_batch_size: int = 16  # sequences per forward
     eval_at_start: bool = True
@@ -69,6 +73,8 @@ class GRPOConfig(RolloutConfig):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.advantage_std_correction not in (0, 1):
+            raise ValueError(f"advantage_std_correction must be 0 or 1, got {self.advantage_std_correction}")
 
 
 @dataclasses.dataclass
@@ -88,7 +94,8 @@ def rollout_step(ctx: RunContext, config: GRPOConfig, sampler: Any, reward: Mult
     batch = generate_rollouts(sampler, ctx.tokenizer, records, config.num_generations, config.sampling(seed))
     rewards = reward(batch.prompts, batch.completions, batch.records)
     valid = rewards.valid()
-    adv = group_advantages(rewards.tensor(), config.num_generations, config.advantage_scale, valid)
+    adv = group_advantages(rewards.tensor(), config.num_generations, config.advantage_scale, valid,
+                           std_correction=config.advantage_std_correction)  # fmt: skip
     if hasattr(reward, "token_advantages"):  # process supervision: [N, C] advantages from step rewards
         adv = reward.token_advantages(batch, valid, config.num_generations)
     mask = batch.completion_mask * valid[:, None]
@@ -141,7 +148,8 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
             with fastpeft.disable_adapters(ctx.model):
                 ref_logp = batched_logprobs(module, batch, mb)
         old_logp = batched_logprobs(module, batch, mb) if config.num_iterations > 1 else None
-        seq_has = (mask.sum(1) > 0).sum().double()
+        counted = torch.ones_like(mask[:, 0], dtype=torch.bool) if config.count_empty_rows else mask.sum(1) > 0
+        seq_has = counted.sum().double()
         norms = dist_utils.all_reduce_sum(torch.stack([seq_has, mask.sum().double()]))
         num_seqs, num_tokens = float(norms[0]), float(norms[1])
         step_stats: dict[str, float] = {}
@@ -156,7 +164,8 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
                     old = old_logp[rows] if old_logp is not None else logp.detach()
                     loss, s = grpo_loss(logp, old, adv[rows], mask[rows], config.epsilon_low, config.epsilon_high,
                                         config.beta, ref_logp[rows] if ref_logp is not None else None,
-                                        config.loss_aggregation, config.max_new_tokens, num_seqs, num_tokens)  # fmt: skip
+                                        config.loss_aggregation, config.max_new_tokens, num_seqs, num_tokens,
+                                        kl_ratio_correction=config.kl_ratio_correction)  # fmt: skip
                     (loss * ctx.world_size).backward()
                 loss_sum += loss.detach().double()
                 for k, v in s.items():  # token-weighted means over the batch

@@ -135,8 +135,6 @@ class RewardConfig(RecipeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.micro_batch_size <= 0 or self.grad_accum_steps <= 0 or self.eval_batch_size <= 0:
-            raise ValueError("micro_batch_size, grad_accum_steps and eval_batch_size must be positive")
         if self.centering_coef < 0:
             raise ValueError(f"centering_coef must be >= 0, got {self.centering_coef}")
         if self.objective not in ("pairwise", "process", "outcome"):

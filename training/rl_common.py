@@ -26,6 +26,7 @@ from torch import nn
 
 from fastpeft.training import checkpoint as ckpt
 from fastpeft.training import distributed as dist_utils
+from fastpeft.training.config_checks import check_training_fields
 from fastpeft.training.data import Row, collate, tokenize_record, unpacked_rows
 from fastpeft.training.metrics import MetricsLogger, plot_loss_curve
 from fastpeft.training.model_setup import (apply_finetune_mode, build_model, build_optimizer, build_scheduler,
@@ -60,29 +61,20 @@ class RecipeConfig:
     scheduler: str = "constant"
     warmup_steps: int = 0
     max_steps: int = 100
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
     max_bad_steps: int = 10
     seed: int = 0
     eval_every: int | None = None
     output_dir: str = "runs/rl"
     save_every: int | None = None
-    keep_checkpoints: int | None = 2
+    keep_checkpoints: int | None = 2  # the newest N; null or 0: all
     resume: bool = False
     log_every: int = 1
     progress: bool = True
     plot: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_seq_len", "max_steps", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive or null, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"adam_betas must have two numbers, got {self.adam_betas}")
+        check_training_fields(self)
 
 
 @dataclasses.dataclass
@@ -106,6 +98,8 @@ class RunContext:
 def setup_run(config: RecipeConfig, model: nn.Module | None = None, tokenizer: Any = None) -> RunContext:
     """Device, process group, seed, tokenizer and model with adapters (see the module docstring)."""
     rank, local_rank, world_size = dist_utils.world()
+    if rank == 0:  # before anything is loaded: an unusable output_dir would lose the trained weights
+        ckpt.check_output_dir(Path(config.output_dir), "adapter", "model", "checkpoints")
     device = resolve_device(config.device, local_rank)
     distributed = dist_utils.init_distributed(device)
     torch.manual_seed(config.seed)
@@ -187,10 +181,12 @@ class Checkpointer:
 
     def resume(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any] | None:
         """Restore the latest checkpoint when ``config.resume``; its trainer state, or None."""
-        path = ckpt.latest_checkpoint(self.root) if self.config.resume else None
+        path = ckpt.resume_checkpoint(self.root) if self.config.resume else None
         if path is None:
             return None
-        return ckpt.load_checkpoint(path, self.module, optimizer, scheduler, self.ctx.rank)
+        state = ckpt.load_checkpoint(path, self.module, optimizer, scheduler, self.ctx.rank)
+        ckpt.warn_config_changes(path, state.get("config", {}), jsonable_config(self.config))
+        return state
 
     def save(self, step: int, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]) -> None:
         rank = self.ctx.rank
@@ -226,19 +222,23 @@ def save_final(ctx: RunContext, extra: dict[str, torch.Tensor] | None = None, ex
     ``<extra_name>.safetensors`` beside it; rank 0 only."""
     if not ctx.main:
         return None
-    if ctx.has_adapters:
-        import fastpeft
 
-        target = Path(fastpeft.save_adapter(ctx.model, ctx.out_dir / "adapter"))
-    else:
-        target = ctx.out_dir / "model"
-        ctx.model.save_pretrained(target, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(target)
-    if extra:
-        from safetensors.torch import save_file
+    def save(target: Path) -> Path:
+        if ctx.has_adapters:
+            import fastpeft
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(target / f"{extra_name}.safetensors"))
-    return target
+            target = Path(fastpeft.save_adapter(ctx.model, target))
+        else:
+            ckpt.save_pretrained(ctx.model, target, ctx.tokenizer)
+        if extra:
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+            save_file(tensors, str(target / f"{extra_name}.safetensors"))
+        return target
+
+    # a failed save writes the weights elsewhere and says where (FinalSaveError)
+    return ckpt.save_or_rescue(save, ctx.out_dir / ("adapter" if ctx.has_adapters else "model"), "final weights")
 
 
 def finish_plot(ctx: RunContext, config: RecipeConfig) -> None:

@@ -7,7 +7,8 @@ of the step is Σ token losses / Σ target tokens over all of them (see
 A step whose loss or gradient norm is not finite is skipped with a warning (no optimizer or
 scheduler update); more than ``max_bad_steps`` such steps stop the run. Checkpoints every
 ``save_every`` steps are atomic and ``resume=True`` continues exactly where the run stopped (same
-data order, RNG, optimizer and scheduler state). Metrics go to ``<output_dir>/metrics.jsonl`` and, at the end,
+data order, RNG, optimizer and scheduler state) from the newest checkpoint that passes its manifest
+check (see :mod:`fastpeft.training.checkpoint`). Metrics go to ``<output_dir>/metrics.jsonl`` and, at the end,
 ``loss.png``.
 """
 
@@ -26,12 +27,14 @@ from torch import nn
 
 from fastpeft.training import checkpoint as ckpt
 from fastpeft.training import distributed as dist_utils
+from fastpeft.training.config_checks import check_training_fields
 from fastpeft.training.data import BatchPlan, collate, load_records, mix_datasets, pack_examples, tokenize_records, unpacked_rows
 from fastpeft.training.evaluate import evaluate_loss, exact_match
 from fastpeft.training.losses import CausalLMLoss
 from fastpeft.training.metrics import MetricsLogger, Throughput, peak_memory_bytes, plot_loss_curve, progress_bar
 from fastpeft.training.model_setup import (apply_finetune_mode, build_model, build_optimizer, build_scheduler,
-                                           enable_gradient_checkpointing, resolve_device)  # fmt: skip
+                                           resolve_device)  # fmt: skip
+from fastpeft.training.step_design import StepDesign, apply_step_design
 from fastpeft.training.tokenizer import load_tokenizer
 
 _PATH = {"path": True}  # fields checked for existence when read from YAML / the command line
@@ -74,9 +77,13 @@ class SFTConfig:
     grad_accum_steps: int = 1
     max_steps: int | None = None
     num_epochs: float = 1.0
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # memory (fastpeft.training.step_design): block inputs in host memory; MLP over row tiles; lean norms
+    offload_activations: bool = False
+    mlp_tile_rows: int | None = None
+    lean_norms: bool = False
     loss_impl: str = "auto"
     loss_chunk_size: int | None = None
     max_bad_steps: int = 10
@@ -91,24 +98,17 @@ class SFTConfig:
     # output
     output_dir: str = "runs/sft"
     save_every: int | None = None
-    keep_checkpoints: int | None = 2
+    keep_checkpoints: int | None = 2  # the newest N; null or 0: all
     resume: bool = False
     log_every: int = 10
     progress: bool = True
     plot: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("max_seq_len", "micro_batch_size", "grad_accum_steps", "eval_batch_size", "log_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive or null, got {getattr(self, name)}")
+        check_training_fields(self)
         if not 0.0 <= self.general_fraction < 1.0:
             raise ValueError(f"general_fraction must be in [0, 1), got {self.general_fraction}")
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"adam_betas must have two numbers, got {self.adam_betas}")
+        StepDesign(self.gradient_checkpointing, self.offload_activations, self.mlp_tile_rows, self.lean_norms)  # checks
         if self.parallel not in dist_utils.PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {dist_utils.PARALLEL_MODES}, got {self.parallel!r}")
         if self.parallel == "fsdp" and self.optimizer not in dist_utils.FSDP_OPTIMIZERS:
@@ -160,6 +160,8 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
     """Run SFT as configured. ``model``/``tokenizer`` may be passed in (then ``config.model`` is not
     read); ``callbacks`` are called as ``cb(step, record)`` after every optimizer step."""
     rank, local_rank, world_size = dist_utils.world()
+    if rank == 0:  # before anything is loaded: an unusable output_dir would lose the trained weights
+        ckpt.check_output_dir(Path(config.output_dir), "adapter", "model", "checkpoints")
     device = resolve_device(config.device, local_rank)
     distributed = dist_utils.init_distributed(device)
     main = rank == 0
@@ -175,8 +177,8 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
         lora["last_layers_fraction"] = 0.1
     has_adapters = apply_finetune_mode(model, config.finetune, lora)
     model.to(device)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    apply_step_design(model, StepDesign(config.gradient_checkpointing, config.offload_activations,
+                                        config.mlp_tile_rows, config.lean_norms))  # fmt: skip
     model.train()
 
     if config.train_data is None:
@@ -204,13 +206,15 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
     out_dir = Path(config.output_dir)
     ckpt_root = out_dir / "checkpoints"
     start_step, bad_steps = 0, 0
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if config.resume else None
+    resume_from = ckpt.resume_checkpoint(ckpt_root) if config.resume else None
     layout = {"rows": len(plan.rows), "global_batch_rows": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch}
     if resume_from is not None:
-        saved = ckpt.read_trainer_state(resume_from).get("data_position", {})
+        trainer_state = ckpt.read_trainer_state(resume_from)
+        saved = trainer_state.get("data_position", {})
         if {k: saved.get(k) for k in layout} != layout:
             raise ValueError(f"checkpoint {resume_from} was written for data layout {saved}, this run has "
                              f"{layout}; resuming would not replay the same batches")  # fmt: skip
+        ckpt.warn_config_changes(resume_from, trainer_state.get("config", {}), _jsonable_config(config))
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         start_step, bad_steps = state["step"], state["bad_steps"]
     if main:
@@ -333,11 +337,10 @@ def _jsonable_config(config: SFTConfig) -> dict[str, Any]:
 
 def _save_final(model: nn.Module, tokenizer: Any, out_dir: Path, has_adapters: bool,
                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+    """The adapter (or full model); if that save fails the weights go elsewhere (FinalSaveError says where)."""
     if has_adapters:
         import fastpeft
 
-        return Path(fastpeft.save_adapter(model, out_dir / "adapter"))
-    target = out_dir / "model"
-    model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(target)
-    return target
+        return ckpt.save_or_rescue(lambda d: Path(fastpeft.save_adapter(model, d)), out_dir / "adapter", "adapter")
+    return ckpt.save_or_rescue(lambda d: ckpt.save_pretrained(model, d, tokenizer, state_dict), out_dir / "model",
+                               "model")  # fmt: skip
