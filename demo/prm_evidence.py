@@ -1,6 +1,6 @@
 """Learned process rewards and search that beats best-of-N at equal compute: the evidence command.
 
-    python -m fastpeft.demo.prm_evidence --out runs/prm_evidence [--seed 0] [--threads 1] [--quick]
+    python -m fastpeft.demo.prm_evidence --out runs/prm_evidence [--seed 0] [--threads 1] [--small | --quick]
 
 Deterministic in ``--seed``; every stage is cached under ``--out`` (a rerun redoes only what
 changed). On the hard tier (:mod:`fastpeft.demo.hard_tier`), with one NF4 base in memory and every
@@ -54,6 +54,15 @@ class EvidenceSettings:
                                                             "beta": 0.02, "eval_every": 10, "eval_problems": 100})
     swarm_problems: int = 100
     shared_batch_problems: int = 20
+
+    @classmethod
+    def small(cls) -> EvidenceSettings:
+        """The trained stages at full size, search and RL on fewer problems and budgets (about half an
+        hour on two busy CPU cores instead of several hours)."""
+        return cls(val_problems=30, test_problems=30, budgets=(256, 1024, 4096),
+                   grpo={"steps": 10, "prompts": 8, "generations": 8, "lr": 2e-4, "beta": 0.02, "eval_every": 5,
+                         "eval_problems": 30},
+                   swarm_problems=30, shared_batch_problems=5)  # fmt: skip
 
     @classmethod
     def quick(cls) -> EvidenceSettings:
@@ -163,11 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastpeft.demo.prm_evidence", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory (cached stages, evidence.json / .md / .png)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="every stage at toy size (numbers are meaningless)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="every stage at toy size (numbers are meaningless)")
+    size.add_argument("--small", action="store_true", help="full-size models; search and RL on fewer problems")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids contention on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = EvidenceSettings.quick() if args.quick else EvidenceSettings()
+    s = EvidenceSettings.quick() if args.quick else EvidenceSettings.small() if args.small else EvidenceSettings()
     s.stages.seed = args.seed
     results = run(args.out, s, progress=not args.quick)
     print(prm_report.targets_table(results["targets"]))

@@ -189,11 +189,11 @@ def run(args: SearchConfig) -> int:
         raise CliError("--reward_batch needs --reward_model and the policy --adapter (two adapters on one model)")
     if args.quantize not in (None, "nf4"):
         raise CliError(f"--quantize: expected nf4, got {args.quantize!r}")
+    # the verifiers are checked before the model loads, so a bad flag fails fast
+    scorer = build_scorer(verifiers, args.kb) if args.reward_model is None else None
     generator = load_generator(args.model, args.adapter, args.device, args.quantize)
     if args.reward_model is not None:
         generator, scorer = learned_scorer(generator, args.reward_model, args.quantize, args.reward_batch)
-    else:
-        scorer = build_scorer(verifiers, args.kb)
     results = search_many(
         generator, [r["prompt"] for r in requests], args.strategy, progress=not args.no_progress,
         budget=args.budget, budget_unit=args.budget_unit, scorer=scorer, max_new_tokens=args.max_new_tokens,
