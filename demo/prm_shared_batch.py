@@ -26,6 +26,24 @@ def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+def score_differences(scored: Any, prm: Any, tokenizer: Any, prompts: list[str], step_tokens: int,
+                      st: Any) -> list[float]:  # fmt: skip
+    """|decode score - separate PRM pass| for sampled first steps, over the same token ids (texts are
+    not compared: re-encoding a sampled text need not give back its tokens, e.g. ``<``, ``|``, ...
+    sampled one by one re-encode as one added token)."""
+    from fastpeft.reasoning.types import SamplingParams
+
+    params = SamplingParams(max_new_tokens=step_tokens, temperature=st.temperature, stop=("; ",), seed=st.seed)
+    rows, decoded = [], []
+    for prompt, completions in zip(prompts, scored.generate(prompts, params, n=4)):
+        for c in completions:
+            tokens = c.token_ids[:-1] if c.finish_reason == "eos" else c.token_ids
+            ids = [*tokenizer.encode(prompt), *tokens]
+            rows.append((ids, [len(ids) - 1]))
+            decoded.append(scored.scores[prompt + c.text])
+    return [abs(d - sep) for d, (sep,) in zip(decoded, prm._forward(rows))]
+
+
 def measure(model: Any, tokenizer: Any, prm: Any, problems: list[dict], s: Any, st: Any, budget: int = 1024,
             rounds: int = 3) -> dict[str, Any]:  # fmt: skip
     from fastpeft.reasoning.sampler import Sampler
@@ -61,12 +79,7 @@ def measure(model: Any, tokenizer: Any, prm: Any, problems: list[dict], s: Any, 
                 sep_results, score_rows = result
             else:
                 joint_results, scored = result
-    # the scores the decode produced agree with a separate pass over the same texts (texts holding a
-    # special token's spelling re-tokenize differently, so they are left out)
-    specials = tuple(tokenizer.all_special_tokens)
-    texts = [(k, v) for k, v in scored.scores.items() if not any(t in k for t in specials)][:200]
-    prm._cache.clear()
-    diffs = [abs(v - prm.score("", key)) for key, v in texts]
+    diffs = score_differences(scored, prm, tokenizer, [p["prompt"] for p in problems], s.step_tokens, st)
     ratios = [j / sep for j, sep in zip(times["same batch"], times["separate"])]
     one = _bytes(model) + _bytes(prm.model.head)
     base_only = sum(_bytes(m) for n, m in model.named_children())  # the same model, for the two-model estimate
