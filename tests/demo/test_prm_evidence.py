@@ -79,17 +79,6 @@ def test_configurations_spend_the_budget_their_way():
     assert configs["fixed_allocation@4096"]["beam_n"] % 3 == 0
 
 
-@pytest.fixture
-def one_thread():
-    """The evidence command's --threads 1: tiny matmuls crawl when threads contend for busy cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path, one_thread):
     from fastpeft.demo.prm_evidence import EvidenceSettings, run
