@@ -47,8 +47,17 @@ from fastpeft.training import distributed as dist_utils
 from fastpeft.training.data import BatchPlan, load_records
 from fastpeft.training.metrics import peak_memory_bytes, progress_bar
 from fastpeft.training.reward_model import HEAD_FILE, RewardConfig, RewardResult, ScalarHeadModel
-from fastpeft.training.rl_common import (Checkpointer, backbone_hidden, build_optimization, finish_plot, open_logger,
-                                         optimizer_step, save_final, setup_run, wrap_ddp)  # fmt: skip
+from fastpeft.training.rl_common import (
+    Checkpointer,
+    backbone_hidden,
+    build_optimization,
+    finish_plot,
+    open_logger,
+    optimizer_step,
+    save_final,
+    setup_run,
+    wrap_ddp,
+)
 
 OBJECTIVES = ("process", "outcome")
 LABEL_KEYS = ("soft", "hard", "checker")

@@ -11,8 +11,16 @@ import pytest
 
 from fastpeft.demo.hard_tier import check_steps, make_hard_dataset
 from fastpeft.reasoning.types import Completion, SamplingParams
-from fastpeft.training.step_labels import (CheckerLabeller, MonteCarloLabeller, StepLabelConfig, build_step_labels,
-                                           import_checker, label_summary, outcome_records, step_ends)  # fmt: skip
+from fastpeft.training.step_labels import (
+    CheckerLabeller,
+    MonteCarloLabeller,
+    StepLabelConfig,
+    build_step_labels,
+    import_checker,
+    label_summary,
+    outcome_records,
+    step_ends,
+)
 
 PROMPT = "Q: 2+3=?\nA:"
 # what the mock policy writes after each text: rollout j of a prefix is ROLLOUTS[text][j]

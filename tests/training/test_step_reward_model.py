@@ -13,9 +13,16 @@ import torch
 import fastpeft
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import RewardConfig, train
-from fastpeft.training.step_reward_model import (StepScorer, auc, boundary_positions, collate_label_rows,
-                                                 load_step_scorer, pairwise_accuracy, step_label_loss,
-                                                 tokenize_label_records)  # fmt: skip
+from fastpeft.training.step_reward_model import (
+    StepScorer,
+    auc,
+    boundary_positions,
+    collate_label_rows,
+    load_step_scorer,
+    pairwise_accuracy,
+    step_label_loss,
+    tokenize_label_records,
+)
 
 PROMPT = "Q: 2+3=?\nA:"
 
