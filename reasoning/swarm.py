@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from fastpeft.reasoning.answers import extract_answer, majority_vote
-from fastpeft.reasoning.budget import BudgetedGenerator
+from fastpeft.reasoning.budget import BudgetedGenerator, BudgetExhausted
 from fastpeft.reasoning.strategy_base import Candidate, ScoreKeeper, SearchResult, check_prompt, make_result, select
 from fastpeft.reasoning.types import SamplingParams, Scorer
 
@@ -64,14 +64,20 @@ def swarm(
     keeper = ScoreKeeper(scorer, generator.budget) if scorer is not None else None
     details: dict = {"roles": {"decomposer": decomposer, "solver": solver, "integrator": integrator}}
 
-    decomposition = generator.generate([prompt], dataclasses.replace(greedy, max_new_tokens=decompose_tokens),
-                                       adapters=decomposer)[0][0].text  # fmt: skip
+    try:
+        decomposition = generator.generate([prompt], dataclasses.replace(greedy, max_new_tokens=decompose_tokens),
+                                           adapters=decomposer)[0][0].text  # fmt: skip
+    except BudgetExhausted:
+        return _failed(prompt, generator, keeper, details, "budget spent before the decomposition")
     parts = list(parse_parts(prompt, decomposition))
     details.update(decomposition=decomposition, parts=parts)
     if not parts:
         return _failed(prompt, generator, keeper, details, "decomposition has no parts")
 
-    solutions = generator.generate(parts, params, n=samples_per_part, adapters=solver)
+    try:
+        solutions = generator.generate(parts, params, n=samples_per_part, adapters=solver)
+    except BudgetExhausted:
+        return _failed(prompt, generator, keeper, details, "budget spent before the parts were solved")
     answers, part_texts = [], []
     for part, samples in zip(parts, solutions, strict=True):
         if aggregate == "majority":
@@ -90,9 +96,12 @@ def swarm(
 
     final_prompt = integration_prompt(prompt, parts, answers)
     tokens = integrate_tokens or params.max_new_tokens
-    final = generator.generate([final_prompt], dataclasses.replace(greedy, max_new_tokens=tokens),
-                               adapters=integrator)[0][0]  # fmt: skip
     details["integration_prompt"] = final_prompt
+    try:
+        final = generator.generate([final_prompt], dataclasses.replace(greedy, max_new_tokens=tokens),
+                                   adapters=integrator)[0][0]  # fmt: skip
+    except BudgetExhausted:
+        return _failed(prompt, generator, keeper, details, "budget spent before the integration")
     score = keeper(prompt, final.text) if keeper is not None else None
     chosen = Candidate(final.text, extract_answer(final.text), score, final.finish_reason != "length")
     return make_result("swarm", prompt, chosen, [chosen], generator.budget, keeper, details)
@@ -100,5 +109,5 @@ def swarm(
 
 def _failed(prompt: str, generator: BudgetedGenerator, keeper: ScoreKeeper | None, details: dict,
             why: str) -> SearchResult:  # fmt: skip
-    details["failed"] = why
+    details["failed"] = details["note"] = why
     return make_result("swarm", prompt, None, [], generator.budget, keeper, details)

@@ -32,6 +32,7 @@ class Roles:
             else:
                 answers = [int(x) for x in p.split("parts: ")[1].split("\n")[0].split(", ")]
                 texts = [f" answer {sum(answers)}"]
+            texts = [t[: params.max_new_tokens] for t in texts]  # one token per character
             self.tokens += sum(len(t) for t in texts)
             out.append([Completion(t, [0] * len(t), [0.0] * len(t), "eos") for t in texts])
         return out
@@ -61,3 +62,17 @@ def test_early_exits_say_where():
         search(Roles(), QUESTION["prompt"], "swarm", budget=512)
     with pytest.raises(ValueError, match="needs a scorer"):
         run(Roles(), aggregate="best")
+
+
+
+@pytest.mark.parametrize("extra", [1, 5, 40])
+def test_the_swarm_stops_within_its_budget(extra):
+    """One token more than the decomposition: the parts cannot be afforded (one token per row), and
+    the result says so; a few more: every stage runs on what is left, never past the budget."""
+    budget = len(decomposition(QUESTION["prompt"])) + extra
+    gen = Roles()
+    result = search(gen, QUESTION["prompt"], "swarm", budget=budget, max_new_tokens=160, parse_parts=parse_parts,
+                    integration_prompt=integration_prompt)  # fmt: skip
+    assert result.tokens_spent == gen.tokens <= budget
+    if extra == 1:
+        assert result.answer is None and result.details["failed"] == "budget spent before the parts were solved"
