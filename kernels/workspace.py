@@ -125,7 +125,8 @@ def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.devic
         _buffers.pop(key, None)
         del buf
         alloc = torch.zeros if zeroed else torch.empty
-        with allocation_kind("workspace"):
+        # a normal tensor even under inference_mode: an inference tensor could not be written outside it
+        with allocation_kind("workspace"), torch.inference_mode(False):
             buf = alloc(max(numel, 1), dtype=dtype, device=device)
         _buffers[key] = buf
         for observer in _observers:

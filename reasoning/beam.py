@@ -79,12 +79,9 @@ def _grouped_beam(
             break
         outs = generator.generate([prompt + b.text for b in active], params, n=rows_each)
         steps += 1
-        children: list[_Beam] = []
-        for beam, row in zip(active, outs, strict=True):
-            for c in row:
-                text = beam.text + c.text
-                done = ends_response(c)
-                children.append(_Beam(text, keeper(prompt, text), beam.group, done))
+        grown = [(beam, beam.text + c.text, ends_response(c)) for beam, row in zip(active, outs, strict=True) for c in row]
+        scores = keeper.many(prompt, [text for _, text, _ in grown])
+        children = [_Beam(text, s, beam.group, done) for (beam, text, done), s in zip(grown, scores)]
         active = []
         for g in range(groups):
             mine = [b for b in children if b.group == g]

@@ -47,14 +47,10 @@ def sample_responses(generator: BudgetedGenerator, prompt: str, params: Sampling
 
 
 def _score_all(completions: list[Completion], prompt: str, keeper: ScoreKeeper | None) -> list[Candidate]:
+    scores = keeper.many(prompt, [c.text for c in completions]) if keeper else [None] * len(completions)
     return [
-        Candidate(
-            text=c.text,
-            answer=extract_answer(c.text),
-            score=keeper(prompt, c.text) if keeper else None,
-            complete=c.finish_reason != "length",
-        )
-        for c in completions
+        Candidate(text=c.text, answer=extract_answer(c.text), score=s, complete=c.finish_reason != "length")
+        for c, s in zip(completions, scores)
     ]
 
 

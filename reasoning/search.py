@@ -21,8 +21,10 @@ from fastpeft.reasoning.allocation import dynamic_allocation, metacognitive
 from fastpeft.reasoning.beam import beam_search, dvts
 from fastpeft.reasoning.best_of_n import best_of_n, greedy, majority_vote, sampling, weighted_best_of_n
 from fastpeft.reasoning.budget import BudgetedGenerator, BudgetUnit, ComputeBudget
+from fastpeft.reasoning.compute_optimal import compute_optimal
 from fastpeft.reasoning.mcts import mcts
 from fastpeft.reasoning.strategy_base import SearchResult, check_prompt
+from fastpeft.reasoning.swarm import swarm
 from fastpeft.reasoning.tree_of_thoughts import tree_of_thoughts
 from fastpeft.reasoning.types import Generator, SamplingParams, Scorer
 
@@ -42,6 +44,8 @@ STRATEGIES: dict[str, StrategyFn] = {
     "mcts": mcts,
     "dynamic_allocation": dynamic_allocation,
     "metacognitive": metacognitive,
+    "compute_optimal": compute_optimal,
+    "swarm": swarm,
 }
 
 

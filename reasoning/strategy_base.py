@@ -112,6 +112,23 @@ class ScoreKeeper:
         self._cache[response] = value
         return value
 
+    def many(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        """Scores of several responses; a scorer with ``score_batch(prompt, responses)`` (a learned
+        reward model) gets the uncached ones in one call, anything else is called per response."""
+        batch = getattr(self.scorer, "score_batch", None)
+        todo = list(dict.fromkeys(r for r in responses if r not in self._cache))
+        if callable(batch) and not callable(getattr(self.scorer, "evaluate", None)) and len(todo) > 1:
+            values = [float(v) for v in batch(prompt, todo)]
+            if len(values) != len(todo):
+                raise ValueError(f"{type(self.scorer).__name__}.score_batch returned {len(values)} scores for "
+                                 f"{len(todo)} responses")  # fmt: skip
+            self.budget.scorer_calls += len(todo)
+            for response, value in zip(todo, values):
+                if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                    raise ValueError(f"scorer {type(self.scorer).__name__} returned {value}, outside [0, 1]")
+                self._cache[response] = value
+        return [self(prompt, r) for r in responses]
+
 
 def select(candidates: Sequence[Candidate], aggregate: Aggregate = "best") -> tuple[Candidate | None, dict[str, Any]]:
     """Pick the final candidate and describe the vote.

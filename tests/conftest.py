@@ -232,6 +232,16 @@ def arithmetic_mock():
     return ArithmeticMock
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (the evidence commands' --threads 1): tiny matmuls
+    crawl when threads contend for a busy machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def peft_kit():
     """tests/fastpeft/peft_helpers.py as a module: tiny bnb-ready Llamas, bitsandbytes' CPU repack,

@@ -6,6 +6,8 @@ One step (per rank; ranks take different prompts, DDP averages gradients):
    from the batched sampler on the current policy (:mod:`~fastpeft.training.rollout`).
 2. Rewards from a :class:`~fastpeft.training.rewards.MultiObjectiveReward` (built from
    ``config.rewards`` or passed in); a sample whose reward fails is skipped: no advantage, no loss.
+   A reward with ``token_advantages`` (:class:`~fastpeft.training.process_supervision.ProcessSupervisionReward`)
+   supplies per-token advantages from a process reward model's step scores instead of step 3's.
 3. Group advantages (``advantage_scale``: group / batch / none); samples cut by the length budget
    are dropped from the loss with ``mask_truncated``.
 4. Old log-probs (only when ``num_iterations`` μ > 1; with μ = 1 the ratio is 1 by construction) and,
@@ -94,6 +96,8 @@ def rollout_step(ctx: RunContext, config: GRPOConfig, sampler: Any, reward: Mult
     valid = rewards.valid()
     adv = group_advantages(rewards.tensor(), config.num_generations, config.advantage_scale, valid,
                            std_correction=config.advantage_std_correction)  # fmt: skip
+    if hasattr(reward, "token_advantages"):  # process supervision: [N, C] advantages from step rewards
+        adv = reward.token_advantages(batch, valid, config.num_generations)
     mask = batch.completion_mask * valid[:, None]
     if config.mask_truncated:
         mask = mask * (~batch.truncated)[:, None]

@@ -7,6 +7,9 @@ reward centering; held-out pairs give pairwise accuracy. The same :class:`Scalar
 the process reward model and the reward-hacking detector; :class:`RewardScorer` plugs a trained one
 into the RL recipes (as a reward function) and into search (as a ``Scorer``).
 
+``objective="process"`` / ``"outcome"`` trains a process / outcome reward model on step-label
+records instead of pairs (:mod:`fastpeft.training.step_reward_model`).
+
 Saved: ``<output_dir>/adapter/`` (PEFT format) with ``score_head.safetensors`` beside the adapter.
 """
 
@@ -18,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -119,6 +122,8 @@ class RewardScorer:
 class RewardConfig(RecipeConfig):
     """Reward-model training (``fastpeft reward``)."""
 
+    objective: Literal["pairwise", "process", "outcome"] = "pairwise"  # pairs, or step-label records
+    label_key: Literal["soft", "hard", "checker"] = "soft"  # the step labels a process model fits
     micro_batch_size: int = 8  # pairs per micro-batch
     grad_accum_steps: int = 1
     num_epochs: float | None = None  # when set, overrides max_steps
@@ -132,6 +137,8 @@ class RewardConfig(RecipeConfig):
         super().__post_init__()
         if self.centering_coef < 0:
             raise ValueError(f"centering_coef must be >= 0, got {self.centering_coef}")
+        if self.objective not in ("pairwise", "process", "outcome"):
+            raise ValueError(f"objective must be 'pairwise', 'process' or 'outcome', got {self.objective!r}")
 
 
 @dataclasses.dataclass
@@ -169,6 +176,10 @@ def evaluate_pairs(model: ScalarHeadModel, pairs: Sequence[PairRow], pad_id: int
 def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
           callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> RewardResult:  # fmt: skip
     """Train a reward model as configured (``model``: an optional causal LM to start from)."""
+    if config.objective != "pairwise":
+        from fastpeft.training.step_reward_model import train_on_labels
+
+        return train_on_labels(config, model, tokenizer, callbacks)
     ctx = setup_run(config, model, tokenizer)
     rm = ScalarHeadModel(ctx.model)
     rm.train()

@@ -1,10 +1,10 @@
 """The ``fastpeft`` command: ``fastpeft <subcommand> [CONFIG.yaml] [--key value ...] [--set key=value ...]``
 (also ``python -m fastpeft``).
 
-One module per subcommand (``fastpeft.cli.<name>``, each with ``main(argv: list[str]) -> int``), one
-argument style: every subcommand reads a config dataclass from an optional YAML file plus
-command-line overrides (:func:`fastpeft.training.config_io.parse_cli`), prints bad input on one
-line and exits with status 2 (:func:`fastpeft.cli.common.run_cli`). The CLI is the top of the stack:
+One module per subcommand (``fastpeft.cli.<name>``, a dash in the name an underscore in the module,
+each with ``main(argv: list[str]) -> int``), one argument style: every subcommand reads a config
+dataclass from an optional YAML file plus command-line overrides
+(:func:`fastpeft.training.config_io.parse_cli`), prints bad input on one line and exits with status 2 (:func:`fastpeft.cli.common.run_cli`). The CLI is the top of the stack:
 it may import every package, but only lazily, so ``fastpeft --help`` stays fast.
 """
 
@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "bench": "benchmark scenarios side by side with baselines (table, JSON, plots)",
     "search": "answer JSONL prompts with verifier-guided search under a compute budget",
     "reward": "train a reward model (scalar head, Bradley-Terry) on preference pairs",
+    "step-labels": "label policy solutions step by step (Math-Shepherd rollouts) for a process reward model",
     "dpo": "DPO / IPO on preference pairs (reference = adapters disabled)",
     "grpo": "GRPO with verifiable rewards on the batched sampler",
     "ppo": "PPO with a value head and GAE on the same rollouts",
@@ -63,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"fastpeft: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(f"{__name__}.{name}").main(argv) or 0)
+    return int(importlib.import_module(f"{__name__}.{name.replace('-', '_')}").main(argv) or 0)

@@ -9,6 +9,12 @@ input or arguments: one line on stderr, exit status 2.
 The model is a local Hugging Face directory (``--model``; never downloaded), optionally with a
 PEFT-format adapter (``--adapter``) loaded through :func:`fastpeft.load_adapter`, run by the
 batched sampler (:class:`fastpeft.reasoning.sampler.Sampler`).
+
+``--reward_model DIR`` (a process or outcome reward model from ``fastpeft reward``: an adapter with
+``score_head.safetensors``) is loaded as a second adapter on the same model and scores the
+candidates (``--verifier`` is then ignored); ``--quantize nf4`` puts the base in NF4 as QLoRA
+trained it, and ``--reward_batch true`` decodes the policy rows and the reward model's rows in one
+routed batch (:class:`fastpeft.reasoning.scored_sampler.ScoredSampler`).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ class SearchConfig:
     budget: int = 1024  # compute budget per prompt
     budget_unit: str = "tokens"  # one of BUDGET_UNITS
     verifier: list[str] | str = "formula"  # verifier(s) to score with, combined as a product
+    reward_model: str | None = None  # learned PRM / ORM directory (adapter + score_head); replaces verifier
+    reward_batch: bool = False  # score in the policy's decode batch (needs reward_model and --adapter)
+    quantize: str | None = None  # "nf4": the base in NF4, as QLoRA adapters were trained
     kb: str | None = None  # knowledge-base file (.jsonl/.tsv) for verifier fact
     max_new_tokens: int = 64  # per response, or per step for step-level search
     temperature: float = 0.8
@@ -114,7 +123,7 @@ def build_scorer(names: list[str], kb: str | None) -> Scorer | None:
     return stack[0][1] if len(stack) == 1 else v.VerifierStack(stack)
 
 
-def load_generator(model_dir: str, adapter: str | None, device: str | None):
+def load_generator(model_dir: str, adapter: str | None, device: str | None, quantize: str | None = None):
     """The batched sampler over a local model (and adapter); CliError for a missing directory."""
     if not Path(model_dir).is_dir():
         raise CliError(f"--model directory not found: {model_dir}")
@@ -131,8 +140,25 @@ def load_generator(model_dir: str, adapter: str | None, device: str | None):
     if adapter is not None:
         import fastpeft
 
-        fastpeft.load_adapter(model, adapter)
+        fastpeft.load_adapter(model, adapter, adapter_name="policy", **({"quantize": quantize} if quantize else {}))
     return Sampler(model, tokenizer)
+
+
+def learned_scorer(sampler, directory: str, quantize: str | None, same_batch: bool):
+    """A reward model as a second adapter on the sampler's model: (generator, scorer)."""
+    if not Path(directory).is_dir():
+        raise CliError(f"--reward_model directory not found: {directory}")
+    from fastpeft.training.step_reward_model import load_step_scorer
+
+    scorer = load_step_scorer(sampler.model, directory, sampler.tokenizer, "reward_model", quantize=quantize,
+                              max_seq_len=sampler.max_seq_len)  # fmt: skip
+    if not same_batch:
+        return sampler, scorer
+    from fastpeft.reasoning.scored_sampler import ScoredSampler
+
+    scored = ScoredSampler(sampler.model, sampler.tokenizer, scorer.model.head, "reward_model",
+                           max_seq_len=sampler.max_seq_len, fallback=scorer)  # fmt: skip
+    return scored, scored
 
 
 def run(args: SearchConfig) -> int:
@@ -159,8 +185,15 @@ def run(args: SearchConfig) -> int:
     unknown = sorted(set(verifiers) - set(VERIFIERS))
     if unknown or not verifiers:
         raise CliError(f"verifier: expected some of {', '.join(VERIFIERS)}, got {verifiers}")
-    scorer = build_scorer(verifiers, args.kb)
-    generator = load_generator(args.model, args.adapter, args.device)
+    if args.reward_batch and (args.reward_model is None or args.adapter is None):
+        raise CliError("--reward_batch needs --reward_model and the policy --adapter (two adapters on one model)")
+    if args.quantize not in (None, "nf4"):
+        raise CliError(f"--quantize: expected nf4, got {args.quantize!r}")
+    # the verifiers are checked before the model loads, so a bad flag fails fast
+    scorer = build_scorer(verifiers, args.kb) if args.reward_model is None else None
+    generator = load_generator(args.model, args.adapter, args.device, args.quantize)
+    if args.reward_model is not None:
+        generator, scorer = learned_scorer(generator, args.reward_model, args.quantize, args.reward_batch)
     results = search_many(
         generator, [r["prompt"] for r in requests], args.strategy, progress=not args.no_progress,
         budget=args.budget, budget_unit=args.budget_unit, scorer=scorer, max_new_tokens=args.max_new_tokens,

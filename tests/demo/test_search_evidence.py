@@ -44,15 +44,6 @@ def test_strategy_options_grow_with_budget():
     assert all(opts["n"] % opts["beam_width"] == 0 for opts in (small["beam_search"], large["beam_search"]))
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matmuls crawl when torch's intra-op threads contend on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_pipeline_end_to_end_untrained(tmp_path, one_thread):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -168,6 +168,20 @@ def test_layers_share_one_dequant_workspace():
     assert_close64(x1.grad, want_dx, torch.bfloat16, "dX through two layers")
 
 
+def test_workspace_made_under_inference_mode_serves_training_after():
+    """Generation (inference_mode) first, then a training or no_grad forward on the same layer: the
+    shared dequant buffer made in inference mode must stay writable outside it."""
+    clear_workspaces()
+    x, w, bias, a, b, w64, _ = make_case(7, 24, 40, 4, 32, torch.float32, "nf4", True, seed=3)
+    with torch.inference_mode():
+        first = lora_linear(x, w, bias, a, b, 0.5)
+    with torch.no_grad():
+        again = lora_linear(x, w, bias, a, b, 0.5)
+    want = x.double() @ w64.t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t() + bias.double()
+    assert_close64(first, want, torch.float32, "y under inference_mode")
+    assert_close64(again, want, torch.float32, "y after it")
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("m", [5, 40])
 def test_non_contiguous_inputs(m):

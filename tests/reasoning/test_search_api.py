@@ -36,7 +36,7 @@ def test_registry_lists_every_strategy_of_the_issue():
         ({"budget": -5}, ValueError, "budget must be positive"),
         ({"budget": 2.5}, TypeError, "budget must be an int"),
         ({"budget_unit": "joules"}, ValueError, "known units: tokens, forward_passes"),
-        ({"strategy": "telepathy"}, ValueError, "known strategies: beam_search, best_of_n, dvts"),
+        ({"strategy": "telepathy"}, ValueError, "known strategies: beam_search, best_of_n, compute_optimal, dvts"),
         ({"strategy": "greedy", "beam_width": 3}, TypeError, r"has no option\(s\) \['beam_width'\]"),
         ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
         ({"strategy": "beam_search", "n": 6, "beam_width": 4}, ValueError, "multiple of beam_width"),

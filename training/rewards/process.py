@@ -14,7 +14,11 @@ The completion's reward reduces the step scores (``mean``, ``min``, ``last``, ``
 
 **Learned** (:class:`ProcessRewardModel`): a LoRA adapter + scalar head
 (:class:`~fastpeft.training.reward_model.ScalarHeadModel`) that scores the token closing each step,
-trained with binary cross-entropy on step labels (:func:`train_process_reward_model`).
+trained with binary cross-entropy on step labels (:func:`train_process_reward_model`, a small
+in-process loop over steps-and-labels records). The reward recipe trains the same kind of model on
+automatic step labels at scale (``objective="process"``, :mod:`fastpeft.training.step_reward_model`,
+labels from :mod:`fastpeft.training.step_labels`); as a GRPO reward its step scores give per-token
+advantages (:mod:`fastpeft.training.process_supervision`).
 """
 
 from __future__ import annotations

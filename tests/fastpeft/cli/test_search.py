@@ -101,3 +101,41 @@ def test_adapter_is_loaded_and_changes_the_output(tiny_model_dir, tmp_path):
         assert rc == 0
         texts.append(json.loads(out.read_text())["text"])
     assert texts[0] != texts[1]
+
+
+def test_search_with_a_learned_reward_model_on_the_policy_model(tiny_model_dir, tmp_path):
+    """--reward_model: a PRM trained by the reward recipe scores as a second adapter; --reward_batch
+    scores in the decode batch and gives the same answers."""
+    import warnings
+
+    import fastpeft
+    from fastpeft.training.model_setup import build_model
+    from fastpeft.training.reward_model import RewardConfig, train
+
+    rec = {"prompt": "Q: 1+2=?\nA:", "answer": "3", "response": " 1+2=3; answer 3", "step_ends": [0, 8, 16],
+           "soft": [0.5, 1.0, 1.0], "outcome": 1}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rm = train(RewardConfig(model=str(tiny_model_dir), objective="process", train_data=[rec] * 4, max_steps=2,
+                                micro_batch_size=2, lora={"r": 2, "lora_alpha": 4}, output_dir=str(tmp_path / "prm"),
+                                progress=False, plot=False, device="cpu"))  # fmt: skip
+    policy = build_model(str(tiny_model_dir), None)
+    fastpeft.inject(policy, fastpeft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    fastpeft.save_adapter(policy, tmp_path / "policy")
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q: 1+2=?\nA:", "answer": "3"}])
+    rows = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"out-{flag}.jsonl"
+        rc = fastpeft_main(["search", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "policy"),
+                            "--reward_model", str(rm.saved), "--reward_batch", flag, "--input", str(inp),
+                            "--output", str(out), "--strategy", "beam_search", "--n", "4", "--beam-width", "2",
+                            "--stop", "; ", "--budget", "48", "--max-new-tokens", "6", "--no-progress",
+                            "--device", "cpu"])  # fmt: skip
+        assert rc == 0
+        rows[flag] = json.loads(out.read_text())
+        assert 0.0 <= rows[flag]["score"] <= 1.0
+    assert rows["true"]["text"] == rows["false"]["text"]
+    assert rows["true"]["score"] == pytest.approx(rows["false"]["score"], abs=1e-5)
+    rc = fastpeft_main(["search", "--model", str(tiny_model_dir), "--input", str(inp), "--reward_batch", "true",
+                        "--reward_model", str(rm.saved)])  # fmt: skip
+    assert rc == 2
