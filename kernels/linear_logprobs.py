@@ -1,0 +1,288 @@
+"""Per-token log-probs (and entropy) of an LM head without materializing the ``[N, V]`` logits.
+
+    z_i    = h_i · Wᵀ / τ                               (temperature τ)
+    lse_i  = logsumexp_v z_iv
+    logp_i = z_i[y_i] − lse_i
+    ent_i  = lse_i − Σ_v p_iv z_iv                       (p_i = softmax(z_i))
+
+Backward, with ``g = dL/dlogp`` and ``e = dL/dent`` (both ``[N]``)::
+
+    dz_iv = g_i (δ_v,y_i − p_iv) − e_i p_iv (z_iv − Σ_u p_iu z_iu)
+    dH = (dz / τ) · W          dW = (dz / τ)ᵀ · H
+
+Shapes: hidden ``[N, H]``, weight ``[V, H]`` (an LM head, nn.Linear layout), targets ``[N]`` int64.
+
+This is the op RL and preference training need: the policy, the reference and the value passes
+want log p(token) per completion token, not a summed loss, so the gradient cannot be folded into
+the forward as :mod:`fastpeft.kernels.linear_cross_entropy` does (it depends on ``g``, which is
+known only in the backward). The forward runs over chunks of ``C`` rows: one GEMM for the chunk's
+logits ``[C, V]``, then ONE row kernel reading them once (online max, Σ e^z and Σ e^z·z) and
+keeping only ``lse`` and ``ent`` per row. The backward recomputes each chunk's logits (one GEMM),
+a second row kernel turns them into ``dz / τ`` in place, and two GEMMs give the chunk's dH rows
+and dW contribution. Peak extra memory: one ``[C, V]`` chunk (in the compute dtype: the Triton
+row kernels read 16-bit logits and do their math in fp32, so no fp32 copy of the chunk exists)
+plus dH ``[N, H]`` and, when the LM head trains, an fp32 dW ``[V, H]``. Saved for the backward:
+hidden, targets and two fp32 numbers per row.
+
+On CPU the same loop runs with the torch references of the two row steps (the "chunked" path),
+which also run in float64 (tests compare it with the full-logits computation there).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+
+from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
+from fastpeft.kernels.backend import backend
+from fastpeft.kernels.linear_cross_entropy import default_chunk_size
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@triton.jit
+def _logprob_stats_kernel(
+    logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr,
+    n_cols, stride_row, inv_temp,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """One program per row: log p(target), log-sum-exp and entropy of softmax(logits · inv_temp)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    m = float("-inf")
+    s = 0.0  # Σ exp(z − m)
+    t = 0.0  # Σ exp(z − m) · z
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        rescale = tl.exp(m - m_new)
+        w = tl.where(mask, tl.exp(z - m_new), 0.0)
+        s = s * rescale + tl.sum(w, axis=0)
+        t = t * rescale + tl.sum(w * tl.where(mask, z, 0.0), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    target = tl.load(targets_ptr + row)
+    z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
+    tl.store(logp_ptr + row, z_target - lse)
+    tl.store(lse_ptr + row, lse)
+    tl.store(ent_ptr + row, lse - t / s)
+
+
+@triton.jit
+def _logprob_grad_kernel(
+    logits_ptr, targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_ent_ptr,
+    n_cols, stride_row, inv_temp,
+    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """One program per row: ``dz / τ`` (module docstring) written over the row's logits, in their dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(grad_logp_ptr + row)
+    if HAS_ENT:
+        e = tl.load(grad_ent_ptr + row)
+        mean_z = tl.load(mean_z_ptr + row)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        p = tl.exp(z - lse)
+        dz = g * (tl.where(cols == target, 1.0, 0.0) - p)
+        if HAS_ENT:
+            dz -= e * p * (z - mean_z)
+        tl.store(row_ptr + cols, (dz * inv_temp).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rows(logits: torch.Tensor, *rows: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D [C, V] with unit column stride, got shape {tuple(logits.shape)} "
+                         f"strides {logits.stride()}")  # fmt: skip
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float64/float32/float16/bfloat16, got {logits.dtype}")
+    for t in rows:
+        if t.shape != (logits.shape[0],) or t.device != logits.device or not t.is_contiguous():
+            raise ValueError(f"per-row tensors must be contiguous [{logits.shape[0]}] on {logits.device}, got "
+                             f"{tuple(t.shape)} strides {t.stride()} on {t.device}")  # fmt: skip
+
+
+def _block_v(n_cols: int, block_v: int | None) -> int:
+    block_v = block_v or min(triton.next_power_of_2(n_cols), 8192)
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    return block_v
+
+
+def logprob_stats_triton(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float = 1.0,
+                         block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Row statistics of ``logits [C, V]`` (read only): fp32 ``(logp [C], lse [C], ent [C])``.
+    ``block_v`` (a power of two) overrides the vocabulary tile, e.g. to run the multi-tile loop on small V."""
+    _check_rows(logits, targets)
+    n_rows, n_cols = logits.shape
+    out = [torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    block_v = _block_v(n_cols, block_v)
+    if n_rows == 0 or is_fake(logits):  # FakeTensors (memory accounting): outputs allocated, no launch
+        return out[0], out[1], out[2]
+    num_warps = 4 if block_v <= 2048 else 8  # bandwidth-bound row kernels: a cheap heuristic, no autotune
+    _logprob_stats_kernel[(n_rows,)](logits, targets, *out, n_cols, logits.stride(0), float(inv_temp),
+                                     BLOCK_V=block_v, num_warps=num_warps)  # fmt: skip
+    return out[0], out[1], out[2]
+
+
+def logprob_stats_reference(logits: torch.Tensor, targets: torch.Tensor,
+                            inv_temp: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Torch reference of :func:`logprob_stats_triton` (fp32 math, float64 for float64 logits)."""
+    _check_rows(logits, targets)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * inv_temp
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return logp, lse, ent
+
+
+def logprob_grad_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor | None,
+                        grad_logp: torch.Tensor, grad_ent: torch.Tensor | None, inv_temp: float = 1.0,
+                        block_v: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Overwrite ``logits [C, V]`` with ``dz / τ`` (module docstring) and return it. ``lse``,
+    ``mean_z`` (= lse − ent), ``grad_logp``, ``grad_ent``: fp32 ``[C]``; the entropy term is
+    skipped when ``grad_ent`` is None."""
+    has_ent = grad_ent is not None
+    _check_rows(logits, targets, lse, grad_logp, *((mean_z, grad_ent) if has_ent else ()))
+    n_rows, n_cols = logits.shape
+    block_v = _block_v(n_cols, block_v)
+    if n_rows == 0 or is_fake(logits):
+        return logits
+    num_warps = 4 if block_v <= 2048 else 8
+    _logprob_grad_kernel[(n_rows,)](logits, targets, lse, mean_z if has_ent else lse, grad_logp,
+                                    grad_ent if has_ent else grad_logp, n_cols, logits.stride(0), float(inv_temp),
+                                    HAS_ENT=has_ent, BLOCK_V=block_v, num_warps=num_warps)  # fmt: skip
+    return logits
+
+
+def logprob_grad_reference(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                           mean_z: torch.Tensor | None, grad_logp: torch.Tensor, grad_ent: torch.Tensor | None,
+                           inv_temp: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Torch reference of :func:`logprob_grad_triton` (same in-place contract)."""
+    has_ent = grad_ent is not None
+    _check_rows(logits, targets, lse, grad_logp, *((mean_z, grad_ent) if has_ent else ()))
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(acc) * inv_temp
+    p = torch.exp(z - lse.to(acc)[:, None])
+    dz = -grad_logp.to(acc)[:, None] * p
+    dz.scatter_add_(1, targets[:, None], grad_logp.to(acc)[:, None])
+    if has_ent:
+        dz -= grad_ent.to(acc)[:, None] * p * (z - mean_z.to(acc)[:, None])
+    return logits.copy_(dz * inv_temp)
+
+
+def _stats(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, ...]:
+    if backend(logits) == "triton" and logits.dtype != torch.float64:
+        return logprob_stats_triton(logits, targets, inv_temp)
+    return logprob_stats_reference(logits, targets, inv_temp)
+
+
+def _grad(logits: torch.Tensor, *args: torch.Tensor | float | None) -> torch.Tensor:
+    if backend(logits) == "triton" and logits.dtype != torch.float64:
+        return logprob_grad_triton(logits, *args)  # type: ignore[arg-type]
+    return logprob_grad_reference(logits, *args)  # type: ignore[arg-type]
+
+
+def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Ground truth that materializes the logits (differentiable by plain autograd): ``(logp, ent)``,
+    each shaped like ``targets``, in hidden's dtype promoted to at least fp32."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logp = logp_all.gather(1, targets.reshape(-1, 1)).squeeze(1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp.reshape(targets.shape), ent.reshape(targets.shape)
+
+
+class LinearLogprobsFn(torch.autograd.Function):
+    """Chunked forward keeping ``lse``/``ent`` per row; the backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp, chunk_size):  # type: ignore[override]
+        n = hidden.shape[0]
+        chunk = chunk_size or default_chunk_size(n, weight.shape[0], hidden.shape[1])
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        logp, lse, ent = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3))
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            logits = hidden[rows] @ weight.t()  # [C, V]
+            logp[rows], lse[rows], ent[rows] = _stats(logits, targets[rows], inv_temp)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        ctx.set_materialize_grads(False)  # an output that never reaches the loss arrives as None: no work
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):  # type: ignore[override]
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[:2]
+        if not (want_h or want_w) or (grad_logp is None and grad_ent is None):
+            return None, None, None, None, None
+        acc = lse.dtype
+        # autograd may hand over expanded (stride-0) gradients; the row kernels index rows directly
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc).contiguous()
+        mean_z = lse - ent if grad_ent is not None else None
+        grad_ent = grad_ent.to(acc).contiguous() if grad_ent is not None else None
+        grad_h = torch.empty_like(hidden) if want_h else None
+        # dW sums over every chunk: fp32 keeps a 16-bit head's gradient from rounding at each add
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if want_w else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h_c = hidden[rows]
+            dz = _grad(h_c @ weight.t(), targets[rows], lse[rows], mean_z[rows] if mean_z is not None else None,
+                       grad_logp[rows], grad_ent[rows] if grad_ent is not None else None, ctx.inv_temp)  # fmt: skip
+            dz = dz.to(hidden.dtype)
+            if want_h:
+                grad_h[rows] = dz @ weight
+            if want_w and grad_w.dtype == dz.dtype:
+                grad_w.addmm_(dz.t(), h_c)
+            elif want_w:  # a 16-bit GEMM (fp32 accumulation inside), summed over chunks in fp32
+                grad_w += dz.t() @ h_c
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(logp, ent)`` of ``softmax(hidden [*, H] @ weight [V, H]ᵀ / temperature)`` at ``targets [*]``,
+    chunked (module docstring); both shaped like ``targets``, fp32 (float64 for float64 inputs).
+
+    Both outputs are differentiable; an output that does not reach the loss costs nothing in the
+    backward. Under autocast, hidden and weight are cast to the autocast dtype first (differentiably,
+    so fp32 master weights get fp32 gradients). Every target must be a vocabulary id: select the
+    rows that matter before calling (e.g. the completion tokens).
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit: "
+                         "expected hidden [*, H] and weight [V, H]")  # fmt: skip
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"hidden on {hidden.device}, weight on {weight.device}, targets on {targets.device}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    amp = autocast_dtype(hidden.device)
+    if amp is not None:
+        hidden, weight = cast_for_autocast(amp, hidden, weight)
+    if hidden.dtype not in FLOAT_DTYPES or hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype")
+    shape, flat = targets.shape, targets.reshape(-1).long()
+    v = weight.shape[0]
+    if not is_fake(flat) and flat.numel() and bool(((flat < 0) | (flat >= v)).any()):
+        bad = flat[(flat < 0) | (flat >= v)][0]
+        raise ValueError(f"target {int(bad)} is outside the vocabulary [0, {v})")
+    with autocast_off(hidden.device):
+        logp, ent = LinearLogprobsFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, 1.0 / temperature,
+                                           chunk_size)  # fmt: skip
+    return logp.reshape(shape), ent.reshape(shape)
