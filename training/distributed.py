@@ -149,6 +149,12 @@ def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.devic
     for block in blocks:  # innermost first: a parent's group takes only what its children left
         fully_shard(block, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
+    # FSDP2 picks its root at the first forward; a first forward through a submodule (the RL
+    # recipes sample from the LM inside the wrapper before any training forward) would make a block
+    # the root. Sharding is complete here, so fix the root now (torch has no public call for it).
+    state = getattr(loss_module, "_get_fsdp_state", None)
+    if state is not None and hasattr(state(), "_lazy_init"):
+        state()._lazy_init()
     return loss_module
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fastpeft
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.reasoning.types import Completion
 from fastpeft.training import grpo
-from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.grpo import GRPOConfig, train
 from fastpeft.training.rewards import MultiObjectiveReward, arithmetic_reward
 from fastpeft.training.rollout import layout
@@ -122,29 +122,26 @@ def test_config_errors():
         GRPOConfig(beta=-0.1)
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
-def test_resume_continues_exactly(tmp_path, recipe, tiny_config):
-    from safetensors.torch import load_file
+def test_no_reward_configured_says_so_in_one_line(tmp_path, tiny_config, capsys):
+    with pytest.raises(ValueError, match="no reward configured") as err:
+        train(_config(tiny_config, tmp_path, max_steps=1))  # rewards: none, and no reward= given
+    assert "\n" not in str(err.value) and "rewards.answer" in str(err.value)
+    from fastpeft.cli import main
 
-    from fastpeft.training import ppo
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    for command in ("grpo", "ppo"):
+        assert main([command, "--train_data", str(data), "--model_config", json.dumps(tiny_config)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"fastpeft {command}: error: no reward configured") and "\n" not in err
 
-    def run(name, **kw):
-        if recipe == "grpo":
-            config = _config(tiny_config, tmp_path / name, eval_data=None, beta=0.1, num_iterations=2, **kw)
-            return _run(config, MultiObjectiveReward({"len": _length}))
-        config = ppo.PPOConfig(model_config=tiny_config, train_data=RECORDS, prompts_per_step=2, samples_per_prompt=2,
-                               max_new_tokens=8, max_seq_len=64, mini_batch_size=2, lr=1e-2,
-                               lora={"r": 4, "lora_alpha": 8}, output_dir=str(tmp_path / name / "grpo"),
-                               progress=False, plot=False, device="cpu", **kw)  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ppo.train(config, reward=MultiObjectiveReward({"len": _length}))
 
-    full = run("full", max_steps=3)
-    run("cut", max_steps=2, save_every=2)
-    resumed = run("cut", max_steps=3, resume=True)
-    assert [r["step"] for r in resumed.history] == [3]  # only the missing step ran
-    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-6)
-    a = load_file(str(tmp_path / "full" / "grpo" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "grpo" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+def test_answer_reward_is_the_built_in_name(tiny_config):
+    from fastpeft.training.rewards import build_reward
+
+    record = {"answer": "12"}
+    for name in ("answer", "arithmetic"):  # the old name still reads
+        reward = build_reward({name: 1.0})
+        assert reward(["Q"], ["so answer 12"], [record]).totals == [1.0]
+    with pytest.raises(ValueError, match="built-in rewards"):
+        build_reward({"nope": 1.0})
