@@ -58,6 +58,19 @@ class DemoConfig:
     threads: int | None = None  # None: the cores not already busy (1-minute load average), at least 1
     progress: bool = True
 
+    def __post_init__(self) -> None:  # checked before minutes of pretraining, not after
+        for name in ("digits", "pretrain_examples", "pretrain_steps", "pretrain_lr", "train_examples", "eval_examples",
+                     "sft_steps", "sft_lr", "lora_r", "micro_batch_size", "max_seq_len", "max_new_tokens",
+                     "hidden_size", "num_layers", "num_heads", "num_kv_heads", "threads"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and not (0 < value < float("inf")):
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.eval_match not in ("answer", "exact"):
+            raise ValueError(f"eval_match must be 'answer' or 'exact', got {self.eval_match!r}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}), "
+                             f"and num_heads by num_kv_heads ({self.num_kv_heads})")  # fmt: skip
+
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -115,12 +128,14 @@ def _sft_records(config: DemoConfig) -> tuple[list[dict], list[dict]]:
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the three stages; returns the numbers it prints."""
     import fastpeft
+    from fastpeft.training.checkpoint import check_output_dir
     from fastpeft.training.evaluate import exact_match
     from fastpeft.training.metrics import peak_memory_bytes
     from fastpeft.training.model_setup import build_model
     from fastpeft.training.sft import SFTConfig, train
     from fastpeft.training.tokenizer import load_tokenizer
 
+    check_output_dir(Path(config.output_dir))
     torch.set_num_threads(_pick_threads(config.threads))
     _say(f"fastpeft demo: CPU threads {torch.get_num_threads()}, output in {config.output_dir}")
     start = time.perf_counter()

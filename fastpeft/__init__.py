@@ -16,6 +16,10 @@ from fastpeft.lifecycle import (
 from fastpeft.lora_linear import AdapterLinear, LoRALinear
 from fastpeft.qlora_linear import QLoRALinear
 
+# the PEFT path: fastpeft's kernels behind a real peft.PeftModel, and the conversion to one
+from fastpeft.peft_convert import as_peft_model
+from fastpeft.peft_patch import PatchReport, patch_peft_model, unpatch_peft_model
+
 # LoRA variants beyond LoRA and DoRA (each registers itself in fastpeft.variants when imported)
 from fastpeft.adalora import AdaLoraAdapter, orthogonal_regularization, update_and_allocate
 from fastpeft.delta_lora import DeltaLoraAdapter, DeltaLoraUpdater
@@ -42,6 +46,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningAdapter",
     "PromptTuningConfig",
+    "PatchReport",
     "QLoRALinear",
     "__version__",
     "active_adapter",
@@ -50,6 +55,7 @@ __all__ = [
     "add_prefix_tuning",
     "add_prompt_tuning",
     "add_ptuning_v2",
+    "as_peft_model",
     "delete_adapter",
     "disable_adapters",
     "inject",
@@ -59,11 +65,13 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "orthogonal_regularization",
+    "patch_peft_model",
     "route_adapters",
     "save_adapter",
     "save_prompt_adapter",
     "set_adapter",
     "trainable_parameters",
     "unmerge",
+    "unpatch_peft_model",
     "update_and_allocate",
 ]

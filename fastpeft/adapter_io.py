@@ -30,11 +30,15 @@ from torch import nn
 
 from fastpeft.config import LoraConfig
 from fastpeft.inject import adapter_configs, inject, linear_paths, mark_trainable
-from fastpeft.lifecycle import active_adapter, list_adapters, modules_to_save_wrappers, require_adapter, set_adapter
+from fastpeft.lifecycle import (ACTIVE_ATTR, active_adapter, list_adapters, modules_to_save_wrappers, prompt_adapters,
+                                require_adapter, set_adapter)  # fmt: skip
 from fastpeft.lora_linear import AdapterLinear, iter_adapter_layers, linear_kind
 from fastpeft.variants import adapter_suffixes, get_variant
 
 CONFIG_NAME = "adapter_config.json"
+# what PEFT's config cannot say about an NF4 base fastpeft quantized itself; load_adapter applies it
+FASTPEFT_CONFIG_NAME = "fastpeft_config.json"
+_BASE_FIELDS = ("quantize", "double_quant", "blocksize", "compute_dtype")
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -53,6 +57,15 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     if name is None:
         raise ValueError("save_adapter: the model has no active adapter; pass adapter_name")
     require_adapter(model, name)
+    prompt = prompt_adapters(model).get(name)
+    if prompt is not None:  # prompt / prefix tuning: PEFT's format where PEFT has the method
+        from fastpeft.prompt_io import save_prompt_adapter
+
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_adapter: {directory} exists and is not a directory")
+        save_prompt_adapter(prompt, directory, _base_model_name(model))
+        return directory
     config = adapter_configs(model)[name]
     layers = [(path, layer) for path, layer in iter_adapter_layers(model) if name in layer.adapters]
     tensors: dict[str, torch.Tensor] = {}
@@ -85,12 +98,38 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         base_model_name_or_path=config.base_model_name_or_path or _base_model_name(model),
     ).to_peft_dict()  # fmt: skip
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_adapter: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage (tied weights)
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
               str(directory / WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    write_base_fields(config, directory)
     return directory
+
+
+def write_base_fields(config: LoraConfig, directory: Path) -> None:
+    """``fastpeft_config.json``: the NF4 settings of a base fastpeft quantized (nothing otherwise)."""
+    if config.quantize is None:
+        return
+    base = {f: getattr(config, f) for f in _BASE_FIELDS}
+    base["compute_dtype"] = None if config.compute_dtype is None else str(config.compute_dtype).removeprefix("torch.")
+    (directory / FASTPEFT_CONFIG_NAME).write_text(json.dumps(base, indent=2, sort_keys=True) + "\n")
+
+
+def _read_base_fields(directory: Path) -> dict:
+    """The NF4 settings :func:`save_adapter` recorded (empty when the base was not quantized by us)."""
+    path = directory / FASTPEFT_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or set(data) - set(_BASE_FIELDS):
+        raise ValueError(f"{path} must hold an object with keys from {_BASE_FIELDS}, got {data!r}")
+    return data
 
 
 def _read_config(directory: Path) -> dict:
@@ -98,9 +137,12 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {directory} an adapter directory?)")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -149,6 +191,8 @@ def _check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> N
         )
     if not tensor.is_floating_point():
         raise ValueError(f"key {key}: dtype {tensor.dtype} is not floating point")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"key {key}: the adapter file holds NaN/inf values (a diverged run?); refusing to load it")
 
 
 def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> _LoadPlan:
@@ -224,8 +268,12 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     adapters every other ``requires_grad`` stays as it was, a plain model gets a frozen base.
     ``is_trainable=True`` makes it the trainable adapter (as ``inject`` does). With
     ``activate`` the adapter becomes the active one. ``config_overrides`` sets our own config fields
-    (``quantize="nf4"``, ``double_quant``, ``compute_dtype``). Returns ``model``.
+    (``quantize="nf4"``, ``double_quant``, ``compute_dtype``); by default they are those the directory's
+    ``fastpeft_config.json`` recorded (an adapter trained on a base fastpeft quantized to NF4 is
+    reloaded on the same NF4 weights). Returns ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter expects a torch nn.Module, got {type(model).__name__}")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
@@ -236,13 +284,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
         load_prompt_adapter(model, directory, allow_pickle=allow_pickle)
         return model
-    config = LoraConfig.from_peft_dict(raw_config, **config_overrides)
+    config = LoraConfig.from_peft_dict(raw_config, **{**_read_base_fields(directory), **config_overrides})
     if adapter_name in adapter_configs(model):
         existing = list(adapter_configs(model))
         raise ValueError(f"adapter {adapter_name!r} already exists in this model (adapters: {existing})")
     plan = _plan(model, config, _read_tensors(directory, allow_pickle))
 
-    previous_active = active_adapter(model)
+    previous_active = model.__dict__.get(ACTIVE_ATTR)  # a LoRA adapter (prompt adapters are always on)
     # a model that already has adapters keeps its requires_grad flags; a plain one gets a frozen base
     had_adapters = bool(list_adapters(model))
     trainable = {id(p): p.requires_grad and had_adapters for p in model.parameters()}

@@ -80,6 +80,7 @@ class LoraConfig:
     variant_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_bools()  # before use_dora is read: the string "no" is truthy
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.exclude_modules, (list, tuple, set)):
@@ -100,11 +101,17 @@ class LoraConfig:
         self.use_dora = self.variant == "dora"
         self.validate()
 
+    def _check_bools(self) -> None:
+        for field in ("use_rslora", "use_dora", "fan_in_fan_out", "double_quant"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"LoraConfig.{field} must be True or False, got {getattr(self, field)!r}")
+
     def validate(self) -> None:
         """Raise a ValueError naming the first invalid field and its value."""
         def bad(field: str, expected: str) -> ValueError:
             return ValueError(f"LoraConfig.{field} must be {expected}, got {getattr(self, field)!r}")
 
+        self._check_bools()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise bad("r", "a positive int")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not (

@@ -25,6 +25,7 @@ import re
 from torch import nn
 
 from fastpeft.config import LoraConfig
+from fastpeft.hf_checkpoint import install_save_pretrained
 from fastpeft.lora_linear import AdapterLinear, LoRALinear, iter_adapter_layers, linear_kind
 from fastpeft.modules_to_save import ModulesToSave
 from fastpeft.qlora_linear import QLoRALinear
@@ -150,6 +151,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     copies and, per ``config.bias``, biases); everything else is frozen. ``target_paths`` overrides
     the matching with exact module paths (used when loading a saved adapter).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject expects a torch nn.Module (e.g. a transformers model), got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"inject expects a fastpeft.LoraConfig, got {type(config).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -196,6 +199,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
 
     set_adapter(model, adapter_name)
     mark_trainable(model, adapter_name)
+    install_save_pretrained(model)  # save_pretrained / Trainer checkpoints write PEFT-format adapters
     return model
 
 

@@ -9,6 +9,10 @@ Rules (kept simple on purpose):
 - ``route_adapters(model, row_adapters)`` runs batch row i through adapter ``row_adapters[i]``
   (None = base model) in every adapter layer, so e.g. a policy and a verifier adapter share one
   forward; the base matmul still runs once per layer.
+- Any other module with ``adapter_params()`` and a ``disabled`` switch (prompt tuning, prefix
+  tuning, P-Tuning v2, mixed prompts) is an adapter too, named by its path in the model
+  (``fastpeft_prompt``, ``fastpeft_prefix``): listed, disabled with the rest, saved, deleted. It is
+  always active while attached, so it is the active adapter when no LoRA adapter is.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 
 from fastpeft.config import LoraConfig
 from fastpeft.inject import adapter_configs, inject, split_path
-from fastpeft.lora_linear import RowRouting, iter_adapter_layers
+from fastpeft.lora_linear import AdapterLinear, RowRouting, iter_adapter_layers
 from fastpeft.modules_to_save import ModulesToSave
 from fastpeft.qlora_linear import QLoRALinear
 
@@ -33,17 +37,25 @@ def modules_to_save_wrappers(model: nn.Module) -> list[tuple[str, ModulesToSave]
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
 
+def prompt_adapters(model: nn.Module) -> dict[str, nn.Module]:
+    """Adapter modules other than LoRA layers and modules_to_save copies (anything with
+    ``adapter_params()`` and ``disabled``), by their path in ``model``."""
+    return {n: m for n, m in model.named_modules() if n and hasattr(m, "adapter_params") and hasattr(m, "disabled")
+            and not isinstance(m, (AdapterLinear, ModulesToSave))}  # fmt: skip
+
+
 def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters present in ``model`` (injected or loaded)."""
+    """Names of the adapters present in ``model`` (injected or loaded; prompt adapters by path)."""
     names = dict.fromkeys(adapter_configs(model))
     for _, layer in iter_adapter_layers(model):
         names.update(dict.fromkeys(layer.adapters))
+    names.update(dict.fromkeys(prompt_adapters(model)))
     return list(names)
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """The adapter last activated on ``model`` (None if there is none)."""
-    return model.__dict__.get(ACTIVE_ATTR)
+    """The LoRA adapter last activated on ``model``, else its prompt adapter (None if neither)."""
+    return model.__dict__.get(ACTIVE_ATTR) or next(iter(prompt_adapters(model)), None)
 
 
 def require_adapter(model: nn.Module, name: str) -> None:
@@ -60,6 +72,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.M
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the adapter every layer (and every modules_to_save copy) runs."""
     require_adapter(model, adapter_name)
+    if adapter_name in prompt_adapters(model):
+        raise ValueError(f"{adapter_name!r} is a prompt adapter: it runs whenever it is attached (disable_adapters "
+                         "turns it off for a block)")  # fmt: skip
     layers = list(iter_adapter_layers(model))
     merged = {layer.merged_adapter for _, layer in layers} - {None, adapter_name}
     if merged:
@@ -74,6 +89,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove ``adapter_name`` everywhere; if it was active, the next remaining adapter becomes active."""
     require_adapter(model, adapter_name)
+    prompts = prompt_adapters(model)
+    if adapter_name in prompts:
+        prompts[adapter_name].remove()
+        return
     layers = list(iter_adapter_layers(model))
     if any(layer.merged_adapter == adapter_name for _, layer in layers):
         raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
@@ -84,8 +103,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in wrapper.copies:
             wrapper.delete_adapter(adapter_name)
     adapter_configs(model).pop(adapter_name, None)
-    if active_adapter(model) == adapter_name:
-        remaining = list_adapters(model)
+    if model.__dict__.get(ACTIVE_ATTR) == adapter_name:
+        remaining = [n for n in list_adapters(model) if n not in prompts]
         model.__dict__[ACTIVE_ATTR] = None
         if remaining:
             set_adapter(model, remaining[0])
@@ -98,7 +117,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     merged = sorted({layer.merged_adapter for layer in layers} - {None})
     if merged:
         raise RuntimeError(f"adapter(s) {merged} are merged into the weights; unmerge before disabling adapters")
-    switches = layers + [w for _, w in modules_to_save_wrappers(model)]
+    switches = layers + [w for _, w in modules_to_save_wrappers(model)] + list(prompt_adapters(model).values())
     previous = [s.disabled for s in switches]
     for s in switches:
         s.disabled = True
@@ -133,7 +152,7 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
 
 def merge(model: nn.Module, adapter_name: str | None = None) -> None:
     """Fold ``adapter_name`` (default: the active adapter) into the base weights of every layer."""
-    name = adapter_name or active_adapter(model)
+    name = adapter_name or model.__dict__.get(ACTIVE_ATTR)
     if name is None:
         raise ValueError("nothing to merge: the model has no active adapter")
     require_adapter(model, name)
@@ -163,9 +182,14 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module | 
     W + ΔW in the layer's dtype; an NF4 base is dequantized first. With ``requantize=True`` NF4
     layers are quantized again instead (adapter-less :class:`QLoRALinear`) and the call returns
     ``(model, max_abs_error)``, the largest change re-quantization made to any merged weight.
-    ``modules_to_save`` wrappers are replaced by the active adapter's copy.
+    ``modules_to_save`` wrappers are replaced by the active adapter's copy. Prompt adapters stay
+    attached (they have no weights to merge into).
     """
-    name = active_adapter(model)
+    name = model.__dict__.get(ACTIVE_ATTR)
+    for path, layer in iter_adapter_layers(model):  # refuse before any layer is replaced
+        unmerged = layer.merged_adapter is None and name in layer.adapters
+        if unmerged and not all(torch.isfinite(p).all() for p in layer.adapter_params(name)):
+            raise ValueError(f"adapter {name!r} has NaN/inf weights in {path}; refusing to merge it")
     max_error = 0.0
     for path, layer in list(iter_adapter_layers(model)):
         weight = layer.dense_weight(torch.float32).float()

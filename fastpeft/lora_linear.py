@@ -106,6 +106,16 @@ class AdapterLinear(nn.Module):
     def base_needs_grad(self) -> bool:
         return False
 
+    def get_base_layer(self) -> nn.Module:
+        """The frozen base as the plain module this layer replaced (nn.Linear, GPT-2 Conv1D or a
+        bitsandbytes Linear4bit) sharing this layer's tensors, as PEFT layers expose theirs. Built on
+        each call and never registered as a child, so ``state_dict`` keys do not change."""
+        raise NotImplementedError
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.get_base_layer()
+
     def base_linear(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """x·Wᵀ (+ b), ``[M, in] -> [M, out]``."""
         return F.linear(x, self.dense_weight(compute_dtype(x)), self.bias if bias else None)
@@ -331,6 +341,13 @@ class LoRALinear(AdapterLinear):
     def write_base_weight(self, weight: torch.Tensor) -> None:
         # in place: optimizers and tied references keep pointing at the same Parameter
         self.weight.data.copy_(weight.to(self.weight.dtype))
+
+    def get_base_layer(self) -> nn.Module:
+        if not self.fan_in_fan_out:  # the very same Parameters
+            module = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            module.weight, module.bias = self.weight, self.bias
+            return module
+        return _plain_dense_module(self.weight.detach(), self.bias, fan_in_fan_out=True)
 
     def to_dense_module(self, weight: torch.Tensor | None = None) -> nn.Module:
         """A plain nn.Linear / Conv1D with ``weight`` (default: the current base weight)."""

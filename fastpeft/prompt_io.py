@@ -98,6 +98,8 @@ def _read(directory: Path, allow_pickle: bool) -> tuple[dict, dict[str, torch.Te
     if not config_path.is_file():
         raise ValueError(f"no {CONFIG_NAME} in {directory}")
     config = json.loads(config_path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got a {type(config).__name__}")
     if (directory / WEIGHTS_NAME).is_file():
         return config, load_file(str(directory / WEIGHTS_NAME))
     if (directory / PICKLE_NAME).is_file():
@@ -113,6 +115,8 @@ def _tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
     t = tensors[name]
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} in {directory} has shape {tuple(t.shape)} but this model needs {shape}")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"{name} in {directory} holds NaN/inf values (a diverged run?); refusing to load it")
     return t
 
 

@@ -15,31 +15,16 @@ non-target linears of the transformer blocks).
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
 from torch import nn
 
+from fastpeft.bnb_interop import linear4bit_view, nf4_from_linear4bit
 from fastpeft.kernels.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_nf4
 from fastpeft.lora_linear import AdapterLinear, _plain_dense_module, linear_kind
 
 _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
-
-
-def _undo_bnb_cpu_packing(linear4bit: nn.Module) -> None:
-    """bitsandbytes repacks a Linear4bit's weight in place for its CPU kernel on the first eval-mode
-    CPU forward (another byte layout, absmax in bf16); restore the standard NF4 layout as bnb's own
-    ``.cuda()`` and ``state_dict()`` do, so :meth:`NF4Weight.from_bnb` reads standard bytes."""
-    state = getattr(linear4bit.weight, "quant_state", None)
-    if not getattr(state, "packing_format_for_cpu", False):
-        return
-    functional = sys.modules["bitsandbytes"].functional
-    inverse = getattr(functional, "_convert_weight_packed_for_cpu_inverse", None)
-    if inverse is None:
-        raise ValueError("this Linear4bit holds bitsandbytes' CPU-packed layout and this bitsandbytes version "
-                         "offers no inverse; wrap the layer before running it on the CPU")  # fmt: skip
-    linear4bit.weight.data, linear4bit.weight.quant_state = inverse(linear4bit.weight.data, state)
 
 
 class QLoRALinear(AdapterLinear):
@@ -67,6 +52,8 @@ class QLoRALinear(AdapterLinear):
     def _set_nf4(self, weight: NF4Weight) -> None:
         self.double_quant = weight.double_quant
         for name, tensor in weight.tensors().items():
+            if name == "nested_code":  # one cached [256] map shared by every layer: safetensors refuses that
+                tensor = tensor.clone()
             if name in self._buffers:
                 self._buffers[name] = tensor
             else:
@@ -100,8 +87,7 @@ class QLoRALinear(AdapterLinear):
         """An adapter-less QLoRALinear sharing a bitsandbytes ``Linear4bit``'s NF4 data (no re-quantizing)."""
         if linear_kind(linear4bit) != "linear4bit":
             raise TypeError(f"QLoRALinear.from_bnb takes a bitsandbytes Linear4bit, got {type(linear4bit).__name__}")
-        _undo_bnb_cpu_packing(linear4bit)
-        weight = NF4Weight.from_bnb(linear4bit.weight)
+        weight = nf4_from_linear4bit(linear4bit)  # undoes bnb's CPU repack first, exactly
         bias = linear4bit.bias
         compute_dtype = compute_dtype or (bias.dtype if bias is not None else None) or weight.dtype
         return cls(weight, bias, compute_dtype)
@@ -133,6 +119,16 @@ class QLoRALinear(AdapterLinear):
 
     def base_operand(self) -> NF4Weight:
         return self.nf4_weight()
+
+    def get_base_layer(self) -> nn.Module:
+        """A bitsandbytes Linear4bit sharing this layer's NF4 tensors and bias (no copy)."""
+        return linear4bit_view(self.nf4_weight(), self.bias, self.dtype)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The base weight as bitsandbytes exposes it (a ``Params4bit`` over our bytes, with its
+        ``quant_state``), as a PEFT layer over bnb answers ``.weight``."""
+        return self.get_base_layer().weight
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_nf4(self.nf4_weight(), dtype)

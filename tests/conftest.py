@@ -7,8 +7,10 @@ Triton kernels themselves on CPU; every other CPU test is pinned to the torch re
 Fixtures for every folder (a fixture is visible only below its conftest; fixtures rather than
 importable helpers because pytest runs with ``--import-mode=importlib``): ``tiny_llama`` (a
 model_config dict), ``char_tokenizer`` (the bundled tokenizer), ``arithmetic_records`` (a small
-arithmetic dataset), ``python_command`` (a fresh Python that imports this checkout) and
-``arithmetic_mock`` (a deterministic mock of an arithmetic model, for the search tests).
+arithmetic dataset), ``python_command`` (a fresh Python that imports this checkout),
+``arithmetic_mock`` (a deterministic mock of an arithmetic model, for the search tests),
+``peft_kit`` (helpers for the PEFT-path and TRL tests) and ``require_bwrap`` (skips a code-sandbox
+test where bubblewrap cannot run; fails instead with ``FASTPEFT_REQUIRE_BWRAP=1``, which CI sets).
 """
 
 import os
@@ -212,3 +214,31 @@ class ArithmeticMock:
 def arithmetic_mock():
     """Factory: ``arithmetic_mock(error_rate=..., greedy_error_step=..., seed=...)``."""
     return ArithmeticMock
+
+
+@pytest.fixture(scope="session")
+def peft_kit():
+    """tests/fastpeft/peft_helpers.py as a module: tiny bnb-ready Llamas, bitsandbytes' CPU repack,
+    counting fastpeft's fused op in the profiler (for the PEFT-path and TRL tests)."""
+    import importlib.util
+
+    name = "fastpeft_tests_peft_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / "fastpeft" / "peft_helpers.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def require_bwrap():
+    """Skip a sandbox test where bubblewrap cannot run; fail instead when FASTPEFT_REQUIRE_BWRAP=1
+    (set by .ci/run, so CI always tests the real boundary)."""
+    from fastpeft.training.rewards.sandbox_bwrap import bwrap_problem
+
+    problem = bwrap_problem()
+    if problem is not None:
+        if os.environ.get("FASTPEFT_REQUIRE_BWRAP") == "1":
+            pytest.fail(f"FASTPEFT_REQUIRE_BWRAP=1 but {problem}")
+        pytest.skip(problem)

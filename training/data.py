@@ -118,7 +118,15 @@ class Example:
 def _assistant_spans(messages: list[dict], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (with its end
     marker), found by rendering growing prefixes of the conversation."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in messages):  # fmt: skip
+        raise ValueError("'messages' must be a list of {'role': str, 'content': str} objects")
+    from jinja2.exceptions import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError as err:  # e.g. raise_exception for an unknown role
+        raise ValueError(f"the chat template refused the conversation: {err}") from err
     spans = []
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":

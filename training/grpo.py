@@ -63,6 +63,10 @@ class GRPOConfig(RolloutConfig):
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     beta: float = 0.04
+    # TRL's conventions, off by default (see losses_rl): sample std, all rows counted, ratio-weighted KL
+    advantage_std_correction: int = 0
+    count_empty_rows: bool = False
+    kl_ratio_correction: bool = False
     num_iterations: int = 1
     output_dir: str = "runs/grpo"
 
@@ -73,6 +77,8 @@ class GRPOConfig(RolloutConfig):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.advantage_std_correction not in (0, 1):
+            raise ValueError(f"advantage_std_correction must be 0 or 1, got {self.advantage_std_correction}")
 
 
 def rollout_step(ctx: RunContext, config: GRPOConfig, batch: RolloutBatch,
@@ -84,7 +90,8 @@ def rollout_step(ctx: RunContext, config: GRPOConfig, batch: RolloutBatch,
     valid = rewards.valid()
     n = valid.numel()
     every = gather_rows(torch.stack([rewards.tensor().double(), valid.double()], 1), ctx.device)  # [N·ranks, 2]
-    adv = group_advantages(every[:, 0].float(), config.num_generations, config.advantage_scale, every[:, 1].bool())
+    adv = group_advantages(every[:, 0].float(), config.num_generations, config.advantage_scale, every[:, 1].bool(),
+                           std_correction=config.advantage_std_correction)  # fmt: skip
     adv = adv[ctx.rank * n : (ctx.rank + 1) * n] if dist_utils.is_distributed() else adv
     mask = batch.completion_mask * valid[:, None]
     if config.mask_truncated:
@@ -114,7 +121,8 @@ def policy_update(run: RecipeRun, config: GRPOConfig, batch: RolloutBatch, adv: 
             old = old_logp[rows] if old_logp is not None else logp.detach()
             loss, s = grpo_loss(logp, old, adv[rows], mask[rows], config.epsilon_low, config.epsilon_high,
                                 config.beta, ref_logp[rows] if ref_logp is not None else None,
-                                config.loss_aggregation, config.max_new_tokens, num_seqs, num_tokens)  # fmt: skip
+                                config.loss_aggregation, config.max_new_tokens, num_seqs, num_tokens,
+                                kl_ratio_correction=config.kl_ratio_correction)  # fmt: skip
             run.backward(loss)
         loss_sum += loss.detach().double()
         weight = float(mask[rows].sum()) / max(num_tokens, 1.0)
@@ -158,7 +166,8 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
                     ref_logp = batched_logprobs(module, batch, mb)["logp"]
             if config.num_iterations > 1:
                 old_logp = batched_logprobs(module, batch, mb)["logp"]
-        seq_has = (mask.sum(1) > 0).sum().double()
+        counted = torch.ones_like(mask[:, 0], dtype=torch.bool) if config.count_empty_rows else mask.sum(1) > 0
+        seq_has = counted.sum().double()
         norms = dist_utils.all_reduce_sum(torch.stack([seq_has, mask.sum().double()]))
         step_stats: dict[str, float] = {}
         for _ in range(config.num_iterations):

@@ -69,8 +69,9 @@ class Checkpointer:
 
     def resume(self, optimizer: torch.optim.Optimizer, scheduler: Any,
                layout: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
-        """Restore the latest checkpoint when ``config.resume``; its trainer state, or None."""
-        path = ckpt.latest_checkpoint(self.root) if self.config.resume else None
+        """Restore the newest intact checkpoint (manifest-checked, falling back past damaged ones) when
+        ``config.resume``; its trainer state, or None."""
+        path = ckpt.resume_checkpoint(self.root) if self.config.resume else None
         if path is None:
             return None
         state = ckpt.read_trainer_state(path)
@@ -78,6 +79,7 @@ class Checkpointer:
         if {k: saved.get(k) for k in layout} != layout:
             raise ValueError(f"checkpoint {path} was written for data layout {saved}, this run has {layout}; "
                              "resuming would not replay the same batches")  # fmt: skip
+        ckpt.warn_config_changes(path, state.get("config", {}), jsonable_config(self.config))
         return ckpt.load_checkpoint(path, self.module, optimizer, scheduler, self.ctx.rank)
 
     def save(self, step: int, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]) -> None:

@@ -5,6 +5,13 @@ Shapes: ``N`` sequences (prompts × samples), ``T`` completion tokens (right-pad
 tensors are ``[N, T]`` and ``mask`` ``[N, T]`` (1 = a real, trained completion token). Log-probs are
 of the sampled token under the current policy (``logp``), the policy that sampled it (``old_logp``)
 and the reference policy (``ref_logp``).
+
+Our defaults and TRL's (``trl.GRPOTrainer`` 1.16), where they differ, each an option here:
+advantages divide by the population std (TRL: the sample std, ``std_correction=1``); ``grpo`` /
+``dr_grpo`` divide by the rows that have a masked-in token (TRL: by all rows,
+``count_empty_rows=True``); the KL term is plain k3 (TRL: k3 times the importance ratio,
+``kl_ratio_correction=True``). Everything else (ε-clipping, k3, the three aggregations, eps = 1e-4)
+is the same.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ def _check_same(**tensors: torch.Tensor | None) -> None:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", valid: torch.Tensor | None = None,
-                     eps: float = 1e-4) -> torch.Tensor:  # fmt: skip
+                     eps: float = 1e-4, std_correction: int = 0) -> torch.Tensor:  # fmt: skip
     """Group-relative advantages for ``rewards`` ``[N]`` laid out as ``N / G`` groups of ``G`` samples.
 
         A_i = (r_i − mean_g(r)) / (s + eps)
@@ -30,7 +37,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         scale="batch": s = std(r)      (std over every valid reward of the batch)
         scale="none":  A_i = r_i − mean_g(r)   (no std normalisation, Dr. GRPO)
 
-    Standard deviations are population ones (ddof = 0), so a group of one is fine. ``valid`` ``[N]``
+    ``std_correction``: s = sqrt(Σ (r − mean)² / (n − c)). Ours, c = 0: the population std, fine for
+    a group of one. TRL's, c = 1: the sample std (Bessel's correction, TRL's ``nanstd``); a group
+    with n <= c valid rewards then gets s = 0. ``valid`` ``[N]``
     (bool) marks samples whose reward exists; invalid samples get advantage 0 and are left out of
     every mean and std (a NaN reward there is ignored). A group whose rewards are all equal gets
     advantage 0 (never NaN), since it carries no signal about which sample is better.
@@ -41,6 +50,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of group_size={group_size}")
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    if std_correction not in (0, 1):
+        raise ValueError(f"std_correction must be 0 (population std) or 1 (sample std), got {std_correction!r}")
     valid = torch.isfinite(rewards) if valid is None else valid.bool() & torch.isfinite(rewards)
     _check_same(rewards=rewards, valid=valid)
     r = torch.where(valid, rewards.double(), 0.0).view(-1, group_size)
@@ -49,11 +60,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     mean = (r * v).sum(dim=1, keepdim=True) / count
     centered = (r - mean) * v
     if scale == "group":
-        denom = ((centered**2).sum(dim=1, keepdim=True) / count).sqrt() + eps
+        dof = v.sum(dim=1, keepdim=True) - std_correction
+        denom = torch.where(dof > 0, (centered**2).sum(dim=1, keepdim=True) / dof.clamp(min=1), 0.0).sqrt() + eps
     elif scale == "batch":
-        n = v.sum().clamp(min=1)
-        batch_mean = (r * v).sum() / n
-        denom = ((((r - batch_mean) * v) ** 2).sum() / n).sqrt() + eps
+        n = v.sum()
+        batch_mean = (r * v).sum() / n.clamp(min=1)
+        squares = (((r - batch_mean) * v) ** 2).sum()
+        denom = torch.where(n - std_correction > 0, squares / (n - std_correction).clamp(min=1), 0.0).sqrt() + eps
     else:
         denom = torch.ones((), dtype=torch.float64)
     return (centered / denom).view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
@@ -93,14 +106,17 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
 
 
 def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "grpo", max_len: int | None = None,
-                         num_seqs: float | None = None, num_tokens: float | None = None) -> torch.Tensor:  # fmt: skip
+                         num_seqs: float | None = None, num_tokens: float | None = None,
+                         count_empty_rows: bool = False) -> torch.Tensor:  # fmt: skip
     """Reduce a per-token loss ``[N, T]`` over the ``mask``-ed tokens to a scalar.
 
         grpo:    (1/S) Σ_i [ Σ_t l_it m_it / Σ_t m_it ]      mean over tokens, then over sequences
         dr_grpo: Σ_it l_it m_it / (S · max_len)              constant normaliser, no length bias
         dapo:    Σ_it l_it m_it / K                          token-level mean over the whole batch
 
-    ``S`` = number of sequences with at least one masked-in token, ``K`` = number of masked-in
+    ``S`` = number of sequences with at least one masked-in token (ours), or every row, N, with
+    ``count_empty_rows=True`` (TRL's ``grpo``/``dr_grpo``: a fully masked row, e.g. a truncated or
+    unscorable sample, still counts in the denominator); ``K`` = number of masked-in
     tokens, ``max_len`` = the generation budget (defaults to ``T``). When a batch is split into
     micro-batches (or ranks), pass the *global* ``num_seqs`` (S) / ``num_tokens`` (K) so the
     micro-batch losses add up to the full-batch loss.
@@ -111,7 +127,7 @@ def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str 
     m = mask.to(per_token.dtype)
     seq_tokens = m.sum(dim=1)
     if num_seqs is None:
-        num_seqs = float((seq_tokens > 0).sum())
+        num_seqs = float(per_token.shape[0]) if count_empty_rows else float((seq_tokens > 0).sum())
     if mode == "grpo":
         per_seq = (per_token * m).sum(dim=1) / seq_tokens.clamp(min=1)
         return per_seq.sum() / max(num_seqs, 1.0)
@@ -126,14 +142,19 @@ def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
               aggregation: str = "grpo", max_len: int | None = None, num_seqs: float | None = None,
-              num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+              num_tokens: float | None = None, count_empty_rows: bool = False,
+              kl_ratio_correction: bool = False) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """The GRPO objective on one (micro-)batch.
 
-        l_t = clipped_policy_loss_t + β · k3_kl(logp_t, ref_logp_t)
+        l_t = clipped_policy_loss_t + β · k3_kl(logp_t, ref_logp_t) [· ρ_t]
         loss = aggregate_token_loss(l, mask, aggregation)
 
+    ``kl_ratio_correction``: multiply the KL term by the (differentiable) importance ratio
+    ρ_t = exp(logp_t − old_logp_t), TRL's default ``use_bias_correction_kl`` (an unbiased
+    reverse-KL gradient, DeepSeek-V3.2); ours is off. It changes the gradient even on-policy, where ρ = 1.
+    ``count_empty_rows``: see :func:`aggregate_token_loss` (TRL's rows-count; ours is off).
     ``β = 0`` needs no ``ref_logp``. Returns ``(loss, stats)`` with ``stats``: ``clip_fraction`` and
-    (with β > 0) ``kl`` (token means over the mask).
+    (with β > 0) ``kl`` (the k3 estimate, token mean over the mask, before any ratio correction).
     """
     _check_same(logp=logp, old_logp=old_logp, mask=mask, ref_logp=ref_logp)
     per_token, clipped = clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high)
@@ -146,9 +167,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
         kl = k3_kl(logp, ref_logp)
-        per_token = per_token + beta * kl
         stats["kl"] = float((kl.detach() * m).sum()) / n
-    return aggregate_token_loss(per_token, mask, aggregation, max_len, num_seqs, num_tokens), stats
+        if kl_ratio_correction:
+            kl = kl * torch.exp(logp - old_logp)
+        per_token = per_token + beta * kl
+    return aggregate_token_loss(per_token, mask, aggregation, max_len, num_seqs, num_tokens, count_empty_rows), stats
 
 
 # ----------------------------------------------------------------------------------------------- PPO

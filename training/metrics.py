@@ -7,6 +7,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,11 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            # a killed run may have torn a line: resume drops whatever does not parse, and says so
+            records, bad = _parse_lines(self.path)
+            for line in bad:
+                warnings.warn(f"{self.path}:{line} is not a JSON record; dropped on resume", stacklevel=2)
+            kept = [r for r in records if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -53,9 +58,34 @@ class MetricsLogger:
             f.write(json.dumps(clean) + "\n")
 
 
+def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The records of a JSONL file and the (1-based) numbers of the lines that are not records."""
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(number)
+    return records, bad
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics JSONL file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a metrics JSONL file. A torn last line (the writer was killed mid-line) is
+    skipped with a warning; any other line that is not a JSON object is a ValueError naming it."""
+    path = Path(path)
+    records, bad = _parse_lines(path)
+    last = len(path.read_text(errors="replace").splitlines())
+    if bad == [last]:
+        warnings.warn(f"{path}: skipping a torn last line ({last})", stacklevel=2)
+    elif bad:
+        raise ValueError(f"{path}:{bad[0]} is not a JSON record")
+    return records
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:

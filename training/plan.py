@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,14 @@ class PlanInputs:
     double_quant: bool = True
     full_ft_tokens_per_param: float = 0.1
     headroom: float = 0.9  # plan against this fraction of the device memory
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_memory_gib", "seq_len", "batch_size", "data_tokens", "lora_r", "full_ft_tokens_per_param"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not 0 < self.headroom <= 1:
+            raise ValueError(f"headroom must be in (0, 1], got {self.headroom!r}")
 
 
 def load_model_shape(model: str | None, model_config: dict | None) -> ModelShape:

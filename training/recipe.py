@@ -25,7 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fastpeft.training import checkpoint as ckpt
 from fastpeft.training import distributed as dist_utils
+from fastpeft.training.config_checks import check_training_fields
 from fastpeft.training.model_setup import (
     apply_finetune_mode,
     build_model,
@@ -70,7 +72,7 @@ class RecipeConfig:
     grad_accum_steps: int = 1
     max_steps: int | None = None  # when set, wins over num_epochs
     num_epochs: float = 1.0
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
     max_bad_steps: int = 10
     seed: int = 0
     # compute and memory
@@ -86,25 +88,14 @@ class RecipeConfig:
     # output
     output_dir: str = "runs/train"
     save_every: int | None = None
-    keep_checkpoints: int | None = 2
+    keep_checkpoints: int | None = 2  # the newest N; null or 0: all
     resume: bool = False
     log_every: int = 1
     progress: bool = True
     plot: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "eval_batch_size", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive or null, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not self.num_epochs > 0:
-            raise ValueError(f"num_epochs must be positive, got {self.num_epochs}")
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"adam_betas must have two numbers, got {self.adam_betas}")
+        check_training_fields(self)
         if self.parallel not in dist_utils.PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {dist_utils.PARALLEL_MODES}, got {self.parallel!r}")
         if self.parallel == "fsdp" and self.optimizer not in dist_utils.FSDP_OPTIMIZERS:
@@ -146,6 +137,8 @@ def setup_run(config: RecipeConfig, model: nn.Module | None = None, tokenizer: A
     """Device, process group, seed, tokenizer and model with adapters (see the module docstring).
     ``lora`` replaces ``config.lora`` (SFT's domain-adaptive default)."""
     rank, local_rank, world_size = dist_utils.world()
+    if rank == 0:  # before anything is loaded: an unusable output_dir would lose the trained weights
+        ckpt.check_output_dir(Path(config.output_dir), "adapter", "model", "checkpoints")
     device = resolve_device(config.device, local_rank)
     distributed = dist_utils.init_distributed(device)
     torch.manual_seed(config.seed)
@@ -200,19 +193,24 @@ def jsonable_config(config: Any) -> dict[str, Any]:
 def save_final(ctx: RunContext, extra: dict[str, torch.Tensor] | None = None, extra_name: str = "head",
                state_dict: dict[str, torch.Tensor] | None = None) -> Path | None:  # fmt: skip
     """Adapter (PEFT format) or full model (``state_dict``: its gathered FSDP state), plus ``extra``
-    tensors (e.g. a scalar head) as ``<extra_name>.safetensors`` beside it; rank 0 only."""
+    tensors (e.g. a scalar head) as ``<extra_name>.safetensors`` beside it; rank 0 only. If that
+    save fails the weights go elsewhere and :class:`~fastpeft.training.checkpoint.FinalSaveError` says where."""
     if not ctx.main:
         return None
-    if ctx.has_adapters:
-        import fastpeft
 
-        target = Path(fastpeft.save_adapter(ctx.model, ctx.out_dir / "adapter"))
-    else:
-        target = ctx.out_dir / "model"
-        ctx.model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
-        ctx.tokenizer.save_pretrained(target)
-    if extra:
-        from safetensors.torch import save_file
+    def save(target: Path) -> Path:
+        if ctx.has_adapters:
+            import fastpeft
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(target / f"{extra_name}.safetensors"))
-    return target
+            target = Path(fastpeft.save_adapter(ctx.model, target))
+        else:
+            ckpt.save_pretrained(ctx.model, target, ctx.tokenizer, state_dict)
+        if extra:
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+            save_file(tensors, str(target / f"{extra_name}.safetensors"))
+        return target
+
+    what = "adapter" if ctx.has_adapters else "model"
+    return ckpt.save_or_rescue(save, ctx.out_dir / what, what if extra is None else "final weights")

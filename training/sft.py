@@ -7,7 +7,8 @@ of the step is Σ token losses / Σ target tokens over all of them (see
 A step whose loss or gradient norm is not finite is skipped with a warning (no optimizer or
 scheduler update); more than ``max_bad_steps`` such steps stop the run. Checkpoints every
 ``save_every`` steps are atomic and ``resume=True`` continues exactly where the run stopped (same
-data order, RNG, optimizer and scheduler state). Metrics go to ``<output_dir>/metrics.jsonl`` and, at the end,
+data order, RNG, optimizer and scheduler state) from the newest checkpoint that passes its manifest
+check (see :mod:`fastpeft.training.checkpoint`). Metrics go to ``<output_dir>/metrics.jsonl`` and, at the end,
 ``loss.png``. All of that is the shared recipe core (:mod:`~fastpeft.training.recipe`,
 :mod:`~fastpeft.training.loop`); this file is the data and the loss.
 """

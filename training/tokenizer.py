@@ -21,6 +21,9 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|
 CHARACTERS = ("\n", "\t") + tuple(chr(i) for i in range(32, 127))
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
+    "{% if m['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown chat role ' ~ m['role'] ~ '; the bundled template knows system, user, assistant') }}"
+    "{% endif %}"
     "<|{{ m['role'] }}|>\n{{ m['content'] }}"
     # transformers renders with trim_blocks, so each newline sits before a tag, never after one
     "{% if m['role'] == 'assistant' %}{{ eos_token }}\n{% else %}<|end|>\n{% endif %}"

@@ -16,6 +16,7 @@ SCENARIOS: dict[str, str] = {
     "prefix-attention": "prefix_attention",
     "qlora-step": "qlora_step",
     "sampling": "sampling",
+    "trl-sft-step": "trl_sft_step",
 }
 
 

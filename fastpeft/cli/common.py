@@ -4,10 +4,12 @@ errors with exit status 2 for bad configurations, and table formatting."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastpeft.training.config_io import ConfigError
@@ -45,6 +47,17 @@ def run_cli(prog: str, argv: list[str], body: Callable[[list[str]], int], help_t
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"fastpeft {prog}: error: {msg}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+
+
+def json_object(path: Path, key: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ConfigError naming ``key`` when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{key}: {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def format_bytes(n: float | None) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import platform
 from pathlib import Path
 from typing import Any
 
-from fastpeft.cli.common import config_help, format_bytes, print_kv, run_cli
+from fastpeft.cli.common import config_help, format_bytes, json_object, print_kv, run_cli
 from fastpeft.training.config_io import ConfigError, parse_cli
 
 _PACKAGES = ("fastpeft", "torch", "triton", "transformers", "bitsandbytes", "peft", "safetensors", "liger-kernel")
@@ -47,7 +46,7 @@ def environment() -> list[tuple[str, Any]]:
 def describe_path(path: Path) -> list[tuple[str, Any]]:
     """Rows describing an adapter, model, run or checkpoint directory (ConfigError otherwise)."""
     if (path / "adapter_config.json").is_file():
-        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg = json_object(path / "adapter_config.json", "path")
         rows: list[tuple[str, Any]] = [("kind", f"adapter ({cfg.get('peft_type', '?')})")]
         rows += [(k, cfg.get(k)) for k in ("base_model_name_or_path", "r", "lora_alpha", "target_modules",
                                             "use_rslora", "use_dora")]  # fmt: skip
@@ -55,14 +54,17 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
         if weights.is_file():
             from safetensors import safe_open
 
-            with safe_open(str(weights), "pt") as f:
-                n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-                rows += [("tensors", len(list(f.keys()))), ("adapter parameters", f"{n:,}")]
+            try:
+                with safe_open(str(weights), "pt") as f:
+                    n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+                    rows += [("tensors", len(list(f.keys()))), ("adapter parameters", f"{n:,}")]
+            except Exception as err:  # safetensors' own error types
+                raise ConfigError(f"path: {weights} is truncated or corrupted ({err})") from err
         return rows
     if (path / "config.json").is_file():
         from fastpeft.training.plan import ModelShape
 
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = json_object(path / "config.json", "path")
         shape = ModelShape.from_config(cfg)
         return [("kind", f"model ({cfg.get('model_type', '?')})"), ("parameters (estimate)", f"{shape.total_params():,}"),
                 ("layers", shape.layers), ("hidden", shape.hidden), ("vocab", shape.vocab),
@@ -74,7 +76,7 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
         latest = latest_checkpoint(path / "checkpoints")
         state_file = latest / "trainer_state.json" if latest else state_file
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = json_object(state_file, "path")
         rows = [("kind", "training checkpoint"), ("checkpoint", state_file.parent), ("step", state.get("step")),
                 ("skipped steps", state.get("bad_steps"))]  # fmt: skip
         cfg = state.get("config", {})

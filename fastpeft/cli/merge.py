@@ -8,10 +8,9 @@ tokenizer found in the base directory is copied along.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from fastpeft.cli.common import config_help, run_cli
+from fastpeft.cli.common import config_help, json_object, run_cli
 from fastpeft.training.config_io import ConfigError, parse_cli
 
 _PATH = {"path": True}
@@ -28,6 +27,7 @@ class MergeConfig:
 def merge_adapter(config: MergeConfig) -> Path:
     """Load base + adapter, merge, unload, save to ``config.output``; returns the output path."""
     import fastpeft
+    from fastpeft.training.checkpoint import check_output_dir, save_pretrained
     from fastpeft.training.model_setup import build_model
 
     if not config.adapter or not config.output:
@@ -35,19 +35,24 @@ def merge_adapter(config: MergeConfig) -> Path:
     adapter_cfg = Path(config.adapter) / "adapter_config.json"
     if not adapter_cfg.is_file():
         raise ConfigError(f"adapter: {config.adapter!r} has no adapter_config.json")
-    base = config.model or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+    saved_config = json_object(adapter_cfg, "adapter")  # checked before any model is loaded
+    base = config.model or saved_config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ConfigError(f"model: base model directory {base!r} not found; pass --model DIR")
-    model = build_model(base, None, config.dtype)
-    fastpeft.load_adapter(model, config.adapter)
-    model = fastpeft.merge_and_unload(model)
     out = Path(config.output)
-    model.save_pretrained(out, safe_serialization=True)
+    try:  # before the model is loaded
+        check_output_dir(out)
+    except ValueError as err:
+        raise ConfigError(str(err).replace("output_dir:", "output:", 1)) from err
+    model = build_model(base, None, config.dtype)
+    fastpeft.load_adapter(model, config.adapter)  # refuses NaN/inf weights
+    model = fastpeft.merge_and_unload(model)
+    tokenizer = None
     if any((Path(base) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         from fastpeft.training.tokenizer import load_tokenizer
 
-        load_tokenizer(base).save_pretrained(out)
-    return out
+        tokenizer = load_tokenizer(base)
+    return save_pretrained(model, out, tokenizer)
 
 
 def _body(argv: list[str]) -> int:

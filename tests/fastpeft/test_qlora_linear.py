@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -66,7 +67,9 @@ def test_quantized_base_is_bitsandbytes_format_and_buffers():
     assert torch.equal(layer.packed, expected.packed) and torch.equal(layer.absmax, expected.absmax)
     names = {n for n, _ in layer.named_buffers()}
     assert {"packed", "absmax", "nested_absmax", "nested_code", "offset"} <= names
-    assert not hasattr(layer, "weight")  # no dense copy kept
+    assert all(p.dtype != torch.float32 or p.numel() < 40 * 24 for p in layer.state_dict().values())  # no dense copy
+    assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state.shape == (24, 40)  # bnb's Params4bit view
+    assert layer.weight.data_ptr() == layer.packed.data_ptr()
     x = torch.randn(3, 40)
     dense = nn.functional.linear(x, dequantize_nf4(expected, torch.float32), linear.bias)
     torch.testing.assert_close(layer(x), dense, atol=1e-6, rtol=1e-6)  # B = 0: the NF4 base only
@@ -138,18 +141,62 @@ def test_from_bnb_shares_data_and_matches_bitsandbytes(double_quant):
         torch.testing.assert_close(layer(x), bnb_layer(x), atol=1e-5, rtol=1e-5)
 
 
-def test_from_bnb_after_bitsandbytes_cpu_repacking():
+def _repack(bnb_layer, x):
+    """bnb's CPU repack: through its eval forward on CPUs with AVX512-BF16, else its own function."""
+    import bitsandbytes.functional as bnbf
+
+    with torch.no_grad():
+        bnb_layer.eval()(x)
+    state = bnb_layer.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        bnb_layer.weight.data, bnb_layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu(bnb_layer.weight.data,
+                                                                                                  state)  # fmt: skip
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(64, 64), (128, 96), (64, 192)])  # (in, out); bnb needs out % 32 == 0
+def test_from_bnb_after_bitsandbytes_cpu_repacking(double_quant, shape):
+    """After the repack the layer computes with the fp32 scales rounded to bf16 (what bnb keeps),
+    on the original codes; with double quant off bnb's own inverse would transpose the scales."""
     torch.manual_seed(1)
-    linear = nn.Linear(64, 64)
-    bnb_layer = _bnb_linear4bit(linear, double_quant=True).eval()
+    linear = nn.Linear(*shape)
+    bnb_layer = _bnb_linear4bit(linear, double_quant)
+    exact = quantize_nf4(linear.weight.detach(), 64, double_quant=double_quant)
+    x = torch.randn(3, shape[0])
+    _repack(bnb_layer, x)
+    layer = QLoRALinear.from_bnb(bnb_layer, r=2, lora_alpha=4)
+    assert torch.equal(layer.packed, exact.packed) and not layer.double_quant
+    rounded = dataclasses.replace(exact, absmax=exact.absmax_fp32().to(torch.bfloat16).float(), nested_absmax=None,
+                                  nested_code=None, offset=None)  # fmt: skip
+    assert torch.equal(layer.absmax, rounded.absmax)
+    want = nn.functional.linear(x, dequantize_nf4(rounded, torch.float32), linear.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)  # B = 0: the base only
+        bnb_layer.support_avx512bf16_for_cpu = False  # else its eval forward would repack again
+        y_bnb = bnb_layer(x)  # bnb's standard path on the restored layer reads the same weight
+    torch.testing.assert_close(y_bnb, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_bnb_cpu_layout_is_refused():
+    torch.manual_seed(1)
+    bnb_layer = _bnb_linear4bit(nn.Linear(64, 64), double_quant=False)
+    _repack(bnb_layer, torch.randn(2, 64))
+    bnb_layer.weight.quant_state.absmax = bnb_layer.weight.quant_state.absmax.reshape(-1)  # not bnb's [K/bs, N]
+    with pytest.raises(ValueError, match="CPU layout"):
+        QLoRALinear.from_bnb(bnb_layer, r=2, lora_alpha=4)
+
+
+def test_get_base_layer_shares_the_nf4_bytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer, _ = _qlayer(64, 32, 2, torch.float32)
+    base = layer.get_base_layer()
+    assert isinstance(base, bnb.nn.Linear4bit) and base.bias is layer.bias
+    assert base.weight.data_ptr() == layer.packed.data_ptr() and layer.base_layer.weight.quant_state.nested
     x = torch.randn(3, 64)
     with torch.no_grad():
-        y_bnb = bnb_layer(x)  # may repack the weight for bnb's CPU kernel (CPUs with AVX512-BF16)
-    layer = QLoRALinear.from_bnb(bnb_layer, r=2, lora_alpha=4)
-    exact = quantize_nf4(linear.weight.detach(), 64, double_quant=True)
-    assert torch.equal(layer.packed, exact.packed)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), y_bnb, atol=2e-2, rtol=2e-2)  # bnb's CPU kernel: bf16 absmax
+        want = nn.functional.linear(x, layer.dense_weight(torch.float32), layer.bias)
+        torch.testing.assert_close(base.eval()(x), want, atol=1e-5, rtol=1e-5)
+    assert not base.weight.quant_state.__dict__.get("packing_format_for_cpu", False)  # never repacked
 
 
 @pytest.mark.triton

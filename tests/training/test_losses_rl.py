@@ -163,3 +163,58 @@ def test_errors_name_the_problem():
         aggregate_token_loss(torch.randn(2, 3), torch.ones(2, 3), "mean")
     with pytest.raises(ValueError, match="shapes"):
         k3_kl(torch.randn(2, 3), torch.randn(3, 2))
+
+
+# ------------------------------------------------------------------- TRL's conventions as options
+def test_sample_std_option_by_hand_and_against_trl():
+    got = group_advantages(_t(REWARDS), 4, "group", std_correction=1)
+    # group 0 = [1, 0, 0, 1]: mean 0.5, sample std sqrt(4 · 0.25 / 3) = 0.57735
+    assert float(got[0]) == pytest.approx(0.5 / (math.sqrt(1 / 3) + EPS), rel=1e-6)
+    g = REWARDS.reshape(3, 4)
+    expected = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + EPS)
+    assert np.allclose(got.numpy(), expected.reshape(-1), atol=1e-5)
+    batch = group_advantages(_t(REWARDS), 4, "batch", std_correction=1)
+    assert np.allclose(batch.numpy(), ((g - g.mean(1, keepdims=True)) / (REWARDS.std(ddof=1) + EPS)).reshape(-1),
+                       atol=1e-5)  # fmt: skip
+    # a group with one valid reward: no sample std, advantage 0 (never NaN)
+    lone = group_advantages(_t([1.0, math.nan]), 2, "group", torch.tensor([True, False]), std_correction=1)
+    assert torch.equal(lone, torch.zeros(2))
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    trl_std = trl_utils.nanstd(_t(REWARDS).view(3, 4), dim=1).repeat_interleave(4)
+    rewards = _t(REWARDS)
+    trl_adv = (rewards - rewards.view(3, 4).mean(1).repeat_interleave(4)) / (trl_std + EPS)
+    assert np.allclose(got.numpy(), trl_adv.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="std_correction"):
+        group_advantages(_t(REWARDS), 4, std_correction=2)
+
+
+def test_count_empty_rows_option_by_hand():
+    per_token = _t([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [5.0, 6.0, 0.0, 0.0]])
+    mask = _t([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # the third row is fully masked
+    # grpo: per-sequence means (2, 4, 0) over all 3 rows (TRL's .mean())
+    assert float(aggregate_token_loss(per_token, mask, "grpo", count_empty_rows=True)) == pytest.approx(6.0 / 3)
+    # dr_grpo: sum 10 / (3 rows * max_len 8)
+    assert float(aggregate_token_loss(per_token, mask, "dr_grpo", 8, count_empty_rows=True)) == pytest.approx(10 / 24)
+    # dapo counts tokens, not rows: unchanged
+    assert float(aggregate_token_loss(per_token, mask, "dapo", count_empty_rows=True)) == pytest.approx(10 / 4)
+    loss, _ = grpo_loss(torch.zeros(3, 4), torch.zeros(3, 4), _t([1.0, 1.0, 1.0]), mask, count_empty_rows=True)
+    assert float(loss) == pytest.approx(-2.0 / 3)  # -A = -1 on the two rows with tokens, over 3 rows
+
+
+def test_kl_ratio_correction_by_hand():
+    logp = torch.log(_t([[0.5, 0.2]])).requires_grad_()
+    old = torch.log(_t([[0.25, 0.2]]))  # ratios 2 and 1
+    ref = torch.log(_t([[0.25, 0.4]]))
+    mask, beta = torch.ones(1, 2), 0.1
+    loss, stats = grpo_loss(logp, old, _t([0.0]), mask, eps_low=0.2, eps_high=10.0, beta=beta, ref_logp=ref,
+                            aggregation="dapo", kl_ratio_correction=True)  # fmt: skip
+    d = np.log([0.25, 0.4]) - np.log([0.5, 0.2])
+    k3, ratio = np.exp(d) - d - 1, np.array([2.0, 1.0])
+    assert float(loss.detach()) == pytest.approx(beta * (k3 * ratio).mean(), rel=1e-6)  # A = 0: the KL term only
+    assert stats["kl"] == pytest.approx(k3.mean(), rel=1e-5)  # logged before the correction
+    loss.backward()
+    # d/dlogp [β k3 ρ] = β (∂k3 ρ + k3 ρ) with ∂k3 = 1 - exp(ref - logp); mean over 2 tokens
+    expected = beta * ((1 - np.exp(d)) * ratio + k3 * ratio) / 2
+    assert np.allclose(logp.grad.numpy()[0], expected, atol=1e-6)
+    plain, _ = grpo_loss(logp.detach(), old, _t([0.0]), mask, beta=beta, ref_logp=ref, aggregation="dapo")
+    assert float(plain) == pytest.approx(beta * k3.mean(), rel=1e-6)  # ours: no ratio

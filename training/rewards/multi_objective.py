@@ -176,7 +176,8 @@ def build_reward(names: Sequence[str] | Mapping[str, float], **options: Any) -> 
     the final answer against ``record["answer"]``; ``format``; ``code``; ``process``; ``length``), a
     list (unit weights) or a name -> weight mapping.
     ``options`` go to the rewards that take them: ``code_limits`` (a dict of
-    :class:`~fastpeft.training.rewards.code_sandbox.SandboxLimits` fields), ``process_weights``."""
+    :class:`~fastpeft.training.rewards.code_sandbox.SandboxLimits` fields), ``code_isolation``
+    (``"bwrap"``, the default, or ``"unsafe-rlimits-only"``), ``process_weights``."""
     from fastpeft.training.rewards.code_sandbox import CodeReward, SandboxLimits
     from fastpeft.training.rewards.hacking import length_reward
     from fastpeft.training.rewards.outcome import answer_format_reward, answer_reward
@@ -187,7 +188,8 @@ def build_reward(names: Sequence[str] | Mapping[str, float], **options: Any) -> 
         "answer": lambda: answer_reward,
         "arithmetic": lambda: answer_reward,
         "format": lambda: answer_format_reward,
-        "code": lambda: CodeReward(SandboxLimits(**options.get("code_limits", {}))),
+        "code": lambda: CodeReward(SandboxLimits(**options.get("code_limits", {})),
+                                   isolation=options.get("code_isolation", "bwrap")),
         "process": lambda: StepCheckerReward(weights=options.get("process_weights")),
         "length": lambda: length_reward,
     }
