@@ -41,10 +41,10 @@ def _lora_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _run(config, reward, model=None):
+def _run(config, reward, model=None, sampler=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return train(config, model=model, reward=reward)
+        return train(config, model=model, reward=reward, sampler=sampler)
 
 
 def test_layout_puts_every_completion_at_the_same_column():
@@ -145,3 +145,39 @@ def test_answer_reward_is_the_built_in_name(tiny_config):
         assert reward(["Q"], ["so answer 12"], [record]).totals == [1.0]
     with pytest.raises(ValueError, match="built-in rewards"):
         build_reward({"nope": 1.0})
+
+
+def test_sampling_never_holds_the_previous_backward(tmp_path, tiny_config):
+    """Every tensor autograd saves for a backward is counted from its save until it is freed: when
+    the sampler runs (steps 2 and 3) none is alive, and no gradient is held either."""
+    import weakref
+
+    from fastpeft.reasoning.sampler import Sampler
+    from fastpeft.training.model_setup import build_model
+    from fastpeft.training.tokenizer import load_char_tokenizer
+
+    alive: set[int] = set()
+
+    class Saved:
+        def __init__(self, tensor):
+            self.tensor = tensor
+            alive.add(id(self))
+            weakref.finalize(self, alive.discard, id(self))
+
+    model = build_model(None, tiny_config, seed=0)
+    seen = []
+
+    class CheckingSampler:
+        def __init__(self):
+            self.sampler = None
+
+        def generate_ids(self, prompt_ids, params, n=1, adapters=None):
+            self.sampler = self.sampler or Sampler(model, load_char_tokenizer(), max_seq_len=64)
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            seen.append((len(alive), sum(g is not None for g in grads)))
+            return self.sampler.generate_ids(prompt_ids, params, n)
+
+    config = _config(tiny_config, tmp_path, max_steps=3, eval_data=None, beta=0.1)
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        _run(config, MultiObjectiveReward({"len": _length}), model, CheckingSampler())
+    assert seen == [(0, 0)] * 3
