@@ -37,7 +37,7 @@ import fastpeft
 from fastpeft.training import distributed as dist_utils
 from fastpeft.training.data import BatchPlan, load_records
 from fastpeft.training.logprobs import sequence_logprobs
-from fastpeft.training.loop import Callback, RunResult, start_run
+from fastpeft.training.loop import Callback, RecipeRun, RunResult, start_run
 from fastpeft.training.losses_preference import dpo_loss
 from fastpeft.training.pairs import PairRow, collate_pairs, tokenize_pairs
 from fastpeft.training.recipe import RecipeConfig, require_reference, setup_run
@@ -137,6 +137,28 @@ def evaluate_dpo(module: PairLogprobs, pairs: Sequence[PairRow], pad: int, confi
     return {"eval_loss": sum(losses) / n, "eval_reward_accuracy": sum(acc) / n, "eval_reward_margin": sum(margins) / n}
 
 
+def pair_update(run: RecipeRun, config: DPOConfig, module: PairLogprobs, micro: Sequence[list[PairRow]], pad: int,
+                ref_cache: dict[int, tuple[float, float]] | None, n_pairs: float) -> torch.Tensor:  # fmt: skip
+    """One optimizer update's forward and backward over the micro-batches ``micro`` of pairs (``n_pairs``:
+    the global number of pairs of the step): this rank's sums ``[4]`` of the loss, correct
+    preferences, reward margins and chosen NLLs (shapes only, so the memory ledger runs it on
+    FakeTensors)."""
+    device = run.ctx.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for j, mb in enumerate(micro):
+        with run.micro_batch(last=j == len(micro) - 1):
+            terms = _pair_terms(run.runner, module, mb, pad, device, ref_cache)
+            loss, rc, rr = dpo_loss(*terms, config.beta, config.loss_type, config.label_smoothing, "sum")
+            nll = chosen_nll(terms[0], mb, averaged=module.average).sum()
+            if config.sft_coef:
+                loss = loss + config.sft_coef * nll
+            run.backward(loss / n_pairs)
+        sums += torch.stack([loss.detach().double(), (rc > rr).sum().double(), (rc - rr).sum().double(),
+                             nll.detach().double()])  # fmt: skip
+        run.count_tokens(sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in mb))
+    return sums
+
+
 def train(config: DPOConfig, model: nn.Module | None = None, tokenizer: Any = None,
           callbacks: Sequence[Callback] = ()) -> RunResult:  # fmt: skip
     """Run DPO as configured; ``model``/``tokenizer`` may be passed in (``config.model`` is then unused)."""
@@ -171,19 +193,7 @@ def train(config: DPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     for step in run.steps():
         micro = plan.micro_batches(step)
         n_pairs = float(dist_utils.all_reduce_sum(torch.tensor(float(sum(len(m) for m in micro)), device=ctx.device)))
-        sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, correct, margin, chosen NLL
-        for j, mb in enumerate(micro):
-            with run.micro_batch(last=j == len(micro) - 1):
-                terms = _pair_terms(run.runner, module, mb, pad, ctx.device, ref_cache)
-                loss, rc, rr = dpo_loss(*terms, config.beta, config.loss_type, config.label_smoothing, "sum")
-                nll = chosen_nll(terms[0], mb, averaged=module.average).sum()
-                if config.sft_coef:
-                    loss = loss + config.sft_coef * nll
-                run.backward(loss / n_pairs)
-            sums += torch.stack([loss.detach().double(), (rc > rr).sum().double(), (rc - rr).sum().double(),
-                                 nll.detach().double()])  # fmt: skip
-            run.count_tokens(sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in mb))
-        sums = dist_utils.all_reduce_sum(sums) / n_pairs
+        sums = dist_utils.all_reduce_sum(pair_update(run, config, module, micro, pad, ref_cache, n_pairs)) / n_pairs
         loss_value = float(sums[0])
         run.update(loss_value)
         run.end_step(step, {"loss": loss_value, "reward_accuracy": float(sums[1]), "reward_margin": float(sums[2]),

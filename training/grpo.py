@@ -104,14 +104,16 @@ def rollout_step(ctx: RunContext, config: GRPOConfig, batch: RolloutBatch,
 
 def policy_update(run: RecipeRun, config: GRPOConfig, batch: RolloutBatch, adv: torch.Tensor, mask: torch.Tensor,
                   old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                  norms: tuple[float, float]) -> tuple[float, dict[str, float]]:  # fmt: skip
-    """One optimizer update on the step's completions, ``micro_batch_size`` rows per forward and
-    backward (the activations of one micro-batch at a time): ``(loss, token-weighted stats)``.
-    ``norms``: the global (all ranks) number of sequences and of tokens in the loss."""
+                  norms: tuple[float, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """One optimizer update's forward and backward on the step's completions, ``micro_batch_size``
+    rows at a time (the activations of one micro-batch at a time): ``(this rank's loss, token-weighted
+    stats)`` as 0-d tensors, read once per step (no host sync per micro-batch; shapes only, so the
+    memory ledger runs it on FakeTensors). ``norms``: the global (all ranks) numbers of sequences and
+    of tokens in the loss."""
     num_seqs, num_tokens = norms
     mb = config.micro_batch_size
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.ctx.device)
-    stats: dict[str, float] = {}
+    stats: dict[str, torch.Tensor] = {}
     chunks = list(range(0, batch.num_sequences, mb))
     for j, i in enumerate(chunks):
         rows = slice(i, i + mb)
@@ -125,11 +127,11 @@ def policy_update(run: RecipeRun, config: GRPOConfig, batch: RolloutBatch, adv: 
                                 kl_ratio_correction=config.kl_ratio_correction)  # fmt: skip
             run.backward(loss)
         loss_sum += loss.detach().double()
-        weight = float(mask[rows].sum()) / max(num_tokens, 1.0)
-        s["entropy"] = float((out["entropy"].detach() * mask[rows]).sum()) / max(float(mask[rows].sum()), 1.0)
+        tokens = mask[rows].sum()
+        s["entropy"] = (out["entropy"].detach() * mask[rows]).sum() / tokens.clamp(min=1)
         for k, v in s.items():  # token-weighted means over the batch
-            stats[k] = stats.get(k, 0.0) + v * weight
-    return float(dist_utils.all_reduce_sum(loss_sum)), stats
+            stats[k] = stats.get(k, 0.0) + v * tokens / max(num_tokens, 1.0)
+    return loss_sum, stats
 
 
 def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = None,
@@ -171,10 +173,12 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
         norms = dist_utils.all_reduce_sum(torch.stack([seq_has, mask.sum().double()]))
         step_stats: dict[str, float] = {}
         for _ in range(config.num_iterations):
-            loss, s = policy_update(run, config, batch, adv, mask, old_logp, ref_logp, (float(norms[0]), float(norms[1])))
+            loss_sum, s = policy_update(run, config, batch, adv, mask, old_logp, ref_logp, (float(norms[0]),
+                                                                                            float(norms[1])))  # fmt: skip
+            loss = float(dist_utils.all_reduce_sum(loss_sum))
             run.update(loss)
             for k, v in s.items():
-                step_stats[k] = step_stats.get(k, 0.0) + v / config.num_iterations
+                step_stats[k] = step_stats.get(k, 0.0) + float(v) / config.num_iterations
         run.count_tokens(int(batch.attention_mask.sum()))
         record = {"loss": loss, **stats, **step_stats, "reward_skipped_total": run.state["reward_skipped_total"],
                   "sample_seconds": sample_seconds, "step_seconds": time.perf_counter() - t0}  # fmt: skip
