@@ -9,7 +9,6 @@ import math
 import warnings
 
 import pytest
-import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from fastpeft.training import recipe_steps
