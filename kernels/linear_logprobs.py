@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
+from fastpeft.kernels.autocast import autocast_off
 from fastpeft.kernels.backend import backend
-from fastpeft.kernels.linear_cross_entropy import default_chunk_size
+from fastpeft.kernels.linear_cross_entropy import default_chunk_size, lm_head_inputs
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -259,24 +259,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     so fp32 master weights get fp32 gradients). Every target must be a vocabulary id: select the
     rows that matter before calling (e.g. the completion tokens).
     """
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit: "
-                         "expected hidden [*, H] and weight [V, H]")  # fmt: skip
-    if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"targets {tuple(targets.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError(f"hidden on {hidden.device}, weight on {weight.device}, targets on {targets.device}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    amp = autocast_dtype(hidden.device)
-    if amp is not None:
-        hidden, weight = cast_for_autocast(amp, hidden, weight)
-    if hidden.dtype not in FLOAT_DTYPES or hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype")
+    hidden, weight = lm_head_inputs(hidden, weight, targets, "targets", chunk_size, FLOAT_DTYPES)
     shape, flat = targets.shape, targets.reshape(-1).long()
     v = weight.shape[0]
     if not is_fake(flat) and flat.numel() and bool(((flat < 0) | (flat >= v)).any()):
