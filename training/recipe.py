@@ -71,7 +71,7 @@ class RecipeConfig:
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     max_steps: int | None = None  # when set, wins over num_epochs
-    num_epochs: float = 1.0
+    num_epochs: float | None = 1.0
     max_grad_norm: float | None = 1.0  # null: no clipping
     max_bad_steps: int = 10
     seed: int = 0
@@ -96,6 +96,8 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         check_training_fields(self)
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("num_epochs: set max_steps or num_epochs (both are null)")
         if self.parallel not in dist_utils.PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {dist_utils.PARALLEL_MODES}, got {self.parallel!r}")
         if self.parallel == "fsdp" and self.optimizer not in dist_utils.FSDP_OPTIMIZERS:
@@ -104,7 +106,9 @@ class RecipeConfig:
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``max_steps`` when set, else ``num_epochs`` passes over the data."""
-        return self.max_steps or max(1, math.ceil(self.num_epochs * steps_per_epoch))
+        if self.max_steps:
+            return self.max_steps
+        return max(1, math.ceil(self.num_epochs * steps_per_epoch))
 
 
 @dataclasses.dataclass
