@@ -235,3 +235,25 @@ def hf_generate(model: torch.nn.Module, n_seq: int, prompt_len: int, new_tokens:
     peak = None if window.peak is None else window.peak + model_bytes(model)
     return Measured(median_ms=seconds * 1e3, peak_mem_bytes=peak,
                     extra={"tokens_per_s": produced / seconds, "new_tokens": produced})  # fmt: skip
+
+
+def peft_lora_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (a dense transformers model, wrapped in place) with PEFT LoRA (r 16, alpha 32, all 7
+    projections, no dropout), in training mode."""
+    peft = import_optional("peft")
+    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS),
+                           task_type="CAUSAL_LM")  # fmt: skip
+    return peft.get_peft_model(model, lora).train()
+
+
+def adapter_train_step(model: torch.nn.Module, ids: torch.Tensor) -> Any:
+    """One training step of ``model``'s trainable parameters (labels = inputs, AdamW lr 1e-4), as a
+    callable: forward, backward, optimizer step; the same for every implementation compared."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step

@@ -104,6 +104,14 @@ def fastpeft_qlora_model(config: Any, device: torch.device) -> torch.nn.Module:
     return inject(model, lora).eval()
 
 
+def fastpeft_lora_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (dense, changed in place) with fastpeft LoRA (r 16, alpha 32, all 7 projections), training mode."""
+    from fastpeft.config import LoraConfig
+    from fastpeft.inject import inject
+
+    return inject(model, LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS)).train()
+
+
 def sampling(model: torch.nn.Module, n: int, prompt_len: int, new_tokens: int, repeats: int) -> Measured:
     """Our batched KV-cache sampler on ``model``: median seconds of one call, tokens/s, peak memory."""
     from .baselines import model_bytes

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 import re
 import statistics
 import sys
@@ -177,6 +178,34 @@ def median_time_ms(fn: Callable[[], Any], ctx: Context) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int,
+                      device: torch.device) -> dict[str, list[float]]:  # fmt: skip
+    """Wall seconds of each of ``fns`` over ``rounds`` rounds, one call of each per round, the order
+    reversed every other round: on a shared machine load changes hit every implementation alike, so
+    per-round ratios are steadier than ratios of separately measured medians."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_round_ratios(ours: Sequence[float], theirs: Sequence[float]) -> list[float]:
+    """Time ratios ours / theirs from :func:`interleaved_times`, one per pair of consecutive rounds
+    (the geometric mean of the two): whichever runs second in a round can be systematically slower
+    (measured: ~4% for CPU training steps), and a pair has each order once, so that cancels."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return [math.sqrt(ratios[i] * ratios[i + 1]) for i in range(0, len(ratios) - 1, 2)]
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -361,14 +390,18 @@ def run_impl(case: Case, spec: ImplSpec, ctx: Context) -> Row:
 
 
 def set_ratios(rows: list[Row]) -> None:
-    """Fill ``vs_fastest_baseline`` (time / fastest comparable baseline's time) for one case's rows."""
+    """Fill ``vs_fastest_baseline`` (time / fastest comparable baseline's time) for one case's rows.
+
+    A row measured in interleaved rounds against the baseline (:func:`interleaved_times`) carries the
+    median of its per-round time ratios as ``extra["vs_baseline_interleaved"]``; that is used instead.
+    """
     times = [r.median_ms for r in rows if r.role == BASELINE and r.comparable and r.status == "ok" and r.median_ms]
     if not times:
         return
     fastest = min(times)
     for r in rows:
         if r.median_ms and (r.status == "ok" or r.status.startswith("MISMATCH")):
-            r.vs_fastest_baseline = r.median_ms / fastest
+            r.vs_fastest_baseline = r.extra.get("vs_baseline_interleaved", r.median_ms / fastest)
 
 
 def end_scenario(ctx: Context) -> None:

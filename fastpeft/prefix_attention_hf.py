@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fastpeft.kernels.backend import backend
 from fastpeft.kernels.prefix_attention import prefix_attention, prefix_attention_probs_reference
-from fastpeft.kernels.prefix_attention_bwd import SUPPORTED_HEAD_DIMS
+from fastpeft.kernels.prefix_attention_launch import SUPPORTED_HEAD_DIMS
 
 ATTN_IMPLEMENTATION = "fastpeft_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

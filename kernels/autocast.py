@@ -36,6 +36,9 @@ def cast_for_autocast(dtype: torch.dtype, *values: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def autocast_off(device: torch.device) -> Iterator[None]:
-    """Disable autocast on ``device`` (our kernels take inputs already in one dtype)."""
+    """Disable autocast on ``device`` (our kernels take inputs already in one dtype); free when it is off."""
+    if not torch.is_autocast_enabled(device.type):
+        yield
+        return
     with torch.autocast(device.type, enabled=False):
         yield

@@ -16,6 +16,12 @@ gradient. Peak extra memory: one ``[C, V]`` fp32 chunk plus dW ``[V, H]`` and dH
 Without grad mode only the loss is computed.
 
 On CPU the same loop runs with the torch reference of the row kernel (the "chunked" path).
+
+Custom op: ``fastpeft::linear_cross_entropy`` (loss, dH, dW of the summed loss, and the reduction
+scale), a ``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``. It is opaque
+to torch.compile rather than a traced ``triton_op`` because its work is data-dependent: the rows
+that count are found with ``nonzero`` and the chunk loop runs over their number (labels are also
+range-checked there, a host sync). The row kernel inside launches directly.
 """
 
 from __future__ import annotations
@@ -24,10 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.kernels._constants import FLOAT_DTYPES
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
-from fastpeft.kernels.backend import backend
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastpeft.kernels.backend import use_triton
 
 
 @triton.jit
@@ -130,7 +135,7 @@ def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ign
 def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor,
                        ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Dispatch the row step (Triton on CUDA / interpreter, torch reference otherwise)."""
-    if backend(logits) == "triton":
+    if use_triton(logits):
         return cross_entropy_grad_triton(logits, labels, ignore_index)
     return cross_entropy_grad_reference(logits, labels, ignore_index)
 
@@ -150,49 +155,84 @@ def default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
     return max(1, triton.next_power_of_2(-(-max(n_rows, 1) // n_chunks)))
 
 
-class LinearCrossEntropyFn(torch.autograd.Function):
-    """Chunked forward that also produces dH and dW; backward scales them by the output grad."""
+def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                            chunk_size: int, want_h: bool, want_w: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:  # fmt: skip
+    """(summed loss fp32 ``[]``, its dH ``[N, H]`` and dW ``[V, H]`` (None where not wanted), number of
+    counted rows). ``chunk_size`` 0: :func:`default_chunk_size`."""
+    v = weight.shape[0]
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
+    count = rows.numel()
+    grad_h = torch.zeros_like(hidden) if want_h else None
+    # fp32 weights accumulate dW in fp32; half weights accumulate through addmm in their dtype
+    grad_w = torch.zeros_like(weight) if want_w else None
+    chunk = chunk_size or default_chunk_size(count, v, hidden.shape[1])
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, count, chunk):
+        idx = rows[start : start + chunk]
+        h_c = hidden.index_select(0, idx)  # [C, H]
+        logits = h_c @ weight.t()  # [C, V]
+        if logits.dtype != torch.float32:
+            logits = logits.float()  # the softmax and its gradient want fp32
+        loss_c, _ = cross_entropy_grad(logits, labels.index_select(0, idx), ignore_index)
+        total += loss_c.sum()
+        if want_h or want_w:
+            g = logits.to(hidden.dtype)  # [C, V] = softmax − onehot
+            if want_h:
+                grad_h.index_copy_(0, idx, g @ weight)
+            if want_w:
+                grad_w.addmm_(g.t(), h_c)
+    return total, grad_h, grad_w, count
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, compute_grad):  # type: ignore[override]
-        v = weight.shape[0]
-        want_h = compute_grad and ctx.needs_input_grad[0]
-        want_w = compute_grad and ctx.needs_input_grad[1]
-        rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
-        count = rows.numel()
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        # fp32 weights accumulate dW in fp32; half weights accumulate through addmm in their dtype
-        grad_w = torch.zeros_like(weight) if want_w else None
-        chunk = chunk_size or default_chunk_size(count, v, hidden.shape[1])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, count, chunk):
-            idx = rows[start : start + chunk]
-            h_c = hidden.index_select(0, idx)  # [C, H]
-            logits = h_c @ weight.t()  # [C, V]
-            if logits.dtype != torch.float32:
-                logits = logits.float()  # the softmax and its gradient want fp32
-            loss_c, _ = cross_entropy_grad(logits, labels.index_select(0, idx), ignore_index)
-            total += loss_c.sum()
-            if want_h or want_w:
-                g = logits.to(hidden.dtype)  # [C, V] = softmax − onehot
-                if want_h:
-                    grad_h.index_copy_(0, idx, g @ weight)
-                if want_w:
-                    grad_w.addmm_(g.t(), h_c)
-        scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
-        ctx.scale = scale
-        ctx.save_for_backward(grad_h if grad_h is not None else hidden.new_empty(0),
-                              grad_w if grad_w is not None else weight.new_empty(0))  # fmt: skip
-        ctx.has = (want_h, want_w)
-        return total * scale
 
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        factor = grad_out * ctx.scale
-        dh = grad_h * factor.to(grad_h.dtype) if ctx.has[0] else None
-        dw = grad_w * factor.to(grad_w.dtype) if ctx.has[1] else None
-        return dh, dw, None, None, None, None, None
+@torch.library.custom_op("fastpeft::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                             mean: bool, chunk_size: int, want_h: bool, want_w: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(loss fp32 ``[]`` (mean over counted rows, 0 without any, or the sum), dH and dW of the
+    *summed* loss (``[0]`` where not wanted), the reduction scale fp32 ``[]``). hidden ``[N, H]``,
+    weight ``[V, H]``, labels int64 ``[N]``."""
+    v = weight.shape[0]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) "
+                         f"and is not ignore_index={ignore_index}")  # fmt: skip
+    with autocast_off(hidden.device):
+        total, grad_h, grad_w, count = _chunked_loss_and_grads(hidden, weight, labels, ignore_index, chunk_size,
+                                                               want_h, want_w)  # fmt: skip
+    scale = total.new_full((), 1.0 / max(count, 1) if mean else 1.0)
+    grad_h = grad_h if want_h else hidden.new_empty(0)
+    grad_w = grad_w if want_w else hidden.new_empty(0)
+    return total * scale, grad_h, grad_w, scale
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, ignore_index, mean, chunk_size, want_h, want_w):  # type: ignore[no-untyped-def]
+    """Outputs as the real op allocates them (dH, dW zero-filled there, accumulated chunk by chunk).
+    No workspace; per chunk of C counted rows it holds transient logits fp32 ``[C, V]`` (plus a copy
+    in hidden's dtype for 16-bit inputs), the chunk of hidden ``[C, H]`` and its dH rows ``[C, H]``."""
+    scalar = hidden.new_empty((), dtype=torch.float32)
+    grad_h = torch.empty_like(hidden) if want_h else hidden.new_empty(0)
+    grad_w = torch.empty_like(weight) if want_w else hidden.new_empty(0)
+    return scalar, grad_h, grad_w, torch.empty_like(scalar)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    _, grad_h, grad_w, scale = output
+    ctx.mark_non_differentiable(grad_h, grad_w, scale)
+    ctx.save_for_backward(grad_h, grad_w, scale)
+    ctx.want = inputs[6:8]
+
+
+def _backward(ctx, grad_out, *_):  # type: ignore[no-untyped-def]
+    grad_h, grad_w, scale = ctx.saved_tensors
+    factor = grad_out * scale
+    dh = grad_h * factor.to(grad_h.dtype) if ctx.want[0] else None
+    dw = grad_w * factor.to(grad_w.dtype) if ctx.want[1] else None
+    return dh, dw, None, None, None, None, None, None
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, name: str,
@@ -223,7 +263,8 @@ def lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean",
                          chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
-    """Cross-entropy of ``hidden [*, H] @ weight[V, H]ᵀ`` against ``labels [*]``, chunked.
+    """Cross-entropy of ``hidden [*, H] @ weight[V, H]ᵀ`` against ``labels [*]``, chunked (the op
+    ``fastpeft::linear_cross_entropy``).
 
     ``reduction``: ``"mean"`` over non-ignored rows (0 when there are none) or ``"sum"``.
     Under autocast, hidden and weight are cast to the autocast dtype first (the casts are
@@ -232,12 +273,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     hidden, weight = lm_head_inputs(hidden, weight, labels, "labels", chunk_size)
-    labels = labels.reshape(-1).long()
-    v = weight.shape[0]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
-    if bool(bad.any()):
-        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) "
-                         f"and is not ignore_index={ignore_index}")  # fmt: skip
-    with autocast_off(hidden.device):
-        return LinearCrossEntropyFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels, ignore_index,
-                                          reduction, chunk_size, torch.is_grad_enabled())  # fmt: skip
+    grad = torch.is_grad_enabled()
+    loss, _, _, _ = torch.ops.fastpeft.linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), ignore_index, reduction == "mean",
+        chunk_size or 0, grad and hidden.requires_grad, grad and weight.requires_grad,
+    )  # fmt: skip
+    return loss

@@ -6,17 +6,27 @@ None, A ``[r, K]``, B ``[N, r]``, s a Python float (alpha/r, or alpha/sqrt(r) fo
 Backward (W frozen, so no dW):
     dX = dY·W + s·(dY·B)·A      dA = s·(dY·B)ᵀ·x      dB = s·dYᵀ·(x·Aᵀ)      db = Σ_rows dY
 
-Two regimes on the "triton" backend (chosen by :func:`fastpeft.kernels.backend.backend`):
+Two regimes:
 
-- decode, M <= 16: :func:`fastpeft.kernels.nf4_lora_decode.nf4_lora_decode`, one Triton kernel
-  that streams the 4-bit weight once (memory-bound; see that file).
-- training, M > 16 (and every backward): compute-bound, so cuBLAS does the GEMMs. An NF4 weight is
-  dequantized by the Triton kernel into ONE reused workspace (:mod:`fastpeft.kernels.workspace`,
-  shared by all layers of that dtype), then ``addmm`` with the bias, then the LoRA term
-  accumulated into the same output by a second ``addmm_`` (beta=1, alpha=s): no [M, N] temporary.
-  The backward dequantizes again into the workspace rather than keeping a dense copy alive.
+- decode, M <= 16, on the "triton" backend (:func:`fastpeft.kernels.backend.backend`):
+  :func:`fastpeft.kernels.nf4_lora_decode.nf4_lora_decode`, one Triton kernel that streams the
+  4-bit weight once (memory-bound; see that file).
+- training (every other call, and every backward, on both backends): compute-bound, so the BLAS
+  (cuBLAS, or the CPU's) does the GEMMs. An NF4 weight is dequantized (by the Triton kernel, or the
+  torch reference on the "torch" backend) into ONE reused workspace
+  (:mod:`fastpeft.kernels.workspace`, shared by all layers of that dtype), then ``addmm`` with the
+  bias, then the LoRA term accumulated into the same output by a second ``addmm_`` (beta=1,
+  alpha=s): no [M, N] temporary, no separate scale pass. x·Aᵀ is kept from the forward for dB;
+  the backward dequantizes again into the workspace rather than keeping a dense copy alive.
 
-The "torch" backend runs :func:`lora_linear_reference` / :func:`lora_linear_backward_reference`.
+:func:`lora_linear_reference` / :func:`lora_linear_backward_reference` are the plain-torch ground
+truth for tests.
+
+Custom ops: ``fastpeft::lora_linear`` (dense W) and ``fastpeft::nf4_lora_linear`` (NF4 W), the
+forward (y and the kept x·Aᵀ), and ``fastpeft::lora_linear_backward`` (dX, dA, dB), all
+``torch.library.triton_op`` (Triton launches through ``wrap_triton``) with ``register_fake``; the
+forward ops carry the backward with ``register_autograd``. The backend choice is made inside
+them, so torch.compile traces :func:`lora_linear` without graph breaks.
 """
 
 from __future__ import annotations
@@ -24,14 +34,21 @@ from __future__ import annotations
 import torch
 
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
-from fastpeft.kernels.backend import backend
-from fastpeft.kernels.lora_linear_args import Weight, check_lora_linear_args, check_scaling
-from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4
+from fastpeft.kernels.backend import use_triton
+from fastpeft.kernels.lora_linear_inputs import (
+    Weight,
+    WeightArgs,
+    check_lora_linear_args,
+    check_scaling,
+    weight_from_op_args,
+    weight_op_args,
+)
+from fastpeft.kernels.nf4 import NF4Weight, dequantize_into, dequantize_nf4
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
 from fastpeft.kernels.workspace import get_workspace
 
 __all__ = [
-    "DECODE_MAX_ROWS", "LoRALinearFn", "check_lora_linear_args", "dense_weight", "lora_linear",
+    "DECODE_MAX_ROWS", "check_lora_linear_args", "dense_weight", "lora_linear",
     "lora_linear_backward_reference", "lora_linear_reference", "lora_linear_training_backward",
     "lora_linear_training_forward",
 ]  # fmt: skip
@@ -50,11 +67,11 @@ def dense_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
         return weight
     n, k = weight.shape
     buf = get_workspace("nf4_dequant", n * k, dtype, weight.device).view(n, k)
-    return dequantize_nf4(weight, dtype, out=buf)
+    return dequantize_into(weight, buf)
 
 
 # ----------------------------------------------------------------------------------------------
-# torch reference (ground truth for tests, the CPU path)
+# torch reference (ground truth for tests)
 
 
 def lora_linear_reference(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
@@ -78,7 +95,7 @@ def lora_linear_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight
 
 
 # ----------------------------------------------------------------------------------------------
-# training regime: Triton dequant into the workspace + cuBLAS
+# training regime (both backends): dequant into the workspace + BLAS
 
 
 def lora_linear_training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
@@ -125,50 +142,146 @@ def lora_linear_training_backward(grad_y: torch.Tensor, x: torch.Tensor, xa: tor
     if need_x:
         grad_x = torch.mm(grad_y, dense_weight(weight, grad_y.dtype))
         grad_x.addmm_(g_b, lora_A, alpha=scaling)
-    if need_a:
-        grad_a = torch.mm(g_b.t(), x).mul_(scaling)
+    if need_a:  # beta=0: the uninitialized input is never read
+        grad_a = torch.addmm(lora_A.new_empty(lora_A.shape), g_b.t(), x, beta=0, alpha=scaling)
     if need_b:
         xa = torch.mm(x, lora_A.t()) if xa is None else xa
-        grad_b = torch.mm(grad_y.t(), xa).mul_(scaling)
+        grad_b = torch.addmm(lora_B.new_empty(lora_B.shape), grad_y.t(), xa, beta=0, alpha=scaling)
     return grad_x, grad_a, grad_b
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd
+# custom ops and autograd
 
 
-class LoRALinearFn(torch.autograd.Function):
-    """Autograd wrapper: saves x (and x·Aᵀ on the training path), never a dense copy of W."""
+def _no_rows(t: torch.Tensor, r: int) -> torch.Tensor:
+    """The ``[0, r]`` placeholder for an x·Aᵀ that is not kept (ops return tensors, never None)."""
+    return t.new_empty((0, r))
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):  # type: ignore[override]
-        use_triton = backend(x) == "triton"
-        xa = None
-        if not use_triton:
-            y = lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
-        elif x.shape[0] <= DECODE_MAX_ROWS:
+
+def _forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
+             lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The body of the forward ops: (y ``[M, N]``, x·Aᵀ ``[M, r]`` if ``save_xa`` else ``[0, r]``)."""
+    r = lora_A.shape[0]
+    with autocast_off(x.device):
+        if use_triton(x) and x.shape[0] <= DECODE_MAX_ROWS:
             y = launch_nf4_lora_decode(x, weight, bias, lora_A, lora_B, scaling)
-        else:
-            y, xa = _training_forward(x, weight, bias, lora_A, lora_B, scaling)
-        ctx.save_for_backward(x, lora_A, lora_B, xa)
-        ctx.weight, ctx.scaling, ctx.has_bias, ctx.use_triton = weight, scaling, bias is not None, use_triton
-        return y
+            return y, (torch.mm(x, lora_A.t()) if save_xa else _no_rows(x, r))
+        y, xa = _training_forward(x, weight, bias, lora_A, lora_B, scaling)
+        return y, (xa if save_xa else _no_rows(x, r))
 
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        with autocast_off(grad_y.device):  # backward may run inside the caller's autocast block
-            x, lora_A, lora_B, xa = ctx.saved_tensors
-            need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-            if ctx.use_triton:
-                grad_x, grad_a, grad_b = lora_linear_training_backward(
-                    grad_y, x, xa, ctx.weight, lora_A, lora_B, ctx.scaling, (need_x, need_a, need_b)
-                )
-            else:
-                grad_x, grad_a, grad_b = lora_linear_backward_reference(
-                    grad_y.contiguous(), x, ctx.weight, lora_A, lora_B, ctx.scaling
-                )
-            grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
-            return grad_x, None, grad_bias, grad_a, grad_b, None
+
+def _forward_fake(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """y ``[M, N]`` and x·Aᵀ ``[M or 0, r]``, contiguous, as the real ops allocate them.
+
+    Workspaces the real ops use (held across calls, so not allocated here): an NF4 W is dequantized
+    into ``"nf4_dequant"`` (``[N, K]`` in x's dtype; one buffer, sized for the largest layer, shared by
+    all layers) on the training path; the decode path (Triton, M <= 16) sums split-K partials in
+    ``"lora_decode_acc"`` (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per column tile).
+    """
+    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0] if save_xa else 0, lora_A.shape[0]))
+
+
+# Two forward ops, not one with optional NF4 arguments: a differentiable torch.library op pays per
+# call for every argument of its schema (~70 µs per eager call at 12 arguments vs 7 on a CPU core).
+@torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Dense W ``[N, K]``: (y ``[M, N]``, x·Aᵀ ``[M, r]`` if ``save_xa`` else ``[0, r]``)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, save_xa)
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, save_xa):  # type: ignore[no-untyped-def]
+    return _forward_fake(x, lora_A, lora_B, save_xa)
+
+
+@torch.library.triton_op("fastpeft::nf4_lora_linear", mutates_args=())
+def _nf4_lora_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                        nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                        offset: torch.Tensor | None, blocksize: int, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                        lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """NF4 W (:meth:`NF4Weight.op_args` and its blocksize): as ``fastpeft::lora_linear``."""
+    w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, (lora_B.shape[0], x.shape[1]),
+                               blocksize, x.dtype)  # fmt: skip
+    return _forward(x, w, bias, lora_A, lora_B, scaling, save_xa)
+
+
+@_nf4_lora_linear_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, save_xa):  # type: ignore[no-untyped-def]
+    return _forward_fake(x, lora_A, lora_B, save_xa)
+
+
+@torch.library.triton_op("fastpeft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
+                             absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                             nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
+                             lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, need_x: bool,
+                             need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dX ``[M, K]``, dA ``[r, K]``, dB ``[N, r]``), each an empty ``[0]`` tensor where not needed.
+    ``xa`` is the forward's x·Aᵀ (``[0, r]``: not kept, recomputed for dB)."""
+    m, k = x.shape
+    w = weight_from_op_args(weight, absmax, nested_absmax, nested_code, offset, blocksize, (lora_B.shape[0], k),
+                            grad_y.dtype)  # fmt: skip
+    with autocast_off(x.device):
+        grads = lora_linear_training_backward(grad_y, x, xa if xa.shape[0] == m else None, w, lora_A, lora_B,
+                                              scaling, (need_x, need_a, need_b))  # fmt: skip
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)  # type: ignore[return-value]
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
+      need_x, need_a, need_b):  # type: ignore[no-untyped-def]  # fmt: skip
+    """The gradients as the real op allocates them; it dequantizes an NF4 W into the same
+    ``"nf4_dequant"`` workspace as the forward, and allocates a transient dY·B ``[M, r]``."""
+    return (grad_y.new_empty(x.shape) if need_x else x.new_empty(0),
+            grad_y.new_empty(lora_A.shape) if need_a else x.new_empty(0),
+            grad_y.new_empty(lora_B.shape) if need_b else x.new_empty(0))  # fmt: skip
+
+
+def _save(ctx, weight_args: WeightArgs, x, bias, lora_A, lora_B, scaling, xa) -> None:  # type: ignore[no-untyped-def]
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, *weight_args[:5], lora_A, lora_B)
+    ctx.blocksize, ctx.scaling, ctx.has_bias = weight_args[5], scaling, bias is not None
+
+
+def _grads(ctx, grad_y, need_x: bool, need_bias: bool, need_a: bool, need_b: bool):  # type: ignore[no-untyped-def]
+    """(dX, db, dA, dB), None where not needed, through ``fastpeft::lora_linear_backward``."""
+    x, xa, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
+    grad_x, grad_a, grad_b = torch.ops.fastpeft.lora_linear_backward(
+        grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B,
+        ctx.scaling, need_x, need_a, need_b,
+    )  # fmt: skip
+    grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
+    return grad_x if need_x else None, grad_bias, grad_a if need_a else None, grad_b if need_b else None
+
+
+def _setup_dense(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weight, bias, lora_A, lora_B, scaling, _ = inputs
+    _save(ctx, weight_op_args(weight), x, bias, lora_A, lora_B, scaling, output[1])
+
+
+def _backward_dense(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
+    need = ctx.needs_input_grad
+    grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, need[0], need[2], need[3], need[4])
+    return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _setup_nf4(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, _ = inputs
+    _save(ctx, (packed, absmax, nested_absmax, nested_code, offset, blocksize), x, bias, lora_A, lora_B, scaling,
+          output[1])  # fmt: skip
+
+
+def _backward_nf4(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
+    need = ctx.needs_input_grad
+    grad_x, grad_bias, grad_a, grad_b = _grads(ctx, grad_y, need[0], need[7], need[8], need[9])
+    return grad_x, None, None, None, None, None, None, grad_bias, grad_a, grad_b, None, None
+
+
+_lora_linear_op.register_autograd(_backward_dense, setup_context=_setup_dense)
+_nf4_lora_linear_op.register_autograd(_backward_nf4, setup_context=_setup_nf4)
 
 
 def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -176,10 +289,17 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
     """Fused (Q)LoRA linear, ``x [M, K] -> y [M, N]``; differentiable in x, A, B (and b).
 
     Inside ``torch.autocast`` it computes in the autocast dtype, like ``nn.Linear``: x, b, A, B and
-    a dense W are cast to it (an NF4 W is dequantized straight into it).
+    a dense W are cast to it (an NF4 W is dequantized straight into it). Runs the op
+    ``fastpeft::lora_linear`` (dense W) or ``fastpeft::nf4_lora_linear``.
     """
     if isinstance(x, torch.Tensor) and x.is_floating_point() and (amp := autocast_dtype(x.device)) is not None:
         x, weight, bias, lora_A, lora_B = cast_for_autocast(amp, x, weight, bias, lora_A, lora_B)  # NF4 W: as is
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
-    with autocast_off(x.device):
-        return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, check_scaling(scaling))
+    save_xa = torch.is_grad_enabled() and lora_B.requires_grad  # dB = s·dYᵀ·(x·Aᵀ)
+    scaling = check_scaling(scaling)
+    if isinstance(weight, NF4Weight):
+        y, _ = torch.ops.fastpeft.nf4_lora_linear(x, *weight.op_args(), weight.blocksize, bias, lora_A, lora_B, scaling,
+                                                  save_xa)  # fmt: skip
+    else:
+        y, _ = torch.ops.fastpeft.lora_linear(x, weight, bias, lora_A, lora_B, scaling, save_xa)
+    return y

@@ -15,6 +15,12 @@ Format (bitsandbytes ``quantize_4bit(..., quant_type="nf4")``):
 
 The Triton kernel below dequantizes into a dense tensor; the fused linear kernels reuse
 :func:`nf4_dequant_tile` to dequantize in registers.
+
+Custom ops (``torch.library``; an :class:`NF4Weight` travels as its tensors and ints, see
+:meth:`NF4Weight.op_args`): ``fastpeft::quantize_nf4`` (torch, opaque), ``fastpeft::dequantize_nf4``
+and ``fastpeft::dequantize_nf4_out`` (``triton_op``: the Triton kernel on CUDA, the torch
+reference on CPU, the interpreter on CPU with ``TRITON_INTERPRET=1``; see
+:mod:`fastpeft.kernels.backend`). Neither is differentiable: an NF4 weight is frozen.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.backend import backend
+from fastpeft.kernels._constants import FLOAT_DTYPES
+from fastpeft.kernels.backend import tracing, triton_launcher, use_triton
 
 # The 16 NF4 values (QLoRA, normal-distribution quantiles), fp32, as bitsandbytes stores them.
 NF4_VALUES = (
@@ -38,7 +45,6 @@ NF4_VALUES = (
 )  # fmt: skip
 NESTED_BLOCKSIZE = 256
 ALLOWED_BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +54,8 @@ def _nf4_code_cpu() -> torch.Tensor:
 
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The NF4 table as an fp32 tensor ``[16]`` on ``device`` (cached: no copy per call, graph-safe)."""
+    if tracing():  # a trace records its own constant; the cache keeps real tensors only
+        return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
     return _nf4_code_on(torch.device(device))
 
 
@@ -77,8 +85,10 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit quantization map, fp32 ``[256]``, sorted."""
-    return _dynamic_map_cpu().to(device)
+    """bitsandbytes' signed dynamic 8-bit quantization map, fp32 ``[256]``, sorted (a new tensor)."""
+    if tracing():
+        return torch.tensor(_dynamic_map_cpu().tolist(), dtype=torch.float32, device=device)
+    return _dynamic_map_cpu().to(device, copy=True)
 
 
 @dataclasses.dataclass
@@ -171,6 +181,20 @@ class NF4Weight:
         if self.double_quant:
             out.update(nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset)
         return out
+
+    def op_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                               torch.Tensor | None]:  # fmt: skip
+        """(packed, absmax, nested_absmax, nested_code, offset): how the ``fastpeft::`` ops take this
+        weight (custom ops take tensors and ints, not dataclasses); None without double quant."""
+        return self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset
+
+    @classmethod
+    def from_op_args(cls, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                     nested_code: torch.Tensor | None, offset: torch.Tensor | None, shape: Any, blocksize: int,
+                     dtype: torch.dtype) -> NF4Weight:  # fmt: skip
+        """The inverse of :meth:`op_args` (inside an op: the same tensors, no copy)."""
+        return cls(packed=packed, absmax=absmax, shape=shape, blocksize=blocksize, dtype=dtype,
+                   nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)  # fmt: skip
 
     def to(self, device: torch.device | str) -> NF4Weight:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
@@ -315,23 +339,49 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {tuple(w.shape)}")
     _check_blocksize(blocksize)
+    w = w.detach()
+    packed, absmax, nested_absmax, nested_code, offset = torch.ops.fastpeft.quantize_nf4(w, blocksize, double_quant)
+    if not double_quant:
+        return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, blocksize=blocksize, dtype=w.dtype)
+    return NF4Weight(
+        packed=packed, absmax=absmax, shape=w.shape, blocksize=blocksize,
+        dtype=w.dtype, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+    )  # fmt: skip
+
+
+# Opaque (no Triton kernel inside, and the NaN check reads the data): torch.compile calls it as is.
+@torch.library.custom_op("fastpeft::quantize_nf4", mutates_args=())
+def _quantize_nf4_op(w: torch.Tensor, blocksize: int, double_quant: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(packed, absmax, nested_absmax, nested_code, offset); without double quant the last three are
+    empty fp32 tensors (an op returns tensors, never None) and absmax is fp32, else uint8 codes."""
     if not torch.isfinite(w).all():
         raise ValueError("quantize_nf4 got a weight with NaN or inf values")
-    w = w.detach()
     scaled, absmax = _blockwise_absmax_scale(w.reshape(-1).float(), blocksize)
     codes = _nearest_code(scaled, nf4_code(w.device))
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad with the code of 0.0, as bnb does
     packed = (codes[0::2] << 4) | codes[1::2]
     if not double_quant:
-        return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, blocksize=blocksize, dtype=w.dtype)
+        return packed, absmax, *(absmax.new_empty(0) for _ in range(3))
     offset = absmax.mean()
     nested_code = dynamic_map(w.device)
     nested_codes, nested_absmax = _quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
-    return NF4Weight(
-        packed=packed, absmax=nested_codes, shape=w.shape, blocksize=blocksize,
-        dtype=w.dtype, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
-    )  # fmt: skip
+    return packed, nested_codes, nested_absmax, nested_code, offset
+
+
+@_quantize_nf4_op.register_fake
+def _(w: torch.Tensor, blocksize: int, double_quant: bool
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Outputs as the real op allocates them (its temporaries: fp32 copies of w, transient)."""
+    n = w.numel()
+    n_blocks = -(-n // blocksize)
+    packed = w.new_empty((n + 1) // 2, dtype=torch.uint8)
+    if not double_quant:
+        return packed, w.new_empty(n_blocks, dtype=torch.float32), *(w.new_empty(0, dtype=torch.float32) for _ in range(3))
+    return (packed, w.new_empty(n_blocks, dtype=torch.uint8),
+            w.new_empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32),
+            w.new_empty(256, dtype=torch.float32), w.new_empty((), dtype=torch.float32))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +464,7 @@ def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None,
     packed, code, absmax, nested_absmax, nested_code, offset = kernel_args(q)
     block = 1024
     grid = (triton.cdiv(q.numel, block),)
-    _nf4_dequant_kernel[grid](
+    triton_launcher(_nf4_dequant_kernel)[grid](
         packed, code, absmax, nested_absmax, nested_code, offset, out, q.numel,
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK=block,
     )  # fmt: skip
@@ -442,9 +492,49 @@ def dequantize_nf4_reference(q: NF4Weight, dtype: torch.dtype | None = None,
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense weight of ``q`` in ``dtype`` (default: the original dtype), shape ``q.shape``."""
+    """Dense weight of ``q`` in ``dtype`` (default: the original dtype), shape ``q.shape``.
+
+    Runs the op ``fastpeft::dequantize_nf4`` (or ``fastpeft::dequantize_nf4_out`` into ``out``).
+    """
     if not isinstance(q, NF4Weight):
         raise TypeError(f"dequantize_nf4 expects an NF4Weight, got {type(q).__name__}")
-    if backend(q.packed) == "triton":
-        return dequantize_nf4_triton(q, dtype, out)
-    return dequantize_nf4_reference(q, dtype, out)
+    dtype = _check_dequant_args(q, dtype, out)
+    if out is None:
+        return torch.ops.fastpeft.dequantize_nf4(*q.op_args(), list(q.shape), q.blocksize, dtype)
+    torch.ops.fastpeft.dequantize_nf4_out(*q.op_args(), q.blocksize, out)
+    return out
+
+
+def dequantize_into(q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+    """Write the dense weight of ``q`` into ``out`` (``q.shape``, contiguous) with the backend's
+    implementation: the body of the dequantization ops, also called inside other ops' bodies."""
+    if use_triton(q.packed):
+        return dequantize_nf4_triton(q, out.dtype, out)
+    return dequantize_nf4_reference(q, out.dtype, out)
+
+
+@torch.library.triton_op("fastpeft::dequantize_nf4", mutates_args=())
+def _dequantize_nf4_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                       nested_code: torch.Tensor | None, offset: torch.Tensor | None, shape: list[int],
+                       blocksize: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    q = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype)
+    return dequantize_into(q, torch.empty(shape, dtype=dtype, device=packed.device))
+
+
+@_dequantize_nf4_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype):  # type: ignore[no-untyped-def]
+    """The dense ``[*shape]`` output; no workspace (the torch path's fp32 temporaries are transient)."""
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.triton_op("fastpeft::dequantize_nf4_out", mutates_args={"out"})
+def _dequantize_nf4_out_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                           nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
+                           out: torch.Tensor) -> None:  # fmt: skip
+    q = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, out.shape, blocksize, out.dtype)
+    dequantize_into(q, out)
+
+
+@_dequantize_nf4_out_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, out):  # type: ignore[no-untyped-def]
+    """Writes ``out`` only: allocates nothing."""

@@ -14,12 +14,15 @@ linear in K: s·(x·Aᵀ)·Bᵀ = Σ_slices s·(x_s·A_sᵀ)·Bᵀ. So each prog
 x·Aᵀ in the same K loop as the W tile (reading A ``[r, slice]``, small and L2-resident: r/BLOCK_N
 extra tensor-core work) and adds that partial times its B tile. This keeps the op at one launch
 (no pre-pass GEMM, whose launch latency alone is of the order of the whole 4096² NF4 weight
-stream: 3.1 µs at the HBM floor in /work/shared/ANCHORS.md).
+stream: 9.4 MB of NF4 codes and fp32 block scales, 3.1 µs at the 3.02 TB/s an H100 80GB HBM3 copies).
 
 Split-K partials are summed with fp32 atomics into a shared workspace; the last program to finish
 a column tile (an arrival counter, acq_rel) adds the bias, casts, writes y and zeroes the
 workspace and counter again, so the next call needs no memset. Summation order across splits,
 hence the last bits of the result, can differ run to run when SPLIT_K > 1.
+
+Custom op: ``fastpeft::nf4_lora_decode`` (``triton_op``, writes ``out``; forward only, for
+inference). On the "torch" backend it runs :func:`nf4_lora_decode_reference`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.backend import interpreting
-from fastpeft.kernels.lora_linear_args import Weight, check_lora_linear_args, check_scaling
+from fastpeft.kernels.autocast import autocast_off
+from fastpeft.kernels.backend import interpreting, triton_launcher, use_triton
+from fastpeft.kernels.lora_linear_inputs import (
+    Weight,
+    check_lora_linear_args,
+    check_scaling,
+    weight_from_op_args,
+    weight_op_args,
+)
 from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, kernel_args, nf4_dequant_tile
 from fastpeft.kernels.workspace import get_workspace
 
@@ -165,8 +175,54 @@ def nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, 
     ``split_k`` override :func:`decode_config` (benchmark sweeps, tests).
     """
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
-    return launch_nf4_lora_decode(x, weight, bias, lora_A, lora_B, check_scaling(scaling), out=out,
-                                  block_n=block_n, block_k=block_k, split_k=split_k)  # fmt: skip
+    out = _decode_output(x, lora_B.shape[0], out)
+    _check_tiles(block_n, block_k)
+    torch.ops.fastpeft.nf4_lora_decode(x, *weight_op_args(weight), bias, lora_A, lora_B, check_scaling(scaling),
+                                       block_n or 0, block_k or 0, split_k or 0, out)  # fmt: skip
+    return out
+
+
+def _decode_output(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` checked (``[M, N]`` in x's dtype on x's device, M <= 16), or a new one."""
+    m = x.shape[0]
+    if m > DECODE_MAX_ROWS:
+        raise ValueError(f"nf4_lora_decode handles at most {DECODE_MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
+    if out is None:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+    return out
+
+
+def _check_tiles(block_n: int | None, block_k: int | None) -> None:
+    for name, value in (("block_n", block_n), ("block_k", block_k)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+@torch.library.triton_op("fastpeft::nf4_lora_decode", mutates_args={"out"})
+def _nf4_lora_decode_op(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None,
+                        nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                        offset: torch.Tensor | None, blocksize: int, bias: torch.Tensor | None,
+                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, block_n: int, block_k: int,
+                        split_k: int, out: torch.Tensor) -> None:  # fmt: skip
+    """Writes y into ``out``; W as in :func:`weight_op_args`; tiles and split 0 = :func:`decode_config`."""
+    w = weight_from_op_args(weight, absmax, nested_absmax, nested_code, offset, blocksize,
+                            (lora_B.shape[0], x.shape[1]), x.dtype)  # fmt: skip
+    if use_triton(x):
+        launch_nf4_lora_decode(x, w, bias, lora_A, lora_B, scaling, out=out, block_n=block_n or None,
+                               block_k=block_k or None, split_k=split_k or None)  # fmt: skip
+    else:
+        with autocast_off(x.device):
+            nf4_lora_decode_reference(x, w, bias, lora_A, lora_B, scaling, out=out)
+
+
+@_nf4_lora_decode_op.register_fake
+def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling,
+      block_n, block_k, split_k, out):  # type: ignore[no-untyped-def]  # fmt: skip
+    """Writes ``out`` only. Workspaces of the Triton path (held across calls): ``"lora_decode_acc"``
+    (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per column tile) when split-K > 1."""
 
 
 def launch_nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -177,20 +233,12 @@ def launch_nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor |
     :func:`check_lora_linear_args` (saves host time per decode step). ``scaling`` must be a float."""
     m, k = x.shape
     n, r = lora_B.shape
-    if m > DECODE_MAX_ROWS:
-        raise ValueError(f"nf4_lora_decode handles at most {DECODE_MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+    out = _decode_output(x, n, out)
     if m == 0:
         return out
     cfg = decode_config(m, n, k, r, isinstance(weight, NF4Weight), x.device)
     block_n, block_k = block_n or cfg["block_n"], block_k or cfg["block_k"]
-    for name, value in (("block_n", block_n), ("block_k", block_k)):
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    _check_tiles(block_n, block_k)
     k_tiles = triton.cdiv(k, block_k)
     split_k = min(max(1, split_k or cfg["split_k"]), k_tiles)
     k_per_split = triton.cdiv(k_tiles, split_k) * block_k
@@ -210,7 +258,7 @@ def launch_nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor |
     else:
         acc, count = out, out  # unused
     grid = (n_tiles, split_k)
-    _lora_decode_kernel[grid](
+    triton_launcher(_lora_decode_kernel)[grid](
         x, w, code, absmax, nested_absmax, nested_code, offset,
         bias if bias is not None else x, lora_A, lora_B, out, acc, count,
         m, n, k, r, k_per_split, scaling,

@@ -19,29 +19,35 @@ and lse_i = +inf (never NaN). Backward (δ_i = Σ_d dO_i·o_i, p_ij = exp(s_ij �
     ds_ij = p_ij·(dO_i·v_j − δ_i);  dq_i = scale·Σ_j ds_ij·k_j;  dk_j = scale·Σ_i ds_ij·q_i;
     dv_j = Σ_i p_ij·dO_i;  dbias = Σ_{i, j<P} ds_ij.  A shared prefix's gradient is summed over B.
 
-This file holds the forward kernel, its launcher, the torch reference and the autograd Function;
-the backward kernels live in :mod:`fastpeft.kernels.prefix_attention_bwd`.
+This file holds the forward kernel, its launcher and the custom op ``fastpeft::prefix_attention``
+(``triton_op``: the kernel on CUDA, the torch reference on CPU; ``register_fake``,
+``register_autograd``). The backward kernels and ``fastpeft::prefix_attention_backward`` are in
+:mod:`fastpeft.kernels.prefix_attention_bwd`, the torch references of both directions in
+:mod:`fastpeft.kernels.prefix_attention_reference`, what the kernels share (checks, tiles) in
+:mod:`fastpeft.kernels.prefix_attention_launch`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.backend import backend
-from fastpeft.kernels.prefix_attention_bwd import (
-    LOG2E,
-    SUPPORTED_DTYPES,
+from fastpeft.kernels._constants import FLOAT_DTYPES, LN2_JIT, LOG2E, LOG2E_JIT
+from fastpeft.kernels.autocast import autocast_off
+from fastpeft.kernels.backend import triton_launcher, use_triton
+from fastpeft.kernels.prefix_attention_bwd import prefix_attention_backward
+from fastpeft.kernels.prefix_attention_launch import (
     attention_dot,
     attention_dot_precision,
     attention_launch_config,
     check_prefix_attention_args,
     empty_output,
-    prefix_attention_backward,
     strides_of_prefix,
+)
+from fastpeft.kernels.prefix_attention_reference import (
+    prefix_attention_forward_reference,
+    prefix_attention_probs_reference,
 )
 
 
@@ -93,7 +99,7 @@ def _prefix_attn_fwd_kernel(
     if HAS_PREFIX:
         bias = 0.0
         if HAS_BIAS:
-            bias = tl.load(BIAS).to(tl.float32) * 1.4426950408889634
+            bias = tl.load(BIAS).to(tl.float32) * LOG2E_JIT
         pk_base = PK + b * stride_pkb + h_kv * stride_pkh
         pv_base = PV + b * stride_pvb + h_kv * stride_pvh
         for start in range(0, P, BLOCK_N):
@@ -138,7 +144,7 @@ def _prefix_attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2_JIT)
     o_ptrs = O + b * stride_ob + h * stride_oh + rows64[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh * T_q + rows64, lse, mask=row_ok)
@@ -152,7 +158,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Triton forward. Returns (o ``[B, H_q, T_q, D]`` view of ``[B, T_q, H_q, D]`` memory, lse
     ``[B, H_q, T_q]`` fp32)."""
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias)
-    if q.dtype not in SUPPORTED_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"the prefix attention kernel takes float16, bfloat16 or float32, got q {q.dtype}")
     batch, h_q, t_q, head_dim = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
@@ -167,7 +173,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     bias = prefix_logit_bias.detach().reshape(1).float() if prefix_logit_bias is not None else None
     grid = lambda META: (triton.cdiv(t_q, META["BLOCK_M"]), batch * h_q)  # noqa: E731
-    _prefix_attn_fwd_kernel[grid](
+    triton_launcher(_prefix_attn_fwd_kernel)[grid](
         q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q,
         mask if mask is not None else q, bias if bias is not None else lse, out, lse,
         h_q, t_q, t_k, n_prefix, h_q // h_kv, t_k - t_q,
@@ -182,84 +188,51 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
-def _reference_scores(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale, seq_mask):
-    """Masked logits ``[B, H_q, T_q, P + T_k]`` and the values ``[B, H_q, P + T_k, D]`` they weigh."""
-    batch, h_q, t_q, _ = q.shape
-    h_kv, t_k = k.shape[1], k.shape[2]
-    group = h_q // h_kv
-    keys = k.repeat_interleave(group, dim=1)
-    values = v.repeat_interleave(group, dim=1)
-    scores = (q @ keys.transpose(-1, -2)) * scale
-    if seq_mask is None:
-        rows = torch.arange(t_q, device=q.device)[:, None] + (t_k - t_q)
-        seq_mask = (torch.arange(t_k, device=q.device)[None, :] <= rows)[None, None]
-        if key_padding_mask is not None:
-            seq_mask = seq_mask & key_padding_mask[:, None, None, :]
-    scores = scores.masked_fill(~seq_mask, float("-inf"))
-    if prefix_k is not None:
-        # [P, H_kv, D] or [B, P, H_kv, D] -> [B or 1, H_q, P, D]
-        pk = prefix_k.unsqueeze(0) if prefix_k.dim() == 3 else prefix_k
-        pv = prefix_v.unsqueeze(0) if prefix_v.dim() == 3 else prefix_v
-        pk = pk.transpose(1, 2).repeat_interleave(group, dim=1).to(q.dtype)
-        pv = pv.transpose(1, 2).repeat_interleave(group, dim=1).to(q.dtype)
-        prefix_scores = (q @ pk.transpose(-1, -2)) * scale
-        if prefix_logit_bias is not None:
-            prefix_scores = prefix_scores + prefix_logit_bias.reshape(()).to(q.dtype)
-        scores = torch.cat([prefix_scores, scores], dim=-1)
-        values = torch.cat([pv.expand(batch, -1, -1, -1), values], dim=-2)
-    return scores, values
+@torch.library.triton_op("fastpeft::prefix_attention", mutates_args=())
+def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
+                         prefix_v: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                         prefix_logit_bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(o, lse) as :func:`prefix_attention_forward` returns them, on either backend."""
+    if use_triton(q):
+        return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale)
+    with autocast_off(q.device):
+        o, lse = prefix_attention_forward_reference(q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                                    prefix_logit_bias, scale)  # fmt: skip
+    batch, h_q, t_q, head_dim = q.shape
+    out = empty_output((batch, t_q, h_q, head_dim), q.dtype, q.device).transpose(1, 2)  # the kernel's layout
+    return out.copy_(o), lse
 
 
-def prefix_attention_probs_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                     prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                                     key_padding_mask: torch.Tensor | None = None,
-                                     prefix_logit_bias: torch.Tensor | None = None, scale: float | None = None,
-                                     seq_mask: torch.Tensor | None = None,
-                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Differentiable reference returning (probs ``[B, H_q, T_q, P + T_k]``, values
-    ``[B, H_q, P + T_k, D]``, lse ``[B, H_q, T_q]``). ``seq_mask`` (bool, broadcastable to
-    ``[B, H_q, T_q, T_k]``, True = attend) replaces the causal + padding mask when given."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    scores, values = _reference_scores(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale, seq_mask)
-    visible = torch.isfinite(scores).any(dim=-1, keepdim=True)
-    # rows with nothing visible get finite logits before softmax so autograd never sees NaN
-    safe = torch.where(visible, scores, torch.zeros_like(scores))
-    probs = torch.softmax(safe, dim=-1) * visible
-    lse = torch.logsumexp(safe, dim=-1, keepdim=True).masked_fill(~visible, math.inf)
-    return probs, values, lse.squeeze(-1)
+@_prefix_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale):  # type: ignore[no-untyped-def]
+    """o (a ``[B, H_q, T_q, D]`` view of ``[B, T_q, H_q, D]`` memory) and lse fp32 ``[B, H_q, T_q]``,
+    as both paths allocate them. No workspace; the torch path's transients are the probabilities
+    ``[B, H_q, T_q, P + T_k]`` (a few, in q's dtype) and K/V expanded to ``[B, H_q, P + T_k, D]``."""
+    batch, h_q, t_q, head_dim = q.shape
+    out = q.new_empty((batch, t_q, h_q, head_dim)).transpose(1, 2)
+    return out, q.new_empty((batch, h_q, t_q), dtype=torch.float32)
 
 
-def prefix_attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                       prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                                       key_padding_mask: torch.Tensor | None = None,
-                                       prefix_logit_bias: torch.Tensor | None = None, scale: float | None = None,
-                                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Torch reference with the launcher's signature: (o ``[B, H_q, T_q, D]``, lse ``[B, H_q, T_q]``)."""
-    probs, values, lse = prefix_attention_probs_reference(
-        q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale
-    )
-    return probs @ values, lse.float()
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse)
+    ctx.scale = scale
 
 
-class PrefixAttentionFn(torch.autograd.Function):
-    """Triton forward/backward; saves q, k, v, the prefix, o and lse (never a concatenated K/V)."""
+def _backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def]
+    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = torch.ops.fastpeft.prefix_attention_backward(
+        grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse, ctx.scale,
+        need_bias_grad=need[6], need_dq=need[0],
+    )  # fmt: skip
+    dq, dk, dv, dpk, dpv, dbias = (g if n else None for g, n in zip(grads, (*need[:5], need[6])))
+    return dq, dk, dv, dpk, dpv, None, dbias, None
 
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale):  # type: ignore[override]
-        out, lse = prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse)
-        ctx.scale = scale
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse = ctx.saved_tensors
-        grads = prefix_attention_backward(
-            grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse, ctx.scale,
-            need_bias_grad=ctx.needs_input_grad[6], need_dq=ctx.needs_input_grad[0],
-        )
-        dq, dk, dv, dpk, dpv, dbias = grads
-        return dq, dk, dv, dpk, dpv, None, dbias, None
+_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -268,22 +241,20 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      prefix_logit_bias: torch.Tensor | None = None, scale: float | None = None,
                      ) -> torch.Tensor:  # fmt: skip
     """Causal attention over ``[prefix ‖ sequence]``; returns o ``[B, H_q, T_q, D]``. Differentiable
-    in q, k, v, prefix_k, prefix_v and prefix_logit_bias. Shapes in the module docstring."""
+    in q, k, v, prefix_k, prefix_v and prefix_logit_bias. Shapes in the module docstring. Runs the op
+    ``fastpeft::prefix_attention``."""
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias)
-    if backend(q) == "torch":
-        return prefix_attention_forward_reference(
-            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale
-        )[0]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale)
+    out, _ = torch.ops.fastpeft.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias,
+                                                 scale)  # fmt: skip
+    return out
 
 
 __all__ = [
+    "check_prefix_attention_args",
     "prefix_attention",
+    "prefix_attention_backward",
     "prefix_attention_forward",
     "prefix_attention_forward_reference",
     "prefix_attention_probs_reference",
-    "prefix_attention_backward",
-    "PrefixAttentionFn",
-    "check_prefix_attention_args",
 ]

@@ -1,5 +1,4 @@
-"""Backward of :mod:`fastpeft.kernels.prefix_attention` (math and layouts in that module's docstring),
-plus the argument checks and launch heuristics both directions share.
+"""Backward of :mod:`fastpeft.kernels.prefix_attention` (math and layouts in that module's docstring).
 
 Three kernels, FlashAttention-2 style (no atomics):
 1. ``δ = rowsum(dO ∘ O)`` per query row;
@@ -9,28 +8,30 @@ Three kernels, FlashAttention-2 style (no atomics):
    over the batch afterwards (P·H_kv·D floats per sample, small); the prefix-logit-bias gradient
    is a per-program partial sum, reduced in torch;
 3. dQ: one program per (block of queries, b, query head), over the prefix then the causal keys.
+
+:func:`prefix_attention_backward_reference` is the same math in torch (probabilities recomputed
+from the saved log-sum-exp), the "torch" backend's path. Custom op:
+``fastpeft::prefix_attention_backward`` (``triton_op``), the backward of
+``fastpeft::prefix_attention``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def attention_dot(a, b, DOT_PRECISION: tl.constexpr):
-    """tl.dot with fp32 accumulation. "upcast" exists only because the Triton interpreter multiplies
-    bfloat16 tiles as their raw uint16 bits; on a GPU bf16 goes to the tensor cores unchanged."""
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+from fastpeft.kernels._constants import LOG2E, LOG2E_JIT
+from fastpeft.kernels.autocast import autocast_off
+from fastpeft.kernels.backend import triton_launcher, use_triton
+from fastpeft.kernels.prefix_attention_launch import (
+    attention_dot,
+    attention_dot_precision,
+    attention_launch_config,
+    empty_output,
+    strides_of_prefix,
+)
+from fastpeft.kernels.prefix_attention_reference import prefix_attention_backward_reference
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _dkdv_over_queries(dk, dv, dbias, k, v, cols, key_ok,
             qT = tl.load(q_base + rows64[None, :] * stride_qt + offs_d[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
             do = tl.load(do_base + rows64[:, None] * stride_gt + offs_d[None, :] * stride_gd, mask=row_ok[:, None], other=0.0)
             # rows past T_q get lse = +inf, hence p = 0
-            lse2 = tl.load(LSE + bh * T_q + rows64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.load(LSE + bh * T_q + rows64, mask=row_ok, other=float("inf")) * LOG2E_JIT
             delta = tl.load(DELTA + bh * T_q + rows64, mask=row_ok, other=0.0)
             sT = attention_dot(k, qT, DOT_PRECISION) * qk_scale + bias2  # [BN, BM]
             ok = key_ok[:, None] & row_ok[None, :]
@@ -128,7 +129,7 @@ def _prefix_attn_bwd_dkdv_kernel(
         v = tl.load(pv_base + cols[:, None] * stride_pvp + offs_d[None, :] * stride_pvd, mask=col_ok[:, None], other=0.0)
         bias2 = 0.0
         if HAS_BIAS:
-            bias2 = tl.load(BIAS).to(tl.float32) * 1.4426950408889634
+            bias2 = tl.load(BIAS).to(tl.float32) * LOG2E_JIT
         dk, dv, dbias = _dkdv_over_queries(
             dk, dv, dbias, k, v, cols, col_ok, Q, DO, LSE, DELTA, b, h_kv, H_q, T_q, GROUP, 0, CAUSAL_OFFSET,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_gb, stride_gh, stride_gt, stride_gd,
@@ -206,13 +207,13 @@ def _prefix_attn_bwd_dq_kernel(
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
     do = tl.load(DO + b * stride_gb + h * stride_gh + rows64[:, None] * stride_gt + offs_d[None, :] * stride_gd,
                  mask=row_ok[:, None], other=0.0)  # fmt: skip
-    lse2 = tl.load(LSE + pid_bh * T_q + rows64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + pid_bh * T_q + rows64, mask=row_ok, other=float("inf")) * LOG2E_JIT
     delta = tl.load(DELTA + pid_bh * T_q + rows64, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if HAS_PREFIX:
         bias2 = 0.0
         if HAS_BIAS:
-            bias2 = tl.load(BIAS).to(tl.float32) * 1.4426950408889634
+            bias2 = tl.load(BIAS).to(tl.float32) * LOG2E_JIT
         pk_base = PK + b * stride_pkb + h_kv * stride_pkh
         pv_base = PV + b * stride_pvb + h_kv * stride_pvh
         for start in range(0, P, BLOCK_N):
@@ -238,112 +239,6 @@ def _prefix_attn_bwd_dq_kernel(
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def attention_launch_config(head_dim: int, device: torch.device, phase: str) -> LaunchConfig:
-    """Block sizes for ``phase`` in {"fwd", "dkdv", "dq"}; a cheap heuristic, not autotuned.
-
-    On CUDA: the largest tiles that compile for sm_90 (triton 3.9) with no register spills
-    (checked with ``cuobjdump -res-usage`` on the cubin); not yet timed on a GPU.
-    """
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"prefix attention kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={head_dim}")
-    if device.type != "cuda":
-        # Triton interpreter: the smallest tiles tl.dot accepts keep the numpy work small
-        return LaunchConfig(16, 16, 1, 1)
-    wide = head_dim > 64
-    table = {
-        "fwd": LaunchConfig(128, 32, 8, 3) if wide else LaunchConfig(128, 64, 8, 3),
-        # dK and dV accumulators are [BLOCK_N, D] fp32 each: narrower key blocks at D=128
-        "dkdv": LaunchConfig(64, 32, 8, 3) if wide else LaunchConfig(32, 128, 8, 3),
-        "dq": LaunchConfig(64, 16, 8, 3) if wide else LaunchConfig(128, 32, 8, 3),
-    }
-    if phase not in table:
-        raise ValueError(f"unknown phase {phase!r}; expected 'fwd', 'dkdv' or 'dq'")
-    return table[phase]
-
-
-def attention_dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 inputs get exact fp32 dots (tests compare against float64); 16-bit inputs use tensor cores
-    (bf16 in the interpreter is upcast, see :func:`attention_dot`)."""
-    if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if dtype == torch.bfloat16 and device.type != "cuda" else "tf32"
-
-
-def empty_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every launcher output comes from here (tests replace it with a NaN-filled allocation)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def strides_of_prefix(prefix: torch.Tensor) -> tuple[int, int, int, int]:
-    """(batch, position, head, dim) strides; batch stride 0 for a shared ``[P, H_kv, D]`` prefix."""
-    if prefix.dim() == 3:
-        return (0, *prefix.stride())
-    return tuple(prefix.stride())  # type: ignore[return-value]
-
-
-def check_prefix_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
-                                key_padding_mask: torch.Tensor | None,
-                                prefix_logit_bias: torch.Tensor | None) -> None:  # fmt: skip
-    """Raise a ValueError/TypeError naming the offending shape, dtype or device."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {getattr(t, 'shape', type(t))}")
-    batch, h_q, t_q, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected [{batch}, H_kv, T_k, {head_dim}]")
-    h_kv, t_k = k.shape[1], k.shape[2]
-    if h_kv == 0 or h_q % h_kv != 0:
-        raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
-    if t_q > t_k:
-        raise ValueError(f"q has {t_q} positions but k only {t_k}; queries must be the last T_q of the keys")
-    if q.dtype not in SUPPORTED_DTYPES and q.dtype != torch.float64:
-        raise TypeError(f"q dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if t is not None and t.dtype != q.dtype:
-            raise TypeError(f"q is {q.dtype} but {name} is {t.dtype}")
-        if t is not None and t.device != q.device:
-            raise ValueError(f"q is on {q.device} but {name} is on {t.device}")
-    if (prefix_k is None) != (prefix_v is None):
-        raise ValueError("prefix_k and prefix_v must be given together")
-    if prefix_k is not None:
-        if prefix_k.shape != prefix_v.shape:
-            raise ValueError(f"prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} differ")
-        expected = f"[P, {h_kv}, {head_dim}] or [{batch}, P, {h_kv}, {head_dim}]"
-        if prefix_k.dim() not in (3, 4) or tuple(prefix_k.shape[-2:]) != (h_kv, head_dim):
-            raise ValueError(f"prefix_k must be {expected}, got {tuple(prefix_k.shape)}")
-        if prefix_k.dim() == 4 and prefix_k.shape[0] != batch:
-            raise ValueError(f"per-sample prefix_k must be {expected}, got {tuple(prefix_k.shape)}")
-        if prefix_k.shape[-3] == 0:
-            raise ValueError("prefix_k has P=0 positions; pass prefix_k=None for plain causal attention")
-    elif prefix_logit_bias is not None:
-        raise ValueError("prefix_logit_bias given without a prefix")
-    if prefix_logit_bias is not None:
-        if prefix_logit_bias.numel() != 1 or not prefix_logit_bias.is_floating_point():
-            raise ValueError(f"prefix_logit_bias must be a one-element float tensor, got {tuple(prefix_logit_bias.shape)} "
-                             f"{prefix_logit_bias.dtype}")  # fmt: skip
-        if prefix_logit_bias.device != q.device:
-            raise ValueError(f"q is on {q.device} but prefix_logit_bias is on {prefix_logit_bias.device}")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (batch, t_k):
-            raise ValueError(f"key_padding_mask must be [{batch}, {t_k}], got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"q is on {q.device} but key_padding_mask is on {key_padding_mask.device}")
-
-
 def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
                               key_padding_mask: torch.Tensor | None, prefix_logit_bias: torch.Tensor | None,
@@ -367,14 +262,14 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 
     delta = empty_output((batch, h_q, t_q), torch.float32, device)
     cfg = attention_launch_config(head_dim, device, "dq")
-    _prefix_attn_bwd_delta_kernel[(triton.cdiv(t_q, cfg.block_m), batch * h_q)](
+    triton_launcher(_prefix_attn_bwd_delta_kernel)[(triton.cdiv(t_q, cfg.block_m), batch * h_q)](
         out, grad_out, delta, h_q, t_q, *out.stride(), *grad_out.stride(), HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
     )  # fmt: skip
 
     dq = None
     if need_dq:
         dq = empty_output((batch, t_q, h_q, head_dim), q.dtype, device).transpose(1, 2)
-        _prefix_attn_bwd_dq_kernel[(triton.cdiv(t_q, cfg.block_m), batch * h_q)](
+        triton_launcher(_prefix_attn_bwd_dq_kernel)[(triton.cdiv(t_q, cfg.block_m), batch * h_q)](
             q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q, mask if mask is not None else q,
             bias if has_bias else delta, grad_out, lse, delta, dq,
             h_q, t_q, t_k, n_prefix, group, t_k - t_q,
@@ -393,7 +288,7 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     dpv = empty_output((batch, n_prefix, h_kv, head_dim), torch.float32, device) if has_prefix else None
     dbias_part = empty_output((batch * h_kv, n_prefix_blocks), torch.float32, device) if has_bias else None
     grid = (n_prefix_blocks + triton.cdiv(t_k, cfg.block_n), batch * h_kv)
-    _prefix_attn_bwd_dkdv_kernel[grid](
+    triton_launcher(_prefix_attn_bwd_dkdv_kernel)[grid](
         q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q, mask if mask is not None else q,
         bias if has_bias else delta, grad_out, lse, delta, dk, dv,
         dpk if has_prefix else delta, dpv if has_prefix else delta, dbias_part if has_bias else delta,
@@ -413,3 +308,40 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     if has_bias and need_bias_grad:
         dbias = dbias_part.sum().reshape(prefix_logit_bias.shape).to(prefix_logit_bias.dtype)
     return dq, dk, dv, dprefix_k, dprefix_v, dbias
+
+
+@torch.library.triton_op("fastpeft::prefix_attention_backward", mutates_args=())
+def _prefix_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                                  key_padding_mask: torch.Tensor | None, prefix_logit_bias: torch.Tensor | None,
+                                  out: torch.Tensor, lse: torch.Tensor, scale: float, need_bias_grad: bool,
+                                  need_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dq, dk, dv, dprefix_k, dprefix_v, dbias) on either backend; an empty ``[0]`` tensor for each
+    gradient that does not exist (no prefix / bias) or is not needed."""
+    if use_triton(q):
+        grads = prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias,
+                                          out, lse, scale, need_bias_grad, need_dq)  # fmt: skip
+    else:
+        with autocast_off(q.device):
+            grads = prefix_attention_backward_reference(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                                        prefix_logit_bias, out, lse, scale, need_bias_grad, need_dq)  # fmt: skip
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
+
+
+@_prefix_attention_backward_op.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse, scale,
+      need_bias_grad, need_dq):  # type: ignore[no-untyped-def]  # fmt: skip
+    """The gradients in the layouts both paths return (dq, dk, dv as views of ``[B, T, H, D]``
+    memory). No workspace; the Triton path's transients are δ (fp32 ``[B, H_q, T_q]``), per-sample
+    fp32 prefix gradients ``[B, P, H_kv, D]`` (two) and the bias partial sums."""
+    batch, h_q, t_q, head_dim = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    dq = q.new_empty((batch, t_q, h_q, head_dim)).transpose(1, 2) if need_dq else q.new_empty(0)
+    dk = k.new_empty((batch, t_k, h_kv, head_dim)).transpose(1, 2)
+    dv = v.new_empty((batch, t_k, h_kv, head_dim)).transpose(1, 2)
+    dpk = prefix_k.new_empty(prefix_k.shape) if prefix_k is not None else q.new_empty(0)
+    dpv = prefix_v.new_empty(prefix_v.shape) if prefix_v is not None else q.new_empty(0)
+    has_bias = prefix_logit_bias is not None and need_bias_grad
+    dbias = prefix_logit_bias.new_empty(prefix_logit_bias.shape) if has_bias else q.new_empty(0)
+    return dq, dk, dv, dpk, dpv, dbias

@@ -15,6 +15,7 @@ SCENARIOS: dict[str, str] = {
     "train-linear": "train_linear",
     "prefix-attention": "prefix_attention",
     "qlora-step": "qlora_step",
+    "lora-step": "lora_step",
     "sampling": "sampling",
     "trl-sft-step": "trl_sft_step",
 }

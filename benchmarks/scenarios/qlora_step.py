@@ -40,12 +40,19 @@ def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec
     return make
 
 
-def cases(small: bool) -> list[Case]:
+def step_cases(scenario: str, shapes: tuple[tuple[str, int, int], ...],
+               make_impls: Callable[[str, int, int], Callable[[Context], list[ImplSpec]]]) -> list[Case]:  # fmt: skip
+    """One self-timed case per (Llama size, batch, seq) of an adapter training step (frozen base, LoRA
+    r 16 on all 7 projections): model FLOPs, floor = those FLOPs at the GEMM rate; lora-step too."""
     out = []
-    for size, batch, seq in SMALL_CASES if small else CASES:
+    for size, batch, seq in shapes:
         flops = formulas.llama_qlora_step_flops(**formula_dims(size), batch=batch, seq=seq, r=RANK)
         out.append(Case(
-            scenario=NAME, group=f"{size} bs{batch}", x_name="seq", x=seq, make_impls=_impls(size, batch, seq),
+            scenario=scenario, group=f"{size} bs{batch}", x_name="seq", x=seq, make_impls=make_impls(size, batch, seq),
             metric="TFLOP/s", flops=flops, floor=("gemm", flops), self_timed=True,
         ))  # fmt: skip
     return out
+
+
+def cases(small: bool) -> list[Case]:
+    return step_cases(NAME, SMALL_CASES if small else CASES, _impls)

@@ -168,6 +168,22 @@ def test_rates_and_ratios_by_hand():
     assert (r.tflops, r.gbps, r.vs_floor) == (2000.0, 3000.0, 4.0)
 
 
+def test_interleaved_rounds_alternate_order_and_give_the_ratio_by_round():
+    calls = []
+    times = harness.interleaved_times({"ours": lambda: calls.append("o"), "base": lambda: calls.append("b")},
+                                      warmup=1, rounds=3, device=torch.device("cpu"))  # fmt: skip
+    assert calls == ["o", "b", "o", "b", "b", "o", "o", "b"]  # warm-up, then the order flips each round
+    assert {k: len(v) for k, v in times.items()} == {"ours": 3, "base": 3} and min(times["ours"]) >= 0
+    rows = [harness.Row(scenario="s", group="g", x_name="seq", x=1, impl="ours", role=harness.OURS, median_ms=3.0,
+                        extra={"vs_baseline_interleaved": 0.9}),
+            harness.Row(scenario="s", group="g", x_name="seq", x=1, impl="b", role=harness.BASELINE, median_ms=2.0)]  # fmt: skip
+    harness.set_ratios(rows)  # the per-round median wins over the quotient of medians (1.5)
+    assert [r.vs_fastest_baseline for r in rows] == [0.9, 1.0]
+    # whoever runs second is 4% slower: rounds 0, 2 (ours first) and 1, 3 (ours second) pair up
+    pairs = harness.paired_round_ratios([1.0, 1.04, 2.0, 2.08, 5.0], [1.04, 1.0, 2.08, 2.0, 1.0])
+    assert pairs == pytest.approx([1.0, 1.0])  # the odd last round has no partner
+
+
 def test_relative_error_catches_mismatch_and_shape():
     a = torch.tensor([3.0, 4.0])
     assert harness.relative_error([a], [a.double()]) == 0.0

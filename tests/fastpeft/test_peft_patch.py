@@ -306,10 +306,9 @@ def test_nf4_patched_on_cuda_equals_peft(peft_kit, llama_dir, batch, seq):
 
 
 @pytest.mark.slow
-def test_patched_layers_add_no_graph_break_of_their_own(peft_kit):
-    """torch.compile traces the patched forwards (one block, q/v on NF4 and dense bases): every graph
-    break left is inside fastpeft.kernels (the backend switch, which the torch.library ops remove),
-    none in the patch or in PEFT."""
+def test_patched_peft_model_compiles_without_graph_breaks(peft_kit):
+    """torch.compile traces the patched forwards (one block, q/v on NF4 and dense bases) without a
+    single graph break: the fused path is the fastpeft:: custom ops, which Dynamo does not enter."""
     import bitsandbytes as bnb
 
     torch._dynamo.reset()
@@ -325,6 +324,5 @@ def test_patched_layers_add_no_graph_break_of_their_own(peft_kit):
     assert len(model.fastpeft_patch_report.patched) == 2
     ids = peft_kit.token_ids(batch=1, seq=4)
     explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
-    where = {(b.user_stack[-1].filename.replace("\\", "/"), b.user_stack[-1].name) for b in explained.break_reasons}
-    assert all("/kernels/" in filename for filename, _ in where), where
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     torch._dynamo.reset()

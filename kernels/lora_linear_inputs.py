@@ -1,7 +1,6 @@
-"""Argument checks shared by every (Q)LoRA linear launcher.
-
-Kept apart from :mod:`fastpeft.kernels.lora_linear` so the decode kernel file can use them without
-an import cycle; ``lora_linear.check_lora_linear_args`` re-exports :func:`check_lora_linear_args`.
+"""The inputs of the (Q)LoRA linear ops (the training path in :mod:`fastpeft.kernels.lora_linear`,
+the decode kernel in :mod:`fastpeft.kernels.nf4_lora_decode`): their argument checks and the form
+in which a base weight W (a dense tensor or an :class:`NF4Weight`) travels through a custom op.
 """
 
 from __future__ import annotations
@@ -11,9 +10,31 @@ import numbers
 
 import torch
 
-from fastpeft.kernels.nf4 import FLOAT_DTYPES, NF4Weight
+from fastpeft.kernels._constants import FLOAT_DTYPES
+from fastpeft.kernels.nf4 import NF4Weight
 
 Weight = torch.Tensor | NF4Weight
+# (weight or packed codes, absmax, nested_absmax, nested_code, offset, blocksize): see weight_op_args
+WeightArgs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                   torch.Tensor | None, int]  # fmt: skip
+
+
+def weight_op_args(weight: Weight) -> WeightArgs:
+    """A base weight as custom-op arguments: a dense W ``[N, K]`` as ``(W, None, None, None, None, 0)``,
+    an NF4 weight as its tensors (:meth:`NF4Weight.op_args`) and its blocksize."""
+    if isinstance(weight, NF4Weight):
+        return (*weight.op_args(), weight.blocksize)
+    return weight, None, None, None, None, 0
+
+
+def weight_from_op_args(weight: torch.Tensor, absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                        nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
+                        shape: tuple[int, int], dtype: torch.dtype) -> Weight:  # fmt: skip
+    """Inverse of :func:`weight_op_args` inside an op; ``shape`` ``(N, K)`` and ``dtype`` (the compute
+    dtype) rebuild an NF4 weight, whose original dtype does not matter to the op."""
+    if absmax is None:
+        return weight
+    return NF4Weight.from_op_args(weight, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype)
 
 
 def check_scaling(scaling: object) -> float:
