@@ -36,10 +36,11 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from fastpeft.kernels.autocast import autocast_off
-from fastpeft.kernels.backend import backend
+from fastpeft.kernels._constants import FLOAT_DTYPES as _COMPUTE_DTYPES
+from fastpeft.kernels.backend import use_triton
 from fastpeft.kernels.linear_cross_entropy import default_chunk_size, lm_head_inputs
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES = (*_COMPUTE_DTYPES, torch.float64)  # float64: the torch path, for tests against the full logits
 
 
 @triton.jit
@@ -180,13 +181,13 @@ def logprob_grad_reference(logits: torch.Tensor, targets: torch.Tensor, lse: tor
 
 
 def _stats(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, ...]:
-    if backend(logits) == "triton" and logits.dtype != torch.float64:
+    if use_triton(logits) and logits.dtype != torch.float64:
         return logprob_stats_triton(logits, targets, inv_temp)
     return logprob_stats_reference(logits, targets, inv_temp)
 
 
 def _grad(logits: torch.Tensor, *args: torch.Tensor | float | None) -> torch.Tensor:
-    if backend(logits) == "triton" and logits.dtype != torch.float64:
+    if use_triton(logits) and logits.dtype != torch.float64:
         return logprob_grad_triton(logits, *args)  # type: ignore[arg-type]
     return logprob_grad_reference(logits, *args)  # type: ignore[arg-type]
 
@@ -202,43 +203,60 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     return logp.reshape(targets.shape), ent.reshape(targets.shape)
 
 
-class LinearLogprobsFn(torch.autograd.Function):
-    """Chunked forward keeping ``lse``/``ent`` per row; the backward recomputes each chunk's logits."""
+def _chunk(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> int:
+    return chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, chunk_size):  # type: ignore[override]
-        n = hidden.shape[0]
-        chunk = chunk_size or default_chunk_size(n, weight.shape[0], hidden.shape[1])
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        logp, lse, ent = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3))
+
+@torch.library.custom_op("fastpeft::linear_logprobs", mutates_args=())
+def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float,
+                        chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(logp, ent, lse)`` ``[N]`` (fp32; float64 for float64 inputs) of hidden ``[N, H]``, weight
+    ``[V, H]``, targets int64 ``[N]``, one ``[C, V]`` chunk of logits at a time (``chunk_size`` 0:
+    :func:`~fastpeft.kernels.linear_cross_entropy.default_chunk_size`)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    if n and bool(((targets < 0) | (targets >= v)).any()):
+        raise ValueError(f"target {int(targets[(targets < 0) | (targets >= v)][0])} is outside the vocabulary [0, {v})")
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    logp, ent, lse = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3))
+    chunk = _chunk(hidden, weight, chunk_size)
+    with autocast_off(hidden.device):
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logits = hidden[rows] @ weight.t()  # [C, V]
-            logp[rows], lse[rows], ent[rows] = _stats(logits, targets[rows], inv_temp)
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.inv_temp, ctx.chunk = inv_temp, chunk
-        ctx.set_materialize_grads(False)  # an output that never reaches the loss arrives as None: no work
-        return logp, ent
+            logp[rows], lse[rows], ent[rows] = _stats(hidden[rows] @ weight.t(), targets[rows], inv_temp)
+    return logp, ent, lse
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_ent):  # type: ignore[override]
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
-        want_h, want_w = ctx.needs_input_grad[:2]
-        if not (want_h or want_w) or (grad_logp is None and grad_ent is None):
-            return None, None, None, None, None
-        acc = lse.dtype
-        # autograd may hand over expanded (stride-0) gradients; the row kernels index rows directly
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc).contiguous()
-        mean_z = lse - ent if grad_ent is not None else None
-        grad_ent = grad_ent.to(acc).contiguous() if grad_ent is not None else None
-        grad_h = torch.empty_like(hidden) if want_h else None
-        # dW sums over every chunk: fp32 keeps a 16-bit head's gradient from rounding at each add
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if want_w else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
+
+@_linear_logprobs_op.register_fake
+def _(hidden, weight, targets, inv_temp, chunk_size):  # type: ignore[no-untyped-def]
+    """Outputs as the real op allocates them. No workspace; per chunk of C rows it holds transient
+    logits ``[C, V]`` in hidden's dtype (the torch path adds fp32 temporaries of that size)."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("fastpeft::linear_logprobs_backward", mutates_args=())
+def _linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                                 ent: torch.Tensor, grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None,
+                                 inv_temp: float, chunk_size: int, want_h: bool, want_w: bool,
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dH [N, H], dW [V, H])`` (``[0]`` where not wanted) from the upstream gradients of logp and
+    ent (None: that output did not reach the loss), recomputing each chunk's logits."""
+    acc = lse.dtype
+    # autograd may hand over expanded (stride-0) gradients; the row kernels index rows directly
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc).contiguous()
+    mean_z = lse - ent if grad_ent is not None else None
+    grad_ent = grad_ent.to(acc).contiguous() if grad_ent is not None else None
+    grad_h = torch.empty_like(hidden) if want_h else hidden.new_empty(0)
+    # dW sums over every chunk: fp32 keeps a 16-bit head's gradient from rounding at each add
+    dw_dtype = torch.promote_types(weight.dtype, torch.float32)
+    grad_w = torch.zeros_like(weight, dtype=dw_dtype) if want_w else None
+    chunk = _chunk(hidden, weight, chunk_size)
+    with autocast_off(hidden.device):
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
             h_c = hidden[rows]
             dz = _grad(h_c @ weight.t(), targets[rows], lse[rows], mean_z[rows] if mean_z is not None else None,
-                       grad_logp[rows], grad_ent[rows] if grad_ent is not None else None, ctx.inv_temp)  # fmt: skip
+                       grad_logp[rows], grad_ent[rows] if grad_ent is not None else None, inv_temp)  # fmt: skip
             dz = dz.to(hidden.dtype)
             if want_h:
                 grad_h[rows] = dz @ weight
@@ -246,7 +264,36 @@ class LinearLogprobsFn(torch.autograd.Function):
                 grad_w.addmm_(dz.t(), h_c)
             elif want_w:  # a 16-bit GEMM (fp32 accumulation inside), summed over chunks in fp32
                 grad_w += dz.t() @ h_c
-        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+    return grad_h, grad_w.to(weight.dtype) if want_w else hidden.new_empty(0)
+
+
+@_linear_logprobs_backward_op.register_fake
+def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temp, chunk_size, want_h, want_w):  # type: ignore[no-untyped-def]
+    """Outputs as the real op allocates them (plus an fp32 dW accumulator for a 16-bit head)."""
+    return (torch.empty_like(hidden) if want_h else hidden.new_empty(0),
+            torch.empty_like(weight) if want_w else hidden.new_empty(0))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    hidden, weight, targets, inv_temp, chunk_size = inputs
+    _, ent, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, weight, targets, lse, ent)
+    ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
+    ctx.set_materialize_grads(False)  # an output that never reaches the loss arrives as None: no work
+
+
+def _backward(ctx, grad_logp, grad_ent, _grad_lse):  # type: ignore[no-untyped-def]
+    hidden, weight, targets, lse, ent = ctx.saved_tensors
+    want_h, want_w = ctx.needs_input_grad[:2]
+    if not (want_h or want_w) or (grad_logp is None and grad_ent is None):
+        return None, None, None, None, None
+    dh, dw = torch.ops.fastpeft.linear_logprobs_backward(hidden, weight, targets, lse, ent, grad_logp, grad_ent,
+                                                         ctx.inv_temp, ctx.chunk_size, want_h, want_w)  # fmt: skip
+    return dh if want_h else None, dw if want_w else None, None, None, None
+
+
+_linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -263,11 +310,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"temperature must be > 0, got {temperature}")
     hidden, weight = lm_head_inputs(hidden, weight, targets, "targets", chunk_size, FLOAT_DTYPES)
     shape, flat = targets.shape, targets.reshape(-1).long()
-    v = weight.shape[0]
-    if not is_fake(flat) and flat.numel() and bool(((flat < 0) | (flat >= v)).any()):
-        bad = flat[(flat < 0) | (flat >= v)][0]
-        raise ValueError(f"target {int(bad)} is outside the vocabulary [0, {v})")
-    with autocast_off(hidden.device):
-        logp, ent = LinearLogprobsFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, 1.0 / temperature,
-                                           chunk_size)  # fmt: skip
+    logp, ent, _ = torch.ops.fastpeft.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, flat,
+                                                      1.0 / temperature, chunk_size or 0)  # fmt: skip
     return logp.reshape(shape), ent.reshape(shape)
