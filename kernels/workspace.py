@@ -52,7 +52,10 @@ def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.devic
         _buffers.pop(key, None)
         del buf
         alloc = torch.zeros if zeroed else torch.empty
-        buf = alloc(max(numel, 1), dtype=dtype, device=device)
+        # a normal tensor even when first made under inference_mode (a sampler): the training step
+        # that writes the same buffer next runs outside it, where inference tensors are read-only
+        with torch.inference_mode(False):
+            buf = alloc(max(numel, 1), dtype=dtype, device=device)
         _buffers[key] = buf
     return buf[:numel]
 

@@ -181,3 +181,14 @@ def test_sampling_never_holds_the_previous_backward(tmp_path, tiny_config):
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
         _run(config, MultiObjectiveReward({"len": _length}), model, CheckingSampler())
     assert seen == [(0, 0)] * 3
+
+
+def test_qlora_policy_samples_and_trains_on_the_same_nf4_weights(tmp_path, tiny_config):
+    """The sampler (inference mode) and the update share the NF4 weights and their dequantization
+    workspace: a buffer first made while sampling is written again by the training forward."""
+    from fastpeft.kernels.workspace import clear_workspaces
+
+    clear_workspaces()  # the first dequantization of this test happens inside the sampler
+    result = _run(_config(tiny_config, tmp_path, finetune="qlora", max_steps=2, eval_data=None, beta=0.1),
+                  MultiObjectiveReward({"len": _length}))
+    assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)
