@@ -26,6 +26,11 @@ hidden, targets and two fp32 numbers per row.
 
 On CPU the same loop runs with the torch references of the two row steps (the "chunked" path),
 which also run in float64 (tests compare it with the full-logits computation there).
+
+Custom ops: ``fastpeft::linear_logprobs`` (``logp``, ``ent``, ``lse``) and
+``fastpeft::linear_logprobs_backward`` (dH, dW), ``torch.library.custom_op`` with ``register_fake``
+and ``register_autograd``; opaque to torch.compile like ``fastpeft::linear_cross_entropy``, since
+the chunk loop and the vocabulary check run on the host.
 """
 
 from __future__ import annotations
