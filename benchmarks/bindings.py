@@ -72,16 +72,18 @@ def kernel_backend(t: torch.Tensor) -> str:
     return backend(t)
 
 
-def qlora_step(config: Any, batch: int, seq: int, device: torch.device, warmup: int, steps: int) -> Measured:
+def qlora_step(config: Any, batch: int, seq: int, device: torch.device, warmup: int, steps: int,
+               **options: Any) -> Measured:  # fmt: skip
     """Our whole QLoRA training step on ``config`` (the SFT recipe's measuring function).
 
-    ``fn(llama_config, batch_size=, seq_len=, steps=, warmup_steps=, device=)`` returns a dict
-    (or object) with ``tokens_per_s`` and ``peak_memory_bytes``.
+    ``fn(llama_config, batch_size=, seq_len=, steps=, warmup_steps=, device=, **options)`` returns a
+    dict (or object) with ``tokens_per_s`` and ``peak_memory_bytes``; ``options`` it does not take
+    (e.g. ``design``) are dropped.
     """
     fn = bind(QLORA_STEP)
     fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # it takes LlamaConfig fields
     out = call_with_supported(fn, fields, batch_size=batch, seq_len=seq, steps=steps, warmup_steps=warmup,
-                              device=device)
+                              device=device, **options)
     return _measured(out, tokens=batch * seq)
 
 

@@ -16,18 +16,21 @@ import torch
 from fastpeft.training.losses import CausalLMLoss
 from fastpeft.training.metrics import peak_memory_bytes, reset_peak_memory
 from fastpeft.training.model_setup import apply_finetune_mode, build_model, build_optimizer, enable_gradient_checkpointing
+from fastpeft.training.step_design import StepDesign, apply_step_design
 
 
 def run_training_steps(llama_config: dict[str, Any], steps: int = 10, batch_size: int = 1, seq_len: int = 2048,
                        finetune: str = "qlora", lora: dict[str, Any] | None = None, device: str = "cuda",
                        dtype: str = "bfloat16", bf16_autocast: bool = True, gradient_checkpointing: bool = True,
-                       warmup_steps: int = 2, loss_impl: str = "auto", seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                       warmup_steps: int = 2, loss_impl: str = "auto", seed: int = 0,
+                       design: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Time ``steps`` optimizer steps after ``warmup_steps`` untimed ones.
 
     ``llama_config``: LlamaConfig fields (``hidden_size``, ``num_hidden_layers``, ...); random weights.
     Returns ``{"tokens_per_s", "peak_memory_bytes", "step_seconds", "loss", "trainable_params", ...}``;
     peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (reset before the timed steps: it
-    includes the model and optimizer), the process RSS peak on CPU.
+    includes the model and optimizer), the process RSS peak on CPU. ``design``: StepDesign fields
+    (:mod:`fastpeft.training.step_design`); it replaces ``gradient_checkpointing`` when given.
     """
     if steps <= 0 or batch_size <= 0 or seq_len <= 1:
         raise ValueError(f"need steps > 0, batch_size > 0, seq_len > 1; got {steps}, {batch_size}, {seq_len}")
@@ -39,7 +42,10 @@ def run_training_steps(llama_config: dict[str, Any], steps: int = 10, batch_size
         lora_kwargs.setdefault("compute_dtype", dtype)
     apply_finetune_mode(model, finetune, lora_kwargs)
     model.to(dev)
-    if gradient_checkpointing:
+    if design is not None:
+        apply_step_design(model, StepDesign(**design))
+        gradient_checkpointing = StepDesign(**design).gradient_checkpointing
+    elif gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     loss_module = CausalLMLoss(model, loss_impl)
@@ -75,4 +81,5 @@ def run_training_steps(llama_config: dict[str, Any], steps: int = 10, batch_size
         "step_seconds": elapsed / steps, "loss": loss, "trainable_params": sum(p.numel() for p in params),
         "finetune": finetune, "loss_impl": loss_module.loss_impl, "device": str(dev),
         "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+        "design": design,
     }  # fmt: skip

@@ -65,6 +65,20 @@ def tracing(*tensors: Any) -> bool:
     return any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
 
 
+def tile_starts(total: int, step: int, like: object) -> range | list[int]:
+    """Start offsets of a loop over ``total`` rows in steps of ``step`` (``range(0, total, step)``).
+
+    On FakeTensors (``like`` is one) only the first two steps and the last run: every later step of
+    a tiled loop repeats the second one's allocations exactly (tiles write into preallocated outputs
+    and sum in place), so the peak memory is the same and the memory ledger's cost does not grow
+    with the sequence length.
+    """
+    starts = range(0, total, step)
+    if not (isinstance(like, torch.Tensor) and is_fake(like)) or len(starts) <= 3:
+        return starts
+    return [starts[0], starts[1], starts[-1]]
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Inside an op: launch the Triton kernel for ``t`` (else run the torch implementation)?
 

@@ -33,6 +33,7 @@ import triton.language as tl
 from fastpeft.kernels._constants import FLOAT_DTYPES
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.kernels.backend import use_triton
+from fastpeft.kernels.workspace import accounting, note_transient
 
 
 @triton.jit
@@ -185,6 +186,15 @@ def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     return total, grad_h, grad_w, count
 
 
+def _chunk_bytes(hidden: torch.Tensor, weight: torch.Tensor, rows: int, chunk_size: int, with_grads: bool) -> int:
+    """Bytes one chunk of :func:`_chunked_loss_and_grads` holds at once on top of the op's outputs."""
+    v, h = weight.shape
+    c = min(rows, chunk_size or default_chunk_size(rows, v, h))
+    size = hidden.element_size()
+    logits = c * v * 4 + (c * v * size if with_grads and hidden.dtype != torch.float32 else 0)
+    return logits + c * h * size * (2 if with_grads else 1)
+
+
 @torch.library.custom_op("fastpeft::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                              mean: bool, chunk_size: int, want_h: bool, want_w: bool
@@ -210,7 +220,10 @@ def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels:
 def _(hidden, weight, labels, ignore_index, mean, chunk_size, want_h, want_w):  # type: ignore[no-untyped-def]
     """Outputs as the real op allocates them (dH, dW zero-filled there, accumulated chunk by chunk).
     No workspace; per chunk of C counted rows it holds transient logits fp32 ``[C, V]`` (plus a copy
-    in hidden's dtype for 16-bit inputs), the chunk of hidden ``[C, H]`` and its dH rows ``[C, H]``."""
+    in hidden's dtype for 16-bit inputs), the chunk of hidden ``[C, H]`` and its dH rows ``[C, H]``:
+    reported to the memory ledger with every row counted (a fake tensor has no labels to skip)."""
+    if accounting():
+        note_transient(_chunk_bytes(hidden, weight, labels.numel(), chunk_size, want_h or want_w))
     scalar = hidden.new_empty((), dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if want_h else hidden.new_empty(0)
     grad_w = torch.empty_like(weight) if want_w else hidden.new_empty(0)

@@ -44,6 +44,7 @@ from fastpeft.kernels.autocast import autocast_off
 from fastpeft.kernels._constants import FLOAT_DTYPES as _COMPUTE_DTYPES
 from fastpeft.kernels.backend import use_triton
 from fastpeft.kernels.linear_cross_entropy import default_chunk_size, lm_head_inputs
+from fastpeft.kernels.workspace import accounting, note_transient
 
 FLOAT_DTYPES = (*_COMPUTE_DTYPES, torch.float64)  # float64: the torch path, for tests against the full logits
 
@@ -212,6 +213,22 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> int:
     return chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
 
 
+def _transient_bytes(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int, backward: bool = False,
+                     want_h: bool = False, want_w: bool = False) -> int:  # fmt: skip
+    """Bytes the real op holds at once on top of its outputs, as on a GPU (the Triton row kernels: no
+    fp32 copy of a chunk): the logits chunk ``[C, V]`` in hidden's dtype; in the backward also the
+    chunk's dH rows ``[C, H]`` and, for a 16-bit head that trains, the fp32 dW accumulator ``[V, H]``
+    plus one chunk's 16-bit dW term."""
+    (n, h), v = hidden.shape, weight.shape[0]
+    c, size = min(n, _chunk(hidden, weight, chunk_size)), hidden.element_size()
+    total = c * v * size
+    if backward and want_h:
+        total += c * h * size
+    if backward and want_w and weight.dtype != torch.float32:
+        total += v * h * (4 + weight.element_size())
+    return total
+
+
 @torch.library.custom_op("fastpeft::linear_logprobs", mutates_args=())
 def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float,
                         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -234,7 +251,10 @@ def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 @_linear_logprobs_op.register_fake
 def _(hidden, weight, targets, inv_temp, chunk_size):  # type: ignore[no-untyped-def]
     """Outputs as the real op allocates them. No workspace; per chunk of C rows it holds transient
-    logits ``[C, V]`` in hidden's dtype (the torch path adds fp32 temporaries of that size)."""
+    logits ``[C, V]`` in hidden's dtype (the torch path adds fp32 temporaries of that size), reported
+    to the memory ledger (:func:`_transient_bytes`)."""
+    if accounting():
+        note_transient(_transient_bytes(hidden, weight, chunk_size))
     acc = torch.promote_types(hidden.dtype, torch.float32)
     return tuple(hidden.new_empty(hidden.shape[0], dtype=acc) for _ in range(3))
 
@@ -274,7 +294,10 @@ def _linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, tar
 
 @_linear_logprobs_backward_op.register_fake
 def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temp, chunk_size, want_h, want_w):  # type: ignore[no-untyped-def]
-    """Outputs as the real op allocates them (plus an fp32 dW accumulator for a 16-bit head)."""
+    """Outputs as the real op allocates them; its chunk temporaries and (for a 16-bit head) fp32 dW
+    accumulator go to the memory ledger as transients (:func:`_transient_bytes`)."""
+    if accounting():
+        note_transient(_transient_bytes(hidden, weight, chunk_size, True, want_h, want_w))
     return (torch.empty_like(hidden) if want_h else hidden.new_empty(0),
             torch.empty_like(weight) if want_w else hidden.new_empty(0))  # fmt: skip
 

@@ -45,7 +45,7 @@ from fastpeft.kernels.lora_linear_inputs import (
 )
 from fastpeft.kernels.nf4 import NF4Weight, dequantize_into, dequantize_nf4
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
-from fastpeft.kernels.workspace import get_workspace
+from fastpeft.kernels.workspace import accounting, get_workspace
 
 __all__ = [
     "DECODE_MAX_ROWS", "check_lora_linear_args", "dense_weight", "lora_linear",
@@ -171,16 +171,25 @@ def _forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A:
         return y, (xa if save_xa else _no_rows(x, r))
 
 
-def _forward_fake(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                  save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _forward_fake(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, save_xa: bool,
+                  nf4: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """y ``[M, N]`` and x·Aᵀ ``[M or 0, r]``, contiguous, as the real ops allocate them.
 
-    Workspaces the real ops use (held across calls, so not allocated here): an NF4 W is dequantized
-    into ``"nf4_dequant"`` (``[N, K]`` in x's dtype; one buffer, sized for the largest layer, shared by
-    all layers) on the training path; the decode path (Triton, M <= 16) sums split-K partials in
-    ``"lora_decode_acc"`` (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per column tile).
+    Workspaces the real ops use (held across calls): an NF4 W is dequantized into ``"nf4_dequant"``
+    (``[N, K]`` in x's dtype; one buffer, sized for the largest layer, shared by all layers) on the
+    training path; the decode path (Triton, M <= 16) sums split-K partials in ``"lora_decode_acc"``
+    (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per 32-column tile). They are made
+    here only for the memory ledger (:func:`fastpeft.kernels.workspace.accounting`).
     """
-    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0] if save_xa else 0, lora_A.shape[0]))
+    m, k = x.shape
+    n, r = lora_B.shape
+    if accounting():
+        if m > DECODE_MAX_ROWS and nf4:
+            get_workspace("nf4_dequant", n * k, x.dtype, x.device)
+        elif m <= DECODE_MAX_ROWS:
+            get_workspace("lora_decode_acc", DECODE_MAX_ROWS * n, torch.float32, x.device, zeroed=True)
+            get_workspace("lora_decode_count", -(-n // 32), torch.int32, x.device, zeroed=True)
+    return x.new_empty((m, n)), x.new_empty((m if save_xa else 0, r))
 
 
 # Two forward ops, not one with optional NF4 arguments: a differentiable torch.library op pays per
@@ -210,7 +219,7 @@ def _nf4_lora_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Ten
 
 @_nf4_lora_linear_op.register_fake
 def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, save_xa):  # type: ignore[no-untyped-def]
-    return _forward_fake(x, lora_A, lora_B, save_xa)
+    return _forward_fake(x, lora_A, lora_B, save_xa, nf4=True)
 
 
 @torch.library.triton_op("fastpeft::lora_linear_backward", mutates_args=())
@@ -234,7 +243,10 @@ def _lora_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Te
 def _(grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
       need_x, need_a, need_b):  # type: ignore[no-untyped-def]  # fmt: skip
     """The gradients as the real op allocates them; it dequantizes an NF4 W into the same
-    ``"nf4_dequant"`` workspace as the forward, and allocates a transient dY·B ``[M, r]``."""
+    ``"nf4_dequant"`` workspace as the forward (made here for the memory ledger only), and
+    allocates a transient dY·B ``[M, r]``."""
+    if accounting() and absmax is not None:
+        get_workspace("nf4_dequant", lora_B.shape[0] * x.shape[1], grad_y.dtype, x.device)
     return (grad_y.new_empty(x.shape) if need_x else x.new_empty(0),
             grad_y.new_empty(lora_A.shape) if need_a else x.new_empty(0),
             grad_y.new_empty(lora_B.shape) if need_b else x.new_empty(0))  # fmt: skip

@@ -321,7 +321,8 @@ def _quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int
     grid_idx = ((((normed + 1.0) * 0.5) * (_LUT_POINTS - 1)) + 0.5).to(torch.int64)  # truncation
     codes = _code_lookup_table(code)[grid_idx]
     codes = torch.where(zero_block.view(-1, 1), torch.zeros_like(codes), codes)
-    return codes.reshape(-1)[:n], absmax
+    codes = codes.reshape(-1)
+    return (codes[:n].clone() if n < codes.numel() else codes), absmax  # no padding kept alive
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

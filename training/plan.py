@@ -105,6 +105,8 @@ class PlanInputs:
     double_quant: bool = True
     full_ft_tokens_per_param: float = 0.1
     headroom: float = 0.9  # plan against this fraction of the device memory
+    measure: bool = False  # measure with the memory ledger instead (fastpeft.training.plan_measure)
+    cuda_context_gib: float = 1.0  # --measure: device memory the tensors cannot use (CUDA context, allocator)
 
     def __post_init__(self) -> None:
         for name in ("gpu_memory_gib", "seq_len", "batch_size", "data_tokens", "lora_r", "full_ft_tokens_per_param"):

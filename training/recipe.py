@@ -28,12 +28,8 @@ from torch import nn
 from fastpeft.training import checkpoint as ckpt
 from fastpeft.training import distributed as dist_utils
 from fastpeft.training.config_checks import check_training_fields
-from fastpeft.training.model_setup import (
-    apply_finetune_mode,
-    build_model,
-    enable_gradient_checkpointing,
-    resolve_device,
-)
+from fastpeft.training.model_setup import apply_finetune_mode, build_model, resolve_device
+from fastpeft.training.step_design import StepDesign, apply_step_design
 from fastpeft.training.tokenizer import load_tokenizer
 
 PATH = {"path": True}  # config_io checks that these name an existing file or directory
@@ -78,6 +74,10 @@ class RecipeConfig:
     # compute and memory
     bf16: bool = False  # bf16 autocast of every forward (fp32 master weights keep fp32 gradients)
     gradient_checkpointing: bool = False
+    # more memory (fastpeft.training.step_design): block inputs in host memory; MLP over row tiles; lean norms
+    offload_activations: bool = False
+    mlp_tile_rows: int | None = None
+    lean_norms: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks; see fastpeft.training.distributed
     # evaluation
     eval_every: int | None = None
@@ -98,11 +98,16 @@ class RecipeConfig:
         check_training_fields(self)
         if self.max_steps is None and self.num_epochs is None:
             raise ValueError("num_epochs: set max_steps or num_epochs (both are null)")
+        self.step_design()  # checks mlp_tile_rows
         if self.parallel not in dist_utils.PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {dist_utils.PARALLEL_MODES}, got {self.parallel!r}")
         if self.parallel == "fsdp" and self.optimizer not in dist_utils.FSDP_OPTIMIZERS:
             raise ValueError(f"parallel='fsdp' shards parameters into DTensors, which optimizer={self.optimizer!r} "
                              f"cannot update; use one of {dist_utils.FSDP_OPTIMIZERS}")  # fmt: skip
+
+    def step_design(self) -> StepDesign:
+        """The activation-memory options as a :class:`~fastpeft.training.step_design.StepDesign`."""
+        return StepDesign(self.gradient_checkpointing, self.offload_activations, self.mlp_tile_rows, self.lean_norms)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``max_steps`` when set, else ``num_epochs`` passes over the data."""
@@ -171,11 +176,9 @@ def setup_run(config: RecipeConfig, model: nn.Module | None = None, tokenizer: A
 
 
 def apply_memory_options(model: nn.Module, config: RecipeConfig) -> None:
-    """The activation-memory options of ``config`` applied to ``model`` (after the adapters): gradient
-    checkpointing of every transformer block. The one place where further options (offloaded
-    checkpointing, tiled MLPs: :mod:`fastpeft.training.offload` once it lands) plug in for every recipe."""
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    """The activation-memory options of ``config`` applied to ``model`` (after the adapters), the same
+    for every recipe: gradient checkpointing, offloaded checkpointing, tiled MLPs, lean norms."""
+    apply_step_design(model, config.step_design())
 
 
 def require_reference(ctx: RunContext, what: str) -> None:

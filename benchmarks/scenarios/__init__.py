@@ -18,6 +18,7 @@ SCENARIOS: dict[str, str] = {
     "lora-step": "lora_step",
     "sampling": "sampling",
     "trl-sft-step": "trl_sft_step",
+    "memory": "memory",
 }
 
 

@@ -71,6 +71,7 @@ class BenchConfig:
     record_cpu: bool = False  # record a CPU run in the results and RESULTS.md
     no_record: bool = False  # do not record even a GPU run
     regenerate: bool = False  # only rebuild RESULTS.md from the recorded JSON
+    ledger: bool = False  # measure RESULTS.md's memory-ledger section (any device); --small: tiny, not recorded
     no_plots: bool = False  # skip the PNG plots
     reps: int = 5  # timed runs per measurement on CPU
     strict: bool = False  # stop at the first implementation error
@@ -94,6 +95,8 @@ def _body(argv: list[str]) -> int:
         for name in scenarios.SCENARIOS:
             print(f"{name:<18} {scenarios.resolve([name])[0].TITLE}")
         return 0
+    if args.ledger:
+        return _ledger(args, results_dir, results_md, argv)
     if args.regenerate:
         path, skipped = report.write_results_md(results_dir, results_md)
         for line in skipped:
@@ -112,6 +115,22 @@ def _body(argv: list[str]) -> int:
         record_cpu=args.record_cpu, plots=not args.no_plots, strict=args.strict, case_filter=args.filter,
         cpu_reps=args.reps, command=shlex.join(["fastpeft", "bench", *argv]),
     )  # fmt: skip
+    return 0
+
+
+def _ledger(args: BenchConfig, results_dir: Path, results_md: Path, argv: list[str]) -> int:
+    from fastpeft_benchmarks import ledger_report, report
+
+    data = ledger_report.measure(small=bool(args.small), log=lambda s: print(s, file=sys.stderr))
+    command = shlex.join(["fastpeft", "bench", *argv])
+    if args.small:  # a smoke run: printed, written only to --out
+        if args.out:
+            ledger_report.write(data, Path(args.out), command)
+        print(ledger_report.render({**data, "command": command}))
+        return 0
+    print(f"wrote {ledger_report.write(data, results_dir, command)}")
+    path, _ = report.write_results_md(results_dir, results_md)
+    print(f"regenerated {path}")
     return 0
 
 

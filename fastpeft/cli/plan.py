@@ -1,7 +1,10 @@
 """``fastpeft plan --model DIR|config.json --gpu-memory-gib 24 --seq-len 2048 --data-tokens 5e6``:
-estimate peak memory of full fine-tuning, LoRA and QLoRA and recommend one."""
+estimate peak memory of full fine-tuning, LoRA and QLoRA and recommend one; with ``--measure``,
+measure it with the memory ledger and find the longest context that fits."""
 
 from __future__ import annotations
+
+import sys
 
 from fastpeft.cli.common import config_help, format_bytes, run_cli
 from fastpeft.training.config_io import parse_cli
@@ -32,6 +35,11 @@ def format_plan(result: dict, inputs: PlanInputs) -> str:
 
 def _body(argv: list[str]) -> int:
     inputs = parse_cli(PlanInputs, argv)
+    if inputs.measure:
+        from fastpeft.training.plan_measure import format_measured, measure_plan
+
+        print(format_measured(measure_plan(inputs, log=lambda s: print(s, file=sys.stderr)), inputs))
+        return 0
     print(format_plan(plan(inputs), inputs))
     return 0
 

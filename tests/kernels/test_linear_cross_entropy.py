@@ -180,3 +180,23 @@ def test_dispatch_follows_the_backend_switch(monkeypatch):
         linear_cross_entropy(hidden, weight, torch.tensor([1, -100, 4]), chunk_size=1).backward()
     assert calls == ["torch", "torch"]  # one call per chunk of non-ignored rows
     assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.gpu
+def test_cuda_llama3_vocabulary_matches_float64():
+    """The Triton row kernel and the chunk loop on a GPU at Llama-3's shapes (H 4096, V 128256), bf16."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 1024, 4096, 128256
+    hidden = torch.randn(n, h, generator=gen).cuda()
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).cuda()
+    labels = _labels(n, v, gen).cuda()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels, ignore_index=-100)
+    want.backward()
+    hid, wt = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    got = linear_cross_entropy(hid, wt, labels)
+    got.backward()
+    torch.testing.assert_close(got.double(), want.detach(), atol=3e-2, rtol=3e-2)
+    for g, w in ((hid.grad, h64.grad), (wt.grad, w64.grad)):
+        err = (g.double() - w).norm() / w.norm()
+        assert err < 2e-2, f"relative error {err:.2e}"
