@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,19 +37,25 @@ from fastpeft.training.recipe import RunContext
 from fastpeft.training.rollout import CompletionLogprobs, RolloutBatch, batched_logprobs, layout
 
 
+PhaseHook = Callable[[str], None]  # told "forward" / "backward" as a micro-batch enters each (the ledger's phases)
+
+
 class LocalRun:
     """The part of a :class:`~fastpeft.training.loop.RecipeRun` the update functions use, for one
     process outside a training loop (no optimizer, no logging)."""
 
-    def __init__(self, module: nn.Module, lm: nn.Module, bf16: bool = False):
+    def __init__(self, module: nn.Module, lm: nn.Module, bf16: bool = False, on_phase: PhaseHook | None = None):
         device = lm.get_input_embeddings().weight.device
         self.runner = module
         self.ctx = RunContext(0, 1, device, False, None, lm, True, Path("."), bf16)
+        self.on_phase = on_phase or (lambda phase: None)
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        self.on_phase("forward")
         return self.ctx.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.on_phase("backward")
         loss.backward()
 
     def count_tokens(self, n: int) -> None:
@@ -100,12 +107,14 @@ def grpo_sampling_phase(model: nn.Module, num_prompts: int, group_size: int, pro
     return tokens
 
 
-def grpo_training_phase(model: nn.Module, config: GRPOConfig, batch: RolloutBatch) -> torch.Tensor:
+def grpo_training_phase(model: nn.Module, config: GRPOConfig, batch: RolloutBatch,
+                        on_phase: PhaseHook | None = None) -> torch.Tensor:  # fmt: skip
     """The reference pass (when ``config.beta > 0``) and one update's forward and backward on
     ``batch`` (advantages and mask of a full batch), as :func:`fastpeft.training.grpo.train` runs
-    them between sampling and the optimizer step. Returns this process's loss (0-d tensor)."""
+    them between sampling and the optimizer step; ``on_phase`` hears "forward" / "backward" as each
+    micro-batch enters them. Returns this process's loss (0-d tensor)."""
     module = CompletionLogprobs(model, batch.prompt_width, config.temperature)
-    run = LocalRun(module, model, config.bf16)
+    run = LocalRun(module, model, config.bf16, on_phase)
     adv = torch.randn(batch.num_sequences)
     mask = batch.completion_mask
     ref_logp = old_logp = None
@@ -138,12 +147,13 @@ def synthetic_pairs(vocab: int, num_pairs: int, prompt_len: int, completion_len:
 
 
 def dpo_training_phase(model: nn.Module, config: DPOConfig, pairs: list[PairRow], cached_reference: bool = False,
-                       pad_id: int = 0) -> torch.Tensor:  # fmt: skip
+                       pad_id: int = 0, on_phase: PhaseHook | None = None) -> torch.Tensor:  # fmt: skip
     """One DPO update's forward and backward over ``pairs`` in micro-batches of
     ``config.micro_batch_size`` pairs, the reference on the fly (adapters disabled) or, with
-    ``cached_reference``, from a precomputed cache. Returns the sums of :func:`~fastpeft.training.dpo.pair_update`."""
+    ``cached_reference``, from a precomputed cache (``on_phase``: as for
+    :func:`grpo_training_phase`). Returns the sums of :func:`~fastpeft.training.dpo.pair_update`."""
     module = PairLogprobs(model, average=config.loss_type == "ipo")
-    run = LocalRun(module, model, config.bf16)
+    run = LocalRun(module, model, config.bf16, on_phase)
     cache = {p.index: (0.0, 0.0) for p in pairs} if cached_reference else None
     mb = config.micro_batch_size
     micro = [pairs[i : i + mb] for i in range(0, len(pairs), mb)]
