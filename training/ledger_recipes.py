@@ -30,8 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fastpeft.training.ledger_step import LedgerSpec, _build_model, _unpacked_rows, fake_step_context
-from fastpeft.training.memory_ledger import LedgerResult, MemoryTracker, cuda_attention_rules
+from fastpeft.training.ledger_step import LedgerSpec, _build_model, fake_step_context, steady_state
+from fastpeft.training.memory_ledger import LedgerResult, MemoryTracker
 from fastpeft.training.step_design import StepDesign
 
 RECIPES = ("grpo", "dpo")
@@ -105,27 +105,11 @@ def _tracked(model: nn.Module, body: Callable[[Callable[[str], None]], Any], tra
     """Run ``body(set_phase)`` inside a fresh tracker, with the weights, adapters and AdamW state
     resident; with ``train`` the gradients it leaves are applied by an AdamW step."""
     tracker = MemoryTracker()
-    tracker.register_module(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    hooks = []
-    try:
-        with tracker, cuda_attention_rules(), _unpacked_rows():
-            tracker.set_phase("optimizer")  # the state every later step starts with
-            for p in params:
-                p.grad = torch.zeros_like(p)
+    with steady_state(tracker, model) as (optimizer, _):
+        body(tracker.set_phase)
+        if train:
+            tracker.set_phase("optimizer")
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            hooks = tracker.watch_grads(params)
-            tracker.set_phase("forward")
-            body(tracker.set_phase)
-            if train:
-                tracker.set_phase("optimizer")
-                optimizer.step()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        optimizer.zero_grad(set_to_none=True)
     notes = ["fake CPU tensors under FakeTensorMode: bytes of tensor storage alive at once, not a timing; "
              "allocator rounding and fragmentation and the CUDA context are not included"]  # fmt: skip
     return tracker.result(notes, **meta)
