@@ -136,6 +136,7 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", f"{row['label']}:", "", format_ledger_table(columns)]
     lines += ["", "- fake CPU tensors under FakeTensorMode: bytes of tensor storage alive at once, not a timing; "
               "allocator rounding and fragmentation and the CUDA context are not included",
-              "- in the sampling columns the KV cache is under \"activations\" (made by the forward, kept)",
+              "- in the sampling columns the KV cache is under \"activations\" (made by the forward, kept); the recipe "
+              "phases have no separate loss phase, so the LM head's log-prob terms are in the forward and backward rows",
               f"- measured in {data['seconds'] / 60:.0f} min on a CPU", ""]  # fmt: skip
     return "\n".join(lines)
