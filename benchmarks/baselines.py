@@ -44,8 +44,9 @@ def import_optional(name: str) -> ModuleType:
 # linear layers: x [M, K], W [N, K], A [r, K], B [N, r]
 
 
-def dense_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                      scaling: float) -> torch.Tensor:  # fmt: skip
+def dense_lora_linear(
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """PEFT's unfused LoRA on a dense frozen weight: ``F.linear(x, W) + F.linear(F.linear(x, A), B)·s``."""
     return F.linear(x, weight) + F.linear(F.linear(x, lora_A), lora_B) * scaling
 
@@ -54,15 +55,22 @@ def bnb_nf4_linear(weight: torch.Tensor, blocksize: int = 64, double_quant: bool
     """A ``bitsandbytes.nn.Linear4bit`` (NF4) holding ``weight`` [N, K], quantized on ``weight.device``."""
     bnb = import_optional("bitsandbytes")
     n, k = weight.shape
-    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=weight.dtype, compress_statistics=double_quant,
-                              quant_type="nf4")  # fmt: skip
-    layer.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, quant_type="nf4",
-                                     blocksize=blocksize, compress_statistics=double_quant)  # fmt: skip
+    layer = bnb.nn.Linear4bit(
+        k, n, bias=False, compute_dtype=weight.dtype, compress_statistics=double_quant, quant_type="nf4"
+    )
+    layer.weight = bnb.nn.Params4bit(
+        weight.detach().cpu(),
+        requires_grad=False,
+        quant_type="nf4",
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+    )
     return layer.to(weight.device)  # bitsandbytes quantizes when the parameter moves to its device
 
 
-def bnb_lora_linear(layer: torch.nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    scaling: float) -> torch.Tensor:  # fmt: skip
+def bnb_lora_linear(
+    layer: torch.nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """What PEFT runs on a bnb layer: ``Linear4bit(x) + (x·Aᵀ)·Bᵀ·s``."""
     return layer(x) + F.linear(F.linear(x, lora_A), lora_B) * scaling
 
@@ -106,8 +114,14 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def sdpa_prefix_concat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-                       prefix_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def sdpa_prefix_concat(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
     """What prefix tuning does today: expand the prefix to the batch, concatenate into K/V, boolean mask."""
     b = q.shape[0]
     k2 = torch.cat([prefix_k.permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
@@ -148,16 +162,18 @@ def hf_bnb_peft_model(model_dir: str, device: torch.device, training: bool) -> t
     transformers = import_optional("transformers")
     import_optional("bitsandbytes")
     peft = import_optional("peft")
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
     device_map = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map=device_map
     )
     if training:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS),
-                           task_type="CAUSAL_LM")  # fmt: skip
+    lora = peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM"
+    )
     model = peft.get_peft_model(model, lora)
     return model.train() if training else model.eval()
 
@@ -180,8 +196,9 @@ def timed_steps(step: Any, steps: int, device: torch.device) -> list[float]:
     return times
 
 
-def hf_qlora_step(model_dir: str, vocab: int, batch: int, seq: int, device: torch.device, warmup: int = 2,
-                  steps: int = 5) -> Measured:  # fmt: skip
+def hf_qlora_step(
+    model_dir: str, vocab: int, batch: int, seq: int, device: torch.device, warmup: int = 2, steps: int = 5
+) -> Measured:
     """Median time of one HF + bnb + PEFT QLoRA step (AdamW lr 1e-4, labels = inputs, ``warmup``
     untimed steps first).
 
@@ -207,16 +224,23 @@ def hf_qlora_step(model_dir: str, vocab: int, batch: int, seq: int, device: torc
             step()
         with contextlib.nullcontext() if on_cpu else PeakMemory(device, absolute=True) as gpu_window:
             times = timed_steps(step, steps, device)
-        del model, opt
+        model = opt = None  # the step closure's cells too: frees them before the next measurement
     median_ms = statistics.median(times) * 1e3
-    return Measured(median_ms=median_ms, peak_mem_bytes=(cpu_window or gpu_window).peak, extra={
-        "tokens_per_s": batch * seq / (median_ms * 1e-3), "tokens_per_step": batch * seq,
-        "final_loss": losses[-1], "mem": memory_kind(device) + ("" if on_cpu else " (absolute)"),
-    })  # fmt: skip
+    return Measured(
+        median_ms=median_ms,
+        peak_mem_bytes=(cpu_window or gpu_window).peak,
+        extra={
+            "tokens_per_s": batch * seq / (median_ms * 1e-3),
+            "tokens_per_step": batch * seq,
+            "final_loss": losses[-1],
+            "mem": memory_kind(device) + ("" if on_cpu else " (absolute)"),
+        },
+    )
 
 
-def hf_generate(model: torch.nn.Module, n_seq: int, prompt_len: int, new_tokens: int, vocab: int,
-                device: torch.device) -> Measured:  # fmt: skip
+def hf_generate(
+    model: torch.nn.Module, n_seq: int, prompt_len: int, new_tokens: int, vocab: int, device: torch.device
+) -> Measured:
     """Time one ``model.generate`` (sampling, exactly ``new_tokens`` per row) after a short warm-up.
 
     Peak memory = the model's bytes + what generation allocates above them.
@@ -233,16 +257,18 @@ def hf_generate(model: torch.nn.Module, n_seq: int, prompt_len: int, new_tokens:
             seconds = time.perf_counter() - start
     produced = (out.shape[1] - prompt_len) * n_seq
     peak = None if window.peak is None else window.peak + model_bytes(model)
-    return Measured(median_ms=seconds * 1e3, peak_mem_bytes=peak,
-                    extra={"tokens_per_s": produced / seconds, "new_tokens": produced})  # fmt: skip
+    return Measured(
+        median_ms=seconds * 1e3, peak_mem_bytes=peak, extra={"tokens_per_s": produced / seconds, "new_tokens": produced}
+    )
 
 
 def peft_lora_model(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` (a dense transformers model, wrapped in place) with PEFT LoRA (r 16, alpha 32, all 7
     projections, no dropout), in training mode."""
     peft = import_optional("peft")
-    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS),
-                           task_type="CAUSAL_LM")  # fmt: skip
+    lora = peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM"
+    )
     return peft.get_peft_model(model, lora).train()
 
 

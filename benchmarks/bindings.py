@@ -57,8 +57,12 @@ def lora_linear_ops() -> dict[str, Callable[..., Any]]:
     from fastpeft.kernels.lora_linear import lora_linear
     from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
 
-    return {"lora_linear": lora_linear, "quantize_nf4": quantize_nf4,
-            "dequantize_reference": dequantize_nf4_reference, "backend": backend}  # fmt: skip
+    return {
+        "lora_linear": lora_linear,
+        "quantize_nf4": quantize_nf4,
+        "dequantize_reference": dequantize_nf4_reference,
+        "backend": backend,
+    }
 
 
 def prefix_attention() -> Callable[..., torch.Tensor]:
@@ -72,8 +76,9 @@ def kernel_backend(t: torch.Tensor) -> str:
     return backend(t)
 
 
-def qlora_step(config: Any, batch: int, seq: int, device: torch.device, warmup: int, steps: int,
-               **options: Any) -> Measured:  # fmt: skip
+def qlora_step(
+    config: Any, batch: int, seq: int, device: torch.device, warmup: int, steps: int, **options: Any
+) -> Measured:
     """Our whole QLoRA training step on ``config`` (the SFT recipe's measuring function).
 
     ``fn(llama_config, batch_size=, seq_len=, steps=, warmup_steps=, device=, **options)`` returns a
@@ -82,8 +87,9 @@ def qlora_step(config: Any, batch: int, seq: int, device: torch.device, warmup: 
     """
     fn = bind(QLORA_STEP)
     fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # it takes LlamaConfig fields
-    out = call_with_supported(fn, fields, batch_size=batch, seq_len=seq, steps=steps, warmup_steps=warmup,
-                              device=device, **options)
+    out = call_with_supported(
+        fn, fields, batch_size=batch, seq_len=seq, steps=steps, warmup_steps=warmup, device=device, **options
+    )
     return _measured(out, tokens=batch * seq)
 
 
@@ -135,5 +141,8 @@ def _measured(out: Any, tokens: int) -> Measured:
         raise KeyError(f"the measuring function returned no tokens_per_s (keys: {sorted(out)})")
     tokens_per_s = float(out["tokens_per_s"])
     peak = out.get("peak_memory_bytes", out.get("peak_mem_bytes"))
-    return Measured(median_ms=tokens / tokens_per_s * 1e3, peak_mem_bytes=None if peak is None else int(peak),
-                    extra={"tokens_per_s": tokens_per_s, "tokens": tokens})  # fmt: skip
+    return Measured(
+        median_ms=tokens / tokens_per_s * 1e3,
+        peak_mem_bytes=None if peak is None else int(peak),
+        extra={"tokens_per_s": tokens_per_s, "tokens": tokens},
+    )

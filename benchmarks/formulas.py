@@ -67,14 +67,19 @@ def llama_linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: in
     """(in, out) features of the 7 projections of one Llama decoder layer."""
     kv_dim = hidden // heads * kv_heads
     return {
-        "q_proj": (hidden, hidden), "k_proj": (hidden, kv_dim), "v_proj": (hidden, kv_dim),
-        "o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate),
-        "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden),
-    }  # fmt: skip
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv_dim),
+        "v_proj": (hidden, kv_dim),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }
 
 
-def llama_qlora_step_flops(*, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                           vocab: int, batch: int, seq: int, r: int) -> int:  # fmt: skip
+def llama_qlora_step_flops(
+    *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, batch: int, seq: int, r: int
+) -> int:
     """Model FLOPs of one QLoRA training step (forward + backward, LoRA on all 7 projections).
 
     Frozen base weights (projections + lm_head, P_base) need forward and dX: 4·P_base per token;
@@ -90,8 +95,18 @@ def llama_qlora_step_flops(*, hidden: int, intermediate: int, layers: int, heads
     return tokens * (4 * p_base + 6 * p_lora) + attention
 
 
-def llama_decode_step_bytes(*, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                            vocab: int, r: int, blocksize: int = 64, double_quant: bool = False) -> int:  # fmt: skip
+def llama_decode_step_bytes(
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    r: int,
+    blocksize: int = 64,
+    double_quant: bool = False,
+) -> int:
     """Weight bytes one decode step must read: NF4 projections + LoRA factors (bf16) + bf16 lm_head.
 
     The KV cache, embeddings (a gather) and norms are not counted, so this is a lower bound.

@@ -63,7 +63,8 @@ TESTS="tests/kernels tests/fastpeft tests/training"
 [[ $SMOKE == 1 ]] && TESTS="tests/kernels"
 step kernel-tests $LIMIT_TESTS "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
 
-# 2. every bench scenario; qlora-step at its 2048-token cases (the 2x throughput targets)
+# 2. every bench scenario; qlora-step at its 2048-token cases (the 2x throughput targets); lora-step and
+#    trl-sft-step (patched PeftModel vs PEFT, compile off/on) on the GPU only
 step bench-kernels $LIMIT_BENCH "${FASTPEFT[@]}" bench $KERNELS "${BENCH[@]}"
 if [[ $SMOKE == 0 ]]; then
     step bench-qlora $LIMIT_STEP "${FASTPEFT[@]}" bench qlora-step --filter seq=2048 "${BENCH[@]}"
@@ -71,6 +72,14 @@ else
     step bench-qlora $LIMIT_STEP "${FASTPEFT[@]}" bench qlora-step "${BENCH[@]}"
 fi
 step bench-memory $LIMIT_MEMORY "${FASTPEFT[@]}" bench memory "${BENCH[@]}"
+if [[ $SMOKE == 0 ]]; then  # the whole-step scenarios' CPU smoke runs are their own tests in benchmarks/
+    step bench-lora 60 "${FASTPEFT[@]}" bench lora-step "${BENCH[@]}"
+    if "$PY" -c "import trl" 2> /dev/null; then  # TRL only when its wheel was carried
+        step bench-trl 120 "${FASTPEFT[@]}" bench trl-sft-step --reps 3
+    else
+        echo "bench-trl        skipped: trl is not installed (carry its wheel in .whl/)" | tee -a "$SUMMARY"
+    fi
+fi
 
 # 3 and 4: the ledger against the measured peak; offloading's cost in time
 step ledger-check 120 "$PY" - "$RESULTS" "$SMOKE" <<'PY'

@@ -55,10 +55,19 @@ def versions() -> dict[str, str]:
 def git_info(repo: Path = BENCH_DIR.parent) -> dict[str, Any]:
     """Commit and whether the tree has uncommitted changes (read-only git; "unknown" outside a checkout)."""
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
@@ -70,11 +79,23 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return {"type": device.type, "name": f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"}
 
 
-def run_bench(names: Sequence[str] | None = None, *, device: str | torch.device | None = None,
-              small: bool | None = None, out_dir: Path | None = None, results_dir: Path = RESULTS_DIR,
-              results_md: Path = RESULTS_MD, record: bool | None = None, record_cpu: bool = False,
-              plots: bool = True, strict: bool = False, case_filter: str | None = None, cpu_reps: int = 5,
-              command: str = "fastpeft bench", log: Callable[[str], None] = print) -> BenchRun:  # fmt: skip
+def run_bench(
+    names: Sequence[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    small: bool | None = None,
+    out_dir: Path | None = None,
+    results_dir: Path = RESULTS_DIR,
+    results_md: Path = RESULTS_MD,
+    record: bool | None = None,
+    record_cpu: bool = False,
+    plots: bool = True,
+    strict: bool = False,
+    case_filter: str | None = None,
+    cpu_reps: int = 5,
+    command: str = "fastpeft bench",
+    log: Callable[[str], None] = print,
+) -> BenchRun:
     """Run ``names`` (all scenarios when empty); see the module docstring for where outputs go.
 
     Raises ``scenarios.UnknownScenario`` (a ValueError) before measuring anything if a name is wrong.
@@ -85,8 +106,10 @@ def run_bench(names: Sequence[str] | None = None, *, device: str | torch.device 
         raise ValueError("device 'cuda' requested but torch sees no CUDA device")
     small = device.type != "cuda" if small is None else small
     ctx = Context(device=device, small=small, strict=strict, cpu_reps=cpu_reps, log=log)
-    log(f"fastpeft bench on {device_info(device)['name']}: {', '.join(m.NAME for m in modules)}"
-        f"{' (small shapes)' if small else ''}")  # fmt: skip
+    log(
+        f"fastpeft bench on {device_info(device)['name']}: {', '.join(m.NAME for m in modules)}"
+        f"{' (small shapes)' if small else ''}"
+    )
     ctx.floors = measure_floors(device)
     rows = []
     for module in modules:
@@ -97,11 +120,18 @@ def run_bench(names: Sequence[str] | None = None, *, device: str | torch.device 
             rows += [r.to_json() for r in run_case(case, ctx)]
         end_scenario(ctx)
     result = {
-        "schema": report.SCHEMA, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_info(device), "versions": versions(), "git": git_info(), "python": sys.version.split()[0],
-        "small": small, "floors": ctx.floors, "scenarios": [m.NAME for m in modules], "command": command,
+        "schema": report.SCHEMA,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_info(device),
+        "versions": versions(),
+        "git": git_info(),
+        "python": sys.version.split()[0],
+        "small": small,
+        "floors": ctx.floors,
+        "scenarios": [m.NAME for m in modules],
+        "command": command,
         "rows": rows,
-    }  # fmt: skip
+    }
     recorded = record is not False and (device.type == "cuda" or record_cpu)
     target = Path(results_dir) if recorded else Path(out_dir or tempfile.mkdtemp(prefix="fastpeft-bench-"))
     target.mkdir(parents=True, exist_ok=True)
@@ -117,6 +147,11 @@ def run_bench(names: Sequence[str] | None = None, *, device: str | torch.device 
     table = report.format_table(rows)
     log("\n" + table + "\n")
     log(f"JSON: {json_path}" + (f"\nplots: {', '.join(str(p) for p in pngs)}" if pngs else ""))
-    log(f"RESULTS.md regenerated: {md}" if md else "RESULTS.md not updated (CPU runs are recorded only with --record-cpu)"
-        if device.type != "cuda" else "RESULTS.md not updated (--no-record)")  # fmt: skip
+    log(
+        f"RESULTS.md regenerated: {md}"
+        if md
+        else "RESULTS.md not updated (CPU runs are recorded only with --record-cpu)"
+        if device.type != "cuda"
+        else "RESULTS.md not updated (--no-record)"
+    )
     return BenchRun(result=result, json_path=json_path, plots=pngs, results_md=md, table=table)

@@ -13,10 +13,18 @@ from fastpeft.reasoning.sampler import PrefixMode, Sampler
 from fastpeft.reasoning.types import SamplingParams
 
 
-def measure_sampling_throughput(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, n: int,
-                                num_prompts: int = 1, repeats: int = 3, seed: int = 0,
-                                prefix_mode: PrefixMode = "shared",
-                                cuda_graph: bool = True) -> dict[str, Any]:  # fmt: skip
+def measure_sampling_throughput(
+    model: torch.nn.Module,
+    *,
+    prompt_len: int,
+    new_tokens: int,
+    n: int,
+    num_prompts: int = 1,
+    repeats: int = 3,
+    seed: int = 0,
+    prefix_mode: PrefixMode = "shared",
+    cuda_graph: bool = True,
+) -> dict[str, Any]:
     """Sampling tokens/s: ``num_prompts`` random prompts of ``prompt_len`` tokens, ``n`` samples each,
     exactly ``new_tokens`` new tokens per row (EOS ignored), temperature 1.
 
@@ -43,7 +51,15 @@ def measure_sampling_throughput(model: torch.nn.Module, *, prompt_len: int, new_
     timed()
     seconds = statistics.median(timed() for _ in range(repeats))
     rows = num_prompts * n
-    return {"tokens_per_s": rows * new_tokens / seconds, "seconds": seconds, "sequences": rows,
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "n": n, "num_prompts": num_prompts,
-            "prefix_mode": prefix_mode, "cuda_graph": cuda_graph and device.type == "cuda",
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)}  # fmt: skip
+    return {
+        "tokens_per_s": rows * new_tokens / seconds,
+        "seconds": seconds,
+        "sequences": rows,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "n": n,
+        "num_prompts": num_prompts,
+        "prefix_mode": prefix_mode,
+        "cuda_graph": cuda_graph and device.type == "cuda",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+    }

@@ -1,6 +1,7 @@
 """pytest-benchmark suite: the fused (Q)LoRA linear vs dense torch and bitsandbytes, decode and training."""
 
 import pytest
+
 from fastpeft_benchmarks.scenarios import decode_linear, train_linear
 from fastpeft_benchmarks.suite import params, run_param
 

@@ -1,6 +1,7 @@
 """pytest-benchmark suite: prefix attention vs SDPA (prefix concatenated + mask, and causal without prefix)."""
 
 import pytest
+
 from fastpeft_benchmarks.scenarios import prefix_attention
 from fastpeft_benchmarks.suite import params, run_param
 

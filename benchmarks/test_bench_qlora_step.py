@@ -1,6 +1,7 @@
 """pytest-benchmark suite: a whole QLoRA training step, ours vs HF + bnb + PEFT (the workload times itself)."""
 
 import pytest
+
 from fastpeft_benchmarks.scenarios import qlora_step
 from fastpeft_benchmarks.suite import params, run_param
 

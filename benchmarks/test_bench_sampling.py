@@ -1,6 +1,7 @@
 """pytest-benchmark suite: sampling N continuations, our sampler vs HF generate (the workload times itself)."""
 
 import pytest
+
 from fastpeft_benchmarks.scenarios import sampling
 from fastpeft_benchmarks.suite import params, run_param
 

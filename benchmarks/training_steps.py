@@ -15,15 +15,31 @@ import torch
 
 from fastpeft.training.losses import CausalLMLoss
 from fastpeft.training.metrics import peak_memory_bytes, reset_peak_memory
-from fastpeft.training.model_setup import apply_finetune_mode, build_model, build_optimizer, enable_gradient_checkpointing
+from fastpeft.training.model_setup import (
+    apply_finetune_mode,
+    build_model,
+    build_optimizer,
+    enable_gradient_checkpointing,
+)
 from fastpeft.training.step_design import StepDesign, apply_step_design
 
 
-def run_training_steps(llama_config: dict[str, Any], steps: int = 10, batch_size: int = 1, seq_len: int = 2048,
-                       finetune: str = "qlora", lora: dict[str, Any] | None = None, device: str = "cuda",
-                       dtype: str = "bfloat16", bf16_autocast: bool = True, gradient_checkpointing: bool = True,
-                       warmup_steps: int = 2, loss_impl: str = "auto", seed: int = 0,
-                       design: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_training_steps(
+    llama_config: dict[str, Any],
+    steps: int = 10,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    finetune: str = "qlora",
+    lora: dict[str, Any] | None = None,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    bf16_autocast: bool = True,
+    gradient_checkpointing: bool = True,
+    warmup_steps: int = 2,
+    loss_impl: str = "auto",
+    seed: int = 0,
+    design: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Time ``steps`` optimizer steps after ``warmup_steps`` untimed ones.
 
     ``llama_config``: LlamaConfig fields (``hidden_size``, ``num_hidden_layers``, ...); random weights.
@@ -77,9 +93,16 @@ def run_training_steps(llama_config: dict[str, Any], steps: int = 10, batch_size
         loss = one_step()  # float() synchronises each step
     elapsed = time.perf_counter() - t0
     return {
-        "tokens_per_s": steps * batch_size * seq_len / elapsed, "peak_memory_bytes": peak_memory_bytes(dev),
-        "step_seconds": elapsed / steps, "loss": loss, "trainable_params": sum(p.numel() for p in params),
-        "finetune": finetune, "loss_impl": loss_module.loss_impl, "device": str(dev),
-        "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+        "tokens_per_s": steps * batch_size * seq_len / elapsed,
+        "peak_memory_bytes": peak_memory_bytes(dev),
+        "step_seconds": elapsed / steps,
+        "loss": loss,
+        "trainable_params": sum(p.numel() for p in params),
+        "finetune": finetune,
+        "loss_impl": loss_module.loss_impl,
+        "device": str(dev),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "gradient_checkpointing": gradient_checkpointing,
         "design": design,
-    }  # fmt: skip
+    }

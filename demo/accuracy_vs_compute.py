@@ -93,8 +93,9 @@ def accuracy_vs_compute(
                 run_opts["estimator"] = DifficultyEstimator(history=history)
             correct = tokens = passes = 0
             for prompt, answer in dataset:
-                result = search(generator, prompt, name, budget, budget_unit, scorer,
-                                **dict(search_kwargs or {}), **run_opts)  # fmt: skip
+                result = search(
+                    generator, prompt, name, budget, budget_unit, scorer, **dict(search_kwargs or {}), **run_opts
+                )
                 ok = answers_match(result.answer, str(answer))
                 correct += ok
                 tokens += result.tokens_spent
@@ -114,8 +115,7 @@ def format_table(rows: Sequence[EvidenceRow]) -> str:
     labels = list(dict.fromkeys(r.strategy for r in rows))
     cell = {(r.strategy, r.budget): f"{r.accuracy:.3f} ({r.mean_tokens:.0f})" for r in rows}
     unit = rows[0].budget_unit if rows else "tokens"
-    lines = ["| strategy | " + " | ".join(f"{b} {unit}" for b in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]  # fmt: skip
+    lines = ["| strategy | " + " | ".join(f"{b} {unit}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     lines += [f"| {s} | " + " | ".join(cell.get((s, b), "") for b in budgets) + " |" for s in labels]
     return "\n".join(lines)
 

@@ -79,8 +79,14 @@ def make_problem(a: int, b: int, op: str = "+", restate: bool = False) -> dict[s
     }
 
 
-def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequence[str] = ("+",),
-                            exclude: set[str] | None = None, restate: bool = False) -> list[dict[str, str]]:  # fmt: skip
+def make_arithmetic_dataset(
+    n: int,
+    seed: int = 0,
+    digits: int = 2,
+    ops: Sequence[str] = ("+",),
+    exclude: set[str] | None = None,
+    restate: bool = False,
+) -> list[dict[str, str]]:
     """``n`` distinct problems whose operands have exactly ``digits`` digits (``digits=1``: 0-9),
     deterministic in ``seed``. Equal widths keep every prompt of a dataset in one layout.
 
@@ -111,4 +117,3 @@ def make_arithmetic_dataset(n: int, seed: int = 0, digits: int = 2, ops: Sequenc
             seen.add(record["prompt"])
             records.append(record)
     return records
-

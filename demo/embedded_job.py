@@ -59,17 +59,35 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:  # checked before minutes of pretraining, not after
-        for name in ("digits", "pretrain_examples", "pretrain_steps", "pretrain_lr", "train_examples", "eval_examples",
-                     "sft_steps", "sft_lr", "lora_r", "micro_batch_size", "max_seq_len", "max_new_tokens",
-                     "hidden_size", "num_layers", "num_heads", "num_kv_heads", "threads"):  # fmt: skip
+        for name in (
+            "digits",
+            "pretrain_examples",
+            "pretrain_steps",
+            "pretrain_lr",
+            "train_examples",
+            "eval_examples",
+            "sft_steps",
+            "sft_lr",
+            "lora_r",
+            "micro_batch_size",
+            "max_seq_len",
+            "max_new_tokens",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "threads",
+        ):
             value = getattr(self, name)
             if value is not None and not (0 < value < float("inf")):
                 raise ValueError(f"{name} must be positive, got {value!r}")
         if self.eval_match not in ("answer", "exact"):
             raise ValueError(f"eval_match must be 'answer' or 'exact', got {self.eval_match!r}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}), "
-                             f"and num_heads by num_kv_heads ({self.num_kv_heads})")  # fmt: skip
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}), "
+                f"and num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
 
 
 def _say(msg: str) -> None:
@@ -89,24 +107,48 @@ def _pretrain(config: DemoConfig, tokenizer: Any, held_out: set[str]) -> torch.n
     from fastpeft.training.model_setup import build_model
     from fastpeft.training.sft import SFTConfig, train
 
-    corpus = make_arithmetic_dataset(config.pretrain_examples, seed=config.seed + 1, digits=config.digits,
-                                     exclude=held_out, restate=True)  # fmt: skip
+    corpus = make_arithmetic_dataset(
+        config.pretrain_examples, seed=config.seed + 1, digits=config.digits, exclude=held_out, restate=True
+    )
     texts = [{"text": r["completion"].lstrip()} for r in corpus]  # "47+38: 7+8=15 ...; answer 85"
-    model_config = dict(model_type="llama", hidden_size=config.hidden_size, intermediate_size=2 * config.hidden_size,
-                        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-                        num_key_value_heads=config.num_kv_heads, vocab_size=len(tokenizer),
-                        max_position_embeddings=config.max_seq_len,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model_config = dict(
+        model_type="llama",
+        hidden_size=config.hidden_size,
+        intermediate_size=2 * config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=config.max_seq_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = build_model(None, model_config, seed=config.seed)
-    _say(f"[1/3] pretraining a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter Llama on "
-         f"{len(texts)} worked sums (plain text, full fine-tuning, {config.pretrain_steps} steps)")  # fmt: skip
-    result = train(SFTConfig(
-        finetune="full", train_data=texts, max_steps=config.pretrain_steps, micro_batch_size=config.micro_batch_size,
-        lr=config.pretrain_lr, warmup_steps=20, scheduler="cosine", packing=True, max_seq_len=config.max_seq_len,
-        output_dir=str(Path(config.output_dir) / "pretrain"), progress=config.progress, log_every=25,
-        seed=config.seed, plot=False,
-    ), model=model, tokenizer=tokenizer)  # fmt: skip
+    _say(
+        f"[1/3] pretraining a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter Llama on "
+        f"{len(texts)} worked sums (plain text, full fine-tuning, {config.pretrain_steps} steps)"
+    )
+    result = train(
+        SFTConfig(
+            finetune="full",
+            train_data=texts,
+            max_steps=config.pretrain_steps,
+            micro_batch_size=config.micro_batch_size,
+            lr=config.pretrain_lr,
+            warmup_steps=20,
+            scheduler="cosine",
+            packing=True,
+            max_seq_len=config.max_seq_len,
+            output_dir=str(Path(config.output_dir) / "pretrain"),
+            progress=config.progress,
+            log_every=25,
+            seed=config.seed,
+            plot=False,
+        ),
+        model=model,
+        tokenizer=tokenizer,
+    )
     _say(f"      loss {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s, {result.train_seconds:.0f} s")
     return model
 
@@ -120,8 +162,13 @@ def _sft_records(config: DemoConfig) -> tuple[list[dict], list[dict]]:
             raise ValueError(f"data has {len(records)} records; need more than eval_examples={config.eval_examples}")
         return records[: -config.eval_examples], records[-config.eval_examples :]
     eval_records = make_arithmetic_dataset(config.eval_examples, seed=config.seed + 1000, digits=config.digits)
-    train_records = make_arithmetic_dataset(config.train_examples, seed=config.seed + 2, digits=config.digits,
-                                            exclude={r["prompt"] for r in eval_records}, restate=True)  # fmt: skip
+    train_records = make_arithmetic_dataset(
+        config.train_examples,
+        seed=config.seed + 2,
+        digits=config.digits,
+        exclude={r["prompt"] for r in eval_records},
+        restate=True,
+    )
     return train_records, eval_records
 
 
@@ -149,32 +196,55 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         tokenizer = load_tokenizer(None)
         held_out = {r["prompt"] for r in eval_records}
         model = _pretrain(config, tokenizer, held_out)
-    fastpeft.inject(model, fastpeft.LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r,
-                                               target_modules="all-linear", quantize="nf4"))  # fmt: skip
+    fastpeft.inject(
+        model,
+        fastpeft.LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear", quantize="nf4"),
+    )
     report = fastpeft.trainable_parameters(model)
     em_kwargs = dict(match=config.eval_match, max_new_tokens=config.max_new_tokens, batch_size=200)
     before = exact_match(model, tokenizer, eval_records, **em_kwargs)
-    _say(f"[2/3] NF4 base + LoRA r={config.lora_r} ({report.trainable:,} trainable of {report.total:,}): "
-         f"exact match before SFT {before['exact_match']:.1%} on {before['n']} held-out questions")  # fmt: skip
+    _say(
+        f"[2/3] NF4 base + LoRA r={config.lora_r} ({report.trainable:,} trainable of {report.total:,}): "
+        f"exact match before SFT {before['exact_match']:.1%} on {before['n']} held-out questions"
+    )
     _say(f"      e.g. {before['samples'][0][0]!r} -> {before['samples'][0][1]!r}")
     _say(f"[3/3] QLoRA SFT on {len(train_records)} Q/A records, completion-only loss, {config.sft_steps} steps")
-    result = train(SFTConfig(
-        finetune="qlora", train_data=train_records, max_steps=config.sft_steps,
-        micro_batch_size=config.micro_batch_size, lr=config.sft_lr, warmup_steps=10, scheduler="cosine",
-        packing=True, max_seq_len=config.max_seq_len, output_dir=str(Path(config.output_dir) / "sft"),
-        progress=config.progress, log_every=25, seed=config.seed,
-    ), model=model, tokenizer=tokenizer)  # fmt: skip
+    result = train(
+        SFTConfig(
+            finetune="qlora",
+            train_data=train_records,
+            max_steps=config.sft_steps,
+            micro_batch_size=config.micro_batch_size,
+            lr=config.sft_lr,
+            warmup_steps=10,
+            scheduler="cosine",
+            packing=True,
+            max_seq_len=config.max_seq_len,
+            output_dir=str(Path(config.output_dir) / "sft"),
+            progress=config.progress,
+            log_every=25,
+            seed=config.seed,
+        ),
+        model=model,
+        tokenizer=tokenizer,
+    )
     after = exact_match(model, tokenizer, eval_records, **em_kwargs)
     summary = {
-        "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
-        "eval_questions": after["n"], "sft_tokens_per_s": result.tokens_per_s,
-        "peak_memory_bytes": peak_memory_bytes(), "adapter": str(result.saved),
-        "total_seconds": time.perf_counter() - start, "sample": after["samples"][0] if after["samples"] else None,
-    }  # fmt: skip
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+        "eval_questions": after["n"],
+        "sft_tokens_per_s": result.tokens_per_s,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "adapter": str(result.saved),
+        "total_seconds": time.perf_counter() - start,
+        "sample": after["samples"][0] if after["samples"] else None,
+    }
     _say(f"      e.g. {after['samples'][0][0]!r} -> {after['samples'][0][1]!r}")
     _say("")
     _say(f"exact match: {before['exact_match']:.1%} -> {after['exact_match']:.1%} ({after['n']} held-out questions)")
-    _say(f"SFT throughput: {result.tokens_per_s:,.0f} tokens/s; peak memory (RSS): "
-         f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB; total {summary['total_seconds']:.0f} s")  # fmt: skip
+    _say(
+        f"SFT throughput: {result.tokens_per_s:,.0f} tokens/s; peak memory (RSS): "
+        f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB; total {summary['total_seconds']:.0f} s"
+    )
     _say(f"adapter saved to {result.saved}; metrics and loss curve in {result.output_dir}")
     return summary

@@ -49,9 +49,17 @@ from fastpeft.demo.accuracy_vs_compute import accuracy_vs_compute, format_table,
 from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import load_saved_model
 
-TINY_ARITHMETIC_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 112,
-                         "max_position_embeddings": 160, "tie_word_embeddings": False}  # fmt: skip
+TINY_ARITHMETIC_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 112,
+    "max_position_embeddings": 160,
+    "tie_word_embeddings": False,
+}
 STEP_DELIMITER = "; "
 _QUESTION = re.compile(r"Q:\s*(\d+)\+(\d+)=\?")
 _COLUMN = re.compile(r"^(\d)\+(\d)(\+1)?=(\d+)(?: write (\d) carry 1)?$")
@@ -134,26 +142,46 @@ class EvidenceSettings:
 def train_model(out_dir: Path, s: EvidenceSettings) -> tuple[Any, Any, dict[str, Any]]:
     """SFT the tiny model (full fine-tuning, CPU) and load it back from its saved directory."""
     from fastpeft.training import sft
+
     train = make_arithmetic_dataset(s.train_problems, seed=s.seed, digits=s.digits)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = sft.train(sft.SFTConfig(
-            model_config=s.model_config, finetune="full", train_data=train, max_steps=s.sft_steps, lr=s.sft_lr,
-            micro_batch_size=s.sft_batch, warmup_steps=min(20, s.sft_steps // 4), scheduler="cosine",
-            max_seq_len=128, output_dir=str(out_dir / "sft"), log_every=25, seed=s.seed, progress=False,
-            device="cpu", plot=False))  # fmt: skip
+        result = sft.train(
+            sft.SFTConfig(
+                model_config=s.model_config,
+                finetune="full",
+                train_data=train,
+                max_steps=s.sft_steps,
+                lr=s.sft_lr,
+                micro_batch_size=s.sft_batch,
+                warmup_steps=min(20, s.sft_steps // 4),
+                scheduler="cosine",
+                max_seq_len=128,
+                output_dir=str(out_dir / "sft"),
+                log_every=25,
+                seed=s.seed,
+                progress=False,
+                device="cpu",
+                plot=False,
+            )
+        )
     model, tok = load_saved_model(result.saved)
-    info = {"sft_steps": result.steps, "final_loss": result.final_loss, "train_seconds": time.perf_counter() - start,
-            "model_dir": str(result.saved)}  # fmt: skip
+    info = {
+        "sft_steps": result.steps,
+        "final_loss": result.final_loss,
+        "train_seconds": time.perf_counter() - start,
+        "model_dir": str(result.saved),
+    }
     return model, tok, info
 
 
 def test_set(s: EvidenceSettings) -> list[tuple[str, str]]:
     """Held-out problems: disjoint from the SFT set (same seed, same size), deterministic."""
     train = make_arithmetic_dataset(s.train_problems, seed=s.seed, digits=s.digits)
-    test = make_arithmetic_dataset(s.test_problems, seed=s.seed + 1, digits=s.digits,
-                                   exclude={r["prompt"] for r in train})  # fmt: skip
+    test = make_arithmetic_dataset(
+        s.test_problems, seed=s.seed + 1, digits=s.digits, exclude={r["prompt"] for r in train}
+    )
     return [(r["prompt"], r["answer"]) for r in test]
 
 
@@ -172,13 +200,24 @@ def strategies_for(budget: int, s: EvidenceSettings) -> dict[str, dict[str, Any]
         # its greedy route inherits the per-step max_new_tokens (see the module docstring)
         "dynamic_allocation": {**step, "beam_n": beam_n, "beam_width": beam_width, "mcts_depth": s.digits + 2},
         # difficulty from the model itself: unanimous probes answer at once, others get best-of-N
-        "metacognitive": {**full, "probe_samples": 4, "measure": "disagreement", "threshold": 0.0,
-                          "escalate_to": "weighted_best_of_n", "escalate_options": {"n": n}},
+        "metacognitive": {
+            **full,
+            "probe_samples": 4,
+            "measure": "disagreement",
+            "threshold": 0.0,
+            "escalate_to": "weighted_best_of_n",
+            "escalate_options": {"n": n},
+        },
     }
 
 
-def run(out_dir: str | Path, s: EvidenceSettings | None = None, model: Any = None, tokenizer: Any = None,
-        progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def run(
+    out_dir: str | Path,
+    s: EvidenceSettings | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train (unless ``model``/``tokenizer`` are given), run every strategy at every budget, write outputs."""
     from fastpeft.reasoning.sampler import Sampler
 
@@ -198,8 +237,15 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, model: Any = Non
     rows, start = [], time.perf_counter()
     for budget in s.budgets:
         rows += accuracy_vs_compute(
-            sampler, data, [budget], strategies_for(budget, s), scorer=verifier, stop=STEP_DELIMITER,
-            search_kwargs={"temperature": s.temperature, "seed": s.seed}, progress=progress)  # fmt: skip
+            sampler,
+            data,
+            [budget],
+            strategies_for(budget, s),
+            scorer=verifier,
+            stop=STEP_DELIMITER,
+            search_kwargs={"temperature": s.temperature, "seed": s.seed},
+            progress=progress,
+        )
     order = list(strategies_for(s.budgets[0], s))
     rows.sort(key=lambda r: (order.index(r.strategy), r.budget))
     search_seconds = time.perf_counter() - start
@@ -212,22 +258,31 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, model: Any = Non
         "verifier": {"name": "ArithmeticStepVerifier", "check_operands": s.check_operands},
         "train": train_info,
         "search_seconds": search_seconds,
-        "environment": {"device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "python": platform.python_version(), "machine": platform.machine(),
-                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-    }  # fmt: skip
+        "environment": {
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
     (out / "evidence.json").write_text(json.dumps(results, indent=2))
     (out / "evidence.md").write_text(
         f"{len(data)} held-out {s.digits}-digit additions; cells: accuracy (mean generated tokens per problem)\n\n"
-        + table + "\n")  # fmt: skip
-    save_plot(rows, out / "evidence.png",
-              title=f"{s.digits}-digit addition, tiny SFT Llama, CPU ({len(data)} problems)")  # fmt: skip
+        + table
+        + "\n"
+    )
+    save_plot(
+        rows, out / "evidence.png", title=f"{s.digits}-digit addition, tiny SFT Llama, CPU ({len(data)} problems)"
+    )
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.demo.search_evidence",
-                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m fastpeft.demo.search_evidence", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", required=True, help="output directory (evidence.json / .md / .png)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--problems", type=int, default=EvidenceSettings.test_problems)
@@ -235,13 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=EvidenceSettings.sft_steps)
     parser.add_argument("--model", help="reuse a trained model directory instead of training one")
     parser.add_argument("--check-operands", action="store_true", help="oracle verifier (knows the answer)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 avoids the thread contention that makes tiny matmuls crawl on a "
-                             "busy machine")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 avoids the thread contention that makes tiny matmuls crawl on a busy machine",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = EvidenceSettings(seed=args.seed, test_problems=args.problems, budgets=tuple(args.budgets),
-                         sft_steps=args.sft_steps, check_operands=args.check_operands)  # fmt: skip
+    s = EvidenceSettings(
+        seed=args.seed,
+        test_problems=args.problems,
+        budgets=tuple(args.budgets),
+        sft_steps=args.sft_steps,
+        check_operands=args.check_operands,
+    )
     model = tok = None
     if args.model:
         model, tok = load_saved_model(args.model)

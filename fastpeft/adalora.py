@@ -61,7 +61,7 @@ class AdaLoraSettings:
     target_r: int = 8
     tinit: int = 0
     tfinal: int = 0
-    deltaT: int = 1  # noqa: N815 (PEFT's name)
+    deltaT: int = 1
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
@@ -82,8 +82,10 @@ class AdaLoraSettings:
             if not _is_int(getattr(self, field)) or getattr(self, field) < 0:
                 raise bad(field, "a non-negative int")
         if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(f"AdaLoRA schedule tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} "
-                             "leaves no budgeting phase (need tinit < total_step - tfinal)")  # fmt: skip
+            raise ValueError(
+                f"AdaLoRA schedule tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} "
+                "leaves no budgeting phase (need tinit < total_step - tfinal)"
+            )
         if not _is_int(self.deltaT) or self.deltaT < 1:
             raise bad("deltaT", "a positive int")
         for field in ("beta1", "beta2"):
@@ -97,8 +99,10 @@ class AdaLoraSettings:
             for key, mask in self.rank_pattern.items():
                 ok = isinstance(mask, (list, tuple)) and len(mask) == self.init_r and all(m in (0, 1) for m in mask)
                 if not (isinstance(key, str) and key.endswith(".lora_E") and ok):
-                    raise ValueError(f"AdaLoRA rank_pattern entry {key!r}: expected '<module path>.lora_E' -> "
-                                     f"{self.init_r} booleans, got {mask!r}")  # fmt: skip
+                    raise ValueError(
+                        f"AdaLoRA rank_pattern entry {key!r}: expected '<module path>.lora_E' -> "
+                        f"{self.init_r} booleans, got {mask!r}"
+                    )
             self.rank_pattern = {k: [bool(m) for m in v] for k, v in self.rank_pattern.items()}
 
 
@@ -146,7 +150,7 @@ def adalora_fields_from_peft(data: dict[str, Any]) -> tuple[dict[str, Any], dict
 def _split_key(key: str, prefix: str) -> tuple[str, str]:
     """``prefix + '<module path>.<suffix>'`` -> (module path, suffix)."""
     head, _, suffix = key.rpartition(".")
-    return head[len(prefix):], suffix
+    return head[len(prefix) :], suffix
 
 
 def compress_by_rank_pattern(tensors: dict[str, torch.Tensor], config: Any, prefix: str) -> dict[str, torch.Tensor]:
@@ -181,8 +185,10 @@ def expand_by_rank_pattern(adapters: dict[str, dict[str, torch.Tensor]], config:
                 continue
             dim = 1 if suffix == "lora_B" else 0
             if tensor.dim() != 2 or tensor.shape[dim] != kept:
-                raise ValueError(f"key {prefix}{path}.{suffix}: shape {tuple(tensor.shape)} does not hold the "
-                                 f"{kept} triplets its rank_pattern keeps")  # fmt: skip
+                raise ValueError(
+                    f"key {prefix}{path}.{suffix}: shape {tuple(tensor.shape)} does not hold the "
+                    f"{kept} triplets its rank_pattern keeps"
+                )
             shape = list(tensor.shape)
             shape[dim] = r
             full = tensor.new_zeros(shape)
@@ -199,10 +205,20 @@ def expand_by_rank_pattern(adapters: dict[str, dict[str, torch.Tensor]], config:
 class AdaLoraAdapter(LoraAdapter):
     """A ``[r, in]``, E ``[r, 1]``, B ``[out, r]``; r = init_r for the adapter's whole life."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
-                 *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 **settings: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **settings: Any,
+    ) -> None:
         check_rank(r)
         if use_rslora:
             raise ValueError("AdaLoRA does not support use_rslora (its scaling is lora_alpha / init_r)")
@@ -212,8 +228,17 @@ class AdaLoraAdapter(LoraAdapter):
             raise TypeError(f"AdaLoraAdapter got unknown settings {unknown}")
         if settings.get("init_r", r) != r:
             raise ValueError(f"AdaLoRA init_r={settings['init_r']} differs from the adapter rank r={r}")
-        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                         dtype=dtype, device=device)  # fmt: skip
+        super().__init__(
+            in_features,
+            out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            dtype=dtype,
+            device=device,
+        )
         self.lora_E = nn.Parameter(torch.empty(r, 1, dtype=dtype, device=device))
         self.ranknum = float(r)  # PEFT's ranknum: the scaling divisor, fixed at init_r
         self.reset_parameters(init_lora_weights)
@@ -263,8 +288,13 @@ class AdaLoraAdapter(LoraAdapter):
 
 
 register_variant(
-    "adalora", AdaLoraAdapter, normalize=normalize_adalora_config, peft_type="ADALORA",
-    peft_fields=adalora_peft_fields, from_peft=adalora_fields_from_peft, pack=compress_by_rank_pattern,
+    "adalora",
+    AdaLoraAdapter,
+    normalize=normalize_adalora_config,
+    peft_type="ADALORA",
+    peft_fields=adalora_peft_fields,
+    from_peft=adalora_fields_from_peft,
+    pack=compress_by_rank_pattern,
     unpack=expand_by_rank_pattern,
 )
 
@@ -318,17 +348,19 @@ class RankAllocator:
             for name in TRIPLET:
                 param = getattr(adapter, name)
                 if param.grad is None:
-                    raise RuntimeError(f"{path}.{name} has no gradient; call update_and_allocate after "
-                                       "loss.backward() and before optimizer.zero_grad()")  # fmt: skip
+                    raise RuntimeError(
+                        f"{path}.{name} has no gradient; call update_and_allocate after "
+                        "loss.backward() and before optimizer.zero_grad()"
+                    )
                 key = (path, name)
                 if key not in self.ipt:
                     self.exp_avg_ipt[key] = torch.zeros_like(param)
                     self.exp_avg_unc[key] = torch.zeros_like(param)
                 self.ipt[key] = (param * param.grad).abs()
                 self.exp_avg_ipt[key] = beta1 * self.exp_avg_ipt[key] + (1 - beta1) * self.ipt[key]
-                self.exp_avg_unc[key] = beta2 * self.exp_avg_unc[key] + (1 - beta2) * (
-                    self.ipt[key] - self.exp_avg_ipt[key]
-                ).abs()
+                self.exp_avg_unc[key] = (
+                    beta2 * self.exp_avg_unc[key] + (1 - beta2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+                )
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """{path: ``[r]``}: S_E + mean over A's row + mean over B's column, with S = Ī·Ū."""
@@ -416,8 +448,9 @@ def update_and_allocate(model: nn.Module, step: int, adapter_name: str | None = 
     return budget
 
 
-def orthogonal_regularization(model: nn.Module, adapter_name: str | None = None, *,
-                              weight: float | None = None, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+def orthogonal_regularization(
+    model: nn.Module, adapter_name: str | None = None, *, weight: float | None = None, reduction: str = "mean"
+) -> torch.Tensor:
     """weight · reduce(‖A·Aᵀ − I‖_F, ‖BᵀB − I‖_F over every layer), a scalar fp32 tensor.
 
     ``weight`` defaults to the adapter's orth_reg_weight; ``reduction="mean"`` divides by the number

@@ -30,8 +30,15 @@ from torch import nn
 
 from fastpeft.config import LoraConfig
 from fastpeft.inject import adapter_configs, inject, linear_paths, mark_trainable
-from fastpeft.lifecycle import (ACTIVE_ATTR, active_adapter, list_adapters, modules_to_save_wrappers, prompt_adapters,
-                                require_adapter, set_adapter)  # fmt: skip
+from fastpeft.lifecycle import (
+    ACTIVE_ATTR,
+    active_adapter,
+    list_adapters,
+    modules_to_save_wrappers,
+    prompt_adapters,
+    require_adapter,
+    set_adapter,
+)
 from fastpeft.lora_linear import AdapterLinear, iter_adapter_layers, linear_kind
 from fastpeft.variants import adapter_suffixes, get_variant
 
@@ -94,16 +101,20 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     if target is None or target == "all-linear":  # PEFT stores the resolved names
         target = sorted({path.rpartition(".")[2] for path, _ in layers})
     peft_config = config.replace(
-        target_modules=target, fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
+        target_modules=target,
+        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
         base_model_name_or_path=config.base_model_name_or_path or _base_model_name(model),
-    ).to_peft_dict()  # fmt: skip
+    ).to_peft_dict()
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_adapter: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage (tied weights)
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-              str(directory / WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+        str(directory / WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     write_base_fields(config, directory)
     return directory
@@ -206,15 +217,21 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"key {key}: PEFT keys start with {PREFIX!r}")
-        path = key[len(PREFIX):]
+        path = key[len(PREFIX) :]
         suffix = next((s for s in suffixes if path.endswith("." + s)), None)
         if suffix is not None:
             plan.adapters.setdefault(path[: -len(suffix) - 1], {})[suffix] = tensor
             continue
-        owner = next((m for m in modules if m and path.startswith(m + ".") and any(m == n or m.endswith("." + n)
-                      for n in mts_names)), None)  # fmt: skip
+        owner = next(
+            (
+                m
+                for m in modules
+                if m and path.startswith(m + ".") and any(m == n or m.endswith("." + n) for n in mts_names)
+            ),
+            None,
+        )
         if owner is not None:
-            plan.copies.setdefault(owner, {})[path[len(owner) + 1:]] = tensor
+            plan.copies.setdefault(owner, {})[path[len(owner) + 1 :]] = tensor
         elif path.endswith(".base_layer.bias") and config.bias != "none":
             plan.params[path.replace(".base_layer.bias", ".bias")] = tensor
         elif path.endswith("bias") and config.bias == "all":
@@ -255,9 +272,16 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", *,
-                 is_trainable: bool = False, allow_pickle: bool = False, activate: bool = True,
-                 **config_overrides: object) -> nn.Module:  # fmt: skip
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    activate: bool = True,
+    **config_overrides: object,
+) -> nn.Module:
     """Load a PEFT-format LoRA/rsLoRA/DoRA/AdaLoRA adapter from ``directory`` into ``model`` as ``adapter_name``.
 
     Prompt-learning directories (PROMPT_TUNING, PREFIX_TUNING, FASTPEFT_GATED_PREFIX) are handed to

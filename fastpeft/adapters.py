@@ -53,9 +53,19 @@ class LoraAdapter(nn.Module):
 
     variant = "lora"  # set by register_variant to the name the variant is registered under
 
-    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
-                 *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         check_rank(r)
         if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not lora_alpha > 0:

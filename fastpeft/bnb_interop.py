@@ -76,9 +76,12 @@ def restore_nf4_layout(linear4bit: nn.Module) -> bool:
     blocks_per_row = k // state.blocksize
     tiles = weight.data
     layout_ok = (
-        tiles.dtype == torch.uint8 and tuple(tiles.shape) == (n, k // 2) and n % _REPACK_BLOCK_N == 0
-        and k % state.blocksize == 0 and tuple(state.absmax.shape) == (blocks_per_row, n)
-    )  # fmt: skip
+        tiles.dtype == torch.uint8
+        and tuple(tiles.shape) == (n, k // 2)
+        and n % _REPACK_BLOCK_N == 0
+        and k % state.blocksize == 0
+        and tuple(state.absmax.shape) == (blocks_per_row, n)
+    )
     if not layout_ok:
         raise ValueError(
             f"{type(linear4bit).__name__} [{n}, {k}] holds a bitsandbytes CPU layout this fastpeft does not know "
@@ -116,12 +119,27 @@ def linear4bit_view(weight: NF4Weight, bias: torch.Tensor | None, compute_dtype:
     import bitsandbytes as bnb
 
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
-                              compress_statistics=weight.double_quant, quant_type="nf4", device="meta")  # fmt: skip
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=False,
+        compute_dtype=compute_dtype,
+        compress_statistics=weight.double_quant,
+        quant_type="nf4",
+        device="meta",
+    )
     packed, state = weight.to_bnb()
-    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=weight.blocksize,
-                                     compress_statistics=weight.double_quant, quant_type="nf4",
-                                     quant_storage=torch.uint8, module=layer, bnb_quantized=True)  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=weight.blocksize,
+        compress_statistics=weight.double_quant,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        module=layer,
+        bnb_quantized=True,
+    )
     layer.quant_state = state
     layer.bias = bias
     keep_standard_layout(layer)

@@ -32,19 +32,46 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # What PEFT 0.21 writes in adapter_config.json besides our fields (all defaults), so PEFT reads our
 # file without warnings. Keys PEFT knows but we cannot honour are refused on load (see from_peft_dict).
 _PEFT_DEFAULTS: dict[str, Any] = {
-    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
-    "corda_config": None, "ensure_weight_tying": False, "eva_config": None, "kasa_config": None,
-    "layer_replication": None, "loftq_config": {}, "lora_bias": False, "lora_ga_config": None,
-    "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
-    "qalora_group_size": 16, "rank_pattern": {}, "revision": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
-}  # fmt: skip
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "auto_mapping": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "rank_pattern": {},
+    "revision": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
+}
 # PEFT options that change the maths of a LoRA adapter; loading a file that sets one is refused.
 _UNSUPPORTED_PEFT_OPTIONS = (
-    "alpha_pattern", "rank_pattern", "layer_replication", "lora_bias", "use_qalora", "arrow_config",
-    "alora_invocation_tokens", "use_bdlora", "velora_config", "monteclora_config", "kasa_config",
-    "target_parameters", "trainable_token_indices",
-)  # fmt: skip
+    "alpha_pattern",
+    "rank_pattern",
+    "layer_replication",
+    "lora_bias",
+    "use_qalora",
+    "arrow_config",
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "target_parameters",
+    "trainable_token_indices",
+)
 
 
 def _is_str_list(value: Any) -> bool:
@@ -94,8 +121,10 @@ class LoraConfig:
                 )
             self.compute_dtype = _DTYPES[self.compute_dtype]
         if self.use_dora and self.variant not in ("lora", "dora"):
-            raise ValueError(f"LoraConfig.use_dora=True selects the DoRA variant and cannot be combined with "
-                             f"variant={self.variant!r}")
+            raise ValueError(
+                f"LoraConfig.use_dora=True selects the DoRA variant and cannot be combined with "
+                f"variant={self.variant!r}"
+            )
         if self.use_dora:
             self.variant = "dora"
         self.use_dora = self.variant == "dora"
@@ -108,14 +137,17 @@ class LoraConfig:
 
     def validate(self) -> None:
         """Raise a ValueError naming the first invalid field and its value."""
+
         def bad(field: str, expected: str) -> ValueError:
             return ValueError(f"LoraConfig.{field} must be {expected}, got {getattr(self, field)!r}")
 
         self._check_bools()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise bad("r", "a positive int")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not (
-            math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0)
         ):
             raise bad("lora_alpha", "a positive number")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
@@ -175,14 +207,24 @@ class LoraConfig:
         variant = get_variant(self.variant)
         out = dict(_PEFT_DEFAULTS)
         out.update(
-            peft_type=variant.peft_type, task_type=self.task_type, base_model_name_or_path=self.base_model_name_or_path,
-            r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            peft_type=variant.peft_type,
+            task_type=self.task_type,
+            base_model_name_or_path=self.base_model_name_or_path,
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
             target_modules=list(target) if isinstance(target, (list, tuple)) else target,
-            exclude_modules=self.exclude_modules, layers_to_transform=self.layers_to_transform,
-            layers_pattern=self.layers_pattern, use_rslora=self.use_rslora, use_dora=self.use_dora,
-            bias=self.bias, modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
-            fan_in_fan_out=self.fan_in_fan_out, inference_mode=True,
-        )  # fmt: skip
+            exclude_modules=self.exclude_modules,
+            layers_to_transform=self.layers_to_transform,
+            layers_pattern=self.layers_pattern,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            bias=self.bias,
+            modules_to_save=self.modules_to_save,
+            init_lora_weights=self.init_lora_weights,
+            fan_in_fan_out=self.fan_in_fan_out,
+            inference_mode=True,
+        )
         if variant.peft_fields is not None:
             out.update(variant.peft_fields(self))
         return out
@@ -198,24 +240,31 @@ class LoraConfig:
             data, variant_config = variant.from_peft(data)
             overrides = {"variant": variant.name, "variant_config": variant_config, **overrides}
         elif peft_type != LORA_PEFT_TYPE:
-            raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; available in this build: {peft_types()}")
+            raise ValueError(
+                f"adapter_config.json has peft_type {peft_type!r}; available in this build: {peft_types()}"
+            )
         for key in _UNSUPPORTED_PEFT_OPTIONS:
             value = data.get(key)
             if value not in (None, False, {}, [], _PEFT_DEFAULTS.get(key)):
                 raise ValueError(f"adapter_config.json sets {key}={value!r}, which fastpeft does not support")
         init = data.get("init_lora_weights", True)
         fields = {
-            "r": data.get("r", 8), "lora_alpha": data.get("lora_alpha", 8),
-            "lora_dropout": data.get("lora_dropout", 0.0), "target_modules": data.get("target_modules"),
-            "exclude_modules": data.get("exclude_modules"), "layers_to_transform": data.get("layers_to_transform"),
-            "layers_pattern": data.get("layers_pattern"), "use_rslora": bool(data.get("use_rslora", False)),
-            "use_dora": bool(data.get("use_dora", False)), "bias": data.get("bias", "none"),
+            "r": data.get("r", 8),
+            "lora_alpha": data.get("lora_alpha", 8),
+            "lora_dropout": data.get("lora_dropout", 0.0),
+            "target_modules": data.get("target_modules"),
+            "exclude_modules": data.get("exclude_modules"),
+            "layers_to_transform": data.get("layers_to_transform"),
+            "layers_pattern": data.get("layers_pattern"),
+            "use_rslora": bool(data.get("use_rslora", False)),
+            "use_dora": bool(data.get("use_dora", False)),
+            "bias": data.get("bias", "none"),
             "modules_to_save": data.get("modules_to_save"),
             # initialisation does not matter for loaded weights; keep it when it is one we know
             "init_lora_weights": init if init in (True, False, "gaussian") else True,
             "fan_in_fan_out": bool(data.get("fan_in_fan_out", False)),
             "base_model_name_or_path": data.get("base_model_name_or_path"),
             "task_type": data.get("task_type") or "CAUSAL_LM",
-        }  # fmt: skip
+        }
         fields.update(overrides)
         return cls(**fields)

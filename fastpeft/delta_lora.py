@@ -39,16 +39,35 @@ from fastpeft.variants import register_variant
 class DeltaLoraAdapter(LoraAdapter):
     """LoRA factors A ``[r, in]``, B ``[out, r]`` whose product's change also updates W (dense only)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
-                 *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 update_ratio: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        update_ratio: float = 1.0,
+    ) -> None:
         if isinstance(update_ratio, bool) or not isinstance(update_ratio, (int, float)) or not update_ratio > 0:
             raise ValueError(
                 f"Delta-LoRA variant_config['update_ratio'] must be a positive number, got {update_ratio!r}"
             )
-        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                         dtype=dtype, device=device)  # fmt: skip
+        super().__init__(
+            in_features,
+            out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            dtype=dtype,
+            device=device,
+        )
         self.update_ratio = float(update_ratio)
 
     def init_from_layer(self, layer: nn.Module) -> None:
@@ -82,9 +101,10 @@ class DeltaLoraUpdater:
         name = adapter_name or active_adapter(model)
         self.adapter_name = name
         self.layers: list[tuple[str, LoRALinear, DeltaLoraAdapter]] = [
-            (path, layer, layer.adapters[name]) for path, layer in iter_adapter_layers(model)
+            (path, layer, layer.adapters[name])
+            for path, layer in iter_adapter_layers(model)
             if name in layer.adapters and isinstance(layer.adapters[name], DeltaLoraAdapter)
-        ]  # fmt: skip
+        ]
         if not self.layers:
             raise ValueError(f"the model has no Delta-LoRA adapter named {name!r}")
         self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -100,10 +120,12 @@ class DeltaLoraUpdater:
             if layer.merged_adapter is not None:
                 raise RuntimeError(f"{path}: adapter {layer.merged_adapter!r} is merged; unmerge() before training")
         self._snapshot = [
-            (adapter.lora_A.to(self._compute_dtype(layer.weight), copy=True),
-             adapter.lora_B.to(self._compute_dtype(layer.weight), copy=True))
+            (
+                adapter.lora_A.to(self._compute_dtype(layer.weight), copy=True),
+                adapter.lora_B.to(self._compute_dtype(layer.weight), copy=True),
+            )
             for _, layer, adapter in self.layers
-        ]  # fmt: skip
+        ]
 
     @torch.no_grad()
     def after_step(self) -> None:

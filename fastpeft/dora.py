@@ -28,11 +28,30 @@ from fastpeft.kernels.lora_linear import lora_linear
 class DoraAdapter(LoraAdapter):
     """LoRA factors A ``[r, in]``, B ``[out, r]`` plus the magnitude vector ``magnitude [out]``."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights: bool | str = True,
-                 *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:  # fmt: skip
-        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                         dtype=dtype, device=device)  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            dtype=dtype,
+            device=device,
+        )
         self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device))
         self._merge_norm: torch.Tensor | None = None  # ||W + ΔW|| at merge time, for unmerge
 

@@ -53,23 +53,34 @@ def trainable_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None
     return {k: v for k, v in state.items() if k in trainable or any(part in k for part in _ADAPTER_KEY_PARTS)}
 
 
-def save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, is_main_process: bool = True,
-                    state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:  # fmt: skip
+def save_pretrained(
+    self: nn.Module,
+    save_directory: str | Path,
+    *args: Any,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> None:
     """Write this model's adapters in PEFT's format and its trainable state (see the module docstring)."""
     from fastpeft.adapter_io import save_adapter
     from fastpeft.inject import adapter_configs
     from fastpeft.lifecycle import list_adapters
 
     if not list_adapters(self):  # everything merged and unloaded: a plain transformers model again
-        return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
-                                          state_dict=state_dict, **kwargs)  # fmt: skip
+        return type(self).save_pretrained(
+            self, save_directory, *args, is_main_process=is_main_process, state_dict=state_dict, **kwargs
+        )
     delta = [name for name, config in adapter_configs(self).items() if config.variant == "delta_lora"]
     if delta:
-        raise ValueError(f"adapter(s) {delta} are Delta-LoRA, which updates the base weights; an adapter file cannot "
-                         "hold them: fastpeft.merge_and_unload(model) and save the full model")  # fmt: skip
+        raise ValueError(
+            f"adapter(s) {delta} are Delta-LoRA, which updates the base weights; an adapter file cannot "
+            "hold them: fastpeft.merge_and_unload(model) and save the full model"
+        )
     if kwargs.get("push_to_hub"):
-        raise ValueError("save_pretrained(push_to_hub=True) is not supported for a fastpeft model; save the "
-                         "directory, then upload it with huggingface_hub")  # fmt: skip
+        raise ValueError(
+            "save_pretrained(push_to_hub=True) is not supported for a fastpeft model; save the "
+            "directory, then upload it with huggingface_hub"
+        )
     if not is_main_process:
         return
     directory = Path(save_directory)
@@ -78,7 +89,11 @@ def save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, is_
         save_adapter(self, directory if name == "default" else directory / name, name)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable_state(self, state_dict).items()}
     save_file(tensors, str(directory / TRAINABLE_NAME), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
-                          "fastpeft": "trainable tensors only; the base weights come from the base model"},
-             "weight_map": dict.fromkeys(sorted(tensors), TRAINABLE_NAME)}  # fmt: skip
+    index = {
+        "metadata": {
+            "total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "fastpeft": "trainable tensors only; the base weights come from the base model",
+        },
+        "weight_map": dict.fromkeys(sorted(tensors), TRAINABLE_NAME),
+    }
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -33,10 +33,14 @@ from fastpeft.qlora_linear import QLoRALinear
 CONFIGS_ATTR = "fastpeft_adapter_configs"  # {adapter name: LoraConfig} on the model instance
 # PEFT's defaults when target_modules is None
 DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
-}  # fmt: skip
+}
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -143,8 +147,9 @@ def _new_layer(module: nn.Module, quantize: bool, config: LoraConfig) -> Adapter
     return LoRALinear.wrap(module)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
-           target_paths: list[str] | None = None) -> nn.Module:  # fmt: skip
+def inject(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, target_paths: list[str] | None = None
+) -> nn.Module:
     """Add adapter ``adapter_name`` to the modules ``config`` targets (in place); returns ``model``.
 
     The new adapter becomes the active one and the only trainable one (plus its ``modules_to_save``
@@ -168,9 +173,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     quantize_paths: list[str] = []
     if config.quantize == "nf4":
         quantize_paths = [
-            p for p, m in linear_paths(model).items()
+            p
+            for p, m in linear_paths(model).items()
             if linear_kind(m) in ("linear", "conv1d") and m is not lm_head and p not in save_paths
-        ]  # fmt: skip
+        ]
     if set(targets) & set(save_paths):
         raise ValueError(f"modules {sorted(set(targets) & set(save_paths))} are both targets and modules_to_save")
 
@@ -180,9 +186,16 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
         old = getattr(parent, name)
         layer = _new_layer(old, path in quantize_paths, config)
         if path in targets:
-            layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                              variant=config.variant, init_lora_weights=config.init_lora_weights,
-                              variant_config=config.variant_config)  # fmt: skip
+            layer.add_adapter(
+                adapter_name,
+                config.r,
+                config.lora_alpha,
+                config.lora_dropout,
+                config.use_rslora,
+                variant=config.variant,
+                init_lora_weights=config.init_lora_weights,
+                variant_config=config.variant_config,
+            )
         if layer is not old:
             layer.train(old.training)  # a new module defaults to training mode; keep the model's mode
             setattr(parent, name, layer)
@@ -246,4 +259,3 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         elif linear_kind(module) == "linear4bit":
             total += module.weight.numel()  # Params4bit packs two values per element
     return ParameterReport(trainable, total)
-

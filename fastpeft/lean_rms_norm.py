@@ -71,8 +71,9 @@ class LeanRMSNorm(nn.Module):
     def __init__(self, norm: nn.Module, chunk_rows: int = CHUNK_ROWS) -> None:
         super().__init__()
         if not is_llama_rms_norm(norm):
-            raise TypeError(f"LeanRMSNorm replaces a Llama-style RMSNorm (weight and variance_epsilon), "
-                            f"got {type(norm).__name__}")  # fmt: skip
+            raise TypeError(
+                f"LeanRMSNorm replaces a Llama-style RMSNorm (weight and variance_epsilon), got {type(norm).__name__}"
+            )
         self.weight = norm.weight
         self.variance_epsilon = norm.variance_epsilon
         self.chunk_rows = chunk_rows
@@ -89,8 +90,12 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
     """True for the transformers RMSNorm classes that compute ``w · (x·rstd).to(dtype)`` (Llama's
     formula, which Mistral, Qwen2, Qwen3, Phi-3 and others copy); Gemma's ``(1 + w)`` form is not."""
     name = type(module).__name__
-    return (name.endswith("RMSNorm") and not name.startswith("Gemma") and isinstance(getattr(module, "weight", None),
-            torch.Tensor) and isinstance(getattr(module, "variance_epsilon", None), float))  # fmt: skip
+    return (
+        name.endswith("RMSNorm")
+        and not name.startswith("Gemma")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+    )
 
 
 def lean_rms_norms(model: nn.Module, chunk_rows: int = CHUNK_ROWS) -> int:

@@ -40,8 +40,14 @@ def modules_to_save_wrappers(model: nn.Module) -> list[tuple[str, ModulesToSave]
 def prompt_adapters(model: nn.Module) -> dict[str, nn.Module]:
     """Adapter modules other than LoRA layers and modules_to_save copies (anything with
     ``adapter_params()`` and ``disabled``), by their path in ``model``."""
-    return {n: m for n, m in model.named_modules() if n and hasattr(m, "adapter_params") and hasattr(m, "disabled")
-            and not isinstance(m, (AdapterLinear, ModulesToSave))}  # fmt: skip
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if n
+        and hasattr(m, "adapter_params")
+        and hasattr(m, "disabled")
+        and not isinstance(m, (AdapterLinear, ModulesToSave))
+    }
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -73,8 +79,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the adapter every layer (and every modules_to_save copy) runs."""
     require_adapter(model, adapter_name)
     if adapter_name in prompt_adapters(model):
-        raise ValueError(f"{adapter_name!r} is a prompt adapter: it runs whenever it is attached (disable_adapters "
-                         "turns it off for a block)")  # fmt: skip
+        raise ValueError(
+            f"{adapter_name!r} is a prompt adapter: it runs whenever it is attached (disable_adapters "
+            "turns it off for a block)"
+        )
     layers = list(iter_adapter_layers(model))
     merged = {layer.merged_adapter for _, layer in layers} - {None, adapter_name}
     if merged:

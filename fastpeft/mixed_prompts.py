@@ -61,8 +61,14 @@ class HardConcreteGate(nn.Module):
 
     kind = "hard_concrete"
 
-    def __init__(self, num_gates: int, init_log_alpha: float = 2.0, beta: float = 2.0 / 3.0,
-                 gamma: float = -0.1, zeta: float = 1.1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_gates: int,
+        init_log_alpha: float = 2.0,
+        beta: float = 2.0 / 3.0,
+        gamma: float = -0.1,
+        zeta: float = 1.1,
+    ) -> None:
         super().__init__()
         if not (gamma < 0.0 and zeta > 1.0 and beta > 0.0):
             raise ValueError(f"hard-concrete needs gamma < 0 < 1 < zeta and beta > 0, got {gamma=}, {zeta=}, {beta=}")
@@ -111,9 +117,14 @@ class MixedPromptsConfig(PrefixTuningConfig):
 def _build(model: nn.Module, config: PrefixTuningConfig, gate_factory) -> PrefixAdapter:
     num_layers, kv_heads, head_dim = model_geometry(model)
     adapter = PrefixAdapter(
-        num_layers, kv_heads, head_dim, config.num_virtual_tokens, config.layers, config.prefix_projection,
+        num_layers,
+        kv_heads,
+        head_dim,
+        config.num_virtual_tokens,
+        config.layers,
+        config.prefix_projection,
         config.encoder_hidden_size,
-    )  # fmt: skip
+    )
     adapter.gate = gate_factory(len(adapter.layers))
     return attach_prefix_adapter(model, adapter)
 
@@ -128,6 +139,7 @@ def add_ptuning_v2(model: nn.Module, config: PTuningV2Config) -> PrefixAdapter:
 def add_mixed_prompts(model: nn.Module, config: MixedPromptsConfig) -> PrefixAdapter:
     """Dynamic mixed prompts on a Llama/Mistral/Qwen2-family model in place; returns the adapter."""
     return _build(
-        model, config,
+        model,
+        config,
         lambda n: HardConcreteGate(n, config.gate_init_log_alpha, config.beta, config.gamma, config.zeta),
-    )  # fmt: skip
+    )

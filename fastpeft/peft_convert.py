@@ -36,8 +36,17 @@ from fastpeft.lifecycle import active_adapter, modules_to_save_wrappers
 from fastpeft.lora_linear import iter_adapter_layers
 from fastpeft.peft_patch import patch_peft_model
 
-_PEFT_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "fan_in_fan_out",
-                     "task_type", "base_model_name_or_path")  # fmt: skip
+_PEFT_LORA_FIELDS = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "fan_in_fan_out",
+    "task_type",
+    "base_model_name_or_path",
+)
 
 
 def _check_convertible(model: nn.Module) -> dict:

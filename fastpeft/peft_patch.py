@@ -215,8 +215,15 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     return y.to(x.dtype) if nf4 else y  # bitsandbytes returns the input dtype; a dense base its compute dtype
 
 
-def _dora_scale(layer: nn.Module, name: str, weight: torch.Tensor | NF4Weight, a: torch.Tensor, b: torch.Tensor,
-                scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def _dora_scale(
+    layer: nn.Module,
+    name: str,
+    weight: torch.Tensor | NF4Weight,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """m / ||W + s·B·A||_row ``[out]`` in ``dtype``; the norm detached (DoRA §4.3, as PEFT)."""
     with torch.no_grad():
         dense = dequantize_nf4(weight, dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)

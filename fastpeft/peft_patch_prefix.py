@@ -64,30 +64,61 @@ def _why_not(model: nn.Module) -> str | None:
     if config.num_transformer_submodules != 1:
         return "encoder-decoder prefix tuning is not supported"
     if (config.num_layers, config.num_attention_heads, config.token_dim) != (num_layers, kv_heads, kv_heads * head_dim):
-        return (f"prefix config (num_layers={config.num_layers}, heads={config.num_attention_heads}, "
-                f"token_dim={config.token_dim}) does not match the model's {num_layers} layers of {kv_heads} x {head_dim}")  # fmt: skip
+        return (
+            f"prefix config (num_layers={config.num_layers}, heads={config.num_attention_heads}, "
+            f"token_dim={config.token_dim}) does not match the model's {num_layers} layers of {kv_heads} x {head_dim}"
+        )
     return None
 
 
-def _fused_forward(self: nn.Module, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                   output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                   **kwargs: Any):  # fmt: skip
+def _fused_forward(
+    self: nn.Module,
+    input_ids=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    labels=None,
+    output_attentions=None,
+    output_hidden_states=None,
+    return_dict=None,
+    task_ids=None,
+    **kwargs: Any,
+):
     """The patched ``PeftModelForCausalLM.forward``: no cache, no widened mask; the kernel adds the prefix."""
     state: _PrefixState = self.__dict__[_STATE]
     config = self.active_peft_config
     usable = (
-        getattr(config.peft_type, "value", config.peft_type) == "PREFIX_TUNING" and not self._adapters_disabled
-        and kwargs.get("past_key_values") is None and kwargs.get("cache") is None and not output_attentions and _why_not(self) is None
-    )  # fmt: skip
+        getattr(config.peft_type, "value", config.peft_type) == "PREFIX_TUNING"
+        and not self._adapters_disabled
+        and kwargs.get("past_key_values") is None
+        and kwargs.get("cache") is None
+        and not output_attentions
+        and _why_not(self) is None
+    )
     if not usable:
-        return type(self).forward(self, input_ids, attention_mask, inputs_embeds, labels, output_attentions,
-                                  output_hidden_states, return_dict, task_ids, **kwargs)  # fmt: skip
+        return type(self).forward(
+            self,
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            labels,
+            output_attentions,
+            output_hidden_states,
+            return_dict,
+            task_ids,
+            **kwargs,
+        )
     kwargs.pop("past_key_values", None)
     state.running = True
     try:
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               labels=labels, output_hidden_states=output_hidden_states, return_dict=return_dict,
-                               **kwargs)  # fmt: skip
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
     finally:
         state.running = False
         state.table = None
@@ -104,8 +135,13 @@ def patch_prefix_tuning(model: nn.Module) -> bool:
     num_layers = model_geometry(base)[0]
     state = _PrefixState(model)
     sources = {layer: (lambda batch, layer=layer: state.layer_prefix(layer, batch)) for layer in range(num_layers)}
-    enable_prefix_attention(base, sources, model.active_peft_config.num_virtual_tokens,
-                            is_active=lambda: state.running, before_forward=state.begin_forward)  # fmt: skip
+    enable_prefix_attention(
+        base,
+        sources,
+        model.active_peft_config.num_virtual_tokens,
+        is_active=lambda: state.running,
+        before_forward=state.begin_forward,
+    )
     model.__dict__[_STATE] = state
     model.forward = types.MethodType(_fused_forward, model)
     return True

@@ -90,9 +90,13 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return found
 
 
-def enable_prefix_attention(model: torch.nn.Module, sources: dict[int, PrefixSource], num_virtual_tokens: int,
-                            is_active: Callable[[], bool] = lambda: True,
-                            before_forward: Callable[[], None] | None = None) -> None:  # fmt: skip
+def enable_prefix_attention(
+    model: torch.nn.Module,
+    sources: dict[int, PrefixSource],
+    num_virtual_tokens: int,
+    is_active: Callable[[], bool] = lambda: True,
+    before_forward: Callable[[], None] | None = None,
+) -> None:
     """Switch ``model`` (this instance only) to prefix attention.
 
     sources: layer index -> prefix source; num_virtual_tokens: P, the rotary offset of the sequence;
@@ -131,9 +135,12 @@ def enable_prefix_attention(model: torch.nn.Module, sources: dict[int, PrefixSou
             past = kwargs.get("past_key_values")
             past_len = past.get_seq_length() if past is not None else 0
             positions = torch.arange(past_len, past_len + like.shape[1], device=like.device).unsqueeze(0)
-        elif kwargs.get("attention_mask") is None and positions.shape[-1] > 1:
-            if bool((positions.diff(dim=-1) != 1).any()):
-                raise ValueError("packed sequences (position_ids that restart) are not supported with a prefix")
+        elif (
+            kwargs.get("attention_mask") is None
+            and positions.shape[-1] > 1
+            and bool((positions.diff(dim=-1) != 1).any())
+        ):
+            raise ValueError("packed sequences (position_ids that restart) are not supported with a prefix")
         kwargs["position_ids"] = positions + num_virtual_tokens
         return (), kwargs
 
@@ -167,10 +174,17 @@ def _fallback_reason(module, query, attention_mask, dropout, kwargs) -> str | No
     return None
 
 
-def prefix_attention_hf_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                                value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                                scaling: float | None = None, is_causal: bool | None = None, **kwargs,
-                                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def prefix_attention_hf_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention function: query ``[B, H_q, T_q, D]``, key/value ``[B, H_kv, T_k, D]``,
     attention_mask ``[B, T_k]`` bool (or a 4-D mask, or None). Returns (``[B, T_q, H_q, D]``, weights or None)."""
     for name in ("softcap", "s_aux"):

@@ -56,11 +56,19 @@ class PrefixAdapter(nn.Module):
     training if it likes), ``penalty()`` and ``inference_gates()``.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_virtual_tokens: int,
-                 layers: list[int] | None = None, prefix_projection: bool = False,
-                 encoder_hidden_size: int | None = None, gate: nn.Module | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_virtual_tokens: int,
+        layers: list[int] | None = None,
+        prefix_projection: bool = False,
+        encoder_hidden_size: int | None = None,
+        gate: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        layers = list(range(num_layers)) if layers is None else sorted(set(int(i) for i in layers))
+        layers = list(range(num_layers)) if layers is None else sorted({int(i) for i in layers})
         if not layers or layers[0] < 0 or layers[-1] >= num_layers:
             raise ValueError(f"layers must be a non-empty subset of 0..{num_layers - 1}, got {layers}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -188,9 +196,12 @@ def attach_prefix_adapter(model: nn.Module, adapter: PrefixAdapter, freeze_base:
     adapter.train(model.training)  # a gate must not sample when the model is in eval mode
     sources = {layer: (lambda batch, layer=layer: adapter.layer_prefix(layer, batch)) for layer in range(num_layers)}
     enable_prefix_attention(
-        model, sources, adapter.num_virtual_tokens, is_active=lambda: not adapter.disabled,
+        model,
+        sources,
+        adapter.num_virtual_tokens,
+        is_active=lambda: not adapter.disabled,
         before_forward=adapter.begin_forward,
-    )  # fmt: skip
+    )
     model.add_module(ADAPTER_ATTR, adapter)
     adapter._model_ref = weakref.ref(model)
     return adapter
@@ -200,7 +211,12 @@ def add_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> PrefixAda
     """Add prefix tuning to a Llama/Mistral/Qwen2-family model in place; returns the adapter."""
     num_layers, kv_heads, head_dim = model_geometry(model)
     adapter = PrefixAdapter(
-        num_layers, kv_heads, head_dim, config.num_virtual_tokens, config.layers, config.prefix_projection,
+        num_layers,
+        kv_heads,
+        head_dim,
+        config.num_virtual_tokens,
+        config.layers,
+        config.prefix_projection,
         config.encoder_hidden_size,
-    )  # fmt: skip
+    )
     return attach_prefix_adapter(model, adapter)

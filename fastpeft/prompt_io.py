@@ -44,14 +44,23 @@ _GATE_TENSOR = {"sigmoid": "gate_logits", "hard_concrete": "gate_log_alpha"}
 
 def _peft_common(num_layers: int, num_virtual_tokens: int, base_model_name_or_path: str | None) -> dict:
     return {
-        "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, "revision": None,
-        "inference_mode": True, "num_virtual_tokens": num_virtual_tokens, "num_transformer_submodules": 1,
-        "num_layers": num_layers, "modules_to_save": None, "auto_mapping": None,
-    }  # fmt: skip
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": num_virtual_tokens,
+        "num_transformer_submodules": 1,
+        "num_layers": num_layers,
+        "modules_to_save": None,
+        "auto_mapping": None,
+    }
 
 
-def save_prompt_adapter(adapter: PromptTuningAdapter | PrefixAdapter, directory: str | os.PathLike,
-                        base_model_name_or_path: str | None = None) -> None:  # fmt: skip
+def save_prompt_adapter(
+    adapter: PromptTuningAdapter | PrefixAdapter,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+) -> None:
     """Write ``adapter`` to ``directory`` (PEFT's format where PEFT has the method, ours otherwise)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,9 +69,15 @@ def save_prompt_adapter(adapter: PromptTuningAdapter | PrefixAdapter, directory:
             raise ValueError("save_prompt_adapter needs a prompt adapter that was attached to a model")
         num_layers, num_heads = adapter.model_shape
         config = _peft_common(num_layers, adapter.num_virtual_tokens, base_model_name_or_path)
-        config.update(peft_type="PROMPT_TUNING", token_dim=adapter.prompt_embeddings.shape[1],
-                      num_attention_heads=num_heads, prompt_tuning_init="RANDOM",
-                      prompt_tuning_init_text=None, tokenizer_name_or_path=None, tokenizer_kwargs=None)  # fmt: skip
+        config.update(
+            peft_type="PROMPT_TUNING",
+            token_dim=adapter.prompt_embeddings.shape[1],
+            num_attention_heads=num_heads,
+            prompt_tuning_init="RANDOM",
+            prompt_tuning_init_text=None,
+            tokenizer_name_or_path=None,
+            tokenizer_kwargs=None,
+        )
         tensors = {"prompt_embeddings": adapter.prompt_embeddings.detach()}
     elif not isinstance(adapter, PrefixAdapter):
         raise TypeError(f"expected a PromptTuningAdapter or PrefixAdapter, got {type(adapter).__name__}")
@@ -71,18 +86,29 @@ def save_prompt_adapter(adapter: PromptTuningAdapter | PrefixAdapter, directory:
         plain = adapter.gate is None and adapter.folded_logit_bias is None
         if plain and adapter.layers == list(range(adapter.num_layers)):
             config = _peft_common(adapter.num_layers, adapter.num_virtual_tokens, base_model_name_or_path)
-            config.update(peft_type="PREFIX_TUNING", token_dim=adapter.num_kv_heads * adapter.head_dim,
-                          num_attention_heads=adapter.num_kv_heads, encoder_hidden_size=adapter.encoder_hidden_size,
-                          prefix_projection=adapter.prefix_projection, init_weights=None)  # fmt: skip
+            config.update(
+                peft_type="PREFIX_TUNING",
+                token_dim=adapter.num_kv_heads * adapter.head_dim,
+                num_attention_heads=adapter.num_kv_heads,
+                encoder_hidden_size=adapter.encoder_hidden_size,
+                prefix_projection=adapter.prefix_projection,
+                init_weights=None,
+            )
             tensors = {"prompt_embeddings": table.reshape(adapter.num_virtual_tokens, -1)}
         else:
             config = {
-                "peft_type": GATED_PREFIX_TYPE, "format_version": 1, "task_type": "CAUSAL_LM",
+                "peft_type": GATED_PREFIX_TYPE,
+                "format_version": 1,
+                "task_type": "CAUSAL_LM",
                 "base_model_name_or_path": base_model_name_or_path,
-                "num_virtual_tokens": adapter.num_virtual_tokens, "num_layers": adapter.num_layers,
-                "num_key_value_heads": adapter.num_kv_heads, "head_dim": adapter.head_dim,
-                "layers": adapter.layers, "folded": adapter.gate is None, "gate": None,
-            }  # fmt: skip
+                "num_virtual_tokens": adapter.num_virtual_tokens,
+                "num_layers": adapter.num_layers,
+                "num_key_value_heads": adapter.num_kv_heads,
+                "head_dim": adapter.head_dim,
+                "layers": adapter.layers,
+                "folded": adapter.gate is None,
+                "gate": None,
+            }
             tensors = {"prefix_kv": table}
             if adapter.gate is not None:
                 config["gate"] = {"kind": adapter.gate.kind, **adapter.gate.hyperparameters()}
@@ -120,8 +146,9 @@ def _tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
     return t
 
 
-def load_prompt_adapter(model: nn.Module, directory: str | os.PathLike,
-                        allow_pickle: bool = False) -> PromptTuningAdapter | PrefixAdapter:  # fmt: skip
+def load_prompt_adapter(
+    model: nn.Module, directory: str | os.PathLike, allow_pickle: bool = False
+) -> PromptTuningAdapter | PrefixAdapter:
     """Read an adapter saved by us or by PEFT and attach it to ``model`` (in place); returns it."""
     directory = Path(directory)
     config, tensors = _read(directory, allow_pickle)
@@ -135,11 +162,16 @@ def load_prompt_adapter(model: nn.Module, directory: str | os.PathLike,
         return attach_prompt_adapter(model, PromptTuningAdapter(prompt.float().clone()))
     num_layers, kv_heads, head_dim = model_geometry(model)
     if peft_type == "PREFIX_TUNING":
-        saved = (config.get("num_layers"), config.get("num_attention_heads"),
-                 config.get("token_dim", 0) // max(config.get("num_attention_heads") or 1, 1))  # fmt: skip
+        saved = (
+            config.get("num_layers"),
+            config.get("num_attention_heads"),
+            config.get("token_dim", 0) // max(config.get("num_attention_heads") or 1, 1),
+        )
         if saved != (num_layers, kv_heads, head_dim):
-            raise ValueError(f"prefix saved for (num_layers, num_key_value_heads, head_dim) = {saved} but the model "
-                             f"has {(num_layers, kv_heads, head_dim)}")  # fmt: skip
+            raise ValueError(
+                f"prefix saved for (num_layers, num_key_value_heads, head_dim) = {saved} but the model "
+                f"has {(num_layers, kv_heads, head_dim)}"
+            )
         flat = _tensor(tensors, "prompt_embeddings", (p, num_layers * 2 * kv_heads * head_dim), directory)
         adapter = PrefixAdapter(num_layers, kv_heads, head_dim, p)
         with torch.no_grad():
@@ -150,8 +182,10 @@ def load_prompt_adapter(model: nn.Module, directory: str | os.PathLike,
             raise ValueError(f"unknown {GATED_PREFIX_TYPE} format_version {config.get('format_version')!r}")
         saved = (config["num_layers"], config["num_key_value_heads"], config["head_dim"])
         if saved != (num_layers, kv_heads, head_dim):
-            raise ValueError(f"prefix saved for (num_layers, num_key_value_heads, head_dim) = {saved} but the model "
-                             f"has {(num_layers, kv_heads, head_dim)}")  # fmt: skip
+            raise ValueError(
+                f"prefix saved for (num_layers, num_key_value_heads, head_dim) = {saved} but the model "
+                f"has {(num_layers, kv_heads, head_dim)}"
+            )
         layers = list(config["layers"])
         table = _tensor(tensors, "prefix_kv", (p, len(layers), 2, kv_heads, head_dim), directory)
         # a folded adapter may have pruned every layer: build with one, then install the saved table
@@ -171,5 +205,7 @@ def load_prompt_adapter(model: nn.Module, directory: str | os.PathLike,
         elif "prefix_logit_bias" in tensors:
             adapter.folded_logit_bias = _tensor(tensors, "prefix_logit_bias", (len(layers),), directory).float().clone()
         return attach_prefix_adapter(model, adapter)
-    raise ValueError(f"unsupported peft_type {peft_type!r} in {directory / CONFIG_NAME}; "
-                     f"expected PROMPT_TUNING, PREFIX_TUNING or {GATED_PREFIX_TYPE}")  # fmt: skip
+    raise ValueError(
+        f"unsupported peft_type {peft_type!r} in {directory / CONFIG_NAME}; "
+        f"expected PROMPT_TUNING, PREFIX_TUNING or {GATED_PREFIX_TYPE}"
+    )

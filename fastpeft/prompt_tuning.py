@@ -123,7 +123,9 @@ class PromptTuningAdapter(nn.Module):
         self._handle = self._model_ref = None
 
 
-def attach_prompt_adapter(model: nn.Module, adapter: PromptTuningAdapter, freeze_base: bool = True) -> PromptTuningAdapter:
+def attach_prompt_adapter(
+    model: nn.Module, adapter: PromptTuningAdapter, freeze_base: bool = True
+) -> PromptTuningAdapter:
     """Install ``adapter`` on a causal LM in place (child ``model.fastpeft_prompt`` + pre-hook)."""
     hidden = model.get_input_embeddings().weight.shape[1]
     if adapter.prompt_embeddings.shape[1] != hidden:

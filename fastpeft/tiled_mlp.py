@@ -70,8 +70,14 @@ class _Weights:
         return self.cached[i] if self.cached is not None else self.projections[i].dense(self.dtype, False)
 
 
-def _forward(p: _Projection, w: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None,
-             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def _forward(
+    p: _Projection,
+    w: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ, x·Aᵀ); just x·Wᵀ + bias without an adapter."""
     if a is not None:
         return lora_linear_training_forward(x, w, p.bias, a, b, p.scaling, out=out)
@@ -80,8 +86,15 @@ def _forward(p: _Projection, w: torch.Tensor, x: torch.Tensor, a: torch.Tensor |
     return torch.addmm(p.bias, x, w.t(), out=out), None
 
 
-def _backward(p: _Projection, w: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None,
-              a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, Any, Any]:  # fmt: skip
+def _backward(
+    p: _Projection,
+    w: torch.Tensor,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+) -> tuple[torch.Tensor, Any, Any]:
     """(dX, dA, dB) of :func:`_forward`; dA, dB are None without an adapter."""
     if a is None:
         return torch.mm(grad_y, w), None, None
@@ -174,8 +187,10 @@ class TiledGatedMLP(nn.Module):
             raise ValueError(f"tile_rows must be a positive int or None, got {tile_rows!r}")
         for name in (*PROJECTIONS, "act_fn"):
             if not hasattr(mlp, name):
-                raise TypeError(f"TiledGatedMLP wraps a gated MLP with {PROJECTIONS} and act_fn; "
-                                f"{type(mlp).__name__} has no {name!r}")  # fmt: skip
+                raise TypeError(
+                    f"TiledGatedMLP wraps a gated MLP with {PROJECTIONS} and act_fn; "
+                    f"{type(mlp).__name__} has no {name!r}"
+                )
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn: Callable[[torch.Tensor], torch.Tensor] = mlp.act_fn
         self.tile_rows = tile_rows

@@ -60,8 +60,10 @@ class Variant:
         if known is not None:
             unknown = sorted(set(config.variant_config) - known)
             if unknown:
-                raise ValueError(f"LoraConfig.variant_config has unknown keys {unknown} for variant {self.name!r}; "
-                                 f"known: {sorted(known)}")  # fmt: skip
+                raise ValueError(
+                    f"LoraConfig.variant_config has unknown keys {unknown} for variant {self.name!r}; "
+                    f"known: {sorted(known)}"
+                )
         if self.normalize is not None:
             self.normalize(config)
 

@@ -23,6 +23,14 @@ from fastpeft.kernels.backend import backend, force_backend, interpreting
 from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 __all__ = [
-    "NF4Weight", "backend", "dequantize_nf4", "force_backend", "interpreting", "linear_cross_entropy",
-    "lora_linear", "nf4_lora_decode", "prefix_attention", "quantize_nf4",
-]  # fmt: skip
+    "NF4Weight",
+    "backend",
+    "dequantize_nf4",
+    "force_backend",
+    "interpreting",
+    "linear_cross_entropy",
+    "lora_linear",
+    "nf4_lora_decode",
+    "prefix_attention",
+    "quantize_nf4",
+]

@@ -29,8 +29,11 @@ from torch._subclasses.fake_tensor import is_fake
 Backend = Literal["triton", "torch"]
 _BACKENDS = ("triton", "torch")
 _forced: contextvars.ContextVar[Backend | None] = contextvars.ContextVar("fastpeft_backend", default=None)
-_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.FUNCTIONAL,
-                  torch._C._TorchDispatchModeKey.PROXY)  # fmt: skip
+_TRACING_MODES = (
+    torch._C._TorchDispatchModeKey.FAKE,
+    torch._C._TorchDispatchModeKey.FUNCTIONAL,
+    torch._C._TorchDispatchModeKey.PROXY,
+)
 
 
 def interpreting() -> bool:

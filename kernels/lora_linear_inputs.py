@@ -15,8 +15,9 @@ from fastpeft.kernels.nf4 import NF4Weight
 
 Weight = torch.Tensor | NF4Weight
 # (weight or packed codes, absmax, nested_absmax, nested_code, offset, blocksize): see weight_op_args
-WeightArgs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
-                   torch.Tensor | None, int]  # fmt: skip
+WeightArgs = tuple[
+    torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int
+]
 
 
 def weight_op_args(weight: Weight) -> WeightArgs:
@@ -27,9 +28,16 @@ def weight_op_args(weight: Weight) -> WeightArgs:
     return weight, None, None, None, None, 0
 
 
-def weight_from_op_args(weight: torch.Tensor, absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
-                        nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
-                        shape: tuple[int, int], dtype: torch.dtype) -> Weight:  # fmt: skip
+def weight_from_op_args(
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+) -> Weight:
     """Inverse of :func:`weight_op_args` inside an op; ``shape`` ``(N, K)`` and ``dtype`` (the compute
     dtype) rebuild an NF4 weight, whose original dtype does not matter to the op."""
     if absmax is None:
@@ -47,9 +55,14 @@ def check_scaling(scaling: object) -> float:
     return value
 
 
-def check_lora_linear_args(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
-                           lora_A: torch.Tensor, lora_B: torch.Tensor,
-                           scaling: object = None) -> None:  # fmt: skip
+def check_lora_linear_args(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: object = None,
+) -> None:
     """Raise a ValueError/TypeError naming the offending shape, dtype or device.
 
     Expects x ``[M, K]``, weight ``[N, K]`` (dense, same dtype as x, or :class:`NF4Weight`),

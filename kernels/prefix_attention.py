@@ -66,19 +66,56 @@ def _online_softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _prefix_attn_fwd_kernel(
-    Q, K, V, PK, PV, KMASK, BIAS, O, LSE,
-    H_q, T_q, T_k, P, GROUP, CAUSAL_OFFSET,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_pkb, stride_pkp, stride_pkh, stride_pkd,
-    stride_pvb, stride_pvp, stride_pvh, stride_pvd,
-    stride_mb, stride_mt,
-    stride_ob, stride_oh, stride_ot, stride_od,
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    KMASK,
+    BIAS,
+    O,
+    LSE,
+    H_q,
+    T_q,
+    T_k,
+    P,
+    GROUP,
+    CAUSAL_OFFSET,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_pkb,
+    stride_pkp,
+    stride_pkh,
+    stride_pkd,
+    stride_pvb,
+    stride_pvp,
+    stride_pvh,
+    stride_pvd,
+    stride_mb,
+    stride_mt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
     qk_scale,
-    HAS_PREFIX: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    HAS_PREFIX: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H_q
@@ -105,8 +142,12 @@ def _prefix_attn_fwd_kernel(
         for start in range(0, P, BLOCK_N):
             cols = start + offs_n
             col_ok = cols < P
-            kT = tl.load(pk_base + cols[None, :] * stride_pkp + offs_d[:, None] * stride_pkd, mask=col_ok[None, :], other=0.0)
-            v = tl.load(pv_base + cols[:, None] * stride_pvp + offs_d[None, :] * stride_pvd, mask=col_ok[:, None], other=0.0)
+            kT = tl.load(
+                pk_base + cols[None, :] * stride_pkp + offs_d[:, None] * stride_pkd, mask=col_ok[None, :], other=0.0
+            )
+            v = tl.load(
+                pv_base + cols[:, None] * stride_pvp + offs_d[None, :] * stride_pvd, mask=col_ok[:, None], other=0.0
+            )
             s = attention_dot(q, kT, DOT_PRECISION) * qk_scale + bias
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION)
@@ -131,7 +172,9 @@ def _prefix_attn_fwd_kernel(
         cols = start + offs_n
         cols64 = cols.to(tl.int64)
         col_ok = cols < T_k
-        kT = tl.load(k_base + cols64[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
+        kT = tl.load(
+            k_base + cols64[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0
+        )
         v = tl.load(v_base + cols64[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
         s = attention_dot(q, kT, DOT_PRECISION) * qk_scale
         ok = col_ok[None, :] & (cols[None, :] <= rows[:, None] + CAUSAL_OFFSET)
@@ -150,11 +193,16 @@ def _prefix_attn_fwd_kernel(
     tl.store(LSE + pid_bh * T_q + rows64, lse, mask=row_ok)
 
 
-def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                             key_padding_mask: torch.Tensor | None = None,
-                             prefix_logit_bias: torch.Tensor | None = None, scale: float | None = None,
-                             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def prefix_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    prefix_logit_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward. Returns (o ``[B, H_q, T_q, D]`` view of ``[B, T_q, H_q, D]`` memory, lse
     ``[B, H_q, T_q]`` fp32)."""
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias)
@@ -174,30 +222,60 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias = prefix_logit_bias.detach().reshape(1).float() if prefix_logit_bias is not None else None
     grid = lambda META: (triton.cdiv(t_q, META["BLOCK_M"]), batch * h_q)  # noqa: E731
     triton_launcher(_prefix_attn_fwd_kernel)[grid](
-        q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q,
-        mask if mask is not None else q, bias if bias is not None else lse, out, lse,
-        h_q, t_q, t_k, n_prefix, h_q // h_kv, t_k - t_q,
-        *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides,
-        *(mask.stride() if mask is not None else (0, 0)), *out.stride(),
+        q,
+        k,
+        v,
+        prefix_k if has_prefix else q,
+        prefix_v if has_prefix else q,
+        mask if mask is not None else q,
+        bias if bias is not None else lse,
+        out,
+        lse,
+        h_q,
+        t_q,
+        t_k,
+        n_prefix,
+        h_q // h_kv,
+        t_k - t_q,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *pk_strides,
+        *pv_strides,
+        *(mask.stride() if mask is not None else (0, 0)),
+        *out.stride(),
         scale * LOG2E,
-        HAS_PREFIX=has_prefix, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_PREFIX=has_prefix,
+        HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None,
+        HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
         DOT_PRECISION=attention_dot_precision(q.dtype, q.device),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out, lse
 
 
 @torch.library.triton_op("fastpeft::prefix_attention", mutates_args=())
-def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
-                         prefix_v: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-                         prefix_logit_bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _prefix_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    prefix_logit_bias: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) as :func:`prefix_attention_forward` returns them, on either backend."""
     if use_triton(q):
         return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale)
     with autocast_off(q.device):
-        o, lse = prefix_attention_forward_reference(q, k, v, prefix_k, prefix_v, key_padding_mask,
-                                                    prefix_logit_bias, scale)  # fmt: skip
+        o, lse = prefix_attention_forward_reference(
+            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale
+        )
     batch, h_q, t_q, head_dim = q.shape
     out = empty_output((batch, t_q, h_q, head_dim), q.dtype, q.device).transpose(1, 2)  # the kernel's layout
     return out.copy_(o), lse
@@ -225,9 +303,20 @@ def _backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def]
     q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.fastpeft.prefix_attention_backward(
-        grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, out, lse, ctx.scale,
-        need_bias_grad=need[6], need_dq=need[0],
-    )  # fmt: skip
+        grad_out,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        key_padding_mask,
+        prefix_logit_bias,
+        out,
+        lse,
+        ctx.scale,
+        need_bias_grad=need[6],
+        need_dq=need[0],
+    )
     dq, dk, dv, dpk, dpv, dbias = (g if n else None for g, n in zip(grads, (*need[:5], need[6])))
     return dq, dk, dv, dpk, dpv, None, dbias, None
 
@@ -235,18 +324,24 @@ def _backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def]
 _prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                     key_padding_mask: torch.Tensor | None = None,
-                     prefix_logit_bias: torch.Tensor | None = None, scale: float | None = None,
-                     ) -> torch.Tensor:  # fmt: skip
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    prefix_logit_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Causal attention over ``[prefix ‖ sequence]``; returns o ``[B, H_q, T_q, D]``. Differentiable
     in q, k, v, prefix_k, prefix_v and prefix_logit_bias. Shapes in the module docstring. Runs the op
     ``fastpeft::prefix_attention``."""
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = torch.ops.fastpeft.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias,
-                                                 scale)  # fmt: skip
+    out, _ = torch.ops.fastpeft.prefix_attention(
+        q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale
+    )
     return out
 
 

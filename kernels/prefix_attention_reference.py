@@ -43,17 +43,24 @@ def _reference_scores(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logi
     return scores, values
 
 
-def prefix_attention_probs_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                     prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                                     key_padding_mask: torch.Tensor | None = None,
-                                     prefix_logit_bias: torch.Tensor | None = None, scale: float | None = None,
-                                     seq_mask: torch.Tensor | None = None,
-                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def prefix_attention_probs_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    prefix_logit_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    seq_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable reference returning (probs ``[B, H_q, T_q, P + T_k]``, values
     ``[B, H_q, P + T_k, D]``, lse ``[B, H_q, T_q]``). ``seq_mask`` (bool, broadcastable to
     ``[B, H_q, T_q, T_k]``, True = attend) replaces the causal + padding mask when given."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    scores, values = _reference_scores(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale, seq_mask)
+    scores, values = _reference_scores(
+        q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale, seq_mask
+    )
     visible = torch.isfinite(scores).any(dim=-1, keepdim=True)
     # rows with nothing visible get finite logits before softmax so autograd never sees NaN
     safe = torch.where(visible, scores, torch.zeros_like(scores))
@@ -62,11 +69,16 @@ def prefix_attention_probs_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     return probs, values, lse.squeeze(-1)
 
 
-def prefix_attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                       prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                                       key_padding_mask: torch.Tensor | None = None,
-                                       prefix_logit_bias: torch.Tensor | None = None, scale: float | None = None,
-                                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def prefix_attention_forward_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    prefix_logit_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference with the launcher's signature: (o ``[B, H_q, T_q, D]``, lse ``[B, H_q, T_q]``)."""
     probs, values, lse = prefix_attention_probs_reference(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_logit_bias, scale
@@ -74,12 +86,21 @@ def prefix_attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torc
     return probs @ values, lse.float()
 
 
-def prefix_attention_backward_reference(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                        prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
-                                        key_padding_mask: torch.Tensor | None,
-                                        prefix_logit_bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-                                        scale: float, need_bias_grad: bool = True, need_dq: bool = True,
-                                        ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+def prefix_attention_backward_reference(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    prefix_logit_bias: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    need_bias_grad: bool = True,
+    need_dq: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
     """The kernels' backward in torch, same signature and output layouts as
     :func:`fastpeft.kernels.prefix_attention_bwd.prefix_attention_backward`: probabilities
     recomputed from ``lse`` (``p = exp(s - lse)``, 0 where masked and on rows with ``lse = +inf``),

@@ -38,11 +38,39 @@ from fastpeft.reasoning.tree_of_thoughts import tree_of_thoughts
 from fastpeft.reasoning.types import Completion, SamplingParams, Scorer
 
 DEFAULT_WEIGHTS: Mapping[str, float] = {
-    "length": 0.2, "structure": 0.25, "domain": 0.15, "ambiguity": 0.1, "history": 0.3,
+    "length": 0.2,
+    "structure": 0.25,
+    "domain": 0.15,
+    "ambiguity": 0.1,
+    "history": 0.3,
 }
-_VAGUE = frozenset("some maybe might perhaps approximately roughly about several it they this that which or "
-                   "best good better thing stuff somehow".split())
-_STEP_WORDS = frozenset("then after before each every total remaining if twice half times per".split())
+_VAGUE = frozenset(
+    [
+        "some",
+        "maybe",
+        "might",
+        "perhaps",
+        "approximately",
+        "roughly",
+        "about",
+        "several",
+        "it",
+        "they",
+        "this",
+        "that",
+        "which",
+        "or",
+        "best",
+        "good",
+        "better",
+        "thing",
+        "stuff",
+        "somehow",
+    ]
+)
+_STEP_WORDS = frozenset(
+    ["then", "after", "before", "each", "every", "total", "remaining", "if", "twice", "half", "times", "per"]
+)
 _OPERATORS = re.compile(r"[+\-*/^=<>×÷%]")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -122,8 +150,12 @@ class DifficultyEstimator:
             level += ch == "("
             level -= ch == ")"
             depth = max(depth, level)
-        structure = (len(_NUMBER.findall(query)) + len(_OPERATORS.findall(query)) + 2 * depth
-                     + sum(w in _STEP_WORDS for w in words))
+        structure = (
+            len(_NUMBER.findall(query))
+            + len(_OPERATORS.findall(query))
+            + 2 * depth
+            + sum(w in _STEP_WORDS for w in words)
+        )
         domain_hits = sum(1 for t in self.domain_terms if re.search(rf"\b{re.escape(t.lower())}\b", lowered))
         vague = sum(w in _VAGUE for w in words) + max(0, query.count("?") - 1)
         accuracy = self.history.accuracy_near(query) if self.history is not None else None
@@ -210,8 +242,13 @@ def answer_disagreement(answers: Sequence[str | None]) -> float:
 
 
 ESCALATIONS = {
-    "best_of_n": best_of_n, "weighted_best_of_n": weighted_best_of_n, "majority_vote": majority_vote,
-    "beam_search": beam_search, "dvts": dvts, "tree_of_thoughts": tree_of_thoughts, "mcts": mcts,
+    "best_of_n": best_of_n,
+    "weighted_best_of_n": weighted_best_of_n,
+    "majority_vote": majority_vote,
+    "beam_search": beam_search,
+    "dvts": dvts,
+    "tree_of_thoughts": tree_of_thoughts,
+    "mcts": mcts,
 }
 
 
@@ -251,14 +288,17 @@ def metacognitive(
     info = {"uncertainty": uncertainty, "measure": measure, "threshold": threshold, "probe_samples": len(probe)}
     if uncertainty <= threshold or generator.budget.exhausted:
         keeper = ScoreKeeper(scorer, generator.budget) if scorer is not None else None
-        cands = [Candidate(c.text, a, keeper(prompt, c.text) if keeper else None, c.finish_reason != "length")
-                 for c, a in zip(probe, answers, strict=True)]
+        cands = [
+            Candidate(c.text, a, keeper(prompt, c.text) if keeper else None, c.finish_reason != "length")
+            for c, a in zip(probe, answers, strict=True)
+        ]
         chosen, vote = select(cands, "majority")
         escalated_note = {"escalated": False}
         if uncertainty > threshold:
             escalated_note["note"] = "uncertain, but the budget was spent by the probe"
-        return make_result("metacognitive", prompt, chosen, cands, generator.budget, keeper,
-                           {**info, **vote, **escalated_note})
+        return make_result(
+            "metacognitive", prompt, chosen, cands, generator.budget, keeper, {**info, **vote, **escalated_note}
+        )
     options = dict(escalate_options or {})
     if stop is not None and "stop" in inspect.signature(ESCALATIONS[escalate_to]).parameters:
         options.setdefault("stop", stop)

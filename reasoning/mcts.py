@@ -26,8 +26,8 @@ from fastpeft.reasoning.strategy_base import (
     Aggregate,
     Candidate,
     ScoreKeeper,
-    check_aggregate,
     SearchResult,
+    check_aggregate,
     check_prompt,
     ends_response,
     make_result,
@@ -130,9 +130,7 @@ def mcts(
     if c_uct < 0:
         raise ValueError(f"c_uct must be >= 0, got {c_uct}")
     step = step_params(params, stop)
-    roll = dataclasses.replace(
-        step, stop=(), max_new_tokens=rollout_max_new_tokens or step.max_new_tokens * max_depth
-    )
+    roll = dataclasses.replace(step, stop=(), max_new_tokens=rollout_max_new_tokens or step.max_new_tokens * max_depth)
     budget = generator.budget
     root = Node("")
     found: list[Candidate] = []

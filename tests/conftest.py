@@ -57,8 +57,16 @@ def _pin_backend(request):
 
 
 def _tiny_llama(**overrides) -> dict:
-    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=112, max_position_embeddings=128)  # fmt: skip
+    cfg = dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=112,
+        max_position_embeddings=128,
+    )
     cfg.update(overrides)
     return cfg
 
@@ -126,8 +134,14 @@ class ArithmeticMock:
     sees the same samples. It counts the tokens it generated, to check the budget bookkeeping.
     """
 
-    def __init__(self, error_rate: float = 0.3, greedy_error_step: int | None = None, seed: int = 0,
-                 token_logprob: float = -0.05, error_logprob: float = -2.5) -> None:  # fmt: skip
+    def __init__(
+        self,
+        error_rate: float = 0.3,
+        greedy_error_step: int | None = None,
+        seed: int = 0,
+        token_logprob: float = -0.05,
+        error_logprob: float = -2.5,
+    ) -> None:
         self.error_rate, self.greedy_error_step, self.seed = error_rate, greedy_error_step, seed
         self.token_logprob, self.error_logprob = token_logprob, error_logprob
         self.calls = 0
@@ -144,7 +158,7 @@ class ArithmeticMock:
         if m is None:
             raise ValueError(f"mock cannot parse the question in {text!r}")
         numbers = [int(x) for x in m.group(1).split("+")]
-        response = text[m.end():]
+        response = text[m.end() :]
         parts = response.split("; ")
         done, partial = parts[:-1], parts[-1]
         total = numbers[0]
@@ -167,14 +181,16 @@ class ArithmeticMock:
                 c = a + b + ((1 if greedy else rng.choice([-2, -1, 1, 2])) if wrong else 0)
                 lead = " " if k == 0 else ""
                 line = f"{lead}{a}+{b}={c}; "
-                line_tokens = [(t, self.error_logprob if wrong and t == str(c) else self.token_logprob)
-                               for t in _TOKEN.findall(line)]
+                line_tokens = [
+                    (t, self.error_logprob if wrong and t == str(c) else self.token_logprob)
+                    for t in _TOKEN.findall(line)
+                ]
                 total = c
             if not out and partial:
                 # finish a line that was cut off: emit the rest if it is still on track, else end it
                 written = "".join(t for t, _ in line_tokens)
                 if written.startswith(partial):
-                    line_tokens = [(t, self.token_logprob) for t in _TOKEN.findall(written[len(partial):])]
+                    line_tokens = [(t, self.token_logprob) for t in _TOKEN.findall(written[len(partial) :])]
                 else:
                     line_tokens = [(";", self.token_logprob), (" ", self.token_logprob)]
             out.extend(line_tokens)

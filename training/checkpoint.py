@@ -43,8 +43,17 @@ STEP_PREFIX = "step-"
 MANIFEST = "manifest.json"
 REQUIRED = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 # config fields whose change makes a resumed run differ from the uninterrupted one
-EXACT_RESUME_FIELDS = ("seed", "lr", "scheduler", "warmup_steps", "optimizer", "weight_decay", "adam_betas",
-                       "adam_eps", "max_grad_norm")  # fmt: skip
+EXACT_RESUME_FIELDS = (
+    "seed",
+    "lr",
+    "scheduler",
+    "warmup_steps",
+    "optimizer",
+    "weight_decay",
+    "adam_betas",
+    "adam_eps",
+    "max_grad_norm",
+)
 
 
 class FinalSaveError(OSError):
@@ -75,19 +84,26 @@ def save_or_rescue(save: Callable[[Path], Path], target: Path, what: str) -> Pat
     except Exception as err:  # whatever broke the save, the weights must not be lost
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         stamp = f"rescued-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        for fallback in (target.parent / f"{target.name}.{stamp}", Path(tempfile.gettempdir()) / f"fastpeft-{what.replace(' ', '-')}-{stamp}"):
+        for fallback in (
+            target.parent / f"{target.name}.{stamp}",
+            Path(tempfile.gettempdir()) / f"fastpeft-{what.replace(' ', '-')}-{stamp}",
+        ):
             try:
                 saved = save(fallback)
             except Exception:
                 continue
-            raise FinalSaveError(f"could not save the {what} to {target} ({reason}); it was saved to {saved} "
-                                 "instead") from err  # fmt: skip
-        raise FinalSaveError(f"could not save the {what} to {target} ({reason}), nor beside it, nor in "
-                             f"{tempfile.gettempdir()}; the last checkpoint (if any) is all that is left") from err
+            raise FinalSaveError(
+                f"could not save the {what} to {target} ({reason}); it was saved to {saved} instead"
+            ) from err
+        raise FinalSaveError(
+            f"could not save the {what} to {target} ({reason}), nor beside it, nor in "
+            f"{tempfile.gettempdir()}; the last checkpoint (if any) is all that is left"
+        ) from err
 
 
-def save_pretrained(model: nn.Module, target: Path, tokenizer: Any = None,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+def save_pretrained(
+    model: nn.Module, target: Path, tokenizer: Any = None, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """``model.save_pretrained`` (safetensors) + the tokenizer, raising where transformers only logs
     (a target that is a file) and checking that the weights were written."""
     target = Path(target)
@@ -163,8 +179,14 @@ def write_rank_state(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
 
 
-def write_main_state(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer | dict[str, Any], scheduler: Any,
-                     trainer_state: dict[str, Any], save_adapter: bool) -> None:  # fmt: skip
+def write_main_state(
+    tmp: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    save_adapter: bool,
+) -> None:
     """Rank 0 writes the model, optimizer (or an already gathered optimizer state dict, see
     :func:`fastpeft.training.distributed.full_optimizer_state`), scheduler and trainer state."""
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -276,14 +298,19 @@ def resume_checkpoint(ckpt_root: Path) -> Path | None:
     return None
 
 
-def warn_config_changes(path: Path, saved: dict[str, Any], current: dict[str, Any],
-                        fields: tuple[str, ...] = EXACT_RESUME_FIELDS) -> None:  # fmt: skip
+def warn_config_changes(
+    path: Path, saved: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...] = EXACT_RESUME_FIELDS
+) -> None:
     """One warning line naming each field of ``fields`` whose value differs from the checkpoint's."""
-    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in fields
-               if k in saved and k in current and saved[k] != current[k]]  # fmt: skip
+    changed = [
+        f"{k} {saved[k]!r} -> {current[k]!r}" for k in fields if k in saved and k in current and saved[k] != current[k]
+    ]
     if changed:
-        warnings.warn(f"resuming from {path} with {', '.join(changed)}: the run will not continue as the "
-                      "interrupted one would have", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"resuming from {path} with {', '.join(changed)}: the run will not continue as the "
+            "interrupted one would have",
+            stacklevel=3,
+        )
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -294,8 +321,9 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads(state_file.read_text())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rank: int = 0) -> dict[str, Any]:  # fmt: skip
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
+) -> dict[str, Any]:
     """Restore everything saved in ``path``; returns the trainer state dict. With FSDP2 (DTensor
     parameters) every rank calls this: the full tensors are re-sharded collectively."""
     problem = checkpoint_problem(path)
@@ -313,8 +341,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for name, tensor in saved.items():
             if params[name].shape != tensor.shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
-                                 f"model expects {tuple(params[name].shape)}")  # fmt: skip
+                raise ValueError(
+                    f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                    f"model expects {tuple(params[name].shape)}"
+                )
             params[name].copy_(dist_utils.shard_like(tensor, params[name]))
     device = next(model.parameters()).device
     optimizer_state = _load_pt(path / "optimizer.pt", device)
@@ -324,8 +354,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if rng_file.is_file():
         set_rng_state(_load_pt(rng_file))
     else:
-        warnings.warn(f"checkpoint {path} has no {rng_file.name}: resuming without rank {rank}'s saved RNG state, "
-                      "so sampling and dropout will not repeat the interrupted run", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"checkpoint {path} has no {rng_file.name}: resuming without rank {rank}'s saved RNG state, "
+            "so sampling and dropout will not repeat the interrupted run",
+            stacklevel=2,
+        )
     return read_trainer_state(path)
 
 
@@ -333,4 +366,6 @@ def _load_pt(path: Path, device: torch.device | str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a truncated zip, or more than tensors and numbers
-        raise ValueError(f"checkpoint file {path} is unreadable ({str(err).splitlines()[0] if str(err) else err})") from err
+        raise ValueError(
+            f"checkpoint file {path} is unreadable ({str(err).splitlines()[0] if str(err) else err})"
+        ) from err

@@ -10,6 +10,7 @@ whose message names the key; the CLI prints it on one line and exits with status
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -56,10 +57,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp in (int, float) and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-4 and 5e6 as strings
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-4 and 5e6 as strings
             value = float(value)
-        except ValueError:
-            pass
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -77,8 +77,13 @@ def _load_hf_dataset(path: str, split: str) -> list[dict[str, Any]]:
     return list(ds)
 
 
-def mix_datasets(general: Sequence[dict], domain: Sequence[dict], general_fraction: float = 0.2,
-                 total: int | None = None, seed: int = 0) -> list[dict]:  # fmt: skip
+def mix_datasets(
+    general: Sequence[dict],
+    domain: Sequence[dict],
+    general_fraction: float = 0.2,
+    total: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
     """Domain-adaptive mixture: ``general_fraction`` general-instruction records, the rest domain
     records (default 20/80), shuffled. ``total`` defaults to what the domain set supports without
     repeating: ``len(domain) / (1 - general_fraction)``. Sources are sampled without replacement
@@ -118,8 +123,9 @@ class Example:
 def _assistant_spans(messages: list[dict], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (with its end
     marker), found by rendering growing prefixes of the conversation."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in messages):  # fmt: skip
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
         raise ValueError("'messages' must be a list of {'role': str, 'content': str} objects")
     from jinja2.exceptions import TemplateError  # transformers renders chat templates with jinja2
 
@@ -134,14 +140,17 @@ def _assistant_spans(messages: list[dict], tokenizer: Any) -> tuple[str, list[tu
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (full.startswith(upto) and upto.startswith(before)):
-            raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; "
-                             "assistant-only labels cannot be located")  # fmt: skip
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations prefix by prefix; "
+                "assistant-only labels cannot be located"
+            )
         spans.append((len(before), len(upto)))
     return full, spans
 
 
-def _label_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any, add_special_tokens: bool,
-                 completion_only: bool) -> Example:  # fmt: skip
+def _label_spans(
+    text: str, spans: list[tuple[int, int]], tokenizer: Any, add_special_tokens: bool, completion_only: bool
+) -> Example:
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     special = set(tokenizer.all_special_ids)
@@ -155,8 +164,13 @@ def _label_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any, add_sp
     return Example(list(ids), labels)
 
 
-def tokenize_record(record: dict[str, Any], tokenizer: Any, max_seq_len: int, completion_only: bool = True,
-                    use_chat_template: bool = False) -> Example | None:  # fmt: skip
+def tokenize_record(
+    record: dict[str, Any],
+    tokenizer: Any,
+    max_seq_len: int,
+    completion_only: bool = True,
+    use_chat_template: bool = False,
+) -> Example | None:
     """Tokenize one record; None when truncation to ``max_seq_len`` leaves no target token."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("fastpeft data needs a fast tokenizer (character offsets locate the targets)")
@@ -191,8 +205,13 @@ def tokenize_record(record: dict[str, Any], tokenizer: Any, max_seq_len: int, co
     return ex
 
 
-def tokenize_records(records: Iterable[dict], tokenizer: Any, max_seq_len: int, completion_only: bool = True,
-                     use_chat_template: bool = False) -> list[Example]:  # fmt: skip
+def tokenize_records(
+    records: Iterable[dict],
+    tokenizer: Any,
+    max_seq_len: int,
+    completion_only: bool = True,
+    use_chat_template: bool = False,
+) -> list[Example]:
     """Tokenize all records, warning once with the count of those dropped for lack of targets."""
     out, dropped = [], 0
     for rec in records:
@@ -202,8 +221,7 @@ def tokenize_records(records: Iterable[dict], tokenizer: Any, max_seq_len: int, 
         else:
             out.append(ex)
     if dropped:
-        warnings.warn(f"dropped {dropped} records with no target tokens within max_seq_len={max_seq_len}",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(f"dropped {dropped} records with no target tokens within max_seq_len={max_seq_len}", stacklevel=2)
     if not out:
         raise ValueError("no usable training records (all empty or truncated away)")
     return out
@@ -250,9 +268,10 @@ def collate(rows: Sequence[Row], pad_id: int, pad_to_multiple_of: int = 8) -> di
     """Right-pad rows into tensors ``[B, T]``: input_ids, labels, position_ids, segment_ids."""
     longest = max(len(r.input_ids) for r in rows)
     t = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    out = {k: torch.full((len(rows), t), fill, dtype=torch.long)
-           for k, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", 0),
-                           ("segment_ids", 0))}  # fmt: skip
+    out = {
+        k: torch.full((len(rows), t), fill, dtype=torch.long)
+        for k, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", 0), ("segment_ids", 0))
+    }
     for i, r in enumerate(rows):
         n = len(r.input_ids)
         out["input_ids"][i, :n] = torch.tensor(r.input_ids)
@@ -273,15 +292,25 @@ class BatchPlan:
     ``grad_accum_steps`` micro-batches. The last incomplete global batch of an epoch is dropped.
     """
 
-    def __init__(self, rows: Sequence[Row], micro_batch_size: int, grad_accum_steps: int = 1, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, shuffle: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        rows: Sequence[Row],
+        micro_batch_size: int,
+        grad_accum_steps: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         self.rows, self.mb, self.accum = list(rows), micro_batch_size, grad_accum_steps
         self.world, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.steps_per_epoch = len(self.rows) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the data has {len(self.rows)} rows, fewer than one global batch of "
-                             f"{self.global_batch} (micro_batch_size x grad_accum_steps x world_size)")  # fmt: skip
+            raise ValueError(
+                f"the data has {len(self.rows)} rows, fewer than one global batch of "
+                f"{self.global_batch} (micro_batch_size x grad_accum_steps x world_size)"
+            )
         self._perm_epoch, self._perm = -1, list(range(len(self.rows)))
 
     def _permutation(self, epoch: int) -> list[int]:

@@ -23,8 +23,15 @@ MATCH_MODES = ("answer", "exact")
 
 
 @torch.no_grad()
-def evaluate_loss(loss_module: CausalLMLoss, rows: Sequence[Row], pad_id: int, batch_size: int,
-                  device: torch.device, packed: bool, autocast_dtype: torch.dtype | None) -> float:  # fmt: skip
+def evaluate_loss(
+    loss_module: CausalLMLoss,
+    rows: Sequence[Row],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    packed: bool,
+    autocast_dtype: torch.dtype | None,
+) -> float:
     """Mean cross-entropy per target token over ``rows`` (model put in eval mode, then restored)."""
     was_training = loss_module.training
     loss_module.eval()
@@ -33,8 +40,9 @@ def evaluate_loss(loss_module: CausalLMLoss, rows: Sequence[Row], pad_id: int, b
         for i in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss, n = loss_module(batch["input_ids"], batch["labels"], batch["position_ids"],
-                                      batch["segment_ids"], packed=packed)  # fmt: skip
+                loss, n = loss_module(
+                    batch["input_ids"], batch["labels"], batch["position_ids"], batch["segment_ids"], packed=packed
+                )
             total += float(loss)
             count += int(n)
     finally:
@@ -49,8 +57,9 @@ def _prompt_text(record: dict[str, Any], tokenizer: Any, use_chat_template: bool
             msgs = msgs[:-1]
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     if use_chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": record["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
     return record["prompt"]
 
 
@@ -64,8 +73,9 @@ def judge(text: str, answer: str, match: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                       batch_size: int, device: torch.device) -> list[str]:  # fmt: skip
+def greedy_completions(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int, device: torch.device
+) -> list[str]:
     """Greedy continuations of ``prompts`` (text after the prompt, special tokens removed)."""
     was_training = model.training
     model.eval()
@@ -75,8 +85,14 @@ def greedy_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             new = gen[:, enc["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
@@ -85,9 +101,16 @@ def greedy_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     return outputs
 
 
-def exact_match(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], match: str = "answer",
-                max_new_tokens: int = 64, batch_size: int = 64, device: torch.device | None = None,
-                use_chat_template: bool = False) -> dict[str, Any]:  # fmt: skip
+def exact_match(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    match: str = "answer",
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    use_chat_template: bool = False,
+) -> dict[str, Any]:
     """Accuracy of greedy answers on records with an ``"answer"``: ``{"exact_match", "n", "samples"}``
     (``samples``: the first three (prompt, output) pairs, for eyeballing)."""
     if match not in MATCH_MODES:

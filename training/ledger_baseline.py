@@ -58,20 +58,30 @@ def fake_linear4bit_class() -> type[nn.Module]:
         class FakeLinear4bit(bnb.nn.Linear4bit):
             """A Linear4bit's memory without its arithmetic (see the module docstring)."""
 
-            def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
-                         blocksize: int = 64, double_quant: bool = False) -> None:  # fmt: skip
+            def __init__(
+                self,
+                linear: nn.Linear,
+                compute_dtype: torch.dtype = torch.bfloat16,
+                blocksize: int = 64,
+                double_quant: bool = False,
+            ) -> None:
                 nn.Module.__init__(self)  # not bnb's __init__: its Params4bit quantizes real data
                 n, k = linear.weight.shape
                 self.in_features, self.out_features = k, n
                 self.compute_dtype, self.compute_type_is_set = compute_dtype, True
                 self.quant_state = None
-                self.weight = nn.Parameter(torch.empty(((n * k + 1) // 2, 1), dtype=torch.uint8,
-                                                       device=linear.weight.device), requires_grad=False)  # fmt: skip
+                self.weight = nn.Parameter(
+                    torch.empty(((n * k + 1) // 2, 1), dtype=torch.uint8, device=linear.weight.device),
+                    requires_grad=False,
+                )
                 self.weight.compress_statistics, self.weight.quant_type = double_quant, "nf4"
                 extra = nf4_nbytes(n * k, blocksize, double_quant) - (n * k + 1) // 2
                 # the statistics (absmax, ...) as one buffer of their byte size
-                self.register_buffer("quant_statistics", torch.empty(extra, dtype=torch.uint8,
-                                                                     device=linear.weight.device), persistent=False)  # fmt: skip
+                self.register_buffer(
+                    "quant_statistics",
+                    torch.empty(extra, dtype=torch.uint8, device=linear.weight.device),
+                    persistent=False,
+                )
                 self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
                 self.dense_shape = (n, k)
 
@@ -90,12 +100,16 @@ def fake_linear4bit_class() -> type[nn.Module]:
 _FAKE_CLASS: type[nn.Module] | None = None
 
 
-def quantize_blocks_fake(model: nn.Module, targets: tuple[str, ...] = LLAMA_PROJECTIONS,
-                         compute_dtype: torch.dtype = torch.bfloat16) -> int:  # fmt: skip
+def quantize_blocks_fake(
+    model: nn.Module, targets: tuple[str, ...] = LLAMA_PROJECTIONS, compute_dtype: torch.dtype = torch.bfloat16
+) -> int:
     """Replace the block linears named in ``targets`` by :class:`FakeLinear4bit`; returns how many."""
     cls = fake_linear4bit_class()
-    swaps = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]  # fmt: skip
+    swaps = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
     for name, module in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, cls(module, compute_dtype))
@@ -155,8 +169,10 @@ def build_hf_peft_model(model: nn.Module, method: str, r: int, lora_alpha: float
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     lora = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM")
-    with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", _move_adapter_by_replacing), \
-         mock.patch.object(nn.Module, "to", _to_without_swap(nn.Module.to)):  # fmt: skip
+    with (
+        mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", _move_adapter_by_replacing),
+        mock.patch.object(nn.Module, "to", _to_without_swap(nn.Module.to)),
+    ):
         return peft.get_peft_model(model, lora).train()
 
 

@@ -64,7 +64,9 @@ class LedgerSpec:
         if self.stack not in STACKS:
             raise ValueError(f"stack must be one of {STACKS}, got {self.stack!r}")
         if self.method not in METHODS or (self.stack == "hf_peft" and self.method == "full"):
-            raise ValueError(f"method must be one of {METHODS} ('full' only for the fastpeft stack), got {self.method!r}")
+            raise ValueError(
+                f"method must be one of {METHODS} ('full' only for the fastpeft stack), got {self.method!r}"
+            )
         if self.seq_len < 2 or self.batch_size < 1:
             raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {self.seq_len} and {self.batch_size}")
         if "model_type" not in self.model_config:
@@ -73,15 +75,21 @@ class LedgerSpec:
 
 def notes_for(spec: LedgerSpec) -> list[str]:
     """What the numbers stand for, printed with every ledger table."""
-    notes = ["fake CPU tensors under FakeTensorMode: bytes of tensor storage alive at once, not a timing; "
-             "allocator rounding and fragmentation and the CUDA context are not included"]  # fmt: skip
+    notes = [
+        "fake CPU tensors under FakeTensorMode: bytes of tensor storage alive at once, not a timing; "
+        "allocator rounding and fragmentation and the CUDA context are not included"
+    ]
     if spec.stack == "fastpeft":
-        notes.append("fastpeft ops enter through their fake implementations, which report the CUDA path's "
-                     "workspaces and temporaries: NF4 dequant into one workspace per dtype, fused LoRA saves x "
-                     "and x·Aᵀ, the chunked LM-head loss's [C, V] chunk")  # fmt: skip
+        notes.append(
+            "fastpeft ops enter through their fake implementations, which report the CUDA path's "
+            "workspaces and temporaries: NF4 dequant into one workspace per dtype, fused LoRA saves x "
+            "and x·Aᵀ, the chunked LM-head loss's [C, V] chunk"
+        )
     else:
-        notes.append("bitsandbytes ops do not run on FakeTensors: each Linear4bit is a stand-in holding its "
-                     "NF4 bytes and making bnb's per-call dense dequantized weight (ledger_baseline.py)")  # fmt: skip
+        notes.append(
+            "bitsandbytes ops do not run on FakeTensors: each Linear4bit is a stand-in holding its "
+            "NF4 bytes and making bnb's per-call dense dequantized weight (ledger_baseline.py)"
+        )
     return notes
 
 
@@ -231,16 +239,21 @@ def _run_step(spec: LedgerSpec, model: nn.Module, detail: bool) -> LedgerResult:
             positions = torch.arange(spec.seq_len).expand(spec.batch_size, -1)
             hidden = model.base_model(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :-1]
             tracker.set_phase("loss")
-            loss = linear_cross_entropy(hidden, model.get_output_embeddings().weight, ids[:, 1:],
-                                        reduction="mean")  # fmt: skip
+            loss = linear_cross_entropy(hidden, model.get_output_embeddings().weight, ids[:, 1:], reduction="mean")
             del hidden
         tracker.set_phase("backward")
         loss.backward()
         del loss
         tracker.set_phase("optimizer")
         optimizer.step()
-    result = tracker.result(notes_for(spec), seq_len=spec.seq_len, batch_size=spec.batch_size, method=spec.method,
-                            stack=spec.stack, design=dataclasses.asdict(spec.design))  # fmt: skip
+    result = tracker.result(
+        notes_for(spec),
+        seq_len=spec.seq_len,
+        batch_size=spec.batch_size,
+        method=spec.method,
+        stack=spec.stack,
+        design=dataclasses.asdict(spec.design),
+    )
     if detail:
         result.meta["peak_storages"] = tracker.peak_storages
     return result

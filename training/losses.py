@@ -41,8 +41,9 @@ def resolve_loss_impl(loss_impl: str, device: torch.device) -> str:
     return loss_impl
 
 
-def attention_inputs(segment_ids: torch.Tensor, position_ids: torch.Tensor, packed: bool,
-                     attn_implementation: str) -> dict[str, torch.Tensor]:  # fmt: skip
+def attention_inputs(
+    segment_ids: torch.Tensor, position_ids: torch.Tensor, packed: bool, attn_implementation: str
+) -> dict[str, torch.Tensor]:
     """Model kwargs that keep attention inside each example.
 
     Unpacked rows: a 2-D padding mask. Packed rows: flash-attention implementations get only the
@@ -63,8 +64,10 @@ def attention_inputs(segment_ids: torch.Tensor, position_ids: torch.Tensor, pack
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
         mask = torch.where(mask, zero, torch.finfo(torch.float32).min)
     elif attn_implementation not in ("sdpa", "flex_attention"):
-        raise ValueError(f"packing with attn_implementation={attn_implementation!r} is not supported; "
-                         "use sdpa, eager or a flash-attention implementation")  # fmt: skip
+        raise ValueError(
+            f"packing with attn_implementation={attn_implementation!r} is not supported; "
+            "use sdpa, eager or a flash-attention implementation"
+        )
     return {"attention_mask": mask, "position_ids": position_ids}
 
 
@@ -92,23 +95,36 @@ class CausalLMLoss(nn.Module):
         cfg = model.config
         if self.loss_impl != "full":
             if not isinstance(head, nn.Linear) or head.bias is not None:
-                raise ValueError(f"the fused loss needs a plain bias-free nn.Linear LM head, got {type(head).__name__}; "
-                                 "use loss_impl='full'")  # fmt: skip
+                raise ValueError(
+                    f"the fused loss needs a plain bias-free nn.Linear LM head, got {type(head).__name__}; "
+                    "use loss_impl='full'"
+                )
             for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
                 if getattr(cfg, attr, None) not in (None, 1.0):
-                    raise ValueError(f"the model's config sets {attr}; the fused loss does not apply it, "
-                                     "use loss_impl='full'")  # fmt: skip
+                    raise ValueError(
+                        f"the model's config sets {attr}; the fused loss does not apply it, use loss_impl='full'"
+                    )
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                segment_ids: torch.Tensor, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor,
+        packed: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         impl = self.model.config._attn_implementation or "eager"
         kwargs: dict[str, Any] = attention_inputs(segment_ids, position_ids, packed, impl)
         targets = labels[:, 1:]
         n_targets = (targets != IGNORE_INDEX).sum()
         if self.loss_impl == "full":
             logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
-            loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                               ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+            loss = nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
             return loss, n_targets
         out = self.model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
         hidden = out[0][:, :-1]
@@ -116,6 +132,7 @@ class CausalLMLoss(nn.Module):
         if self.loss_impl == "liger":
             h = hidden.reshape(-1, hidden.shape[-1])
             return _liger_loss_sum(h.to(weight.dtype), weight, targets.reshape(-1)), n_targets
-        loss = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum",
-                                    chunk_size=self.chunk_size)  # fmt: skip
+        loss = linear_cross_entropy(
+            hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum", chunk_size=self.chunk_size
+        )
         return loss, n_targets

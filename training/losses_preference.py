@@ -32,8 +32,13 @@ def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                       centering_coef: float = 0.0, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    centering_coef: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Pairwise reward-model loss.
 
         loss_i = −log σ(r_c,i − r_r,i − m_i) + centering_coef · (r_c,i + r_r,i)²
@@ -65,10 +70,16 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
     return float((r_chosen > r_rejected).float().mean())
 
 
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO-family loss on sequence log-probabilities ``[B]`` of the chosen / rejected completions.
 
         h_i = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))
@@ -82,8 +93,10 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     _check_pair("policy_chosen_logps", policy_chosen_logps, "policy_rejected_logps", policy_rejected_logps)
     _check_pair("ref_chosen_logps", ref_chosen_logps, "ref_rejected_logps", ref_rejected_logps)
     if policy_chosen_logps.shape != ref_chosen_logps.shape:
-        raise ValueError(f"policy log-probs {tuple(policy_chosen_logps.shape)} and reference log-probs "
-                         f"{tuple(ref_chosen_logps.shape)} must have the same shape")  # fmt: skip
+        raise ValueError(
+            f"policy log-probs {tuple(policy_chosen_logps.shape)} and reference log-probs "
+            f"{tuple(ref_chosen_logps.shape)} must have the same shape"
+        )
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:

@@ -106,8 +106,13 @@ class MemoryTracker(TorchDispatchMode):
         kind = current_allocation_kind()
         if kind is not None:
             return kind  # "workspace" or "host"
-        return {"setup": "weights", "forward": "activations", "backward": "backward", "loss": "loss",
-                "optimizer": "trainable"}[self._phase]  # fmt: skip
+        return {
+            "setup": "weights",
+            "forward": "activations",
+            "backward": "backward",
+            "loss": "loss",
+            "optimizer": "trainable",
+        }[self._phase]
 
     def _add(self, key: int, nbytes: int, category: str) -> None:
         if category == "host":
@@ -121,8 +126,9 @@ class MemoryTracker(TorchDispatchMode):
             self.peak_by_category = dict(self.current)
             self.peak_phase = self._phase
             if self.detail:
-                self.peak_storages = sorted(((b, c, self._origin.get(k, "?")) for k, (b, c, _) in self._live.items()),
-                                            reverse=True)  # fmt: skip
+                self.peak_storages = sorted(
+                    ((b, c, self._origin.get(k, "?")) for k, (b, c, _) in self._live.items()), reverse=True
+                )
 
     def _sub(self, nbytes: int, category: str) -> None:
         if category == "host":
@@ -172,6 +178,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def watch_grads(self, params: Iterable[torch.nn.Parameter]) -> list[Any]:
         """Relabel each gradient as ``trainable`` once it is accumulated into ``.grad``; returns the hook handles."""
+
         def relabel(p: torch.nn.Parameter) -> None:
             if p.grad is not None:
                 self.register(p.grad, "trainable")
@@ -212,9 +219,16 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     def result(self, notes: Iterable[str] = (), **meta: Any) -> LedgerResult:
-        return LedgerResult(peak_bytes=self.peak, peak_by_category=dict(self.peak_by_category),
-                            peak_phase=self.peak_phase, host_peak_bytes=self.host_peak, final_bytes=self.total,
-                            ops=self.ops, notes=list(notes), meta=dict(meta))  # fmt: skip
+        return LedgerResult(
+            peak_bytes=self.peak,
+            peak_by_category=dict(self.peak_by_category),
+            peak_phase=self.peak_phase,
+            host_peak_bytes=self.host_peak,
+            final_bytes=self.total,
+            ops=self.ops,
+            notes=list(notes),
+            meta=dict(meta),
+        )
 
 
 def format_gib(nbytes: float) -> str:
@@ -227,12 +241,18 @@ def format_ledger_table(columns: dict[str, LedgerResult]) -> str:
     names = list(columns)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for cat in CATEGORIES:
-        lines.append(f"| {CATEGORY_LABELS[cat]} | " + " | ".join(format_gib(columns[n].peak_by_category[cat])
-                                                               for n in names) + " |")  # fmt: skip
-    lines.append("| **peak (device)** | " + " | ".join(f"**{format_gib(columns[n].peak_bytes)}**" for n in names) + " |")
+        lines.append(
+            f"| {CATEGORY_LABELS[cat]} | "
+            + " | ".join(format_gib(columns[n].peak_by_category[cat]) for n in names)
+            + " |"
+        )
+    lines.append(
+        "| **peak (device)** | " + " | ".join(f"**{format_gib(columns[n].peak_bytes)}**" for n in names) + " |"
+    )
     lines.append("| peak reached in | " + " | ".join(columns[n].peak_phase for n in names) + " |")
-    lines.append("| offloaded to host (peak) | " + " | ".join(format_gib(columns[n].host_peak_bytes) for n in names)
-                 + " |")  # fmt: skip
+    lines.append(
+        "| offloaded to host (peak) | " + " | ".join(format_gib(columns[n].host_peak_bytes) for n in names) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -265,9 +285,16 @@ def cuda_attention_rules() -> Iterator[None]:
         yield
 
 
-def cuda_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
-                      dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None,
-                      enable_gqa: bool = False) -> str:  # fmt: skip
+def cuda_sdpa_backend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Any = None,
+    enable_gqa: bool = False,
+) -> str:
     """``"flash"``, ``"efficient"`` or ``"math"``: what SDPA on an H100 would run for these inputs."""
     head_dims = {query.shape[-1], key.shape[-1], value.shape[-1]}
     dims_ok = len(head_dims) == 1 and max(head_dims) <= 256 and max(head_dims) % 8 == 0

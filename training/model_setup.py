@@ -33,8 +33,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(model: str | None, model_config: dict | None, dtype: str = "float32",
-                attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:  # fmt: skip
+def build_model(
+    model: str | None,
+    model_config: dict | None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> nn.Module:
     """A causal LM from a local Hugging Face directory, or freshly initialised from a config dict
     such as ``{"model_type": "llama", "hidden_size": 64, ...}`` (seeded; no download either way)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -95,8 +100,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
-                    betas: tuple[float, float], eps: float, device: torch.device) -> torch.optim.Optimizer:  # fmt: skip
+def build_optimizer(
+    name: str,
+    params: list[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    device: torch.device,
+) -> torch.optim.Optimizer:
     """An optimizer over ``params`` by name (see the module docstring)."""
     if not params:
         raise ValueError("no trainable parameters: check finetune mode and the adapter's target_modules")
@@ -112,8 +124,11 @@ def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_dec
         import bitsandbytes.optim as bnb_optim
     except ImportError as err:
         raise ImportError(f"optimizer {name!r} needs bitsandbytes") from err
-    cls = {"adamw_8bit": bnb_optim.AdamW8bit, "paged_adamw": bnb_optim.PagedAdamW,
-           "paged_adamw_8bit": bnb_optim.PagedAdamW8bit}[name]  # fmt: skip
+    cls = {
+        "adamw_8bit": bnb_optim.AdamW8bit,
+        "paged_adamw": bnb_optim.PagedAdamW,
+        "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,
+    }[name]
     return cls(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 

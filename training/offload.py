@@ -87,8 +87,10 @@ class ActivationOffloader:
     def fetch(self, stash: _Stash) -> torch.Tensor:
         """The device copy of ``stash`` (waiting for its prefetch), then the previous stash's prefetch starts."""
         if stash.host is None:
-            raise RuntimeError("this offloaded activation was already fetched: a second backward through a "
-                               "graph with offloaded checkpoints needs the forward to run again")  # fmt: skip
+            raise RuntimeError(
+                "this offloaded activation was already fetched: a second backward through a "
+                "graph with offloaded checkpoints needs the forward to run again"
+            )
         self.prefetch(stash)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(stash.ready)
@@ -110,8 +112,9 @@ class _Recompute:
         self.box[0] = None  # the recomputed graph keeps what it saved of it
 
 
-def offloaded_checkpoint(offloader: ActivationOffloader, function: Callable[..., Any], *args: Any,
-                         **kwargs: Any) -> Any:  # fmt: skip
+def offloaded_checkpoint(
+    offloader: ActivationOffloader, function: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
     """``checkpoint(function, *args, **kwargs)`` (non-reentrant) with ``args[0]``, the block input,
     held in host memory between the forward and the recompute.
 
@@ -131,8 +134,9 @@ def offloaded_checkpoint(offloader: ActivationOffloader, function: Callable[...,
     def run() -> Any:
         return function(box[0], *rest, **kwargs)
 
-    out = checkpoint(run, use_reentrant=False,
-                     context_fn=lambda: (contextlib.nullcontext(), _Recompute(offloader, box, stash)))  # fmt: skip
+    out = checkpoint(
+        run, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _Recompute(offloader, box, stash))
+    )
     stash.append(offloader.offload(box[0]))
     box[0] = None
     return out

@@ -61,9 +61,16 @@ class ModelShape:
         if not (hidden and layers and heads):
             raise ValueError("model config needs hidden_size, num_hidden_layers and num_attention_heads")
         gpt2 = get("model_type") == "gpt2"
-        return cls(hidden=hidden, intermediate=get("intermediate_size") or get("n_inner") or 4 * hidden,
-                   layers=layers, heads=heads, kv_heads=get("num_key_value_heads") or heads,
-                   vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", gpt2)), gated_mlp=not gpt2)  # fmt: skip
+        return cls(
+            hidden=hidden,
+            intermediate=get("intermediate_size") or get("n_inner") or 4 * hidden,
+            layers=layers,
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            vocab=get("vocab_size"),
+            tied=bool(get("tie_word_embeddings", gpt2)),
+            gated_mlp=not gpt2,
+        )
 
     @property
     def kv_dim(self) -> int:
@@ -111,7 +118,11 @@ class PlanInputs:
     def __post_init__(self) -> None:
         for name in ("gpu_memory_gib", "seq_len", "batch_size", "data_tokens", "lora_r", "full_ft_tokens_per_param"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not 0 < self.headroom <= 1:
             raise ValueError(f"headroom must be in (0, 1], got {self.headroom!r}")
@@ -154,7 +165,9 @@ def estimate(inputs: PlanInputs, shape: ModelShape, method: str) -> dict[str, fl
     trainable = shape.total_params() if method == "full" else shape.lora_params(inputs.lora_r)
     adapters = 0 if method == "full" else trainable * wb
     grads = trainable * wb
-    state_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 4}.get(inputs.optimizer, 8)
+    state_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 4}.get(
+        inputs.optimizer, 8
+    )
     optimizer = trainable * state_bytes
     per_layer = activation_elements_per_token_layer(shape, inputs.seq_len, inputs.attn_implementation) * tokens * wb
     outside = 3 * shape.hidden * tokens * wb  # embeddings output, final norm, LM-head input
@@ -168,14 +181,22 @@ def estimate(inputs: PlanInputs, shape: ModelShape, method: str) -> dict[str, fl
         loss = chunk * shape.vocab * 4 + tokens * shape.hidden * wb + head_grad
     static = weights + adapters + grads + optimizer
     return {
-        "weights": weights, "adapters": adapters, "gradients": grads, "optimizer": optimizer,
-        "activations": act_full, "activations_ckpt": act_ckpt, "loss": loss,
-        "total": static + act_full + loss, "total_ckpt": static + act_ckpt + loss,
+        "weights": weights,
+        "adapters": adapters,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": act_full,
+        "activations_ckpt": act_ckpt,
+        "loss": loss,
+        "total": static + act_full + loss,
+        "total_ckpt": static + act_ckpt + loss,
         "trainable_params": trainable,
-    }  # fmt: skip
+    }
 
 
-def recommend(inputs: PlanInputs, shape: ModelShape, estimates: dict[str, dict[str, float]]) -> tuple[str | None, bool, str]:
+def recommend(
+    inputs: PlanInputs, shape: ModelShape, estimates: dict[str, dict[str, float]]
+) -> tuple[str | None, bool, str]:
     """(method or None, use gradient checkpointing, reason) by the decision flow above."""
     budget = inputs.gpu_memory_gib * 2**30 * inputs.headroom
 
@@ -202,5 +223,11 @@ def plan(inputs: PlanInputs) -> dict[str, Any]:
     shape = load_model_shape(inputs.model, inputs.model_config)
     estimates = {m: estimate(inputs, shape, m) for m in METHODS}
     method, ckpt, reason = recommend(inputs, shape, estimates)
-    return {"shape": dataclasses.asdict(shape), "params": shape.total_params(), "estimates": estimates,
-            "recommendation": method, "gradient_checkpointing": ckpt, "reason": reason}  # fmt: skip
+    return {
+        "shape": dataclasses.asdict(shape),
+        "params": shape.total_params(),
+        "estimates": estimates,
+        "recommendation": method,
+        "gradient_checkpointing": ckpt,
+        "reason": reason,
+    }

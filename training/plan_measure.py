@@ -59,8 +59,9 @@ def load_model_config(model: str | Path | dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def longest_context(probe: Callable[[int], int], budget_bytes: int, resolution: int = RESOLUTION,
-                    max_tokens: int = MAX_TOKENS) -> LongestContext:  # fmt: skip
+def longest_context(
+    probe: Callable[[int], int], budget_bytes: int, resolution: int = RESOLUTION, max_tokens: int = MAX_TOKENS
+) -> LongestContext:
     """Largest multiple of ``resolution`` with ``probe(tokens) <= budget_bytes`` (``probe`` non-decreasing).
 
     Secant steps on ``probe(t) - budget`` (the peak is nearly affine in t) until a length that fits
@@ -105,7 +106,7 @@ def longest_context(probe: Callable[[int], int], budget_bytes: int, resolution: 
             lo = t
         else:
             hi = t
-        interpolate = interpolate and hi - lo <= width / 2 or not interpolate  # bisect once after a poor step
+        interpolate = (interpolate and hi - lo <= width / 2) or not interpolate  # bisect once after a poor step
     return LongestContext(lo, cache[lo], peak(lo + resolution), budget_bytes, probes)
 
 
@@ -115,21 +116,44 @@ def design_for(method: str) -> StepDesign:
     return StepDesign.long_context()
 
 
-def spec_for(config: dict[str, Any], method: str, seq_len: int, lora_r: int = 16, batch_size: int = 1,
-             design: StepDesign | None = None, stack: str = "fastpeft") -> LedgerSpec:  # fmt: skip
+def spec_for(
+    config: dict[str, Any],
+    method: str,
+    seq_len: int,
+    lora_r: int = 16,
+    batch_size: int = 1,
+    design: StepDesign | None = None,
+    stack: str = "fastpeft",
+) -> LedgerSpec:
     design = design if design is not None else (design_for(method) if stack == "fastpeft" else StepDesign())
-    return LedgerSpec(config, seq_len=seq_len, batch_size=batch_size, method=method, stack=stack, lora_r=lora_r,
-                      lora_alpha=2.0 * lora_r, design=design)  # fmt: skip
+    return LedgerSpec(
+        config,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        method=method,
+        stack=stack,
+        lora_r=lora_r,
+        lora_alpha=2.0 * lora_r,
+        design=design,
+    )
 
 
-def measure_longest(config: dict[str, Any], method: str, gpu_memory_gib: float,
-                    cuda_context_gib: float = DEFAULT_CUDA_CONTEXT_GIB, lora_r: int = 16,
-                    design: StepDesign | None = None, stack: str = "fastpeft",
-                    log: Callable[[str], None] | None = None) -> LongestContext:  # fmt: skip
+def measure_longest(
+    config: dict[str, Any],
+    method: str,
+    gpu_memory_gib: float,
+    cuda_context_gib: float = DEFAULT_CUDA_CONTEXT_GIB,
+    lora_r: int = 16,
+    design: StepDesign | None = None,
+    stack: str = "fastpeft",
+    log: Callable[[str], None] | None = None,
+) -> LongestContext:
     """Longest batch-1 context of ``method`` on a ``gpu_memory_gib`` card (see the module docstring)."""
     budget = int((gpu_memory_gib - cuda_context_gib) * GiB)
     if budget <= 0:
-        raise ValueError(f"gpu_memory_gib ({gpu_memory_gib}) must exceed the CUDA context allowance ({cuda_context_gib})")
+        raise ValueError(
+            f"gpu_memory_gib ({gpu_memory_gib}) must exceed the CUDA context allowance ({cuda_context_gib})"
+        )
 
     host: dict[int, int] = {}
 
@@ -146,8 +170,15 @@ def measure_longest(config: dict[str, Any], method: str, gpu_memory_gib: float,
     return found
 
 
-def measure_at(config: dict[str, Any], method: str, seq_len: int, batch_size: int = 1, lora_r: int = 16,
-               design: StepDesign | None = None, stack: str = "fastpeft") -> LedgerResult:  # fmt: skip
+def measure_at(
+    config: dict[str, Any],
+    method: str,
+    seq_len: int,
+    batch_size: int = 1,
+    lora_r: int = 16,
+    design: StepDesign | None = None,
+    stack: str = "fastpeft",
+) -> LedgerResult:
     """The ledger of one step at ``seq_len``."""
     return measure_step(spec_for(config, method, seq_len, lora_r, batch_size, design, stack))
 
@@ -159,8 +190,9 @@ def measure_plan(inputs: Any, log: Callable[[str], None] | None = None) -> dict[
     longest: dict[str, LongestContext] = {}
     for method in ("full", "lora", "qlora"):
         at_seq[method] = measure_at(config, method, inputs.seq_len, inputs.batch_size, inputs.lora_r)
-        longest[method] = measure_longest(config, method, inputs.gpu_memory_gib, inputs.cuda_context_gib,
-                                          inputs.lora_r, log=log)  # fmt: skip
+        longest[method] = measure_longest(
+            config, method, inputs.gpu_memory_gib, inputs.cuda_context_gib, inputs.lora_r, log=log
+        )
     return {"config": config, "at_seq_len": at_seq, "longest": longest, "design": design_for("qlora").label()}
 
 
@@ -169,21 +201,32 @@ def format_measured(result: dict[str, Any], inputs: Any) -> str:
     from fastpeft.training.memory_ledger import format_gib, format_ledger_table
 
     budget = inputs.gpu_memory_gib - inputs.cuda_context_gib
-    lines = [f"memory ledger (measured): one training step (forward, backward, AdamW) per length, {result['design']}",
-             f"card {inputs.gpu_memory_gib:g} GiB - {inputs.cuda_context_gib:g} GiB allowance for the CUDA context and "
-             f"allocator = {budget:g} GiB for tensors; LoRA r={inputs.lora_r} on all linear layers", "",
-             f"{'':<8}{'longest context (batch 1)':>28}{'peak there':>14}{'+' + str(RESOLUTION) + ' tokens':>14}"
-             f"{'host RAM (offload)':>20}"]  # fmt: skip
+    lines = [
+        f"memory ledger (measured): one training step (forward, backward, AdamW) per length, {result['design']}",
+        f"card {inputs.gpu_memory_gib:g} GiB - {inputs.cuda_context_gib:g} GiB allowance for the CUDA context and "
+        f"allocator = {budget:g} GiB for tensors; LoRA r={inputs.lora_r} on all linear layers",
+        "",
+        f"{'':<8}{'longest context (batch 1)':>28}{'peak there':>14}{'+' + str(RESOLUTION) + ' tokens':>14}"
+        f"{'host RAM (offload)':>20}",
+    ]
     for method, found in result["longest"].items():
         if found.tokens == 0:
-            lines.append(f"{method:<8}{'does not fit':>28}{'':>14}{format_gib(found.next_peak_bytes):>14}"
-                         f"  (at {RESOLUTION} tokens)")  # fmt: skip
+            lines.append(
+                f"{method:<8}{'does not fit':>28}{'':>14}{format_gib(found.next_peak_bytes):>14}"
+                f"  (at {RESOLUTION} tokens)"
+            )
             continue
         more = "(cap)" if found.capped else format_gib(found.next_peak_bytes)
-        lines.append(f"{method:<8}{found.tokens:>21,} tokens{format_gib(found.peak_bytes):>14}{more:>14}"
-                     f"{format_gib(found.host_peak_bytes or 0):>20}")  # fmt: skip
-    lines += ["", f"ledger at {inputs.batch_size} x {inputs.seq_len} tokens:",
-              format_ledger_table(result["at_seq_len"]), ""]  # fmt: skip
+        lines.append(
+            f"{method:<8}{found.tokens:>21,} tokens{format_gib(found.peak_bytes):>14}{more:>14}"
+            f"{format_gib(found.host_peak_bytes or 0):>20}"
+        )
+    lines += [
+        "",
+        f"ledger at {inputs.batch_size} x {inputs.seq_len} tokens:",
+        format_ledger_table(result["at_seq_len"]),
+        "",
+    ]
     spec = spec_for(result["config"], "qlora", inputs.seq_len)
     lines += [f"note: {n}" for n in notes_for(spec)]
     return "\n".join(lines)

@@ -27,19 +27,26 @@ class StepDesign:
     lean_norms: bool = False
 
     def __post_init__(self) -> None:
-        if self.mlp_tile_rows is not None and (isinstance(self.mlp_tile_rows, bool) or not isinstance(
-                self.mlp_tile_rows, int) or self.mlp_tile_rows <= 0):  # fmt: skip
+        if self.mlp_tile_rows is not None and (
+            isinstance(self.mlp_tile_rows, bool) or not isinstance(self.mlp_tile_rows, int) or self.mlp_tile_rows <= 0
+        ):
             raise ValueError(f"mlp_tile_rows must be a positive integer or None, got {self.mlp_tile_rows!r}")
 
     @classmethod
     def long_context(cls) -> StepDesign:
         """The design the memory ledger picked for long sequences (see benchmarks/RESULTS.md)."""
-        return cls(gradient_checkpointing=True, offload_activations=True, mlp_tile_rows=LONG_CONTEXT_TILE_ROWS,
-                   lean_norms=True)  # fmt: skip
+        return cls(
+            gradient_checkpointing=True, offload_activations=True, mlp_tile_rows=LONG_CONTEXT_TILE_ROWS, lean_norms=True
+        )
 
     def label(self) -> str:
-        parts = ["offloaded checkpointing" if self.offload_activations else
-                 "checkpointing" if self.gradient_checkpointing else "no checkpointing"]  # fmt: skip
+        parts = [
+            "offloaded checkpointing"
+            if self.offload_activations
+            else "checkpointing"
+            if self.gradient_checkpointing
+            else "no checkpointing"
+        ]
         if self.mlp_tile_rows is not None:
             parts.append(f"tiled MLP ({self.mlp_tile_rows} rows)")
         if self.lean_norms:

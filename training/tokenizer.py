@@ -50,9 +50,13 @@ def load_char_tokenizer(padding_side: str = "right") -> Any:
     if not path.exists():
         raise FileNotFoundError(f"the bundled tokenizer {path} is missing; reinstall fastpeft")
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(path), bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_file=str(path),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         padding_side=padding_side,
-    )  # fmt: skip
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

@@ -25,10 +25,18 @@ def cases(small: bool) -> list[Case]:
     for k, n in shapes:
         nf4_bytes = formulas.nf4_weight_bytes(k, n, blocksize=64, double_quant=True)
         for m in rows:
-            out.append(Case(
-                scenario=NAME, group=f"{k}→{n}", x_name="M", x=m, make_impls=linear_impls(m, k, n, r, train=False),
-                metric="GB/s", flops=formulas.lora_linear_flops(m, k, n, r),
-                bytes=formulas.lora_linear_bytes(m, k, n, r, nf4_bytes), floor=("hbm", nf4_bytes),
-                tolerance=TOLERANCE,
-            ))  # fmt: skip
+            out.append(
+                Case(
+                    scenario=NAME,
+                    group=f"{k}→{n}",
+                    x_name="M",
+                    x=m,
+                    make_impls=linear_impls(m, k, n, r, train=False),
+                    metric="GB/s",
+                    flops=formulas.lora_linear_flops(m, k, n, r),
+                    bytes=formulas.lora_linear_bytes(m, k, n, r, nf4_bytes),
+                    floor=("hbm", nf4_bytes),
+                    tolerance=TOLERANCE,
+                )
+            )
     return out

@@ -60,8 +60,15 @@ def reference64(t: LinearTensors, w_exact: torch.Tensor, train: bool) -> tuple[t
     return (y.detach(), *torch.autograd.grad(y, (x, a, b), t.grad_y.double()))
 
 
-def prepare(op: Callable[[], torch.Tensor], t: LinearTensors, w_exact: torch.Tensor, train: bool,
-            resident: int, moved: int | None, backend: str | None = None) -> Prepared:  # fmt: skip
+def prepare(
+    op: Callable[[], torch.Tensor],
+    t: LinearTensors,
+    w_exact: torch.Tensor,
+    train: bool,
+    resident: int,
+    moved: int | None,
+    backend: str | None = None,
+) -> Prepared:
     """Wrap a forward ``op``: decode runs it under no_grad; training also takes dX, dA, dB."""
     if train:
 
@@ -75,8 +82,9 @@ def prepare(op: Callable[[], torch.Tensor], t: LinearTensors, w_exact: torch.Ten
             with torch.no_grad():
                 return op()
 
-    return Prepared(run=run, reference=lambda: reference64(t, w_exact, train), resident_bytes=resident,
-                    bytes=moved, backend=backend)  # fmt: skip
+    return Prepared(
+        run=run, reference=lambda: reference64(t, w_exact, train), resident_bytes=resident, bytes=moved, backend=backend
+    )
 
 
 def linear_impls(m: int, k: int, n: int, r: int, train: bool) -> Callable[[Context], list[ImplSpec]]:
@@ -92,19 +100,38 @@ def linear_impls(m: int, k: int, n: int, r: int, train: bool) -> Callable[[Conte
             ops = bindings.lora_linear_ops()
             q = ops["quantize_nf4"](t.w, 64, double_quant=True)
             w_exact = ops["dequantize_reference"](q, torch.float32)
-            return prepare(lambda: ops["lora_linear"](t.x, q, None, t.lora_A, t.lora_B, t.scaling), t, w_exact,
-                           train, q.nbytes + t.lora_bytes, moved(q.nbytes), ops["backend"](t.x))  # fmt: skip
+            return prepare(
+                lambda: ops["lora_linear"](t.x, q, None, t.lora_A, t.lora_B, t.scaling),
+                t,
+                w_exact,
+                train,
+                q.nbytes + t.lora_bytes,
+                moved(q.nbytes),
+                ops["backend"](t.x),
+            )
 
         def dense() -> Prepared:
             w_bytes = t.w.numel() * t.w.element_size()
-            return prepare(lambda: baselines.dense_lora_linear(t.x, t.w, t.lora_A, t.lora_B, t.scaling), t,
-                           t.w.float(), train, w_bytes + t.lora_bytes, moved(w_bytes))  # fmt: skip
+            return prepare(
+                lambda: baselines.dense_lora_linear(t.x, t.w, t.lora_A, t.lora_B, t.scaling),
+                t,
+                t.w.float(),
+                train,
+                w_bytes + t.lora_bytes,
+                moved(w_bytes),
+            )
 
         def bnb() -> Prepared:
             layer = baselines.bnb_nf4_linear(t.w, blocksize=64, double_quant=True)
             w_bytes = baselines.bnb_weight_bytes(layer)
-            return prepare(lambda: baselines.bnb_lora_linear(layer, t.x, t.lora_A, t.lora_B, t.scaling), t,
-                           baselines.bnb_dequantized_fp32(layer), train, w_bytes + t.lora_bytes, moved(w_bytes))  # fmt: skip
+            return prepare(
+                lambda: baselines.bnb_lora_linear(layer, t.x, t.lora_A, t.lora_B, t.scaling),
+                t,
+                baselines.bnb_dequantized_fp32(layer),
+                train,
+                w_bytes + t.lora_bytes,
+                moved(w_bytes),
+            )
 
         return [ImplSpec(IMPLS[0], OURS, ours), ImplSpec(IMPLS[1], BASELINE, dense), ImplSpec(IMPLS[2], BASELINE, bnb)]
 

@@ -32,23 +32,32 @@ CASES = (("30M", 1, 128), ("30M", 1, 1024))  # (size, batch, seq)
 SMALL_CASES = (("tiny", 1, 32),)
 
 
-def measure_pair(size: str, batch: int, seq: int, device: torch.device, warmup: int,
-                 rounds: int) -> dict[str, Measured]:  # fmt: skip
+def measure_pair(
+    size: str, batch: int, seq: int, device: torch.device, warmup: int, rounds: int
+) -> dict[str, Measured]:
     """Both implementations' :class:`Measured`, by role, from one interleaved run."""
     transformers = baselines.import_optional("transformers")
     torch.manual_seed(0)
     with torch.device(device):
         base = transformers.LlamaForCausalLM(llama_config(size))  # fp32
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
-    steps = {OURS: baselines.adapter_train_step(bindings.fastpeft_lora_model(copy.deepcopy(base)), ids),
-             BASELINE: baselines.adapter_train_step(baselines.peft_lora_model(base), ids)}  # fmt: skip
+    steps = {
+        OURS: baselines.adapter_train_step(bindings.fastpeft_lora_model(copy.deepcopy(base)), ids),
+        BASELINE: baselines.adapter_train_step(baselines.peft_lora_model(base), ids),
+    }
     times = interleaved_times(steps, warmup, rounds, device)
     out = {}
     for role, seconds in times.items():
         median_ms = statistics.median(seconds) * 1e3
-        out[role] = Measured(median_ms=median_ms, peak_mem_bytes=None, extra={
-            "tokens_per_s": batch * seq / (median_ms * 1e-3), "tokens_per_step": batch * seq, "rounds": rounds,
-        })  # fmt: skip
+        out[role] = Measured(
+            median_ms=median_ms,
+            peak_mem_bytes=None,
+            extra={
+                "tokens_per_s": batch * seq / (median_ms * 1e-3),
+                "tokens_per_step": batch * seq,
+                "rounds": rounds,
+            },
+        )
     ratios = paired_round_ratios(times[OURS], times[BASELINE])
     out[OURS].extra["vs_baseline_interleaved"] = statistics.median(ratios)
     if len(ratios) > 1:  # the spread shows how noisy the machine was
@@ -66,8 +75,10 @@ def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec
                 ctx.cache[key] = measure_pair(size, batch, seq, ctx.device, warmup, rounds)
             return ctx.cache[key][role]
 
-        return [ImplSpec(IMPL_NAMES[0], OURS, lambda: measured(OURS)),
-                ImplSpec(IMPL_NAMES[1], BASELINE, lambda: measured(BASELINE))]  # fmt: skip
+        return [
+            ImplSpec(IMPL_NAMES[0], OURS, lambda: measured(OURS)),
+            ImplSpec(IMPL_NAMES[1], BASELINE, lambda: measured(BASELINE)),
+        ]
 
     return make
 

@@ -20,8 +20,12 @@ from ..llama_configs import LLAMA_SIZES
 
 NAME = "memory"
 TITLE = "whole-step peak memory: memory ledger (fake tensors) for fastpeft and HF + bnb + PEFT; measured on CUDA"
-IMPL_NAMES = ("ours: ledger, long-context design", "ours: ledger, default step", "HF + bnb + PEFT: ledger",
-              "ours: measured, long-context design")  # fmt: skip
+IMPL_NAMES = (
+    "ours: ledger, long-context design",
+    "ours: ledger, default step",
+    "HF + bnb + PEFT: ledger",
+    "ours: measured, long-context design",
+)
 CASES = (("1.2B", 4, 2048), ("8B", 1, 8192))  # (size, batch, seq): the two peak targets
 SMALL_CASES = (("tiny", 2, 64),)
 
@@ -36,8 +40,9 @@ def _ledger_peak(ctx: Context, size: str, batch: int, seq: int, stack: str, desi
 
     key = ("ledger", size, batch, seq, stack, repr(design))
     if key not in ctx.cache:
-        ctx.cache[key] = measure_step(LedgerSpec(ledger_config(size), seq_len=seq, batch_size=batch, stack=stack,
-                                                 design=design))  # fmt: skip
+        ctx.cache[key] = measure_step(
+            LedgerSpec(ledger_config(size), seq_len=seq, batch_size=batch, stack=stack, design=design)
+        )
     return ctx.cache[key]
 
 
@@ -45,11 +50,18 @@ def _ledger(ctx: Context, size: str, batch: int, seq: int, stack: str, design: o
     def build() -> Measured:
         start = time.perf_counter()
         result = _ledger_peak(ctx, size, batch, seq, stack, design)
-        return Measured(median_ms=None, peak_mem_bytes=result.peak_bytes, extra={
-            "mem": "memory ledger (FakeTensor step)", "by_category": result.peak_by_category,
-            "host_peak_bytes": result.host_peak_bytes, "peak_phase": result.peak_phase,
-            "ledger_seconds": time.perf_counter() - start, "notes": result.notes,
-        })  # fmt: skip
+        return Measured(
+            median_ms=None,
+            peak_mem_bytes=result.peak_bytes,
+            extra={
+                "mem": "memory ledger (FakeTensor step)",
+                "by_category": result.peak_by_category,
+                "host_peak_bytes": result.host_peak_bytes,
+                "peak_phase": result.peak_phase,
+                "ledger_seconds": time.perf_counter() - start,
+                "notes": result.notes,
+            },
+        )
 
     return build
 
@@ -74,13 +86,24 @@ def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec
 def _measured(ctx: Context, size: str, batch: int, seq: int, design: object) -> Measured:
     """Our step on the GPU (bf16 weights, no autocast: the ledger's step) next to its ledger peak."""
     fields = {k: v for k, v in ledger_config(size).items() if k != "model_type"}
-    measured = bindings.qlora_step(fields, batch, seq, ctx.device, 1, 2, design=dataclasses.asdict(design),
-                                   bf16_autocast=False)  # fmt: skip
+    measured = bindings.qlora_step(
+        fields, batch, seq, ctx.device, 1, 2, design=dataclasses.asdict(design), bf16_autocast=False
+    )
     ledger = _ledger_peak(ctx, size, batch, seq, "fastpeft", design).peak_bytes
     measured.extra.update(ledger_peak_bytes=ledger, measured_over_ledger=measured.peak_mem_bytes / ledger)
     return measured
 
 
 def cases(small: bool) -> list[Case]:
-    return [Case(scenario=NAME, group=f"{size} bs{batch}", x_name="seq", x=seq, make_impls=_impls(size, batch, seq),
-                 metric="GiB", self_timed=True) for size, batch, seq in (SMALL_CASES if small else CASES)]  # fmt: skip
+    return [
+        Case(
+            scenario=NAME,
+            group=f"{size} bs{batch}",
+            x_name="seq",
+            x=seq,
+            make_impls=_impls(size, batch, seq),
+            metric="GiB",
+            self_timed=True,
+        )
+        for size, batch, seq in (SMALL_CASES if small else CASES)
+    ]

@@ -29,13 +29,19 @@ SMALL_SEQ_LENS = (9, 33)
 MODES = ("fwd", "fwd+bwd")
 
 
-def reference64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-                prefix_v: torch.Tensor, grad_out: torch.Tensor | None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def reference64(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    grad_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
     """Output (and dq, dk, dv, dprefix_k, dprefix_v) in float64, one batch element at a time.
 
     q, k, v ``[B, H, T, D]``; prefix ``[P, H, D]``; the prefix gradient is summed over the batch.
     """
-    b, h, t, d = q.shape
+    b, _h, t, d = q.shape
     p = prefix_k.shape[0]
     backward = grad_out is not None
     mask = baselines.prefix_mask(t, p, q.device)
@@ -73,8 +79,13 @@ def _impls(b: int, h: int, t: int, p: int, d: int, backward: bool) -> Callable[[
         grad_out = rand(b, h, t, d).detach() if backward else None
         with_prefix = (q, k, v, prefix_k, prefix_v)
 
-        def prepared(op: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], checked: bool,
-                     flops: float | None = None, backend: str | None = None) -> Prepared:  # fmt: skip
+        def prepared(
+            op: Callable[[], torch.Tensor],
+            inputs: Sequence[torch.Tensor],
+            checked: bool,
+            flops: float | None = None,
+            backend: str | None = None,
+        ) -> Prepared:
             def run() -> torch.Tensor | tuple[torch.Tensor, ...]:
                 if not backward:
                     with torch.no_grad():
@@ -114,9 +125,17 @@ def cases(small: bool) -> list[Case]:
         backward = mode == "fwd+bwd"
         for t in seq_lens:
             flops = formulas.attention_flops(b, h, t, p, d, backward=backward)
-            out.append(Case(
-                scenario=NAME, group=f"{mode} B{b} H{h} P{p} D{d}", x_name="T", x=t,
-                make_impls=_impls(b, h, t, p, d, backward), metric="TFLOP/s", flops=flops,
-                floor=("gemm", flops), tolerance=TOLERANCE,
-            ))  # fmt: skip
+            out.append(
+                Case(
+                    scenario=NAME,
+                    group=f"{mode} B{b} H{h} P{p} D{d}",
+                    x_name="T",
+                    x=t,
+                    make_impls=_impls(b, h, t, p, d, backward),
+                    metric="TFLOP/s",
+                    flops=flops,
+                    floor=("gemm", flops),
+                    tolerance=TOLERANCE,
+                )
+            )
     return out

@@ -33,24 +33,38 @@ def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec
 
         def hf() -> Measured:
             directory = checkpoint_dir(ctx, size)
-            return baselines.hf_qlora_step(directory, formula_dims(size)["vocab"], batch, seq, ctx.device, warmup, steps)
+            return baselines.hf_qlora_step(
+                directory, formula_dims(size)["vocab"], batch, seq, ctx.device, warmup, steps
+            )
 
         return [ImplSpec(IMPL_NAMES[0], OURS, ours), ImplSpec(IMPL_NAMES[1], BASELINE, hf)]
 
     return make
 
 
-def step_cases(scenario: str, shapes: tuple[tuple[str, int, int], ...],
-               make_impls: Callable[[str, int, int], Callable[[Context], list[ImplSpec]]]) -> list[Case]:  # fmt: skip
+def step_cases(
+    scenario: str,
+    shapes: tuple[tuple[str, int, int], ...],
+    make_impls: Callable[[str, int, int], Callable[[Context], list[ImplSpec]]],
+) -> list[Case]:
     """One self-timed case per (Llama size, batch, seq) of an adapter training step (frozen base, LoRA
     r 16 on all 7 projections): model FLOPs, floor = those FLOPs at the GEMM rate; lora-step too."""
     out = []
     for size, batch, seq in shapes:
         flops = formulas.llama_qlora_step_flops(**formula_dims(size), batch=batch, seq=seq, r=RANK)
-        out.append(Case(
-            scenario=scenario, group=f"{size} bs{batch}", x_name="seq", x=seq, make_impls=make_impls(size, batch, seq),
-            metric="TFLOP/s", flops=flops, floor=("gemm", flops), self_timed=True,
-        ))  # fmt: skip
+        out.append(
+            Case(
+                scenario=scenario,
+                group=f"{size} bs{batch}",
+                x_name="seq",
+                x=seq,
+                make_impls=make_impls(size, batch, seq),
+                metric="TFLOP/s",
+                flops=flops,
+                floor=("gemm", flops),
+                self_timed=True,
+            )
+        )
     return out
 
 

@@ -53,9 +53,15 @@ def cases(small: bool) -> list[Case]:
     step_bytes = formulas.llama_decode_step_bytes(**formula_dims(size), r=baselines.LORA_RANK, double_quant=True)
     return [
         Case(
-            scenario=NAME, group=f"{size} prompt {prompt} + {new} new", x_name="N", x=n,
-            make_impls=_impls(size, n, prompt, new), metric="GB/s", bytes=step_bytes * new,
-            floor=("hbm", step_bytes * new), self_timed=True,
-        )  # fmt: skip
+            scenario=NAME,
+            group=f"{size} prompt {prompt} + {new} new",
+            x_name="N",
+            x=n,
+            make_impls=_impls(size, n, prompt, new),
+            metric="GB/s",
+            bytes=step_bytes * new,
+            floor=("hbm", step_bytes * new),
+            self_timed=True,
+        )
         for n in ns
     ]

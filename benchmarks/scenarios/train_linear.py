@@ -24,10 +24,16 @@ def cases(small: bool) -> list[Case]:
     shapes, rows, r = (SMALL_SHAPES, SMALL_ROWS, SMALL_RANK) if small else (SHAPES, ROWS, RANK)
     return [
         Case(
-            scenario=NAME, group=f"{k}→{n}", x_name="M", x=m, make_impls=linear_impls(m, k, n, r, train=True),
-            metric="TFLOP/s", flops=formulas.lora_linear_flops(m, k, n, r, backward=True),
-            floor=("gemm", formulas.base_gemm_flops(m, k, n, backward=True)), tolerance=TOLERANCE,
-        )  # fmt: skip
+            scenario=NAME,
+            group=f"{k}→{n}",
+            x_name="M",
+            x=m,
+            make_impls=linear_impls(m, k, n, r, train=True),
+            metric="TFLOP/s",
+            flops=formulas.lora_linear_flops(m, k, n, r, backward=True),
+            floor=("gemm", formulas.base_gemm_flops(m, k, n, backward=True)),
+            tolerance=TOLERANCE,
+        )
         for k, n in shapes
         for m in rows
     ]

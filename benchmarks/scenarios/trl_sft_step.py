@@ -62,8 +62,19 @@ def _step_timer(device: torch.device, warmup: int):
     return StepTimer()
 
 
-def sft_step(model_dir: str, vocab: int, batch: int, seq: int, device: torch.device, *, patch: bool,
-             compile_backend: str | None, warmup: int, steps: int, checkpointing: bool = True) -> Measured:  # fmt: skip
+def sft_step(
+    model_dir: str,
+    vocab: int,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    *,
+    patch: bool,
+    compile_backend: str | None,
+    warmup: int,
+    steps: int,
+    checkpointing: bool = True,
+) -> Measured:
     """Time ``steps`` SFTTrainer steps (after ``warmup``) of the bnb + PEFT model, patched or not."""
     trl = baselines.import_optional("trl")
     datasets = baselines.import_optional("datasets")
@@ -81,22 +92,47 @@ def sft_step(model_dir: str, vocab: int, batch: int, seq: int, device: torch.dev
             fastpeft.patch_peft_model(model)
         timer = _step_timer(device, warmup)
         args = trl.SFTConfig(
-            output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=1e-4,
-            bf16=True, gradient_checkpointing=checkpointing, max_length=seq, packing=False, save_strategy="no",
-            logging_steps=1, report_to=[], disable_tqdm=True, use_cpu=on_cpu, dataloader_num_workers=0,
-            torch_compile=compile_backend is not None, torch_compile_backend=compile_backend, seed=0,
-        )  # fmt: skip
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": rows.tolist()}),
-                                 processing_class=load_char_tokenizer(), callbacks=[timer])  # fmt: skip
+            output_dir=out,
+            max_steps=warmup + steps,
+            per_device_train_batch_size=batch,
+            learning_rate=1e-4,
+            bf16=True,
+            gradient_checkpointing=checkpointing,
+            max_length=seq,
+            packing=False,
+            save_strategy="no",
+            logging_steps=1,
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=on_cpu,
+            dataloader_num_workers=0,
+            torch_compile=compile_backend is not None,
+            torch_compile_backend=compile_backend,
+            seed=0,
+        )
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_dict({"input_ids": rows.tolist()}),
+            processing_class=load_char_tokenizer(),
+            callbacks=[timer],
+        )
         trainer.train()
         peak = torch.cuda.max_memory_allocated(device) if not on_cpu else None
         loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
         del trainer, model
     median_ms = statistics.median(timer.times) * 1e3
-    return Measured(median_ms=median_ms, peak_mem_bytes=cpu_window.peak if on_cpu else peak, extra={
-        "tokens_per_s": batch * seq / (median_ms * 1e-3), "tokens_per_step": batch * seq, "final_loss": loss,
-        "compile": compile_backend or "off", "mem": memory_kind(device) + ("" if on_cpu else " (absolute)"),
-    })  # fmt: skip
+    return Measured(
+        median_ms=median_ms,
+        peak_mem_bytes=cpu_window.peak if on_cpu else peak,
+        extra={
+            "tokens_per_s": batch * seq / (median_ms * 1e-3),
+            "tokens_per_step": batch * seq,
+            "final_loss": loss,
+            "compile": compile_backend or "off",
+            "mem": memory_kind(device) + ("" if on_cpu else " (absolute)"),
+        },
+    )
 
 
 def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec]]:
@@ -106,9 +142,18 @@ def _impls(size: str, batch: int, seq: int) -> Callable[[Context], list[ImplSpec
 
         def run(patch: bool, compiled: bool) -> Callable[[], Measured]:
             def measure() -> Measured:
-                return sft_step(checkpoint_dir(ctx, size), formula_dims(size)["vocab"], batch, seq, ctx.device,
-                                patch=patch, compile_backend=backend if compiled else None, warmup=warmup,
-                                steps=steps, checkpointing=not ctx.small)  # fmt: skip
+                return sft_step(
+                    checkpoint_dir(ctx, size),
+                    formula_dims(size)["vocab"],
+                    batch,
+                    seq,
+                    ctx.device,
+                    patch=patch,
+                    compile_backend=backend if compiled else None,
+                    warmup=warmup,
+                    steps=steps,
+                    checkpointing=not ctx.small,
+                )
 
             return measure
 
@@ -123,8 +168,17 @@ def cases(small: bool) -> list[Case]:
     out = []
     for size, batch, seq in SMALL_CASES if small else CASES:
         flops = formulas.llama_qlora_step_flops(**formula_dims(size), batch=batch, seq=seq, r=baselines.LORA_RANK)
-        out.append(Case(
-            scenario=NAME, group=f"{size} bs{batch}", x_name="seq", x=seq, make_impls=_impls(size, batch, seq),
-            metric="TFLOP/s", flops=flops, floor=("gemm", flops), self_timed=True,
-        ))  # fmt: skip
+        out.append(
+            Case(
+                scenario=NAME,
+                group=f"{size} bs{batch}",
+                x_name="seq",
+                x=seq,
+                make_impls=_impls(size, batch, seq),
+                metric="TFLOP/s",
+                flops=flops,
+                floor=("gemm", flops),
+                self_timed=True,
+            )
+        )
     return out

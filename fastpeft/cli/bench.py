@@ -79,8 +79,10 @@ class BenchConfig:
 
 
 _ALIASES = {"list": "list_scenarios", "full": ("small", False)}
-SUMMARY = ("Run benchmark scenarios side by side with the installed baselines; print a table, write JSON and "
-           "PNG plots, and (GPU runs) regenerate benchmarks/RESULTS.md.")  # fmt: skip
+SUMMARY = (
+    "Run benchmark scenarios side by side with the installed baselines; print a table, write JSON and "
+    "PNG plots, and (GPU runs) regenerate benchmarks/RESULTS.md."
+)
 
 
 def _body(argv: list[str]) -> int:
@@ -113,11 +115,20 @@ def _body(argv: list[str]) -> int:
     if args.small is None and args.device != "cuda" and not _cuda_available():
         print("fastpeft bench: no CUDA device, so tiny --small shapes (pass --full for the real ones)")
     bench.runner.run_bench(
-        args.scenarios, device=args.device, small=args.small, out_dir=Path(args.out) if args.out else None,
-        results_dir=results_dir, results_md=results_md, record=False if args.no_record else None,
-        record_cpu=args.record_cpu, plots=not args.no_plots, strict=args.strict, case_filter=args.filter,
-        cpu_reps=args.reps, command=shlex.join(["fastpeft", "bench", *argv]),
-    )  # fmt: skip
+        args.scenarios,
+        device=args.device,
+        small=args.small,
+        out_dir=Path(args.out) if args.out else None,
+        results_dir=results_dir,
+        results_md=results_md,
+        record=False if args.no_record else None,
+        record_cpu=args.record_cpu,
+        plots=not args.no_plots,
+        strict=args.strict,
+        case_filter=args.filter,
+        cpu_reps=args.reps,
+        command=shlex.join(["fastpeft", "bench", *argv]),
+    )
     return 0
 
 

@@ -22,8 +22,13 @@ def config_help(cls: type, prog: str, summary: str, positional: str | None = Non
     bare arguments are shown, e.g. ``"PATH"``)."""
     hints = typing.get_type_hints(cls)
     bare = f" [{positional}]" if positional else ""
-    lines = [f"usage: fastpeft {prog}{bare} [CONFIG.yaml] [--key value ...] [--set key=value ...]", "", summary, "",
-             "keys (YAML or command line; nested keys with dots, e.g. --set lora.r=8):"]  # fmt: skip
+    lines = [
+        f"usage: fastpeft {prog}{bare} [CONFIG.yaml] [--key value ...] [--set key=value ...]",
+        "",
+        summary,
+        "",
+        "keys (YAML or command line; nested keys with dots, e.g. --set lora.r=8):",
+    ]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         hint = hints[f.name]

@@ -39,7 +39,9 @@ def environment() -> list[tuple[str, Any]]:
         from fastpeft.kernels.backend import interpreting
 
         rows.append(("device", "CPU only (no CUDA)"))
-        rows.append(("kernels", "Triton interpreter (TRITON_INTERPRET=1)" if interpreting() else "torch reference on CPU"))
+        rows.append(
+            ("kernels", "Triton interpreter (TRITON_INTERPRET=1)" if interpreting() else "torch reference on CPU")
+        )
     return rows
 
 
@@ -48,15 +50,17 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
     if (path / "adapter_config.json").is_file():
         cfg = json_object(path / "adapter_config.json", "path")
         rows: list[tuple[str, Any]] = [("kind", f"adapter ({cfg.get('peft_type', '?')})")]
-        rows += [(k, cfg.get(k)) for k in ("base_model_name_or_path", "r", "lora_alpha", "target_modules",
-                                            "use_rslora", "use_dora")]  # fmt: skip
+        rows += [
+            (k, cfg.get(k))
+            for k in ("base_model_name_or_path", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
+        ]
         weights = path / "adapter_model.safetensors"
         if weights.is_file():
             from safetensors import safe_open
 
             try:
                 with safe_open(str(weights), "pt") as f:
-                    n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+                    n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
                     rows += [("tensors", len(list(f.keys()))), ("adapter parameters", f"{n:,}")]
             except Exception as err:  # safetensors' own error types
                 raise ConfigError(f"path: {weights} is truncated or corrupted ({err})") from err
@@ -66,9 +70,14 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
 
         cfg = json_object(path / "config.json", "path")
         shape = ModelShape.from_config(cfg)
-        return [("kind", f"model ({cfg.get('model_type', '?')})"), ("parameters (estimate)", f"{shape.total_params():,}"),
-                ("layers", shape.layers), ("hidden", shape.hidden), ("vocab", shape.vocab),
-                ("dtype", cfg.get("dtype") or cfg.get("torch_dtype"))]  # fmt: skip
+        return [
+            ("kind", f"model ({cfg.get('model_type', '?')})"),
+            ("parameters (estimate)", f"{shape.total_params():,}"),
+            ("layers", shape.layers),
+            ("hidden", shape.hidden),
+            ("vocab", shape.vocab),
+            ("dtype", cfg.get("dtype") or cfg.get("torch_dtype")),
+        ]
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         from fastpeft.training.checkpoint import latest_checkpoint
@@ -77,8 +86,12 @@ def describe_path(path: Path) -> list[tuple[str, Any]]:
         state_file = latest / "trainer_state.json" if latest else state_file
     if state_file.is_file():
         state = json_object(state_file, "path")
-        rows = [("kind", "training checkpoint"), ("checkpoint", state_file.parent), ("step", state.get("step")),
-                ("skipped steps", state.get("bad_steps"))]  # fmt: skip
+        rows = [
+            ("kind", "training checkpoint"),
+            ("checkpoint", state_file.parent),
+            ("step", state.get("step")),
+            ("skipped steps", state.get("bad_steps")),
+        ]
         cfg = state.get("config", {})
         rows += [(k, cfg.get(k)) for k in ("finetune", "model", "lr", "micro_batch_size", "grad_accum_steps")]
         metrics = path / "metrics.jsonl"

@@ -50,8 +50,9 @@ def _train_and_report(module: str, name: str, config: Any, show: Callable[[str, 
         show(name, result)
 
 
-def run_recipe(name: str, argv: list[str], module: str, config_class: str, summary: str,
-               show: Callable[[str, Any], None] = report) -> int:  # fmt: skip
+def run_recipe(
+    name: str, argv: list[str], module: str, config_class: str, summary: str, show: Callable[[str, Any], None] = report
+) -> int:
     """The ``fastpeft <name>`` command for the recipe ``module`` (config dataclass ``config_class``)."""
 
     def config_cls() -> type:

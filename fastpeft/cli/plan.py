@@ -10,22 +10,39 @@ from fastpeft.cli.common import config_help, format_bytes, run_cli
 from fastpeft.training.config_io import parse_cli
 from fastpeft.training.plan import METHODS, PlanInputs, plan
 
-_COLUMNS = ("weights", "adapters", "gradients", "optimizer", "activations", "activations_ckpt", "loss",
-            "total", "total_ckpt")  # fmt: skip
+_COLUMNS = (
+    "weights",
+    "adapters",
+    "gradients",
+    "optimizer",
+    "activations",
+    "activations_ckpt",
+    "loss",
+    "total",
+    "total_ckpt",
+)
 
 
 def format_plan(result: dict, inputs: PlanInputs) -> str:
     budget = inputs.gpu_memory_gib * 2**30
     head = f"{'':<8}" + "".join(f"{c:>18}" for c in _COLUMNS)
-    lines = [f"model: {result['params'] / 1e6:,.1f}M parameters; {inputs.batch_size} x {inputs.seq_len} tokens; "
-             f"{inputs.dtype}; {inputs.optimizer}; device {inputs.gpu_memory_gib:g} GiB", "", head]  # fmt: skip
+    lines = [
+        f"model: {result['params'] / 1e6:,.1f}M parameters; {inputs.batch_size} x {inputs.seq_len} tokens; "
+        f"{inputs.dtype}; {inputs.optimizer}; device {inputs.gpu_memory_gib:g} GiB",
+        "",
+        head,
+    ]
     for m in METHODS:
         e = result["estimates"][m]
         lines.append(f"{m:<8}" + "".join(f"{format_bytes(e[c]):>18}" for c in _COLUMNS))
     lines.append("")
     for m in METHODS:
         e = result["estimates"][m]
-        fit = "fits" if e["total"] <= budget else ("fits with checkpointing" if e["total_ckpt"] <= budget else "does not fit")
+        fit = (
+            "fits"
+            if e["total"] <= budget
+            else ("fits with checkpointing" if e["total_ckpt"] <= budget else "does not fit")
+        )
         lines.append(f"{m}: {fit} ({e['trainable_params']:,} trainable parameters)")
     rec = result["recommendation"]
     ckpt = " with gradient checkpointing" if rec and result["gradient_checkpointing"] else ""

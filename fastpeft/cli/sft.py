@@ -10,8 +10,10 @@ from typing import Any
 from fastpeft.cli.common import format_bytes
 from fastpeft.cli.launch import run_recipe
 
-SUMMARY = ("Supervised fine-tuning (LoRA, QLoRA or full) of a local causal LM on JSONL / datasets / "
-           "Python records, with checkpoints, resume and metrics.")  # fmt: skip
+SUMMARY = (
+    "Supervised fine-tuning (LoRA, QLoRA or full) of a local causal LM on JSONL / datasets / "
+    "Python records, with checkpoints, resume and metrics."
+)
 
 
 def report(name: str, result: Any) -> None:

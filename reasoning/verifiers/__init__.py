@@ -11,7 +11,17 @@ from fastpeft.reasoning.verifiers.stack import StackReport, VerifierStack
 from fastpeft.reasoning.verifiers.syntax import FormulaVerifier, PythonSyntaxVerifier
 
 __all__ = [
-    "MEDICAL_FACTSCORE_BAR", "CallableScorer", "FactVerifier", "FormulaVerifier", "KnowledgeBase",
-    "LearnedVerifier", "LogicVerifier", "PythonSyntaxVerifier", "SafetyVerifier", "StackReport",
-    "VerifierStack", "consistent", "dpll",
+    "MEDICAL_FACTSCORE_BAR",
+    "CallableScorer",
+    "FactVerifier",
+    "FormulaVerifier",
+    "KnowledgeBase",
+    "LearnedVerifier",
+    "LogicVerifier",
+    "PythonSyntaxVerifier",
+    "SafetyVerifier",
+    "StackReport",
+    "VerifierStack",
+    "consistent",
+    "dpll",
 ]

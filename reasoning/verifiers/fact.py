@@ -25,8 +25,54 @@ from pathlib import Path
 
 MEDICAL_FACTSCORE_BAR = 0.85
 _STOPWORDS = frozenset(
-    "a an the is are was were be been of in on at to for with by and or as it its this that these those "
-    "from into than then so also which who whom has have had do does did can may might will would".split()
+    [
+        "a",
+        "an",
+        "the",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "for",
+        "with",
+        "by",
+        "and",
+        "or",
+        "as",
+        "it",
+        "its",
+        "this",
+        "that",
+        "these",
+        "those",
+        "from",
+        "into",
+        "than",
+        "then",
+        "so",
+        "also",
+        "which",
+        "who",
+        "whom",
+        "has",
+        "have",
+        "had",
+        "do",
+        "does",
+        "did",
+        "can",
+        "may",
+        "might",
+        "will",
+        "would",
+    ]
 )
 _NEGATIONS = frozenset({"not", "no", "never", "nor", "cannot", "without", "t"})  # "t" from "doesn t"
 _CLAUSE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+|;\s*|,\s*(?:and|but)\s+")
@@ -149,8 +195,11 @@ class FactVerifier:
         pass_threshold: float = MEDICAL_FACTSCORE_BAR,
         no_claims_score: float = 1.0,
     ) -> None:
-        for name, v in (("match_threshold", match_threshold), ("pass_threshold", pass_threshold),
-                        ("no_claims_score", no_claims_score)):
+        for name, v in (
+            ("match_threshold", match_threshold),
+            ("pass_threshold", pass_threshold),
+            ("no_claims_score", no_claims_score),
+        ):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         self.kb = kb if isinstance(kb, KnowledgeBase) else KnowledgeBase.from_file(kb)

@@ -16,9 +16,25 @@ from collections.abc import Iterable, Sequence
 Formula = tuple  # ("var", name) | ("const", bool) | ("not", f) | (op, f, g) with op in and/or/imp/iff
 Clause = list[int]
 
-_SYMBOLS = [("<->", "iff"), ("<=>", "iff"), ("↔", "iff"), ("->", "imp"), ("=>", "imp"), ("→", "imp"),
-            ("&&", "and"), ("||", "or"), ("&", "and"), ("∧", "and"), ("|", "or"), ("∨", "or"),
-            ("~", "not"), ("!", "not"), ("¬", "not"), ("(", "("), (")", ")")]
+_SYMBOLS = [
+    ("<->", "iff"),
+    ("<=>", "iff"),
+    ("↔", "iff"),
+    ("->", "imp"),
+    ("=>", "imp"),
+    ("→", "imp"),
+    ("&&", "and"),
+    ("||", "or"),
+    ("&", "and"),
+    ("∧", "and"),
+    ("|", "or"),
+    ("∨", "or"),
+    ("~", "not"),
+    ("!", "not"),
+    ("¬", "not"),
+    ("(", "("),
+    (")", ")"),
+]
 _WORDS = {"not": "not", "and": "and", "or": "or", "implies": "imp", "iff": "iff", "true": "true", "false": "false"}
 _TOKEN = re.compile(r"\s*(<->|<=>|->|=>|&&|\|\||[&|~!()¬∧∨→↔]|[A-Za-z0-9_']+)")
 
@@ -73,6 +89,7 @@ def parse_statement(text: str) -> Formula:
                 if right_assoc:
                     break
             return left
+
         return parse
 
     def unary() -> Formula:

@@ -29,8 +29,15 @@ _BINOPS: dict[type, Callable] = {
     ast.Pow: None,  # handled with size guards
 }
 _FUNCTIONS: dict[str, Callable[..., float]] = {
-    "sqrt": math.sqrt, "abs": abs, "log": math.log, "exp": math.exp,
-    "sin": math.sin, "cos": math.cos, "tan": math.tan, "min": min, "max": max,
+    "sqrt": math.sqrt,
+    "abs": abs,
+    "log": math.log,
+    "exp": math.exp,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
+    "min": min,
+    "max": max,
 }
 _MAX_EXPONENT = 512  # beyond this a "formula" is an attempt to exhaust memory, not arithmetic
 
@@ -79,7 +86,9 @@ def parse_expression(expression: str) -> ast.expr:
         ok = ok or type(node) in _BINOPS
         ok = ok or (isinstance(node, ast.Constant) and type(node.value) in (int, float))
         ok = ok or (
-            isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _FUNCTIONS
             and not node.keywords
         )
         if not ok:

@@ -20,9 +20,18 @@ EOS = 2
 def _llama_that_always_says_eos() -> torch.nn.Module:
     """A tiny Llama whose next token is EOS at every step, greedy or sampled (an LM head with a bias)."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=40, max_position_embeddings=32, eos_token_id=EOS,
-                         pad_token_id=0, bos_token_id=1)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=40,
+        max_position_embeddings=32,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     model = LlamaForCausalLM(config).eval()
     model.lm_head = torch.nn.Linear(32, 40, bias=True)
     with torch.no_grad():
@@ -47,8 +56,9 @@ def test_rows_run_past_eos_and_the_median_of_timed_calls_is_reported(monkeypatch
         return out
 
     monkeypatch.setattr(Sampler, "generate_ids", spy)
-    stats = sampling_throughput.measure_sampling_throughput(model, prompt_len=5, new_tokens=4, n=3, num_prompts=2,
-                                                            repeats=3)  # fmt: skip
+    stats = sampling_throughput.measure_sampling_throughput(
+        model, prompt_len=5, new_tokens=4, n=3, num_prompts=2, repeats=3
+    )
     assert generated == [[4] * 6] * 4  # one warm-up + 3 timed calls; 2 prompts x 3 samples, never cut at EOS
     assert stats["seconds"] == 2.0  # median of 1, 4, 2: the 9 s warm-up is not counted
     assert stats["tokens_per_s"] == 12.0  # 6 rows x 4 tokens in 2 s

@@ -11,8 +11,14 @@ load_benchmarks()
 from fastpeft_benchmarks import training_steps  # noqa: E402
 
 # hidden 32, 4 heads of 8, 2 KV heads: q/o 32->32, k/v 32->16, gate/up 32->64, down 64->32
-CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=64)  # fmt: skip
+CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+)
 LORA_R16_PARAMS = 16 * (2 * (32 + 32) + 2 * (32 + 16) + 2 * (32 + 64) + (64 + 32))  # r * (in + out), 7 projections
 
 

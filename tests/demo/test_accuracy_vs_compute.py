@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from fastpeft.demo.accuracy_vs_compute import DEFAULT_STRATEGIES, accuracy_vs_compute, format_table, save_json, save_plot
+from fastpeft.demo.accuracy_vs_compute import (
+    DEFAULT_STRATEGIES,
+    accuracy_vs_compute,
+    format_table,
+    save_json,
+    save_plot,
+)
 from fastpeft.reasoning.verifiers import FormulaVerifier
 
 PROBLEMS = [[3, 5, 9], [12, 7, 30, 5], [8, 8, 1]]
@@ -14,8 +20,15 @@ def test_every_strategy_at_every_budget(arithmetic_mock, tmp_path):
     mock = arithmetic_mock(error_rate=0.3, greedy_error_step=0, seed=3)
     data = [(mock.prompt(p), str(sum(p))) for p in PROBLEMS]
     budgets = [40, 400]
-    rows = accuracy_vs_compute(mock, data, budgets, scorer=FormulaVerifier(), stop="; ", progress=False,
-                               search_kwargs={"max_new_tokens": 40, "seed": 0})
+    rows = accuracy_vs_compute(
+        mock,
+        data,
+        budgets,
+        scorer=FormulaVerifier(),
+        stop="; ",
+        progress=False,
+        search_kwargs={"max_new_tokens": 40, "seed": 0},
+    )
     assert [(r.strategy, r.budget) for r in rows] == [(s, b) for s in DEFAULT_STRATEGIES for b in budgets]
     by = {(r.strategy, r.budget): r for r in rows}
     for r in rows:
@@ -35,8 +48,15 @@ def test_every_strategy_at_every_budget(arithmetic_mock, tmp_path):
 def test_labels_options_and_errors(arithmetic_mock):
     mock = arithmetic_mock(error_rate=0.0)
     data = [(mock.prompt([1, 2]), "3")]
-    rows = accuracy_vs_compute(mock, data, [200], {"wide beam": {"strategy": "beam_search", "n": 4, "beam_width": 2}},
-                               scorer=FormulaVerifier(), stop="; ", progress=False)
+    rows = accuracy_vs_compute(
+        mock,
+        data,
+        [200],
+        {"wide beam": {"strategy": "beam_search", "n": 4, "beam_width": 2}},
+        scorer=FormulaVerifier(),
+        stop="; ",
+        progress=False,
+    )
     assert rows[0].strategy == "wide beam" and rows[0].accuracy == 1.0
     calls = mock.calls
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):

@@ -10,12 +10,17 @@ from fastpeft.reasoning.answers import extract_answer, is_correct
 
 def test_documented_example():
     rec = make_problem(47, 38)
-    assert rec == {"prompt": "Q: 47+38=?\nA:", "completion": " 7+8=15 write 5 carry 1; 4+3+1=8; answer 85",
-                   "answer": "85"}  # fmt: skip
+    assert rec == {
+        "prompt": "Q: 47+38=?\nA:",
+        "completion": " 7+8=15 write 5 carry 1; 4+3+1=8; answer 85",
+        "answer": "85",
+    }
 
 
-@pytest.mark.parametrize("a,b,steps", [(95, 7, "5+7=12 write 2 carry 1; 9+0+1=10 write 0 carry 1; write 1"),
-                                        (3, 4, "3+4=7"), (0, 0, "0+0=0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "a,b,steps",
+    [(95, 7, "5+7=12 write 2 carry 1; 9+0+1=10 write 0 carry 1; write 1"), (3, 4, "3+4=7"), (0, 0, "0+0=0")],
+)
 def test_addition_steps_by_hand(a, b, steps):
     assert addition_steps(a, b) == steps
 

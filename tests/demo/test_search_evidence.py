@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from fastpeft.demo.arithmetic import make_problem
 from fastpeft.demo.search_evidence import (
     ArithmeticStepVerifier,
     EvidenceSettings,
@@ -13,7 +14,6 @@ from fastpeft.demo.search_evidence import (
     run,
     strategies_for,
 )
-from fastpeft.demo.arithmetic import make_problem
 
 PROMPT = make_problem(876, 530)["prompt"]
 RIGHT = " 6+0=6; 7+3=10 write 0 carry 1; 8+5+1=14 write 4 carry 1; write 1; answer 1406"
@@ -58,12 +58,26 @@ def test_pipeline_end_to_end_untrained(tmp_path, one_thread):
 
     from fastpeft.training.tokenizer import load_char_tokenizer
 
-    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, vocab_size=112, max_position_embeddings=64)  # fmt: skip
+    config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=112,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**config))
-    s = EvidenceSettings(digits=1, train_problems=20, test_problems=2, budgets=(24, 48), response_tokens=12,
-                         step_tokens=6, model_config={**config, "model_type": "llama"})  # fmt: skip
+    s = EvidenceSettings(
+        digits=1,
+        train_problems=20,
+        test_problems=2,
+        budgets=(24, 48),
+        response_tokens=12,
+        step_tokens=6,
+        model_config={**config, "model_type": "llama"},
+    )
     results = run(tmp_path, s, model, load_char_tokenizer(), progress=False)
     names = list(strategies_for(24, s))
     assert [(r["strategy"], r["budget"]) for r in results["rows"]] == [(n, b) for n in names for b in (24, 48)]

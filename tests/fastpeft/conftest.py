@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")
-_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
 
 
 def build_tiny_lm(arch: str, seed: int = 0, num_layers: int = 2, intermediate_size: int = 96) -> nn.Module:
@@ -23,15 +30,18 @@ def build_tiny_lm(arch: str, seed: int = 0, num_layers: int = 2, intermediate_si
     torch.manual_seed(seed)
     common = {**_COMMON, "num_hidden_layers": num_layers, "intermediate_size": intermediate_size}
     if arch == "gpt2":
-        config = tf.GPT2Config(n_embd=64, n_layer=num_layers, n_head=4, vocab_size=128, n_positions=64,
-                               bos_token_id=0, eos_token_id=0)  # fmt: skip
+        config = tf.GPT2Config(
+            n_embd=64, n_layer=num_layers, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
         model = tf.GPT2LMHeadModel(config)
     else:
         config_cls, model_cls = {
-            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-            "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+            "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+            "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
             "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
-        }[arch]  # fmt: skip
+        }[arch]
         extra = {"head_dim": 16} if arch in ("qwen3", "gemma") else {}
         model = model_cls(config_cls(**common, **extra))
     return model.eval()
@@ -99,8 +109,9 @@ def bnb_nf4(weight: torch.Tensor, double_quant: bool = True, blocksize: int = 64
     from fastpeft.kernels.nf4 import NF4Weight
 
     functional = pytest.importorskip("bitsandbytes.functional")
-    packed, state = functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
-                                             quant_type="nf4")  # fmt: skip
+    packed, state = functional.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+    )
     return NF4Weight.from_bnb(packed, state)
 
 
@@ -122,5 +133,6 @@ def nf4():
 @pytest.fixture
 def lm():
     """Helpers for whole-model tests: build, ids, logits, randomize, reference."""
-    return types.SimpleNamespace(build=build_tiny_lm, ids=token_batch, logits=logits,
-                                 randomize=randomize_adapters, reference=float64_reference)  # fmt: skip
+    return types.SimpleNamespace(
+        build=build_tiny_lm, ids=token_batch, logits=logits, randomize=randomize_adapters, reference=float64_reference
+    )

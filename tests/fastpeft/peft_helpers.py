@@ -21,9 +21,18 @@ def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
-                  bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).train()
 
 
@@ -48,8 +57,12 @@ def load_4bit(directory: Path, double_quant: bool) -> nn.Module:
     """A transformers model loaded from ``directory`` with bitsandbytes NF4 (fp32 compute), on CPU."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_use_double_quant=double_quant)  # fmt: skip
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=double_quant,
+    )
     return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant, device_map="cpu")
 
 

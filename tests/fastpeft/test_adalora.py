@@ -13,8 +13,12 @@ from torch import nn
 
 from fastpeft import LoraConfig, LoRALinear, inject, load_adapter, save_adapter
 from fastpeft.adalora import (
-    AdaLoraAdapter, AdaLoraSettings, RankAllocator, orthogonal_regularization, update_and_allocate,
-)  # fmt: skip
+    AdaLoraAdapter,
+    AdaLoraSettings,
+    RankAllocator,
+    orthogonal_regularization,
+    update_and_allocate,
+)
 from fastpeft.qlora_linear import QLoRALinear
 
 peft = pytest.importorskip("peft")
@@ -121,8 +125,17 @@ def test_budget_follows_cubic_schedule():
     alloc = _allocator(2, 6, target_r=2, tinit=2, tfinal=3, total_step=15, deltaT=2)
     assert (alloc.init_budget, alloc.target_budget) == (12, 4)
     # b(t) = floor(8·(1 − (t − 2)/10)³ + 4), masking when t % 2 == 0 inside the cubic phase
-    expected = {0: (12, False), 2: (12, False), 3: (9, False), 4: (8, True), 7: (5, False), 11: (4, False),
-                12: (4, True), 13: (4, True), 15: (4, True)}  # fmt: skip
+    expected = {
+        0: (12, False),
+        2: (12, False),
+        3: (9, False),
+        4: (8, True),
+        7: (5, False),
+        11: (4, False),
+        12: (4, True),
+        13: (4, True),
+        15: (4, True),
+    }
     assert {t: alloc.budget_schedule(t) for t in expected} == expected
 
 
@@ -194,12 +207,19 @@ def test_orthogonal_regularization_hand_computed():
 # -- config ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"total_step": None}, "total_step"), ({"tinit": 5, "tfinal": 2}, "no budgeting phase"),
-    ({"target_r": 9}, "target_r"), ({"deltaT": 0}, "deltaT"), ({"beta1": 1.0}, "beta1"),
-    ({"orth_reg_weight": -1}, "orth_reg_weight"), ({"tinitt": 1}, "unknown keys"),
-    ({"rank_pattern": {"x.lora_E": [True]}}, "rank_pattern entry"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"total_step": None}, "total_step"),
+        ({"tinit": 5, "tfinal": 2}, "no budgeting phase"),
+        ({"target_r": 9}, "target_r"),
+        ({"deltaT": 0}, "deltaT"),
+        ({"beta1": 1.0}, "beta1"),
+        ({"orth_reg_weight": -1}, "orth_reg_weight"),
+        ({"tinitt": 1}, "unknown keys"),
+        ({"rank_pattern": {"x.lora_E": [True]}}, "rank_pattern entry"),
+    ],
+)
 def test_config_validation(settings, message):
     with pytest.raises(ValueError, match=message):
         _config(**settings)
@@ -242,8 +262,12 @@ def test_training_and_files_match_peft(lm, tmp_path):
     # PEFT adds the orthogonal penalty inside forward; we add it in the loop
     for step in _train(theirs, lambda m, i: m(input_ids=i, labels=i).loss, ids, SCHEDULE["total_step"]):
         theirs.base_model.update_and_allocate(step)
-    budgets = [update_and_allocate(ours, step) for step in _train(
-        ours, lambda m, i: m(input_ids=i, labels=i).loss + orthogonal_regularization(m), ids, SCHEDULE["total_step"])]
+    budgets = [
+        update_and_allocate(ours, step)
+        for step in _train(
+            ours, lambda m, i: m(input_ids=i, labels=i).loss + orthogonal_regularization(m), ids, SCHEDULE["total_step"]
+        )
+    ]
     # 4 layers: 16 -> 8; steps 2..4: floor(8·(1 − (t − 1)/4)³ + 8) = 11, 9, 8; final at t = 5
     assert budgets == [16, 16, 11, 9, 8, 8, 8]
     pattern = {k.replace(".default", ""): v for k, v in theirs.peft_config["default"].rank_pattern.items()}

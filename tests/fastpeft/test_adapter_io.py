@@ -16,8 +16,17 @@ ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")
 
 def _trained(lm, arch: str, variant: str = "lora", **config):
     model = lm.build(arch)
-    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=config.pop("target_modules", "all-linear"),
-                             use_rslora=variant == "rslora", use_dora=variant == "dora", **config))  # fmt: skip
+    inject(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=config.pop("target_modules", "all-linear"),
+            use_rslora=variant == "rslora",
+            use_dora=variant == "dora",
+            **config,
+        ),
+    )
     lm.randomize(model)
     return model
 
@@ -63,7 +72,7 @@ def test_pickle_refused_unless_opted_in(lm, tmp_path):
     torch.save(tensors, tmp_path / "adapter_model.bin")
     fresh = lm.build("llama")
     snapshot = _snapshot(fresh)
-    with pytest.raises(ValueError, match="pickle.*allow_pickle=True"):
+    with pytest.raises(ValueError, match=r"pickle.*allow_pickle=True"):
         load_adapter(fresh, tmp_path)
     _assert_unchanged(fresh, snapshot)
     load_adapter(fresh, tmp_path, allow_pickle=True)
@@ -84,16 +93,24 @@ Q_B0 = "layers.0.self_attn.q_proj.lora_B.weight"
 GPT2_A, GPT2_B = P + "transformer.h.0.attn.c_attn.lora_A.weight", P + "transformer.h.0.attn.c_attn.lora_B.weight"
 BAD_FILES = {
     "truncated": (None, r"truncated or corrupted"),
-    "wrong_shape": (lambda t: t.update({k: torch.zeros(5, 64) for k in t if k.endswith(Q_A1)}),
-                    r"key .*layers\.1\.self_attn\.q_proj\.lora_A\.weight: shape \(5, 64\) .* model's \(4, 64\)"),
-    "missing_B": (lambda t: [t.pop(k) for k in list(t) if k.endswith(Q_B0)],
-                  r"layers\.0\.self_attn\.q_proj: missing keys \['lora_B.weight'\]"),
+    "wrong_shape": (
+        lambda t: t.update({k: torch.zeros(5, 64) for k in t if k.endswith(Q_A1)}),
+        r"key .*layers\.1\.self_attn\.q_proj\.lora_A\.weight: shape \(5, 64\) .* model's \(4, 64\)",
+    ),
+    "missing_B": (
+        lambda t: [t.pop(k) for k in list(t) if k.endswith(Q_B0)],
+        r"layers\.0\.self_attn\.q_proj: missing keys \['lora_B.weight'\]",
+    ),
     "unknown_key": (lambda t: t.update({P + "model.norm.scale": torch.ones(64)}), r"key .*model\.norm\.scale"),
-    "foreign_module": (lambda t: t.update({GPT2_A: torch.ones(4, 64), GPT2_B: torch.ones(192, 4)}),
-                       r"transformer\.h\.0\.attn\.c_attn' does not exist.*another architecture"),
-    "integer_dtype": (lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if "layers.0" in k}),
-                      r"dtype torch.int32"),
-}  # fmt: skip
+    "foreign_module": (
+        lambda t: t.update({GPT2_A: torch.ones(4, 64), GPT2_B: torch.ones(192, 4)}),
+        r"transformer\.h\.0\.attn\.c_attn' does not exist.*another architecture",
+    ),
+    "integer_dtype": (
+        lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if "layers.0" in k}),
+        r"dtype torch.int32",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
@@ -123,12 +140,15 @@ def test_adapter_for_another_architecture_is_rejected(lm, tmp_path):
     _assert_unchanged(model, snapshot)
 
 
-@pytest.mark.parametrize("edit,message", [
-    ({"peft_type": "ADALORA"}, "peft_type 'ADALORA'"),
-    ({"r": 0}, "LoraConfig.r must be a positive int, got 0"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-    ({"lora_bias": True}, "lora_bias"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"peft_type": "ADALORA"}, "peft_type 'ADALORA'"),
+        ({"r": 0}, "LoraConfig.r must be a positive int, got 0"),
+        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+        ({"lora_bias": True}, "lora_bias"),
+    ],
+)
 def test_bad_configs_rejected(edit, message, lm, tmp_path):
     save_adapter(_trained(lm, "llama", target_modules=["q_proj"]), tmp_path)
     path = tmp_path / "adapter_config.json"

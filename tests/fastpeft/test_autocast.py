@@ -9,8 +9,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fastpeft
 from fastpeft import LoraConfig
 
-CFG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-           vocab_size=96, max_position_embeddings=64)  # fmt: skip
+CFG = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
 VARIANTS = {
     "lora": {},
     "qlora": {"quantize": "nf4"},
@@ -70,7 +77,7 @@ def test_bf16_layers_accept_fp32_inputs_only_under_autocast():
     model = _model({"quantize": "nf4"}).to(torch.bfloat16)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, CFG["hidden_size"])
-    with pytest.raises(TypeError, match="float32.*bfloat16"):
+    with pytest.raises(TypeError, match=r"float32.*bfloat16"):
         layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)

@@ -21,8 +21,15 @@ def test_weight_moves_by_exactly_the_delta_float64():
     torch.manual_seed(0)
     # float64 runs the unfused path (dropout > 0 in training mode); the update rule is the same
     layer = LoRALinear.wrap(nn.Linear(13, 7, dtype=torch.float64))
-    adapter = layer.add_adapter("default", 3, 6.0, lora_dropout=0.1, variant="delta_lora",
-                                init_lora_weights=False, variant_config={"update_ratio": 2.0})  # fmt: skip
+    adapter = layer.add_adapter(
+        "default",
+        3,
+        6.0,
+        lora_dropout=0.1,
+        variant="delta_lora",
+        init_lora_weights=False,
+        variant_config={"update_ratio": 2.0},
+    )
     layer.train()
     model = nn.ModuleDict({"layer": layer})
     updater = DeltaLoraUpdater(model, "default")
@@ -81,15 +88,15 @@ def test_training_merge_unmerge_and_save(lm, tmp_path):
 
 
 def test_nf4_base_is_refused(lm):
-    with pytest.raises(ValueError, match="delta_lora.*quantize='nf4'"):
+    with pytest.raises(ValueError, match=r"delta_lora.*quantize='nf4'"):
         LoraConfig(target_modules=TARGETS, variant="delta_lora", quantize="nf4")
     layer = QLoRALinear.quantize_linear(nn.Linear(64, 16))
-    with pytest.raises(ValueError, match="Delta-LoRA .* dense"):
+    with pytest.raises(ValueError, match=r"Delta-LoRA .* dense"):
         layer.add_adapter("delta", 2, 4.0, variant="delta_lora")
     assert "delta" not in layer.adapters
     # a model whose targets are already NF4 (first adapter injected with quantize="nf4")
     model = inject(lm.build("llama"), LoraConfig(r=2, target_modules=TARGETS, quantize="nf4"))
-    with pytest.raises(ValueError, match="Delta-LoRA .* QLoRALinear"):
+    with pytest.raises(ValueError, match=r"Delta-LoRA .* QLoRALinear"):
         inject(model, LoraConfig(r=2, target_modules=TARGETS, variant="delta_lora"), "delta")
     assert all(list(layer.adapters) == ["default"] for _, layer in iter_adapter_layers(model) if layer.adapters)
 
@@ -104,5 +111,6 @@ def test_updater_misuse_raises(lm):
     with pytest.raises(RuntimeError, match="before_step"):
         updater.after_step()
     with pytest.raises(ValueError, match="update_ratio"):
-        LoRALinear.wrap(nn.Linear(4, 4)).add_adapter("x", 2, 4.0, variant="delta_lora",
-                                                      variant_config={"update_ratio": 0})  # fmt: skip
+        LoRALinear.wrap(nn.Linear(4, 4)).add_adapter(
+            "x", 2, 4.0, variant="delta_lora", variant_config={"update_ratio": 0}
+        )

@@ -19,8 +19,14 @@ CASES = [(arch, "lora") for arch in ARCHS] + [("llama", "rslora"), ("qwen3", "do
 
 
 def _config(variant: str = "lora", **kw) -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, target_modules=kw.pop("target_modules", "all-linear"),
-                      use_rslora=variant == "rslora", use_dora=variant == "dora", **kw)  # fmt: skip
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=kw.pop("target_modules", "all-linear"),
+        use_rslora=variant == "rslora",
+        use_dora=variant == "dora",
+        **kw,
+    )
 
 
 def _adapted_paths(model: nn.Module, name: str = "default") -> list[str]:
@@ -53,11 +59,13 @@ def test_target_matching_rules(lm):
         "list": (dict(target_modules=["q_proj", "v_proj"]), lambda p: p.endswith(("q_proj", "v_proj"))),
         "regex": (dict(target_modules=r".*\.mlp\.(up|down)_proj"), lambda p: p.endswith(("up_proj", "down_proj"))),
         "exclude": (dict(exclude_modules=["o_proj", "gate_proj"]), lambda p: not p.endswith(("o_proj", "gate_proj"))),
-        "layers": (dict(target_modules=["q_proj"], layers_to_transform=[1, 3], layers_pattern="layers"),
-                   lambda p: p.endswith("q_proj") and (".1." in p or ".3." in p)),
+        "layers": (
+            dict(target_modules=["q_proj"], layers_to_transform=[1, 3], layers_pattern="layers"),
+            lambda p: p.endswith("q_proj") and (".1." in p or ".3." in p),
+        ),
         "last_10pct": (dict(last_layers_fraction=0.1), lambda p: ".layers.3." in p),
         "last_half": (dict(last_layers_fraction=0.5), lambda p: ".layers.2." in p or ".layers.3." in p),
-    }  # fmt: skip
+    }
     all_linear = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and not p.endswith("lm_head")]
     for name, (fields, expected) in cases.items():
         fields = {"target_modules": "all-linear", **fields}
@@ -87,14 +95,26 @@ def test_no_match_lists_linear_names_and_leaves_model_unchanged(lm):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("r", 0, "r must be a positive int"), ("r", -3, "r must be"), ("lora_alpha", 0, "lora_alpha"),
-    ("lora_dropout", 1.0, "lora_dropout"), ("target_modules", [], "target_modules"), ("bias", "some", "bias"),
-    ("quantize", "int8", "quantize"), ("init_lora_weights", "pissa", "init_lora_weights"),
-    ("variant", "adalora", "total_step"), ("variant", "vera", "variant"),
-    ("last_layers_fraction", 1.5, "last_layers_fraction"), ("layers_to_transform", [-1], "layers_to_transform"),
-    ("compute_dtype", "int8", "compute_dtype"), ("blocksize", 48, "blocksize"), ("task_type", "SEQ_CLS", "task_type"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("r", 0, "r must be a positive int"),
+        ("r", -3, "r must be"),
+        ("lora_alpha", 0, "lora_alpha"),
+        ("lora_dropout", 1.0, "lora_dropout"),
+        ("target_modules", [], "target_modules"),
+        ("bias", "some", "bias"),
+        ("quantize", "int8", "quantize"),
+        ("init_lora_weights", "pissa", "init_lora_weights"),
+        ("variant", "adalora", "total_step"),
+        ("variant", "vera", "variant"),
+        ("last_layers_fraction", 1.5, "last_layers_fraction"),
+        ("layers_to_transform", [-1], "layers_to_transform"),
+        ("compute_dtype", "int8", "compute_dtype"),
+        ("blocksize", 48, "blocksize"),
+        ("task_type", "SEQ_CLS", "task_type"),
+    ],
+)
 def test_config_validation_names_field(field, value, message):
     with pytest.raises(ValueError, match=message) as info:
         LoraConfig(**{field: value})
@@ -151,8 +171,13 @@ def test_quantize_nf4_layer_by_layer(arch, lm):
     base = copy.deepcopy(model)
     ids = lm.ids()
     dense = {p: weakref.ref(m.weight) for p, m in model.named_modules() if p and hasattr(m, "nf")}
-    dense.update({p: weakref.ref(m.weight) for p, m in model.named_modules() if isinstance(m, nn.Linear)
-                  and not p.endswith("lm_head")})  # fmt: skip
+    dense.update(
+        {
+            p: weakref.ref(m.weight)
+            for p, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not p.endswith("lm_head")
+        }
+    )
     targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
     inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, quantize="nf4", double_quant=True))
     gc.collect()

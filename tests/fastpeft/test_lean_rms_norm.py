@@ -50,12 +50,22 @@ def test_swapped_into_a_model_and_saves_less():
     from fastpeft.training.ledger_step import LedgerSpec, measure_step
     from fastpeft.training.step_design import StepDesign
 
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, vocab_size=20))  # fmt: skip
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, vocab_size=20
+        )
+    )
     assert lean_rms_norms(model) == 5  # two per block and the final one
     assert isinstance(model.model.norm, LeanRMSNorm) and model.model.norm.weight.requires_grad
-    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    cfg = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     plain = measure_step(LedgerSpec(cfg, seq_len=1024, design=StepDesign()))
     lean = measure_step(LedgerSpec(cfg, seq_len=1024, design=StepDesign(lean_norms=True)))
     assert lean.peak_bytes < plain.peak_bytes - 1024 * 64 * 4  # at least one fp32 [T, H] fewer

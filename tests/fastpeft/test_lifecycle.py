@@ -10,9 +10,19 @@ import torch
 from torch import nn
 
 from fastpeft import (
-    LoraConfig, QLoRALinear, active_adapter, delete_adapter, disable_adapters, inject, list_adapters, merge,
-    merge_and_unload, route_adapters, set_adapter, unmerge,
-)  # fmt: skip
+    LoraConfig,
+    QLoRALinear,
+    active_adapter,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    list_adapters,
+    merge,
+    merge_and_unload,
+    route_adapters,
+    set_adapter,
+    unmerge,
+)
 from fastpeft.kernels.nf4 import dequantize_nf4
 from fastpeft.lora_linear import AdapterLinear, iter_adapter_layers
 
@@ -68,9 +78,11 @@ def test_route_adapters_equals_separate_runs(arch, quantize, lm):
     for i, name in enumerate(rows):
         torch.testing.assert_close(routed[i], separate[name][i], atol=2e-5, rtol=2e-5)
     assert all(layer.row_routing is None for _, layer in iter_adapter_layers(model))
-    with pytest.raises(ValueError, match="no adapter named 'critic'"):
-        with route_adapters(model, ["critic", None, None, None]):
-            pass
+    with (
+        pytest.raises(ValueError, match="no adapter named 'critic'"),
+        route_adapters(model, ["critic", None, None, None]),
+    ):
+        pass
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -84,9 +96,8 @@ def test_merge_unmerge_round_trip(arch, lm):
         merge(model)
         assert any(layer.merged_adapter == name for _, layer in iter_adapter_layers(model))
         torch.testing.assert_close(lm.logits(model, ids), adapted, atol=1e-4, rtol=1e-4)
-        with pytest.raises(RuntimeError, match="merged"):
-            with disable_adapters(model):
-                pass
+        with pytest.raises(RuntimeError, match="merged"), disable_adapters(model):
+            pass
         with pytest.raises(RuntimeError, match="unmerge"):
             set_adapter(model, "policy" if name == "verifier" else "verifier")
         unmerge(model)

@@ -154,8 +154,13 @@ def test_bad_inputs_are_rejected():
 def test_state_dict_round_trip():
     layer = _layer(9, 7, 3, torch.float32, use_dora=True)
     state = layer.state_dict()
-    assert {"weight", "bias", "adapters.default.lora_A", "adapters.default.lora_B",
-            "adapters.default.magnitude"} <= set(state)  # fmt: skip
+    assert {
+        "weight",
+        "bias",
+        "adapters.default.lora_A",
+        "adapters.default.lora_B",
+        "adapters.default.magnitude",
+    } <= set(state)
     other = _layer(9, 7, 3, torch.float32, use_dora=True, seed=1)
     x = torch.randn(4, 9)
     assert not torch.allclose(other(x), layer(x))
@@ -210,7 +215,7 @@ def test_multiple_adapters_and_row_routing():
     rows = ["verifier", None, "default"]
     with route_adapters(model, rows):
         routed = layer(x)
-        with pytest.raises(ValueError, match="3 row adapters.*\\(2, 4, 10\\)"):
+        with pytest.raises(ValueError, match=r"3 row adapters.*\(2, 4, 10\)"):
             layer(x[:2])
     for i, name in enumerate(rows):
         torch.testing.assert_close(routed[i], outputs[name][i], atol=1e-6, rtol=1e-6)

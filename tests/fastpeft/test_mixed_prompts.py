@@ -12,13 +12,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastpeft.prefix_attention_hf as hf
 from fastpeft import (
-    MixedPromptsConfig, PrefixTuningConfig, PTuningV2Config, add_mixed_prompts, add_prefix_tuning, add_ptuning_v2,
-)  # fmt: skip
+    MixedPromptsConfig,
+    PrefixTuningConfig,
+    PTuningV2Config,
+    add_mixed_prompts,
+    add_prefix_tuning,
+    add_ptuning_v2,
+)
 from fastpeft.kernels.backend import force_backend
 from fastpeft.mixed_prompts import HardConcreteGate, SigmoidGate
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     vocab_size=128,
 )
 

@@ -22,9 +22,16 @@ LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def _peft_config(arch: str, variant: str, **kw):
     kw.setdefault("target_modules", TARGETS.get(arch, LLAMA_LIKE))
-    return peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
-                           use_rslora=variant == "rslora", use_dora=variant == "dora", init_lora_weights=False,
-                           fan_in_fan_out=arch == "gpt2", **kw)  # fmt: skip
+    return peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        task_type="CAUSAL_LM",
+        use_rslora=variant == "rslora",
+        use_dora=variant == "dora",
+        init_lora_weights=False,
+        fan_in_fan_out=arch == "gpt2",
+        **kw,
+    )
 
 
 @torch.no_grad()
@@ -49,8 +56,16 @@ def test_both_directions_same_outputs(arch, variant, lm, tmp_path):
 
     # fastpeft -> PEFT
     ours = lm.build(arch)
-    inject(ours, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS.get(arch, LLAMA_LIKE),
-                            use_rslora=variant == "rslora", use_dora=variant == "dora"))  # fmt: skip
+    inject(
+        ours,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=TARGETS.get(arch, LLAMA_LIKE),
+            use_rslora=variant == "rslora",
+            use_dora=variant == "dora",
+        ),
+    )
     lm.randomize(ours, seed=3)
     expected = lm.logits(ours, ids)
     save_adapter(ours, tmp_path / "from_fastpeft")
@@ -95,8 +110,12 @@ def test_qlora_on_bitsandbytes_model_matches_peft(lm, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     lm.build("llama", intermediate_size=128).save_pretrained(tmp_path / "base")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_use_double_quant=True)  # fmt: skip
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True,
+    )
 
     def load():
         # train mode (the config has no dropout): bnb's eval-mode CPU kernel rounds absmax to bf16

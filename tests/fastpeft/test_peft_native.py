@@ -19,8 +19,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 
 def injected(kit, quantize=None, double_quant=True, variant="lora", **kw):
     model = kit.tiny_llama()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=kit.LLAMA_LINEARS, quantize=quantize,
-                        double_quant=double_quant, use_dora=variant == "dora", init_lora_weights=False, **kw)  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=kit.LLAMA_LINEARS,
+        quantize=quantize,
+        double_quant=double_quant,
+        use_dora=variant == "dora",
+        init_lora_weights=False,
+        **kw,
+    )
     return inject(model, config).eval()
 
 
@@ -29,8 +37,10 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("quantize,double_quant,variant", [(None, True, "lora"), (None, True, "dora"),
-                                                           ("nf4", True, "lora"), ("nf4", False, "dora")])  # fmt: skip
+@pytest.mark.parametrize(
+    "quantize,double_quant,variant",
+    [(None, True, "lora"), (None, True, "dora"), ("nf4", True, "lora"), ("nf4", False, "dora")],
+)
 def test_save_pretrained_reloads_identical_logits(peft_kit, tmp_path, quantize, double_quant, variant):
     ids = peft_kit.token_ids()
     model = injected(peft_kit, quantize, double_quant, variant, modules_to_save=["lm_head"])
@@ -39,8 +49,12 @@ def test_save_pretrained_reloads_identical_logits(peft_kit, tmp_path, quantize, 
     want = logits(model, ids)
     model.save_pretrained(tmp_path)  # QLoRA: no shared-tensor error on nested_code
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "fastpeft_trainable.safetensors",
-            "model.safetensors.index.json"} <= files and "model.safetensors" not in files  # fmt: skip
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "fastpeft_trainable.safetensors",
+        "model.safetensors.index.json",
+    } <= files and "model.safetensors" not in files
     assert ("fastpeft_config.json" in files) == (quantize is not None)
     reloaded = load_adapter(peft_kit.tiny_llama().eval(), tmp_path)  # the documented call
     torch.testing.assert_close(logits(reloaded, ids), want, atol=0, rtol=0)

@@ -23,9 +23,16 @@ VARIANTS = ("lora", "rslora", "dora", "lora_bias", "dropout")
 
 def lora_config(kit, variant: str = "lora", **kw) -> peft.LoraConfig:
     kw.setdefault("target_modules", kit.LLAMA_LINEARS)
-    return peft.LoraConfig(r=4, lora_alpha=8, use_rslora=variant == "rslora", use_dora=variant == "dora",
-                           lora_bias=variant == "lora_bias", lora_dropout=0.1 if variant == "dropout" else 0.0,
-                           init_lora_weights=False, **kw)  # fmt: skip
+    return peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=variant == "rslora",
+        use_dora=variant == "dora",
+        lora_bias=variant == "lora_bias",
+        lora_dropout=0.1 if variant == "dropout" else 0.0,
+        init_lora_weights=False,
+        **kw,
+    )
 
 
 def train_step(kit, model, ids: torch.Tensor, seed: int = 7) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -177,8 +184,9 @@ def test_bad_input_one_line_errors(peft_kit):
     with pytest.raises(TypeError, match=r"expects a peft\.PeftModel") as err:
         fastpeft.patch_peft_model(peft_kit.tiny_llama())
     assert "\n" not in str(err.value)
-    ia3 = peft.get_peft_model(peft_kit.tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
-                                                                    feedforward_modules=["down_proj"]))  # fmt: skip
+    ia3 = peft.get_peft_model(
+        peft_kit.tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
     with pytest.raises(ValueError, match="IA3 is not supported") as err:
         fastpeft.patch_peft_model(ia3)
     assert "\n" not in str(err.value)
@@ -193,8 +201,9 @@ def test_prefix_tuning_runs_the_prefix_kernel_like_peft(peft_kit, monkeypatch):
     calls = []
     original = hf.prefix_attention
     monkeypatch.setattr(hf, "prefix_attention", lambda *a, **k: calls.append(a[3] is not None) or original(*a, **k))
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
-                                     encoder_hidden_size=24)  # fmt: skip
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=24
+    )
     base = peft_kit.tiny_llama()
     plain = copy.deepcopy(base)
     model = peft.get_peft_model(base, config)
@@ -283,10 +292,15 @@ def test_bf16_base_with_fp32_adapters(peft_kit, autocast):
 def test_nf4_patched_on_cuda_equals_peft(peft_kit, llama_dir, batch, seq):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                               bnb_4bit_use_double_quant=True)  # fmt: skip
-    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=quant, dtype=torch.bfloat16,
-                                                device_map={"": 0})  # fmt: skip
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
+    )
     model = peft.get_peft_model(base, lora_config(peft_kit))
     peft_kit.randomize_lora(model)
     reference = copy.deepcopy(model)

@@ -10,16 +10,26 @@ import torch
 from peft import PrefixTuningConfig as PeftPrefixTuningConfig
 from peft import get_peft_model
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
     Qwen2ForCausalLM,
-)  # fmt: skip
+)
 
 import fastpeft.kernels.prefix_attention as kernel
 from fastpeft import PrefixTuningConfig, add_prefix_tuning
 from fastpeft.prefix_tuning import PrefixAdapter, attach_prefix_adapter
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     vocab_size=128,
 )
 FAMILIES = {
@@ -49,8 +59,12 @@ def peft_and_ours(family: str, n_virtual: int = 3, projection: bool = False):
     """A PEFT prefix-tuned model and our adapter on an identical copy, sharing the same weights."""
     base = tiny_model(family)
     ours = copy.deepcopy(base)
-    config = PeftPrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual, prefix_projection=projection,
-                                    encoder_hidden_size=24 if projection else None)  # fmt: skip
+    config = PeftPrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=n_virtual,
+        prefix_projection=projection,
+        encoder_hidden_size=24 if projection else None,
+    )
     peft_model = get_peft_model(base, config)
     encoder = peft_model.prompt_encoder["default"]
     adapter = add_prefix_tuning(ours, PrefixTuningConfig(n_virtual, projection, 24 if projection else None))
@@ -186,7 +200,7 @@ def test_clear_errors():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"\(2, 2, 32\) .* \(2, 2, 16\)"):
         attach_prefix_adapter(model, PrefixAdapter(2, 2, 32, 3))
-    with pytest.raises(ValueError, match="subset of 0..1"):
+    with pytest.raises(ValueError, match=r"subset of 0..1"):
         add_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2, layers=[5]))
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         PrefixTuningConfig(num_virtual_tokens=0)

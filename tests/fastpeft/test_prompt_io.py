@@ -13,12 +13,20 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastpeft import (
-    MixedPromptsConfig, PrefixTuningConfig, add_mixed_prompts, add_prefix_tuning, load_prompt_adapter,
+    MixedPromptsConfig,
+    PrefixTuningConfig,
+    add_mixed_prompts,
+    add_prefix_tuning,
+    load_prompt_adapter,
     save_prompt_adapter,
-)  # fmt: skip
+)
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     vocab_size=128,
 )
 
@@ -46,7 +54,9 @@ def test_peft_reads_our_prefix(tmp_path):
     adapter = add_prefix_tuning(model, config)
     save_prompt_adapter(adapter, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "PREFIX_TUNING" and config["token_dim"] == 2 * 16 and config["num_attention_heads"] == 2
+    assert (
+        config["peft_type"] == "PREFIX_TUNING" and config["token_dim"] == 2 * 16 and config["num_attention_heads"] == 2
+    )
     assert load_file(str(tmp_path / "adapter_model.safetensors"))["prompt_embeddings"].shape == (3, 2 * 2 * 2 * 16)
     ids, mask = batch()
     peft_model = PeftModel.from_pretrained(tiny_model(), tmp_path)

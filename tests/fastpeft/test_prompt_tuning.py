@@ -11,14 +11,23 @@ from peft import PeftModel, get_peft_model
 from peft import PromptTuningConfig as PeftPromptTuningConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
     Qwen2ForCausalLM,
-)  # fmt: skip
+)
 
 from fastpeft import PromptTuningConfig, add_prompt_tuning, load_prompt_adapter, save_prompt_adapter
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     vocab_size=128,
 )
 FAMILIES = {
@@ -64,7 +73,9 @@ def test_logits_loss_and_gradient_match_peft(family):
     torch.testing.assert_close(got.loss, want.loss)
     want.loss.backward()
     got.loss.backward()
-    torch.testing.assert_close(adapter.prompt_embeddings.grad, peft_model.prompt_encoder["default"].embedding.weight.grad)
+    torch.testing.assert_close(
+        adapter.prompt_embeddings.grad, peft_model.prompt_encoder["default"].embedding.weight.grad
+    )
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -77,7 +88,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def test_init_from_text_repeats_the_token_embeddings():
     model = tiny_model()
     words = model.get_input_embeddings().weight.detach()
-    adapter = add_prompt_tuning(model, PromptTuningConfig(5, init="text", init_text="classify the review"), tiny_tokenizer())
+    adapter = add_prompt_tuning(
+        model, PromptTuningConfig(5, init="text", init_text="classify the review"), tiny_tokenizer()
+    )
     torch.testing.assert_close(adapter.prompt_embeddings.detach(), words[[5, 6, 7, 5, 6]])
     assert adapter.prompt_embeddings.requires_grad and not model.get_input_embeddings().weight.requires_grad
 
@@ -116,7 +129,7 @@ def test_disabled_and_removed_adapter_give_the_base_model():
 
 
 def test_peft_format_interop_both_ways(tmp_path):
-    peft_model, ours, adapter = peft_and_ours("qwen2")
+    peft_model, _ours, adapter = peft_and_ours("qwen2")
     ids, mask, _ = padded_batch()
     with torch.no_grad():
         want = peft_model(input_ids=ids, attention_mask=mask).logits

@@ -16,12 +16,14 @@ TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 6e-2, 2e-2)]
 SHAPES = [(1, 33, 7, 2), (5, 64, 40, 4), (17, 48, 19, 8)]  # (M, in, out, r): partial last NF4 block too
 
 
-def _qlayer(k: int, n: int, r: int, dtype: torch.dtype, double_quant: bool = True, seed: int = 0,
-            **kw) -> tuple[QLoRALinear, nn.Linear]:  # fmt: skip
+def _qlayer(
+    k: int, n: int, r: int, dtype: torch.dtype, double_quant: bool = True, seed: int = 0, **kw
+) -> tuple[QLoRALinear, nn.Linear]:
     torch.manual_seed(seed)
     linear = nn.Linear(k, n)
-    layer = QLoRALinear.from_linear(linear, r=r, lora_alpha=r + 1, double_quant=double_quant,
-                                    compute_dtype=dtype, init_lora_weights=False, **kw)  # fmt: skip
+    layer = QLoRALinear.from_linear(
+        linear, r=r, lora_alpha=r + 1, double_quant=double_quant, compute_dtype=dtype, init_lora_weights=False, **kw
+    )
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p, dtype=torch.float32) * 0.5)
@@ -119,10 +121,17 @@ def test_merge_and_unmerge_requantize_to_exactly_the_bytes_of_the_merged_weight(
 
 def _bnb_linear4bit(linear: nn.Linear, double_quant: bool):
     bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True, compute_dtype=torch.float32,
-                              quant_type="nf4", compress_statistics=double_quant)  # fmt: skip
-    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=double_quant)  # fmt: skip
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=True,
+        compute_dtype=torch.float32,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        linear.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=double_quant
+    )
     layer.bias = nn.Parameter(linear.bias.data.clone())
     return layer.to("cpu")
 
@@ -149,8 +158,9 @@ def _repack(bnb_layer, x):
         bnb_layer.eval()(x)
     state = bnb_layer.weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
-        bnb_layer.weight.data, bnb_layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu(bnb_layer.weight.data,
-                                                                                                  state)  # fmt: skip
+        bnb_layer.weight.data, bnb_layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu(
+            bnb_layer.weight.data, state
+        )
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -166,8 +176,9 @@ def test_from_bnb_after_bitsandbytes_cpu_repacking(double_quant, shape):
     _repack(bnb_layer, x)
     layer = QLoRALinear.from_bnb(bnb_layer, r=2, lora_alpha=4)
     assert torch.equal(layer.packed, exact.packed) and not layer.double_quant
-    rounded = dataclasses.replace(exact, absmax=exact.absmax_fp32().to(torch.bfloat16).float(), nested_absmax=None,
-                                  nested_code=None, offset=None)  # fmt: skip
+    rounded = dataclasses.replace(
+        exact, absmax=exact.absmax_fp32().to(torch.bfloat16).float(), nested_absmax=None, nested_code=None, offset=None
+    )
     assert torch.equal(layer.absmax, rounded.absmax)
     want = nn.functional.linear(x, dequantize_nf4(rounded, torch.float32), linear.bias)
     with torch.no_grad():

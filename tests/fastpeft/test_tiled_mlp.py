@@ -17,11 +17,19 @@ TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
 
 def _mlp(dtype: torch.dtype, quantize: str | None, targets: list[str], seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=72, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=32)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32,
+    )
     model = transformers.LlamaForCausalLM(cfg).to(dtype)
-    fastpeft.inject(model, fastpeft.LoraConfig(r=5, lora_alpha=9, target_modules=targets, quantize=quantize,
-                                               init_lora_weights=False))  # fmt: skip
+    fastpeft.inject(
+        model,
+        fastpeft.LoraConfig(r=5, lora_alpha=9, target_modules=targets, quantize=quantize, init_lora_weights=False),
+    )
     return model.model.layers[0].mlp
 
 
@@ -51,8 +59,11 @@ def _reference(mlp: torch.nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("quantize", "targets"), [(None, ["gate_proj", "up_proj", "down_proj"]),
-                                                   ("nf4", ["gate_proj", "down_proj"])], ids=["lora", "qlora-partial"])
+@pytest.mark.parametrize(
+    ("quantize", "targets"),
+    [(None, ["gate_proj", "up_proj", "down_proj"]), ("nf4", ["gate_proj", "down_proj"])],
+    ids=["lora", "qlora-partial"],
+)
 @pytest.mark.parametrize(("rows", "tile"), [(1, 4), (17, 4), (37, 16), (40, 64)])
 def test_matches_float64_reference(dtype, quantize, targets, rows, tile):
     mlp = TiledGatedMLP(_mlp(dtype, quantize, targets), tile)
@@ -76,8 +87,14 @@ def test_matches_float64_reference(dtype, quantize, targets, rows, tile):
 
 def test_same_as_the_plain_module_and_swapped_into_a_model():
     torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=50)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     keys = set(model.state_dict())
@@ -135,14 +152,28 @@ def test_triton_dequant_path_in_the_interpreter():
 def test_cuda_llama3_8b_mlp_against_float64():
     """An 8B MLP (4096 -> 14336, NF4 + LoRA r 16) over 4096 rows in 2048-row tiles, bf16 on a GPU."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=16)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=16,
+    )
     with torch.device("cuda"):
         mlp = transformers.models.llama.modeling_llama.LlamaMLP(cfg).to(torch.bfloat16)
     holder = torch.nn.Module()
     holder.mlp = mlp
-    fastpeft.inject(holder, fastpeft.LoraConfig(r=16, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"],
-                                                quantize="nf4", init_lora_weights=False))  # fmt: skip
+    fastpeft.inject(
+        holder,
+        fastpeft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["gate_proj", "up_proj", "down_proj"],
+            quantize="nf4",
+            init_lora_weights=False,
+        ),
+    )
     tiled = TiledGatedMLP(holder.mlp, 2048)
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)

@@ -47,9 +47,12 @@ def _peft_adapters(model) -> dict[str, torch.Tensor]:
 def _our_adapters(model) -> dict[str, torch.Tensor]:
     from fastpeft.lora_linear import iter_adapter_layers
 
-    return {f"{path}.{name}": getattr(layer.adapters["default"], name).detach()
-            for path, layer in iter_adapter_layers(model) if "default" in layer.adapters
-            for name in ("lora_A", "lora_B")}  # fmt: skip
+    return {
+        f"{path}.{name}": getattr(layer.adapters["default"], name).detach()
+        for path, layer in iter_adapter_layers(model)
+        if "default" in layer.adapters
+        for name in ("lora_A", "lora_B")
+    }
 
 
 @pytest.mark.slow  # bitsandbytes' CPU 4-bit matmul takes ~1 s per step here
@@ -57,13 +60,18 @@ def test_qlora_training_trajectory_matches_peft_and_bitsandbytes(lm, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     lm.build("llama", intermediate_size=128).save_pretrained(tmp_path / "base")  # bnb's CPU matmul: in % 64 == 0
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_use_double_quant=True)  # fmt: skip
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True,
+    )
 
     def bnb_model():
         # train mode throughout: bnb's eval-mode CPU kernel rounds absmax to bf16
-        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant,
-                                                    device_map="cpu").train()  # fmt: skip
+        return AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quant, device_map="cpu"
+        ).train()
 
     torch.manual_seed(0)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")

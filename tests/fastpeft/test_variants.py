@@ -13,10 +13,31 @@ from fastpeft.adapters import LoraAdapter
 class GainLoraAdapter(LoraAdapter):
     """LoRA whose scaling is multiplied by a ``gain`` setting (a toy variant for the registry)."""
 
-    def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout=0.0, use_rslora=False,
-                 init_lora_weights=True, *, dtype=None, device=None, gain: float = 1.0):  # fmt: skip
-        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                         dtype=dtype, device=device)  # fmt: skip
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        r,
+        lora_alpha,
+        lora_dropout=0.0,
+        use_rslora=False,
+        init_lora_weights=True,
+        *,
+        dtype=None,
+        device=None,
+        gain: float = 1.0,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            dtype=dtype,
+            device=device,
+        )
         self.gain = gain
 
     @property
@@ -34,8 +55,14 @@ def registry(monkeypatch):
 def test_one_call_registers_a_variant_for_config_layers_and_files(registry, lm):
     seen = []
     registry.register_variant("gain", GainLoraAdapter, normalize=lambda config: seen.append(config.variant_config))
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], variant="gain", variant_config={"gain": 3.0},
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj"],
+        variant="gain",
+        variant_config={"gain": 3.0},
+        init_lora_weights=False,
+    )
     assert seen == [{"gain": 3.0}] and "gain" in registry.variant_names()
     with pytest.raises(ValueError, match=r"unknown keys \['gian'\] for variant 'gain'; known: \['gain'\]"):
         LoraConfig(variant="gain", variant_config={"gian": 3.0})

@@ -7,8 +7,12 @@ import torch
 
 import fastpeft.kernels.lora_linear as ll
 from fastpeft.kernels.lora_linear import (
-    DECODE_MAX_ROWS, check_lora_linear_args, lora_linear, lora_linear_training_backward, lora_linear_training_forward,
-)  # fmt: skip
+    DECODE_MAX_ROWS,
+    check_lora_linear_args,
+    lora_linear,
+    lora_linear_training_backward,
+    lora_linear_training_forward,
+)
 from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from fastpeft.kernels.workspace import clear_workspaces, get_workspace, workspace_bytes
 
@@ -111,7 +115,9 @@ def test_dispatch_boundary(monkeypatch, m, regime):
     calls = []
     for name, tag in (("launch_nf4_lora_decode", "decode"), ("_training_forward", "training")):
         real = getattr(ll, name)
-        monkeypatch.setattr(ll, name, lambda *args, _real=real, _tag=tag, **kw: calls.append(_tag) or _real(*args, **kw))
+        monkeypatch.setattr(
+            ll, name, lambda *args, _real=real, _tag=tag, **kw: calls.append(_tag) or _real(*args, **kw)
+        )
     run_and_check((m, 40, 72, 8, 32), torch.float32, "nf4", with_bias=True, seed=m)
     assert calls == [regime]
 
@@ -130,7 +136,7 @@ def test_training_forward_writes_out_and_returns_xa():
 
 @pytest.mark.triton
 def test_training_backward_skips_unneeded_grads():
-    x, weight, bias, a, b, w64, grad_y = make_case(24, 30, 50, 4, 32, torch.float32, "nf4", False, seed=5)
+    x, weight, _bias, a, b, w64, grad_y = make_case(24, 30, 50, 4, 32, torch.float32, "nf4", False, seed=5)
     _, want_x, want_a, want_b, _ = reference64(x, w64, None, a, b, 0.5, grad_y)
     gx, ga, gb = lora_linear_training_backward(grad_y, x, None, weight, a, b, 0.5, needs=(False, True, True))
     assert gx is None

@@ -14,9 +14,17 @@ from fastpeft.reasoning.types import Completion
 from fastpeft.reasoning.verifiers import FormulaVerifier
 
 
-@pytest.mark.parametrize(("difficulty", "expected"), [
-    (0.0, "greedy"), (0.29, "greedy"), (0.3, "beam_search"), (0.69, "beam_search"), (0.7, "mcts"), (1.0, "mcts"),
-])
+@pytest.mark.parametrize(
+    ("difficulty", "expected"),
+    [
+        (0.0, "greedy"),
+        (0.29, "greedy"),
+        (0.3, "beam_search"),
+        (0.69, "beam_search"),
+        (0.7, "mcts"),
+        (1.0, "mcts"),
+    ],
+)
 def test_default_thresholds(difficulty, expected):
     assert route(difficulty) == expected
 
@@ -33,14 +41,22 @@ def test_thresholds_are_configurable_and_checked():
 def test_features_rise_with_length_structure_domain_and_ambiguity():
     est = DifficultyEstimator(domain_terms=["myocardial", "infarction", "troponin"])
     easy = est.features("What is 2+2?")
-    hard = est.features("Given troponin levels after a myocardial infarction, which of these might "
-                        "roughly explain it, maybe (3*(4+5))/2 times each dose? or that? " * 2)
+    hard = est.features(
+        "Given troponin levels after a myocardial infarction, which of these might "
+        "roughly explain it, maybe (3*(4+5))/2 times each dose? or that? " * 2
+    )
     for name in ("length", "structure", "domain", "ambiguity"):
         assert hard[name] > easy[name], name
     assert easy["history"] is None  # no history: left out of the mean
-    assert est.estimate("What is 2+2?") < 0.3 <= 0.7 <= est.estimate(
-        "Given troponin levels after a myocardial infarction, which of these might roughly explain it, maybe "
-        "(3*(4+5))/2 times each dose? or that? " * 3)
+    assert (
+        est.estimate("What is 2+2?")
+        < 0.3
+        <= 0.7
+        <= est.estimate(
+            "Given troponin levels after a myocardial infarction, which of these might roughly explain it, maybe "
+            "(3*(4+5))/2 times each dose? or that? " * 3
+        )
+    )
 
 
 def test_history_lookup_and_its_effect():
@@ -58,15 +74,27 @@ def test_history_lookup_and_its_effect():
         DifficultyEstimator(weights={"vibes": 1.0})
 
 
-@pytest.mark.parametrize(("numbers", "routed"), [
-    ([2, 3], "greedy"), ([3, 5, 9], "beam_search"), ([11, 22, 33, 44, 55, 66, 77], "mcts"),
-])
+@pytest.mark.parametrize(
+    ("numbers", "routed"),
+    [
+        ([2, 3], "greedy"),
+        ([3, 5, 9], "beam_search"),
+        ([11, 22, 33, 44, 55, 66, 77], "mcts"),
+    ],
+)
 def test_dynamic_allocation_routes_by_difficulty_and_answers(arithmetic_mock, numbers, routed):
     mock = arithmetic_mock(error_rate=0.2, seed=5)
     # arithmetic prompts differ in structure and length only, so the estimate uses those
     estimator = DifficultyEstimator(weights={"structure": 1.0, "length": 0.2})
-    result = search(mock, mock.prompt(numbers), "dynamic_allocation", budget=3000, scorer=FormulaVerifier(),
-                    stop="; ", estimator=estimator)
+    result = search(
+        mock,
+        mock.prompt(numbers),
+        "dynamic_allocation",
+        budget=3000,
+        scorer=FormulaVerifier(),
+        stop="; ",
+        estimator=estimator,
+    )
     assert result.details["routed_to"] == routed and result.strategy == "dynamic_allocation"
     assert result.answer == str(sum(numbers))
     assert result.details["difficulty"] == pytest.approx(estimator.estimate(mock.prompt(numbers)))
@@ -84,17 +112,34 @@ def test_entropy_and_disagreement_measures():
 
 def test_confident_model_answers_fast(arithmetic_mock):
     mock = arithmetic_mock(error_rate=0.0, token_logprob=-0.05)
-    result = search(mock, mock.prompt([4, 5, 6]), "metacognitive", budget=2000, scorer=FormulaVerifier(),
-                    probe_samples=2, threshold=0.5, escalate_options={"stop": "; "})
+    result = search(
+        mock,
+        mock.prompt([4, 5, 6]),
+        "metacognitive",
+        budget=2000,
+        scorer=FormulaVerifier(),
+        probe_samples=2,
+        threshold=0.5,
+        escalate_options={"stop": "; "},
+    )
     assert result.details["escalated"] is False and result.answer == "15"
     assert mock.calls == 1  # the probe only
 
 
 def test_uncertain_model_escalates(arithmetic_mock):
     mock = arithmetic_mock(error_rate=0.3, token_logprob=-1.2, seed=2)
-    result = search(mock, mock.prompt([4, 5, 6, 7]), "metacognitive", budget=2000, scorer=FormulaVerifier(),
-                    probe_samples=2, threshold=0.5, escalate_to="beam_search",
-                    stop="; ", escalate_options={"n": 6, "beam_width": 3})
+    result = search(
+        mock,
+        mock.prompt([4, 5, 6, 7]),
+        "metacognitive",
+        budget=2000,
+        scorer=FormulaVerifier(),
+        probe_samples=2,
+        threshold=0.5,
+        escalate_to="beam_search",
+        stop="; ",
+        escalate_options={"n": 6, "beam_width": 3},
+    )
     assert result.details["escalated"] is True and result.details["escalated_to"] == "beam_search"
     assert result.details["uncertainty"] > 0.5
     assert result.answer == "22" and result.tokens_spent == mock.tokens_generated <= 2000

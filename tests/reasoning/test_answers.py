@@ -13,23 +13,28 @@ from fastpeft.reasoning.answers import (
 )
 
 
-@pytest.mark.parametrize("text", ["85", "85.0", " 85 ", "answer: 85", "Answer: 85.", "The answer is 85",
-                                  "\\boxed{85}", "#### 85", "85.000", "+85"])
+@pytest.mark.parametrize(
+    "text",
+    ["85", "85.0", " 85 ", "answer: 85", "Answer: 85.", "The answer is 85", "\\boxed{85}", "#### 85", "85.000", "+85"],
+)
 def test_canonical_forms_of_85_agree(text):
     assert canonicalize(text) == "85"
     assert extract_answer(text) == "85"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (" 7+8=15 write 5 carry 1; 4+3+1=8; answer 85", "85"),  # the bundled arithmetic task's format
-    ("Step 1: 2+3=5\nAnswer: 5\n", "5"),
-    ("answer: 3\nwait, answer: 4", "4"),  # the last stated answer wins
-    ("#### 1,000", "1000"),
-    ("\\boxed{1/2}", "1/2"),
-    ("Answer: 0.5 because half", "1/2"),  # exact numbers: 0.5 == 1/2
-    ("Answer: -7", "-7"),
-    ("Final answer: Paris.", "paris"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (" 7+8=15 write 5 carry 1; 4+3+1=8; answer 85", "85"),  # the bundled arithmetic task's format
+        ("Step 1: 2+3=5\nAnswer: 5\n", "5"),
+        ("answer: 3\nwait, answer: 4", "4"),  # the last stated answer wins
+        ("#### 1,000", "1000"),
+        ("\\boxed{1/2}", "1/2"),
+        ("Answer: 0.5 because half", "1/2"),  # exact numbers: 0.5 == 1/2
+        ("Answer: -7", "-7"),
+        ("Final answer: Paris.", "paris"),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 

@@ -56,8 +56,16 @@ def test_select_leaf_skips_and_marks_exhausted_subtrees():
 def test_mcts_finds_the_answer_with_either_evaluation(arithmetic_mock, rollout):
     mock = arithmetic_mock(error_rate=0.3, greedy_error_step=1, seed=4)
     numbers = [12, 7, 30, 5]
-    result = search(mock, mock.prompt(numbers), "mcts", budget=1500, scorer=FormulaVerifier(), stop="; ",
-                    rollout=rollout, max_depth=5)
+    result = search(
+        mock,
+        mock.prompt(numbers),
+        "mcts",
+        budget=1500,
+        scorer=FormulaVerifier(),
+        stop="; ",
+        rollout=rollout,
+        max_depth=5,
+    )
     assert result.answer == str(sum(numbers))
     assert result.details["iterations"] <= 64 and result.details["root_visits"] >= result.details["iterations"]
     assert result.tokens_spent == mock.tokens_generated <= 1500
@@ -65,8 +73,9 @@ def test_mcts_finds_the_answer_with_either_evaluation(arithmetic_mock, rollout):
 
 def test_mcts_stops_when_the_tree_is_exhausted(arithmetic_mock):
     mock = arithmetic_mock(error_rate=0.0, seed=0)
-    result = search(mock, mock.prompt([2, 3]), "mcts", budget=10_000, scorer=FormulaVerifier(), stop="; ",
-                    expand=2, rollout="value")
+    result = search(
+        mock, mock.prompt([2, 3]), "mcts", budget=10_000, scorer=FormulaVerifier(), stop="; ", expand=2, rollout="value"
+    )
     # "2+3=5; " then "answer 5": two levels of two children each, all terminal
     assert result.details["tree_exhausted"] and result.details["iterations"] == 3
     assert result.answer == "5" and result.tokens_spent < 10_000

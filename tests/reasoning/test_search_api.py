@@ -10,26 +10,40 @@ PROMPT = "Q: 3+4=?\nA:"
 
 
 def test_registry_lists_every_strategy_of_the_issue():
-    assert {"greedy", "sampling", "best_of_n", "weighted_best_of_n", "majority_vote", "beam_search", "dvts",
-            "tree_of_thoughts", "mcts", "dynamic_allocation", "metacognitive"} <= set(STRATEGIES)
+    assert {
+        "greedy",
+        "sampling",
+        "best_of_n",
+        "weighted_best_of_n",
+        "majority_vote",
+        "beam_search",
+        "dvts",
+        "tree_of_thoughts",
+        "mcts",
+        "dynamic_allocation",
+        "metacognitive",
+    } <= set(STRATEGIES)
     assert "beam_width" in strategy_options("beam_search") and strategy_options("greedy") == []
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"prompt": ""}, ValueError, "prompt is empty"),
-    ({"prompt": "   \n"}, ValueError, "prompt is empty"),
-    ({"prompt": None}, TypeError, "prompt must be a str"),
-    ({"budget": 0}, ValueError, "budget must be positive"),
-    ({"budget": -5}, ValueError, "budget must be positive"),
-    ({"budget": 2.5}, TypeError, "budget must be an int"),
-    ({"budget_unit": "joules"}, ValueError, "known units: tokens, forward_passes"),
-    ({"strategy": "telepathy"}, ValueError, "known strategies: beam_search, best_of_n, dvts"),
-    ({"strategy": "greedy", "beam_width": 3}, TypeError, r"has no option\(s\) \['beam_width'\]"),
-    ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
-    ({"strategy": "beam_search", "n": 6, "beam_width": 4}, ValueError, "multiple of beam_width"),
-    ({"strategy": "best_of_n", "scorer": None}, ValueError, "needs a scorer"),
-    ({"strategy": "best_of_n", "aggregate": "median"}, ValueError, "unknown aggregate"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"prompt": ""}, ValueError, "prompt is empty"),
+        ({"prompt": "   \n"}, ValueError, "prompt is empty"),
+        ({"prompt": None}, TypeError, "prompt must be a str"),
+        ({"budget": 0}, ValueError, "budget must be positive"),
+        ({"budget": -5}, ValueError, "budget must be positive"),
+        ({"budget": 2.5}, TypeError, "budget must be an int"),
+        ({"budget_unit": "joules"}, ValueError, "known units: tokens, forward_passes"),
+        ({"strategy": "telepathy"}, ValueError, "known strategies: beam_search, best_of_n, dvts"),
+        ({"strategy": "greedy", "beam_width": 3}, TypeError, r"has no option\(s\) \['beam_width'\]"),
+        ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
+        ({"strategy": "beam_search", "n": 6, "beam_width": 4}, ValueError, "multiple of beam_width"),
+        ({"strategy": "best_of_n", "scorer": None}, ValueError, "needs a scorer"),
+        ({"strategy": "best_of_n", "aggregate": "median"}, ValueError, "unknown aggregate"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(arithmetic_mock, kwargs, error, match):
     call = {"prompt": PROMPT, "strategy": "best_of_n", "budget": 100, "scorer": FormulaVerifier(), **kwargs}
     mock = arithmetic_mock()
@@ -63,8 +77,9 @@ def test_seeded_runs_repeat_and_prompts_get_their_own_seeds(arithmetic_mock):
         return inner(prompts, params, n=n, adapters=adapters)
 
     mock.generate = spy
-    results = search_many(mock, [PROMPT, "Q: 1+1=?\nA:"], "best_of_n", progress=False, budget=100,
-                          scorer=FormulaVerifier(), seed=7, n=2)
+    results = search_many(
+        mock, [PROMPT, "Q: 1+1=?\nA:"], "best_of_n", progress=False, budget=100, scorer=FormulaVerifier(), seed=7, n=2
+    )
     assert len(results) == 2 and seeds[0] == 7 and 7 + 1_000_003 in seeds  # call k adds k
     a = search(arithmetic_mock(error_rate=0.5), PROMPT, "best_of_n", 300, scorer=FormulaVerifier(), seed=1)
     b = search(arithmetic_mock(error_rate=0.5), PROMPT, "best_of_n", 300, scorer=FormulaVerifier(), seed=1)

@@ -18,8 +18,17 @@ OPTIONS = {
     "dynamic_allocation": {"stop": STEP},
     "metacognitive": {"measure": "disagreement", "threshold": 0.3, "escalate_options": {"stop": STEP}},
 }
-GUIDED = ["best_of_n", "weighted_best_of_n", "majority_vote", "beam_search", "dvts", "tree_of_thoughts", "mcts",
-          "dynamic_allocation", "metacognitive"]
+GUIDED = [
+    "best_of_n",
+    "weighted_best_of_n",
+    "majority_vote",
+    "beam_search",
+    "dvts",
+    "tree_of_thoughts",
+    "mcts",
+    "dynamic_allocation",
+    "metacognitive",
+]
 
 
 def run(mock, strategy, budget=800, unit="tokens", scorer=None, **extra):
@@ -68,8 +77,9 @@ def test_best_of_n_takes_as_many_samples_as_the_budget_pays_for(arithmetic_mock)
     assert result.tokens_spent <= 200
 
 
-@pytest.mark.parametrize("strategy", ["best_of_n", "weighted_best_of_n", "beam_search", "dvts", "tree_of_thoughts",
-                                      "mcts"])
+@pytest.mark.parametrize(
+    "strategy", ["best_of_n", "weighted_best_of_n", "beam_search", "dvts", "tree_of_thoughts", "mcts"]
+)
 def test_ties_resolve_deterministically(arithmetic_mock, strategy):
     flat = CallableScorer(lambda prompt, response: 0.5)  # every candidate ties
     first = run(arithmetic_mock(error_rate=0.5, seed=7), strategy, scorer=flat, seed=3)

@@ -34,8 +34,9 @@ def test_product_and_weighted_mean():
     report = stack.evaluate("p", "r")
     assert report.score == pytest.approx(0.4) and report.scores == {"a": 0.5, "b": 0.8, "c": 1.0}
     assert report.problems == []
-    weighted = VerifierStack([("a", const(0.5)), ("b", const(0.8))], weights={"a": 3.0, "b": 1.0},
-                             combine="weighted_mean")
+    weighted = VerifierStack(
+        [("a", const(0.5)), ("b", const(0.8))], weights={"a": 3.0, "b": 1.0}, combine="weighted_mean"
+    )
     assert weighted.score("p", "r") == pytest.approx((3 * 0.5 + 0.8) / 4)
     geometric = VerifierStack({"a": const(0.25), "b": const(0.5)}, weights={"a": 0.5})
     assert geometric.score("p", "r") == pytest.approx(0.25**0.5 * 0.5)
@@ -69,8 +70,9 @@ def test_slow_verifier_times_out_and_does_not_block():
     slow.release.set()
     assert elapsed < 2.0
     assert report.score == pytest.approx(0.7)
-    assert report.problems == [{"verifier": "slow", "kind": "timeout", "message": "no answer within 0.05s",
-                                "policy": "exclude"}]
+    assert report.problems == [
+        {"verifier": "slow", "kind": "timeout", "message": "no answer within 0.05s", "policy": "exclude"}
+    ]
 
 
 def test_stack_problems_reach_the_search_result(arithmetic_mock):

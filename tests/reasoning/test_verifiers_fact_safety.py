@@ -39,11 +39,11 @@ def test_kb_loads_jsonl_and_tsv_alike(tmp_path, kb_tsv):
 def test_kb_file_errors(tmp_path):
     bad = tmp_path / "kb.jsonl"
     bad.write_text('{"fact": "a b"}\n{"oops": 1}\n')
-    with pytest.raises(ValueError, match="kb.jsonl:2"):
+    with pytest.raises(ValueError, match=r"kb.jsonl:2"):
         KnowledgeBase.from_file(bad)
     csv = tmp_path / "kb.csv"
     csv.write_text("aspirin,treats,fever\n")
-    with pytest.raises(ValueError, match="must be .jsonl or .tsv"):
+    with pytest.raises(ValueError, match=r"must be .jsonl or .tsv"):
         KnowledgeBase.from_file(csv)
     with pytest.raises(FileNotFoundError):
         KnowledgeBase.from_file(tmp_path / "missing.tsv")
@@ -71,8 +71,9 @@ def test_claim_splitting():
 def test_factscore_and_the_medical_bar(kb_tsv):
     v = FactVerifier(kb_tsv)
     assert v.pass_threshold == MEDICAL_FACTSCORE_BAR == 0.85
-    mixed = ("Aspirin treats fever. Insulin regulates blood sugar; the heart has four chambers, "
-             "and aspirin cures cancer.")
+    mixed = (
+        "Aspirin treats fever. Insulin regulates blood sugar; the heart has four chambers, and aspirin cures cancer."
+    )
     report = v.factscore(mixed)
     assert report.supported == [True, True, True, False]
     assert report.score == 0.75 and not report.passed and v.score("", mixed) == 0.75

@@ -17,9 +17,22 @@ from fastpeft.training.sft import SFTConfig, train
 
 
 def _config(out, tiny_llama, records, **kw) -> SFTConfig:
-    base = dict(model_config=tiny_llama(), finetune="lora", lora={"r": 4, "lora_alpha": 8}, train_data=records,
-                micro_batch_size=4, lr=1e-2, output_dir=str(out), progress=False, plot=False, log_every=1,
-                max_seq_len=64, save_every=1, keep_checkpoints=0, scheduler="constant")  # fmt: skip
+    base = dict(
+        model_config=tiny_llama(),
+        finetune="lora",
+        lora={"r": 4, "lora_alpha": 8},
+        train_data=records,
+        micro_batch_size=4,
+        lr=1e-2,
+        output_dir=str(out),
+        progress=False,
+        plot=False,
+        log_every=1,
+        max_seq_len=64,
+        save_every=1,
+        keep_checkpoints=0,
+        scheduler="constant",
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -55,8 +68,14 @@ def _resume(run, tiny_llama, records, **kw):
 def test_every_checkpoint_has_a_manifest_of_sizes_and_hashes(runs):
     step = runs[0] / "checkpoints" / "step-000003"
     files = json.loads((step / "manifest.json").read_text())["files"]
-    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng-rank0.pt",
-            "adapter/adapter_model.safetensors"} <= set(files)  # fmt: skip
+    assert {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng-rank0.pt",
+        "adapter/adapter_model.safetensors",
+    } <= set(files)
     assert all(len(e["sha256"]) == 64 and e["bytes"] == (step / n).stat().st_size for n, e in files.items())
     assert ckpt.checkpoint_problem(step) is None
 
@@ -68,8 +87,10 @@ def test_a_flipped_byte_falls_back_to_the_previous_checkpoint(runs, tmp_path, ti
     data[-5] ^= 0x40  # inside a tensor: safetensors itself would load it without complaint
     target.write_bytes(bytes(data))
     _, messages = _resume(run, tiny_llama, records)
-    assert messages == ["checkpoint step-000003 is damaged (trainable.safetensors does not match its SHA-256 in "
-                        "the manifest): resuming from step-000002 instead"]  # fmt: skip
+    assert messages == [
+        "checkpoint step-000003 is damaged (trainable.safetensors does not match its SHA-256 in "
+        "the manifest): resuming from step-000002 instead"
+    ]
     assert _loss_at(run, 3) == pytest.approx(reference, rel=1e-9)  # step 3 redone exactly
 
 
@@ -96,8 +117,9 @@ def test_a_missing_rng_file_is_named(runs, tmp_path, tiny_llama):
     latest = run / "checkpoints" / "step-000003"
     (latest / "rng-rank0.pt").unlink()
     _, messages = _resume(run, tiny_llama, records)
-    assert messages == ["checkpoint step-000003 is damaged (rng-rank0.pt is missing): resuming from step-000002 "
-                        "instead"]  # fmt: skip
+    assert messages == [
+        "checkpoint step-000003 is damaged (rng-rank0.pt is missing): resuming from step-000002 instead"
+    ]
     # a checkpoint from before manifests: resumed, with a warning naming the file
     run2, _, _ = _copy(runs, tmp_path / "legacy")
     legacy = run2 / "checkpoints" / "step-000003"

@@ -77,8 +77,9 @@ def test_adapter_config_that_is_a_json_list(base_and_adapter, tmp_path, capsys, 
     (adapter / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object, got a list"):
         fastpeft.load_adapter(build_model(None, tiny_llama(), seed=0), adapter)
-    err = _one_line_error(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "m"), "--model", str(base)],
-                          capsys)  # fmt: skip
+    err = _one_line_error(
+        ["merge", "--adapter", str(adapter), "--output", str(tmp_path / "m"), "--model", str(base)], capsys
+    )
     assert "must hold a JSON object, got a list" in err
     assert "must hold a JSON object, got a list" in _one_line_error(["info", str(adapter)], capsys)
 
@@ -90,19 +91,33 @@ def test_info_on_a_truncated_adapter(base_and_adapter, capsys):
     assert "is truncated or corrupted" in _one_line_error(["info", str(adapter)], capsys)
 
 
-@pytest.mark.parametrize("flag, value", [("--gpu_memory_gib", "0"), ("--gpu_memory_gib", "-8"), ("--gpu_memory_gib", "nan"),
-                                         ("--seq_len", "0"), ("--seq_len", "-5"), ("--batch_size", "0"),
-                                         ("--batch_size", "-1")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--gpu_memory_gib", "0"),
+        ("--gpu_memory_gib", "-8"),
+        ("--gpu_memory_gib", "nan"),
+        ("--seq_len", "0"),
+        ("--seq_len", "-5"),
+        ("--batch_size", "0"),
+        ("--batch_size", "-1"),
+    ],
+)
 def test_plan_refuses_non_positive_sizes(flag, value, capsys):
     err = _one_line_error(["plan", "--model_config", "{model_type: llama}", flag, value], capsys)
     assert f"{flag[2:]} must be a positive number" in err
 
 
-@pytest.mark.parametrize("flag, value, message", [("--sft_steps", "0", "sft_steps must be positive"),
-                                                  ("--digits", "-1", "digits must be positive"),
-                                                  ("--sft_lr", "nan", "sft_lr must be positive"),
-                                                  ("--eval_match", "fuzzy", "eval_match must be"),
-                                                  ("--num_heads", "5", "divisible")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--sft_steps", "0", "sft_steps must be positive"),
+        ("--digits", "-1", "digits must be positive"),
+        ("--sft_lr", "nan", "sft_lr must be positive"),
+        ("--eval_match", "fuzzy", "eval_match must be"),
+        ("--num_heads", "5", "divisible"),
+    ],
+)
 def test_demo_validates_before_pretraining(flag, value, message, capsys, monkeypatch):
     monkeypatch.setattr(demo, "_pretrain", lambda *a: pytest.fail("pretrained before validating the arguments"))
     assert message in _one_line_error(["demo", flag, value], capsys)
@@ -129,7 +144,14 @@ def test_an_unknown_chat_role_is_an_error_naming_it(tmp_path, char_tokenizer, ca
         tokenize_record({"messages": [{"role": "user"}]}, char_tokenizer, 64)
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps(record) + "\n")
-    argv = ["sft", "--model_config", "{model_type: llama, hidden_size: 32, intermediate_size: 64, "
-            "num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 112}",
-            "--train_data", str(data), "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    argv = [
+        "sft",
+        "--model_config",
+        "{model_type: llama, hidden_size: 32, intermediate_size: 64, "
+        "num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 112}",
+        "--train_data",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     assert "unknown chat role usr" in _one_line_error(argv, capsys, after_loading=True)

@@ -94,8 +94,12 @@ def test_flags_positionals_and_aliases(tmp_path):
     cfg.write_text("name: from-yaml\n")
     out = parse_cli(Toy, ["--flag", str(cfg)])  # a flag does not take a config file as its value
     assert out.flag is True and out.name == "from-yaml"
-    out = parse_cli(Toy, ["--flag", "1", "2", "--b-mode", "--n", "4"], positional="items",
-                    aliases={"b_mode": ("mode", "b"), "n": "steps"})  # fmt: skip
+    out = parse_cli(
+        Toy,
+        ["--flag", "1", "2", "--b-mode", "--n", "4"],
+        positional="items",
+        aliases={"b_mode": ("mode", "b"), "n": "steps"},
+    )
     assert out == Toy(items=[1, 2], flag=True, mode="b", steps=4)
     assert parse_cli(Toy, ["only"], positional="name").name == "only"  # one word for a one-value field
     assert parse_cli(Toy, ["3"], positional="items").items == [3]

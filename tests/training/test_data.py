@@ -37,9 +37,9 @@ def test_load_records_jsonl_json_list(tmp_path):
     assert load_records(str(tmp_path / "d.json")) == recs
     assert load_records(recs) == recs
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{oops\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         load_records(tmp_path / "bad.jsonl")
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nope.jsonl"):
         load_records(tmp_path / "nope.jsonl")
     with pytest.raises(TypeError, match="int"):
         load_records(3)
@@ -61,9 +61,13 @@ def test_prompt_completion_labels_only_completion_and_eos(tok):
 
 
 def test_chat_labels_cover_assistant_turns_only(tok):
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "4"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     ex = tokenize_record({"messages": messages}, tok, 256)
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)
     assert _targets(tok, ex) == "yo</s>\n4</s>\n"

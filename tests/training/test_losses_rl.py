@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from fastpeft.training.losses_rl import (aggregate_token_loss, clipped_policy_loss, gae, group_advantages, grpo_loss,
-                                         k3_kl, masked_whiten, ppo_policy_loss, ppo_value_loss)  # fmt: skip
+from fastpeft.training.losses_rl import (
+    aggregate_token_loss,
+    clipped_policy_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 
 REWARDS = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0, 3.0])  # 3 groups of 4
 EPS = 1e-4
@@ -174,8 +183,9 @@ def test_sample_std_option_by_hand_and_against_trl():
     expected = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + EPS)
     assert np.allclose(got.numpy(), expected.reshape(-1), atol=1e-5)
     batch = group_advantages(_t(REWARDS), 4, "batch", std_correction=1)
-    assert np.allclose(batch.numpy(), ((g - g.mean(1, keepdims=True)) / (REWARDS.std(ddof=1) + EPS)).reshape(-1),
-                       atol=1e-5)  # fmt: skip
+    assert np.allclose(
+        batch.numpy(), ((g - g.mean(1, keepdims=True)) / (REWARDS.std(ddof=1) + EPS)).reshape(-1), atol=1e-5
+    )
     # a group with one valid reward: no sample std, advantage 0 (never NaN)
     lone = group_advantages(_t([1.0, math.nan]), 2, "group", torch.tensor([True, False]), std_correction=1)
     assert torch.equal(lone, torch.zeros(2))
@@ -206,8 +216,18 @@ def test_kl_ratio_correction_by_hand():
     old = torch.log(_t([[0.25, 0.2]]))  # ratios 2 and 1
     ref = torch.log(_t([[0.25, 0.4]]))
     mask, beta = torch.ones(1, 2), 0.1
-    loss, stats = grpo_loss(logp, old, _t([0.0]), mask, eps_low=0.2, eps_high=10.0, beta=beta, ref_logp=ref,
-                            aggregation="dapo", kl_ratio_correction=True)  # fmt: skip
+    loss, stats = grpo_loss(
+        logp,
+        old,
+        _t([0.0]),
+        mask,
+        eps_low=0.2,
+        eps_high=10.0,
+        beta=beta,
+        ref_logp=ref,
+        aggregation="dapo",
+        kl_ratio_correction=True,
+    )
     d = np.log([0.25, 0.4]) - np.log([0.5, 0.2])
     k3, ratio = np.exp(d) - d - 1, np.array([2.0, 1.0])
     assert float(loss.detach()) == pytest.approx(beta * (k3 * ratio).mean(), rel=1e-6)  # A = 0: the KL term only

@@ -10,15 +10,26 @@ from fastpeft.training.ledger_step import LedgerSpec, measure_step
 from fastpeft.training.memory_ledger import CATEGORIES, MemoryTracker, cuda_sdpa_backend, format_ledger_table
 from fastpeft.training.step_design import StepDesign
 
-TINY = dict(model_type="llama", hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=96)  # fmt: skip
+TINY = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+)
 
 
-@pytest.mark.parametrize(("stack", "method", "design"), [
-    ("hf_peft", "qlora", StepDesign()),
-    ("fastpeft", "lora", StepDesign(offload_activations=True, mlp_tile_rows=24, lean_norms=True)),
-    ("fastpeft", "full", StepDesign()),
-], ids=["hf-peft-qlora", "fastpeft-lora-long-context", "fastpeft-full"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stack", "method", "design"),
+    [
+        ("hf_peft", "qlora", StepDesign()),
+        ("fastpeft", "lora", StepDesign(offload_activations=True, mlp_tile_rows=24, lean_norms=True)),
+        ("fastpeft", "full", StepDesign()),
+    ],
+    ids=["hf-peft-qlora", "fastpeft-lora-long-context", "fastpeft-full"],
+)
 def test_real_and_fake_tensors_give_the_same_peak(stack, method, design):
     # one tracker, one step; only the tensors differ. 70 rows over 24-row MLP tiles and 2048-row
     # norm chunks: the fake run skips repeated tiles (kernels.backend.tile_starts), the real one runs them
@@ -41,8 +52,11 @@ def test_real_and_fake_agree_through_the_nf4_workspace_path():
 
 
 def _frozen_storage_bytes(model: torch.nn.Module) -> int:
-    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes()
-                for t in (*model.parameters(), *model.buffers()) if not t.requires_grad}  # fmt: skip
+    storages = {
+        id(t.untyped_storage()): t.untyped_storage().nbytes()
+        for t in (*model.parameters(), *model.buffers())
+        if not t.requires_grad
+    }
     return sum(storages.values())
 
 
@@ -57,8 +71,10 @@ def test_categories_add_up_and_weights_are_the_model_bytes():
     # the same model built for real: NF4 block linears (double quant), bf16 embeddings, head, norms
     config = {k: v for k, v in TINY.items() if k != "model_type"}
     model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**config), dtype=torch.bfloat16)
-    fastpeft.inject(model, fastpeft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", quantize="nf4",
-                                               compute_dtype="bfloat16"))  # fmt: skip
+    fastpeft.inject(
+        model,
+        fastpeft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", quantize="nf4", compute_dtype="bfloat16"),
+    )
     assert result.peak_by_category["weights"] == _frozen_storage_bytes(model)
     assert result.peak_by_category["trainable"] > 0 and result.peak_by_category["workspace"] > 0
 

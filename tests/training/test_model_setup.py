@@ -51,4 +51,3 @@ def test_build_model_needs_exactly_one_source(tmp_path):
         build_model(None, None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model(str(tmp_path / "missing"), None)
-

@@ -14,15 +14,25 @@ from fastpeft.training.model_setup import enable_gradient_checkpointing
 from fastpeft.training.offload import ActivationOffloader, enable_offloaded_checkpointing, offloaded_checkpoint
 from fastpeft.training.step_design import StepDesign
 
-CONFIG = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=64)  # fmt: skip
+CONFIG = transformers.LlamaConfig(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+)
 
 
 def _model(dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(CONFIG)
-    fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
-                                               init_lora_weights=False))  # fmt: skip
+    fastpeft.inject(
+        model,
+        fastpeft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False
+        ),
+    )
     return model.train()
 
 
@@ -52,8 +62,15 @@ def test_gradients_are_exactly_those_of_checkpointing(dropout):
 
 
 def test_block_inputs_live_on_the_host():
-    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    cfg = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     kept = measure_step(LedgerSpec(cfg, seq_len=2048, design=StepDesign()))
     off = measure_step(LedgerSpec(cfg, seq_len=2048, design=StepDesign(offload_activations=True)))
     block_input = 2048 * 64 * 2  # [1, T, H] bf16

@@ -80,8 +80,15 @@ def test_lora_parameter_count_matches_injection(tiny_llama):
 
 
 def _llama_8b() -> dict:
-    return dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+    return dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,8 +121,14 @@ def test_recommend_prefers_checkpointing_only_when_needed():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
 def test_estimate_within_25_percent_of_measured_cpu_peak(python_command):
-    cfg = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=4096)  # fmt: skip
+    cfg = dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    )
     batch, seq = 4, 256
     runs = [("qlora", True), ("full", False)]
     argv, env, cwd = python_command(MEASURE.format(cfg=cfg, runs=runs, batch=batch, seq=seq))

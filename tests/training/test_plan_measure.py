@@ -43,12 +43,32 @@ def test_model_config_from_directory_file_or_dict(tmp_path):
 def test_plan_measure_command(tmp_path, capsys):
     from fastpeft.cli import main
 
-    cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64}  # fmt: skip
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 64,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     # 0.45 MiB for tensors: a few thousand tokens of this model, found in a handful of probes
-    rc = main(["plan", "--model", str(tmp_path), "--gpu-memory-gib", "1.00045", "--cuda-context-gib", "1.0",
-               "--seq-len", "64", "--measure", "true"])  # fmt: skip
+    rc = main(
+        [
+            "plan",
+            "--model",
+            str(tmp_path),
+            "--gpu-memory-gib",
+            "1.00045",
+            "--cuda-context-gib",
+            "1.0",
+            "--seq-len",
+            "64",
+            "--measure",
+            "true",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "longest context (batch 1)" in out and "qlora" in out and "0.00045 GiB for tensors" in out

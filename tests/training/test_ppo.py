@@ -21,10 +21,24 @@ def test_sequence_reward_lands_on_the_last_token():
 
 def test_ppo_steps_update_policy_and_value_head(tmp_path, tiny_config):
     model = build_model(None, tiny_config, seed=0)
-    config = PPOConfig(model_config=tiny_config, train_data=make_arithmetic_dataset(8, seed=6), max_steps=2,
-                       prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, max_seq_len=64, mini_batch_size=2,
-                       ppo_epochs=2, lr=1e-2, kl_coef=0.1, lora={"r": 4, "lora_alpha": 8},
-                       output_dir=str(tmp_path / "ppo"), progress=False, plot=False, device="cpu")  # fmt: skip
+    config = PPOConfig(
+        model_config=tiny_config,
+        train_data=make_arithmetic_dataset(8, seed=6),
+        max_steps=2,
+        prompts_per_step=2,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        max_seq_len=64,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        lr=1e-2,
+        kl_coef=0.1,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / "ppo"),
+        progress=False,
+        plot=False,
+        device="cpu",
+    )
     reward = MultiObjectiveReward({"len": lambda p, c, r: len(c) / 8.0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -31,9 +31,19 @@ def test_last_token_scores_handles_both_padding_sides():
 
 
 def test_reward_model_trains_saves_and_reloads(tmp_path, tiny_config):
-    config = RewardConfig(model_config=tiny_config, train_data=pairs(16, 1), eval_data=pairs(8, 2), max_steps=6, lr=5e-3,
-                          micro_batch_size=8, centering_coef=0.01, lora={"r": 4, "lora_alpha": 8},
-                          output_dir=str(tmp_path / "rm"), progress=False, device="cpu")  # fmt: skip
+    config = RewardConfig(
+        model_config=tiny_config,
+        train_data=pairs(16, 1),
+        eval_data=pairs(8, 2),
+        max_steps=6,
+        lr=5e-3,
+        micro_batch_size=8,
+        centering_coef=0.01,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / "rm"),
+        progress=False,
+        device="cpu",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train(config)

@@ -11,8 +11,12 @@ from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.model_setup import build_model
 from fastpeft.training.reward_model import ScalarHeadModel
 from fastpeft.training.rewards import MultiObjectiveReward, answer_format_reward, arithmetic_reward, build_reward
-from fastpeft.training.rewards.process import (ProcessRewardModel, StepCheckerReward, split_steps,
-                                               train_process_reward_model)  # fmt: skip
+from fastpeft.training.rewards.process import (
+    ProcessRewardModel,
+    StepCheckerReward,
+    split_steps,
+    train_process_reward_model,
+)
 from fastpeft.training.tokenizer import load_char_tokenizer
 
 RECORD = {"prompt": "Q: 47+38=?\nA:", "answer": "85"}
@@ -103,7 +107,7 @@ def _prm_records(n: int) -> list[dict]:
         if i % 2:  # corrupt the first column sum
             head, _, rest = completion.partition("=")
             digits = "".join(ch for ch in rest.split()[0] if ch.isdigit()) or "0"
-            completion = f"{head}={int(digits) + 1}{rest[len(rest.split()[0]):]}"
+            completion = f"{head}={int(digits) + 1}{rest[len(rest.split()[0]) :]}"
         steps = split_steps(completion)
         records.append({"prompt": r["prompt"], "steps": steps, "labels": checker.step_labels(r["prompt"], completion)})
     return records

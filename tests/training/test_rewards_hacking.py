@@ -58,8 +58,7 @@ def run_bandit(reward: MultiObjectiveReward, beta: float, steps: int = 40, group
         adv = group_advantages(batch.tensor(), group, "group", batch.valid())
         logp = torch.log_softmax(theta, 0)[actions][:, None]  # one "token" per sequence: [N, 1]
         ref = torch.log_softmax(ref_logits, 0)[actions][:, None]
-        loss, _ = grpo_loss(logp, logp.detach(), adv, torch.ones_like(logp), beta=beta,
-                            ref_logp=ref if beta else None)  # fmt: skip
+        loss, _ = grpo_loss(logp, logp.detach(), adv, torch.ones_like(logp), beta=beta, ref_logp=ref if beta else None)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -73,8 +72,9 @@ def test_length_hacking_is_exploited_without_safeguards_and_held_back_with_them(
     naive = MultiObjectiveReward({"correct": arithmetic_reward, "length": length_reward})
     hacked = run_bandit(naive, beta=0.0)
     objectives = {"correct": arithmetic_reward, "length": length_reward}
-    guarded_reward = MultiObjectiveReward(objectives, {"correct": 1.0, "length": 0.5}, detector=detector,
-                                          detector_weight=1.0)  # fmt: skip
+    guarded_reward = MultiObjectiveReward(
+        objectives, {"correct": 1.0, "length": 0.5}, detector=detector, detector_weight=1.0
+    )
     guarded = run_bandit(guarded_reward, beta=0.05)
     assert hacked > start + 2.0, hacked  # the policy pads its answers
     assert guarded < start - 1.0, guarded  # the safeguards push padding down instead

@@ -23,14 +23,45 @@ from fastpeft.training.rewards.code_sandbox import CodeReward, SandboxLimits, ru
 
 LIMITS = SandboxLimits(wall_time_s=3.0, cpu_time_s=2, memory_mb=256, max_processes=16, max_file_mb=1, disk_mb=4)
 SECRET = 918273645
-HOSTILE = ["gc_search_for_expected_values", "patch_the_runner", "remount_and_write_outside", "write_outside",
-           "shell_out", "tcp_to_the_trainer", "internet_and_dns", "unix_socket_path", "unix_socket_abstract",
-           "signal_the_trainer", "kill_everything", "read_trainer_environ", "read_trainer_memory", "read_shadow",
-           "read_repo_and_home", "fork_bomb_counted", "fork_bomb_classic", "thread_bomb", "memory_bomb",
-           "disk_bomb", "daemon_outlives_a_timeout", "daemon_outlives_an_exit", "forged_result_lines",
-           "forged_value_objects", "fake_eq", "int_subclass_eq", "patched_builtins", "exit_early", "os_exit",
-           "deep_json_line", "deep_value", "deep_recursion", "deep_directories", "output_flood", "cpu_spin",
-           "sleep_forever"]  # fmt: skip
+HOSTILE = [
+    "gc_search_for_expected_values",
+    "patch_the_runner",
+    "remount_and_write_outside",
+    "write_outside",
+    "new_user_namespace",
+    "shell_out",
+    "tcp_to_the_trainer",
+    "internet_and_dns",
+    "unix_socket_path",
+    "unix_socket_abstract",
+    "signal_the_trainer",
+    "kill_everything",
+    "read_trainer_environ",
+    "read_trainer_memory",
+    "read_shadow",
+    "read_repo_and_home",
+    "fork_bomb_counted",
+    "fork_bomb_classic",
+    "thread_bomb",
+    "memory_bomb",
+    "disk_bomb",
+    "daemon_outlives_a_timeout",
+    "daemon_outlives_an_exit",
+    "forged_result_lines",
+    "forged_value_objects",
+    "fake_eq",
+    "int_subclass_eq",
+    "patched_builtins",
+    "exit_early",
+    "os_exit",
+    "deep_json_line",
+    "deep_value",
+    "deep_recursion",
+    "deep_directories",
+    "output_flood",
+    "cpu_spin",
+    "sleep_forever",
+]
 
 
 def _sigusr1_counter():
@@ -45,7 +76,8 @@ def _programs(ctx: dict) -> dict[str, tuple[str, list[str]]]:
     spawn_token = f"os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {tok!r}])\n"
     leak = "def leak():\n    try:\n        return {}\n    except Exception:\n        return None\n"
     return {
-        "gc_search_for_expected_values": ("""
+        "gc_search_for_expected_values": (
+            """
 import gc, re, sys
 pattern = re.compile(r"leak\\(\\) *== *(\\d+)")  # the test's own text, if it ever reached this process
 def leak():
@@ -63,16 +95,22 @@ def leak():
         if found:
             return int(found.group(1))
     return 0
-""", [f"assert leak() == {SECRET}"]),
-        "patch_the_runner": ("""
+""",
+            [f"assert leak() == {SECRET}"],
+        ),
+        "patch_the_runner": (
+            """
 import sys
 main = sys.modules["__main__"]
 main._encode = lambda *a, **k: {"tuple": []}
 main.json.dumps = lambda *a, **k: '{"probe": 0, "passed": true}'
 def answer():
     return 0
-""", [f"assert answer() == {SECRET}"]),
-        "remount_and_write_outside": (f"""
+""",
+            [f"assert answer() == {SECRET}"],
+        ),
+        "remount_and_write_outside": (
+            f"""
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_REMOUNT, MS_BIND, CLONE_NEWUSER, CLONE_NEWNS = 1, 32, 4096, 0x10000000, 0x20000
@@ -89,8 +127,21 @@ def attack():
         except OSError:
             pass
     return False
-""", ["assert attack() is True"]),
-        "write_outside": (f"""
+""",
+            ["assert attack() is True"],
+        ),
+        "new_user_namespace": (
+            """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER = 0x10000000
+def attack():  # a fresh user namespace would hold every capability inside it
+    return libc.unshare(CLONE_NEWUSER) == 0
+""",
+            ["assert attack() is True"],
+        ),
+        "write_outside": (
+            f"""
 def attack():
     done = []
     for path in ({out!r}, {prefix + "/pwned-w-" + tok!r}, "/usr/lib/pwned-{tok}", "/root/pwned-{tok}",
@@ -101,8 +152,11 @@ def attack():
         except OSError:
             pass
     return done
-""", ["assert attack() != []"]),
-        "shell_out": (f"""
+""",
+            ["assert attack() != []"],
+        ),
+        "shell_out": (
+            f"""
 import os, subprocess
 def attack():
     os.system("touch {out}-shell")
@@ -111,17 +165,23 @@ def attack():
         return True
     except OSError:
         return False
-""", ["assert attack() is True"]),
-        "tcp_to_the_trainer": (f"""
+""",
+            ["assert attack() is True"],
+        ),
+        "tcp_to_the_trainer": (
+            f"""
 import socket
 def attack():
     try:
-        socket.create_connection(("127.0.0.1", {ctx['tcp_port']}), timeout=1).sendall(b"hi")
+        socket.create_connection(("127.0.0.1", {ctx["tcp_port"]}), timeout=1).sendall(b"hi")
         return True
     except OSError:
         return False
-""", ["assert attack() is True"]),
-        "internet_and_dns": ("""
+""",
+            ["assert attack() is True"],
+        ),
+        "internet_and_dns": (
+            """
 import socket
 def attack():
     found = []
@@ -132,11 +192,14 @@ def attack():
         except OSError:
             pass
     return found
-""", ["assert attack() != []"]),
-        "unix_socket_path": (f"""
+""",
+            ["assert attack() != []"],
+        ),
+        "unix_socket_path": (
+            f"""
 import socket
 def attack():
-    for path in ({ctx['unix_path']!r}, "/run/systemd/private", "/var/run/docker.sock", "/tmp/.X11-unix/X0"):
+    for path in ({ctx["unix_path"]!r}, "/run/systemd/private", "/var/run/docker.sock", "/tmp/.X11-unix/X0"):
         try:
             s = socket.socket(socket.AF_UNIX)
             s.connect(path)
@@ -144,18 +207,24 @@ def attack():
         except OSError:
             pass
     return None
-""", ["assert attack() is not None"]),
-        "unix_socket_abstract": (f"""
+""",
+            ["assert attack() is not None"],
+        ),
+        "unix_socket_abstract": (
+            f"""
 import socket
 def attack():
     try:
         s = socket.socket(socket.AF_UNIX)
-        s.connect({ctx['abstract']!r})
+        s.connect({ctx["abstract"]!r})
         return True
     except OSError:
         return False
-""", ["assert attack() is True"]),
-        "signal_the_trainer": (f"""
+""",
+            ["assert attack() is True"],
+        ),
+        "signal_the_trainer": (
+            f"""
 import os, signal
 def attack():
     hits = 0
@@ -168,25 +237,38 @@ def attack():
             pass
     os.kill(os.getppid(), signal.SIGUSR1)  # the sandbox's own init: harmless
     return hits
-""", ["assert attack() > 0"]),
-        "kill_everything": ("import os, signal\nos.kill(-1, signal.SIGKILL)\ndef f():\n    return 0\n",
-                            ["assert f() == 1"]),  # reaches only its own namespace: the neighbours still pass
-        "read_trainer_environ": (leak.format(f"open('/proc/{pid}/environ', 'rb').read()"), ["assert leak() is not None"]),
-        "read_trainer_memory": (leak.format(f"(lambda f: (f.seek({ctx['address']}), f.read(16))[1])"
-                                            f"(open('/proc/{pid}/mem', 'rb'))"), ["assert leak() is not None"]),
+""",
+            ["assert attack() > 0"],
+        ),
+        "kill_everything": (
+            "import os, signal\nos.kill(-1, signal.SIGKILL)\ndef f():\n    return 0\n",
+            ["assert f() == 1"],
+        ),  # reaches only its own namespace: the neighbours still pass
+        "read_trainer_environ": (
+            leak.format(f"open('/proc/{pid}/environ', 'rb').read()"),
+            ["assert leak() is not None"],
+        ),
+        "read_trainer_memory": (
+            leak.format(f"(lambda f: (f.seek({ctx['address']}), f.read(16))[1])(open('/proc/{pid}/mem', 'rb'))"),
+            ["assert leak() is not None"],
+        ),
         "read_shadow": (leak.format("open('/etc/shadow').read()"), ["assert leak() is not None"]),
-        "read_repo_and_home": (f"""
+        "read_repo_and_home": (
+            f"""
 def leak():
     found = []
-    for path in ({__file__!r}, {os.path.join(sys.prefix, 'pyvenv.cfg')!r}, "/root/.bashrc", "/etc/passwd",
-                 "/etc/hostname", {str(Path.home() / '.bash_history')!r}):
+    for path in ({__file__!r}, {os.path.join(sys.prefix, "pyvenv.cfg")!r}, "/root/.bashrc", "/etc/passwd",
+                 "/etc/hostname", {str(Path.home() / ".bash_history")!r}):
         try:
             found.append(open(path, "rb").read(100))
         except OSError:
             pass
     return found
-""", ["assert leak() != []"]),
-        "fork_bomb_counted": ("""
+""",
+            ["assert leak() != []"],
+        ),
+        "fork_bomb_counted": (
+            """
 import os, sys
 def bomb():
     n = 0
@@ -198,9 +280,12 @@ def bomb():
     except OSError:
         pass
     return n
-""".replace("SPAWN", spawn_token.strip()), [f"assert bomb() > {LIMITS.max_processes}"]),
+""".replace("SPAWN", spawn_token.strip()),
+            [f"assert bomb() > {LIMITS.max_processes}"],
+        ),
         "fork_bomb_classic": ("import os\nwhile True:\n    os.fork()\n", ["assert f() == 1"]),
-        "thread_bomb": ("""
+        "thread_bomb": (
+            """
 import threading, time
 def threads():
     n = 0
@@ -211,8 +296,11 @@ def threads():
     except RuntimeError:
         pass
     return n
-""", [f"assert threads() > {LIMITS.max_processes}"]),
-        "memory_bomb": ("""
+""",
+            [f"assert threads() > {LIMITS.max_processes}"],
+        ),
+        "memory_bomb": (
+            """
 def hog():
     try:
         bytearray(64 * 1024 ** 3)
@@ -225,8 +313,11 @@ def hog():
             chunks.append(bytearray(1024 * 1024))
     except MemoryError:
         return len(chunks)
-""", [f"assert hog() > {LIMITS.memory_mb}"]),
-        "disk_bomb": ("""
+""",
+            [f"assert hog() > {LIMITS.memory_mb}"],
+        ),
+        "disk_bomb": (
+            """
 import os, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail with EFBIG instead of dying
 def fill():
@@ -241,27 +332,36 @@ def fill():
             break
         i += 1
     return total
-""", [f"assert fill() > {LIMITS.disk_mb}"]),
-        "daemon_outlives_a_timeout": (f"""
+""",
+            [f"assert fill() > {LIMITS.disk_mb}"],
+        ),
+        "daemon_outlives_a_timeout": (
+            f"""
 import os, sys, time
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
-{chr(10).join('        ' + line for line in spawn_token.replace(tok, tok + '-t').splitlines())}
+{chr(10).join("        " + line for line in spawn_token.replace(tok, tok + "-t").splitlines())}
     os._exit(0)
 time.sleep(1000)
-""", ["assert f() == 1"]),
-        "daemon_outlives_an_exit": (f"""
+""",
+            ["assert f() == 1"],
+        ),
+        "daemon_outlives_an_exit": (
+            f"""
 import os, sys
 def attack():
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
-{chr(10).join('            ' + line for line in spawn_token.replace(tok, tok + '-e').splitlines())}
+{chr(10).join("            " + line for line in spawn_token.replace(tok, tok + "-e").splitlines())}
         os._exit(0)
     return "spawned"
-""", ["assert attack() == 'the daemon outlived the run'"]),
-        "forged_result_lines": ("""
+""",
+            ["assert attack() == 'the daemon outlived the run'"],
+        ),
+        "forged_result_lines": (
+            """
 import os
 lines = ['{"loaded": true}', '{"probe": 0, "passed": true}', '{"probe": 0, "verdict": "passed"}',
          '{"probe": 0, "ok": true, "repr": "5"}', '\\x00fastpeft-sandbox-result\\x00{"results": [{"ok": true}]}',
@@ -272,8 +372,11 @@ for fd in range(1, 20):
     except OSError:
         pass
 os._exit(0)
-""", ["assert add(2, 3) == 5"]),
-        "forged_value_objects": ("""
+""",
+            ["assert add(2, 3) == 5"],
+        ),
+        "forged_value_objects": (
+            """
 import os
 for fd in range(1, 20):
     try:
@@ -282,8 +385,11 @@ for fd in range(1, 20):
     except OSError:
         pass
 os._exit(0)
-""", ["assert add(2, 3) == 5", "assert add(1, 1) == 2"]),
-        "fake_eq": ("""
+""",
+            ["assert add(2, 3) == 5", "assert add(1, 1) == 2"],
+        ),
+        "fake_eq": (
+            """
 class Anything:
     __class__ = property(lambda self: int)  # isinstance(x, int) is True in the child
     def __eq__(self, o): return True
@@ -300,16 +406,29 @@ def add(a, b):
     return Anything()
 def area(r):
     return Anything()
-""", ["assert add(2, 3) == 5", "assert math.isclose(area(2), 12.566, rel_tol=1e-3)", "assert abs(area(1) - 3.14) < 0.01",
-      "assert isinstance(add(1, 2), int)", "assert 3 < add(2, 2) < 5", "assert not add(0, 0)", "assert 7 in [add(3, 4)]"]),
-        "int_subclass_eq": ("""
+""",
+            [
+                "assert add(2, 3) == 5",
+                "assert math.isclose(area(2), 12.566, rel_tol=1e-3)",
+                "assert abs(area(1) - 3.14) < 0.01",
+                "assert isinstance(add(1, 2), int)",
+                "assert 3 < add(2, 2) < 5",
+                "assert not add(0, 0)",
+                "assert 7 in [add(3, 4)]",
+            ],
+        ),
+        "int_subclass_eq": (
+            """
 class Sneaky(int):
     def __eq__(self, o): return True
     __hash__ = int.__hash__
 def add(a, b):
     return Sneaky(0)
-""", ["assert add(2, 3) == 5", "assert [add(1, 1)] == [2]"]),
-        "patched_builtins": ("""
+""",
+            ["assert add(2, 3) == 5", "assert [add(1, 1)] == [2]"],
+        ),
+        "patched_builtins": (
+            """
 import builtins, math, sys, operator, json
 builtins.isinstance = lambda *a: True
 builtins.abs = lambda x: 0
@@ -323,11 +442,20 @@ def add(a, b):
     return 0
 def area(r):
     return 0.0
-""", ["assert add(2, 3) == 5", "assert math.isclose(area(2), 12.566)", "assert abs(area(1) - 3.14) < 0.01",
-      "assert isinstance(add(1, 2), str)", "assert len([add(1, 1)]) == 3", "assert add(0, 0) == 0 and add(1, 1) == 2"]),
+""",
+            [
+                "assert add(2, 3) == 5",
+                "assert math.isclose(area(2), 12.566)",
+                "assert abs(area(1) - 3.14) < 0.01",
+                "assert isinstance(add(1, 2), str)",
+                "assert len([add(1, 1)]) == 3",
+                "assert add(0, 0) == 0 and add(1, 1) == 2",
+            ],
+        ),
         "exit_early": ("import sys\nsys.exit(0)\n", ["assert add(2, 3) == 5"]),
         "os_exit": ("import os\ndef add(a, b):\n    os._exit(0)\n", ["assert add(2, 3) == 5"]),
-        "deep_json_line": ("""
+        "deep_json_line": (
+            """
 import os
 deep = "[" * 200_000 + "]" * 200_000
 for fd in range(1, 20):
@@ -337,21 +465,30 @@ for fd in range(1, 20):
         pass
 def add(a, b):
     return 0
-""", ["assert add(2, 3) == 5"]),
-        "deep_value": ("""
+""",
+            ["assert add(2, 3) == 5"],
+        ),
+        "deep_value": (
+            """
 def add(a, b):
     v = []
     for _ in range(100_000):
         v = [v]
     return v
-""", ["assert add(2, 3) != 5 and add(2, 3) == 5"]),
-        "deep_recursion": ("""
+""",
+            ["assert add(2, 3) != 5 and add(2, 3) == 5"],
+        ),
+        "deep_recursion": (
+            """
 import sys
 sys.setrecursionlimit(10 ** 7)
 def add(a, b):
     return add(a, b)
-""", ["assert add(2, 3) == 5"]),
-        "deep_directories": ("""
+""",
+            ["assert add(2, 3) == 5"],
+        ),
+        "deep_directories": (
+            """
 import os
 def nest():
     n = 0
@@ -363,8 +500,11 @@ def nest():
     except OSError:
         pass
     return n
-""", ["assert nest() == -1"]),
-        "output_flood": ("""
+""",
+            ["assert nest() == -1"],
+        ),
+        "output_flood": (
+            """
 import os
 def add(a, b):
     chunk = b'{"probe": 0, "value": 5}\\n' * 40_000
@@ -375,7 +515,9 @@ def add(a, b):
         except OSError:
             pass
     return 0
-""", ["assert add(2, 3) == 5"]),
+""",
+            ["assert add(2, 3) == 5"],
+        ),
         "cpu_spin": ("while True:\n    pass\n", ["assert f() == 1"]),
         "sleep_forever": ("import time\ntime.sleep(1000)\n", ["assert f() == 1"]),
     }
@@ -405,18 +547,30 @@ def attacks(require_bwrap, tmp_path_factory):
     for s in (tcp, unix, abstract):
         s.listen()
         s.setblocking(False)
-    ctx = {"pid": os.getpid(), "outside": str(tmp / "pwned"), "token": token, "tcp_port": tcp.getsockname()[1],
-           "unix_path": str(tmp / "trainer.sock"), "abstract": "\0" + token, "address": ctypes.addressof(secret)}
+    ctx = {
+        "pid": os.getpid(),
+        "outside": str(tmp / "pwned"),
+        "token": token,
+        "tcp_port": tcp.getsockname()[1],
+        "unix_path": str(tmp / "trainer.sock"),
+        "abstract": "\0" + token,
+        "address": ctypes.addressof(secret),
+    }
     programs = _programs(ctx)
     assert sorted(programs) == sorted(HOSTILE)
     received, previous = _sigusr1_counter()
     try:
         with concurrent.futures.ThreadPoolExecutor(len(programs) + 1) as pool:
-            futures = {name: pool.submit(run_tests_in_sandbox, code, tests, LIMITS)
-                       for name, (code, tests) in programs.items()}  # fmt: skip
+            futures = {
+                name: pool.submit(run_tests_in_sandbox, code, tests, LIMITS) for name, (code, tests) in programs.items()
+            }
             # an honest program in the middle of the bombs (generous wall time: the machine is busy)
-            honest = pool.submit(run_tests_in_sandbox, "import os\ndef add(a, b):\n    return a + b\n",
-                                 ["assert add(2, 3) == 5"], SandboxLimits(wall_time_s=60))  # fmt: skip
+            honest = pool.submit(
+                run_tests_in_sandbox,
+                "import os\ndef add(a, b):\n    return a + b\n",
+                ["assert add(2, 3) == 5"],
+                SandboxLimits(wall_time_s=60),
+            )
             results = {name: f.result() for name, f in futures.items()}
             results["honest"] = honest.result()
         survivors = _processes_with(token)  # right after the runs: teardown is synchronous
@@ -431,15 +585,29 @@ def attacks(require_bwrap, tmp_path_factory):
         signal.signal(signal.SIGUSR1, previous)
         for s in (tcp, unix, abstract):
             s.close()
-    return {"results": results, "survivors": survivors, "accepted": accepted, "signals": len(received),
-            "written": _written(ctx), "ctx": ctx}
+    return {
+        "results": results,
+        "survivors": survivors,
+        "accepted": accepted,
+        "signals": len(received),
+        "written": _written(ctx),
+        "ctx": ctx,
+    }
 
 
 def _written(ctx: dict) -> list[str]:
     """Files the attacks would have created outside the sandbox (all carry the token or sit in tmp)."""
     tmp = Path(ctx["outside"]).parent
     found = sorted(str(p) for p in tmp.iterdir() if p.name != "trainer.sock")
-    for where in (os.path.realpath(sys.base_prefix), "/usr/lib", "/", "/root", "/dev", "/dev/shm", tempfile.gettempdir()):
+    for where in (
+        os.path.realpath(sys.base_prefix),
+        "/usr/lib",
+        "/",
+        "/root",
+        "/dev",
+        "/dev/shm",
+        tempfile.gettempdir(),
+    ):
         found += [str(Path(where) / n) for n in os.listdir(where) if ctx["token"] in n] if os.path.isdir(where) else []
     return found
 
@@ -471,8 +639,10 @@ def test_an_honest_neighbour_is_unharmed(attacks):
 def test_no_process_outlives_its_run(attacks):
     assert attacks["survivors"] == []
     # and the limits, not only the wall clock, stopped the bombs
-    details = {n: attacks["results"][n].outcomes[0]["detail"] for n in ("fork_bomb_counted", "thread_bomb",
-                                                                       "memory_bomb", "disk_bomb")}  # fmt: skip
+    details = {
+        n: attacks["results"][n].outcomes[0]["detail"]
+        for n in ("fork_bomb_counted", "thread_bomb", "memory_bomb", "disk_bomb")
+    }
     for name, detail in details.items():
         assert "assertion failed" in detail, (name, detail)
 
@@ -501,8 +671,17 @@ def test_the_flat_layout_contains_them_too(attacks, monkeypatch):
     the runner dropped to uid 65534: the process limit, the read-only view and the namespaces hold."""
     monkeypatch.setattr(sandbox_bwrap, "_probe", lambda: ("flat", None))
     programs = _programs(attacks["ctx"])
-    names = ["fork_bomb_counted", "write_outside", "read_shadow", "read_trainer_environ", "signal_the_trainer",
-             "tcp_to_the_trainer", "unix_socket_abstract", "remount_and_write_outside", "disk_bomb"]  # fmt: skip
+    names = [
+        "fork_bomb_counted",
+        "write_outside",
+        "read_shadow",
+        "read_trainer_environ",
+        "signal_the_trainer",
+        "tcp_to_the_trainer",
+        "unix_socket_abstract",
+        "remount_and_write_outside",
+        "disk_bomb",
+    ]
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         results = dict(zip(names, pool.map(lambda n: run_tests_in_sandbox(*programs[n], LIMITS), names)))
     for name, result in results.items():

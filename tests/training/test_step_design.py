@@ -12,11 +12,26 @@ from fastpeft.training.step_design import StepDesign
 
 def test_sft_with_the_long_context_design_trains_like_plain_checkpointing(tmp_path, tiny_llama, arithmetic_records):
     losses = {}
-    for name, extra in (("plain", {}), ("long", {"offload_activations": True, "mlp_tile_rows": 16, "lean_norms": True})):
-        cfg = SFTConfig(model_config=tiny_llama(), finetune="qlora", lora={"r": 4, "lora_alpha": 8},
-                        train_data=arithmetic_records[:16], max_steps=3, micro_batch_size=4, lr=1e-2,
-                        output_dir=str(tmp_path / name), progress=False, plot=False, log_every=1, max_seq_len=64,
-                        gradient_checkpointing=True, **extra)  # fmt: skip
+    for name, extra in (
+        ("plain", {}),
+        ("long", {"offload_activations": True, "mlp_tile_rows": 16, "lean_norms": True}),
+    ):
+        cfg = SFTConfig(
+            model_config=tiny_llama(),
+            finetune="qlora",
+            lora={"r": 4, "lora_alpha": 8},
+            train_data=arithmetic_records[:16],
+            max_steps=3,
+            micro_batch_size=4,
+            lr=1e-2,
+            output_dir=str(tmp_path / name),
+            progress=False,
+            plot=False,
+            log_every=1,
+            max_seq_len=64,
+            gradient_checkpointing=True,
+            **extra,
+        )
         result = train(cfg)
         assert result.steps == 3
         losses[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
@@ -40,8 +55,17 @@ def test_benchmark_step_applies_the_design(tiny_llama):
 
     config = {k: v for k, v in tiny_llama().items() if k != "model_type"}
     design = {"offload_activations": True, "mlp_tile_rows": 8, "lean_norms": True}
-    out = run_training_steps(config, steps=1, batch_size=2, seq_len=24, device="cpu", warmup_steps=0, design=design,
-                             dtype="float32", bf16_autocast=False)  # fmt: skip
+    out = run_training_steps(
+        config,
+        steps=1,
+        batch_size=2,
+        seq_len=24,
+        device="cpu",
+        warmup_steps=0,
+        design=design,
+        dtype="float32",
+        bf16_autocast=False,
+    )
     assert out["design"] == design and out["tokens_per_s"] > 0 and out["gradient_checkpointing"]
 
 

@@ -73,7 +73,7 @@ def run_args(directory, steps: int = 4, **kw) -> dict:
         data_seed=0,
         bf16=False,
         **kw,
-    )  # fmt: skip  (fp32 runs: exact comparisons)
+    )
 
 
 def assert_checkpoint(directory, step: int) -> None:
@@ -124,14 +124,24 @@ def test_transformers_trainer(peft_kit, char_tokenizer, tmp_path, path):
         return TrainingArguments(**run_args(directory), learning_rate=1e-2)
 
     model = build(peft_kit, path)
-    trainer = Trainer(model=model, args=make_args(tmp_path / "run"), train_dataset=data,
-                      data_collator=default_data_collator)  # fmt: skip
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path / "run"), train_dataset=data, data_collator=default_data_collator
+    )
     assert peft_kit.fused_op_calls(trainer.train) >= 4 * 14  # every LoRA layer, every step, fused
     history = losses(trainer)
     assert len(history) == 4 and history[-1] < history[0]
     assert_checkpoint(tmp_path / "run", 2)
-    check_resume_and_reload(peft_kit, path, Trainer, make_args, tmp_path, lambda: build(peft_kit, path), model=model,
-                            train_dataset=data, data_collator=default_data_collator)  # fmt: skip
+    check_resume_and_reload(
+        peft_kit,
+        path,
+        Trainer,
+        make_args,
+        tmp_path,
+        lambda: build(peft_kit, path),
+        model=model,
+        train_dataset=data,
+        data_collator=default_data_collator,
+    )
 
 
 @pytest.mark.parametrize("path", [*PATHS, "peft_nf4"])
@@ -150,37 +160,62 @@ def test_sft_trainer(peft_kit, char_tokenizer, tmp_path, path):
         return trl.SFTConfig(**run_args(directory), learning_rate=1e-2, max_length=24)
 
     model = build(peft_kit, way, base=base() if base else None)
-    trainer = trl.SFTTrainer(model=model, args=make_args(tmp_path / "run"), train_dataset=data,
-                             processing_class=char_tokenizer)  # fmt: skip
+    trainer = trl.SFTTrainer(
+        model=model, args=make_args(tmp_path / "run"), train_dataset=data, processing_class=char_tokenizer
+    )
     assert peft_kit.fused_op_calls(trainer.train) >= 4 * 14
     history = losses(trainer)
     assert len(history) == 4 and history[-1] < history[0]
     assert_checkpoint(tmp_path / "run", 2)
-    check_resume_and_reload(peft_kit, way, trl.SFTTrainer, make_args, tmp_path,
-                            lambda: build(peft_kit, way, base=base() if base else None), base=base, model=model,
-                            train_dataset=data, processing_class=char_tokenizer)  # fmt: skip
+    check_resume_and_reload(
+        peft_kit,
+        way,
+        trl.SFTTrainer,
+        make_args,
+        tmp_path,
+        lambda: build(peft_kit, way, base=base() if base else None),
+        base=base,
+        model=model,
+        train_dataset=data,
+        processing_class=char_tokenizer,
+    )
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_dpo_trainer_uses_the_adapter_disabled_model_as_reference(peft_kit, char_tokenizer, tmp_path, path):
-    data = datasets.Dataset.from_dict({"prompt": ["ab", "cd", "ef", "gh"] * 2, "chosen": [" yes"] * 8,
-                                       "rejected": [" no!"] * 8})  # fmt: skip
+    data = datasets.Dataset.from_dict(
+        {"prompt": ["ab", "cd", "ef", "gh"] * 2, "chosen": [" yes"] * 8, "rejected": [" no!"] * 8}
+    )
 
     def make_args(directory):
         return trl.DPOConfig(**run_args(directory), learning_rate=1e-2, max_length=16)
 
     model = build(peft_kit, path, for_trl=True)
-    trainer = trl.DPOTrainer(model=model, ref_model=None, args=make_args(tmp_path / "run"), train_dataset=data,
-                             processing_class=char_tokenizer)  # fmt: skip
+    trainer = trl.DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=make_args(tmp_path / "run"),
+        train_dataset=data,
+        processing_class=char_tokenizer,
+    )
     assert trainer.ref_model is None and only_one_llama(model)
     assert peft_kit.fused_op_calls(trainer.train) >= 4 * 14
     history = losses(trainer)
     assert abs(history[0] - math.log(2)) < 1e-6  # policy == reference at step 1: -log σ(0)
     assert history[-1] < history[0] and only_one_llama(model)
     assert_checkpoint(tmp_path / "run", 2)
-    check_resume_and_reload(peft_kit, path, trl.DPOTrainer, make_args, tmp_path,
-                            lambda: build(peft_kit, path, for_trl=True), model=model, ref_model=None,
-                            train_dataset=data, processing_class=char_tokenizer)  # fmt: skip
+    check_resume_and_reload(
+        peft_kit,
+        path,
+        trl.DPOTrainer,
+        make_args,
+        tmp_path,
+        lambda: build(peft_kit, path, for_trl=True),
+        model=model,
+        ref_model=None,
+        train_dataset=data,
+        processing_class=char_tokenizer,
+    )
 
 
 def reward_letter_a(completions, **kwargs) -> list[float]:
@@ -194,13 +229,19 @@ def test_grpo_trainer_uses_the_adapter_disabled_model_as_reference(peft_kit, cha
     data = datasets.Dataset.from_dict({"prompt": ["ab", "cd", "ef", "gh"] * 2})
 
     def make_args(directory, steps=3):
-        return trl.GRPOConfig(**run_args(directory, steps), learning_rate=1e-2, num_generations=4,
-                              max_completion_length=6, beta=0.1)  # fmt: skip
+        return trl.GRPOConfig(
+            **run_args(directory, steps), learning_rate=1e-2, num_generations=4, max_completion_length=6, beta=0.1
+        )
 
     model = build(peft_kit, path, for_trl=True)
     before = trainable(model)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_letter_a, args=make_args(tmp_path / "run"),
-                              train_dataset=data, processing_class=char_tokenizer)  # fmt: skip
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward_letter_a,
+        args=make_args(tmp_path / "run"),
+        train_dataset=data,
+        processing_class=char_tokenizer,
+    )
     assert trainer.ref_model is None and only_one_llama(model)
     assert peft_kit.fused_op_calls(trainer.train) >= 3 * 14
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
@@ -209,11 +250,17 @@ def test_grpo_trainer_uses_the_adapter_disabled_model_as_reference(peft_kit, cha
     assert any(not torch.equal(after[n], before[n]) for n in before)
     assert_checkpoint(tmp_path / "run", 2)
     resumed = build(peft_kit, path, for_trl=True)
-    trainer = trl.GRPOTrainer(model=resumed, reward_funcs=reward_letter_a, args=make_args(tmp_path / "resumed"),
-                              train_dataset=data, processing_class=char_tokenizer)  # fmt: skip
+    trainer = trl.GRPOTrainer(
+        model=resumed,
+        reward_funcs=reward_letter_a,
+        args=make_args(tmp_path / "resumed"),
+        train_dataset=data,
+        processing_class=char_tokenizer,
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert trainer.state.global_step == 3
     trainer.save_model(str(tmp_path / "final"))
     ids = peft_kit.token_ids()
-    torch.testing.assert_close(logits(reload(peft_kit, path, tmp_path / "final"), ids), logits(resumed, ids),
-                               atol=1e-6, rtol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        logits(reload(peft_kit, path, tmp_path / "final"), ids), logits(resumed, ids), atol=1e-6, rtol=1e-6
+    )

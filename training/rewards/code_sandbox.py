@@ -60,7 +60,11 @@ class SandboxLimits:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
                 raise ValueError(f"SandboxLimits.{f.name} must be a positive number, got {value!r}")
 
 
@@ -90,8 +94,10 @@ def resolve_isolation(isolation: str) -> str:
     if isolation == "bwrap":
         problem = bwrap_problem()
         if problem is not None:
-            raise SandboxUnavailableError(f"code rewards will not run model-written code without isolation: {problem} "
-                                     f"(or opt in to no isolation with isolation={UNSAFE!r})")  # fmt: skip
+            raise SandboxUnavailableError(
+                f"code rewards will not run model-written code without isolation: {problem} "
+                f"(or opt in to no isolation with isolation={UNSAFE!r})"
+            )
         return isolation
     if isolation == UNSAFE:
         _warn_unsafe()
@@ -101,8 +107,12 @@ def resolve_isolation(isolation: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _warn_unsafe() -> None:
-    warnings.warn(f"isolation={UNSAFE!r}: model-written code runs with resource limits only, NOT isolated: it can "
-                  "read and write the trainer's files and use the network", RuntimeWarning, stacklevel=4)  # fmt: skip
+    warnings.warn(
+        f"isolation={UNSAFE!r}: model-written code runs with resource limits only, NOT isolated: it can "
+        "read and write the trainer's files and use the network",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -111,17 +121,30 @@ def _runner_source() -> str:
 
 
 def _job(code: str, probes: list[str], limits: SandboxLimits) -> bytes:
-    return json.dumps({
-        "code": code, "probes": probes, "max_depth": MAX_DEPTH, "max_items": MAX_ITEMS,
-        "max_value_bytes": limits.max_result_kb * 1024,
-        "limits": {"cpu_s": math.ceil(limits.cpu_time_s), "memory_bytes": int(limits.memory_mb * _MIB),
-                   "processes": int(limits.max_processes), "file_bytes": int(limits.max_file_mb * _MIB),
-                   "open_files": int(limits.max_open_files)},
-    }).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "code": code,
+            "probes": probes,
+            "max_depth": MAX_DEPTH,
+            "max_items": MAX_ITEMS,
+            "max_value_bytes": limits.max_result_kb * 1024,
+            "limits": {
+                "cpu_s": math.ceil(limits.cpu_time_s),
+                "memory_bytes": int(limits.memory_mb * _MIB),
+                "processes": int(limits.max_processes),
+                "file_bytes": int(limits.max_file_mb * _MIB),
+                "open_files": int(limits.max_open_files),
+            },
+        }
+    ).encode()
 
 
-def run_tests_in_sandbox(code: str, tests: Sequence[str | tuple[str, Any]], limits: SandboxLimits | None = None,
-                         isolation: Isolation = "bwrap") -> SandboxResult:  # fmt: skip
+def run_tests_in_sandbox(
+    code: str,
+    tests: Sequence[str | tuple[str, Any]],
+    limits: SandboxLimits | None = None,
+    isolation: Isolation = "bwrap",
+) -> SandboxResult:
     """Run ``code``, then the candidate expressions of each test, in a sandboxed child; evaluate the
     tests here on the returned values (see :func:`~.sandbox_verdict.compile_test` for test forms)."""
     if not isinstance(code, str):
@@ -137,13 +160,26 @@ def run_tests_in_sandbox(code: str, tests: Sequence[str | tuple[str, Any]], limi
     try:
         if mode == "bwrap":
             disk = int(limits.disk_mb * _MIB)
-            child = run_supervised(lambda fd: sandbox_command(argv, disk, fd), _job(code, probes, limits),
-                                   limits.wall_time_s, limits.max_result_kb * 1024 + 4096, {}, info=True)  # fmt: skip
+            child = run_supervised(
+                lambda fd: sandbox_command(argv, disk, fd),
+                _job(code, probes, limits),
+                limits.wall_time_s,
+                limits.max_result_kb * 1024 + 4096,
+                {},
+                info=True,
+            )
         else:
             workdir = tempfile.mkdtemp(prefix="fastpeft-sandbox-")
             env = {"HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
-            child = run_supervised(lambda fd: argv, _job(code, probes, limits), limits.wall_time_s,
-                                   limits.max_result_kb * 1024 + 4096, env, info=False, cwd=workdir)  # fmt: skip
+            child = run_supervised(
+                lambda fd: argv,
+                _job(code, probes, limits),
+                limits.wall_time_s,
+                limits.max_result_kb * 1024 + 4096,
+                env,
+                info=False,
+                cwd=workdir,
+            )
     finally:
         if workdir is not None:
             remove_tree(workdir)
@@ -165,14 +201,26 @@ def run_tests_in_sandbox(code: str, tests: Sequence[str | tuple[str, Any]], limi
         if not loaded or load_error is not None or child.overflowed:  # a flood is hostile: nothing counts
             ok, detail = False, error or "the solution did not load"
         else:
-            ok, detail = judge(test, {i - local.start: values[i] for i in local if i in values},
-                               {i - local.start: errors[i] for i in local if i in errors})  # fmt: skip
+            ok, detail = judge(
+                test,
+                {i - local.start: values[i] for i in local if i in values},
+                {i - local.start: errors[i] for i in local if i in errors},
+            )
             if not ok and error and "gave no result" in detail:
                 detail = f"{detail} ({error})"
         outcomes.append({"test": test.source, "passed": ok, "detail": detail})
     passed = sum(o["passed"] for o in outcomes)
-    return SandboxResult(passed, len(compiled), outcomes, child.timed_out, child.returncode, mode, error,
-                         child.stderr_tail[-2000:], child.wall_s)  # fmt: skip
+    return SandboxResult(
+        passed,
+        len(compiled),
+        outcomes,
+        child.timed_out,
+        child.returncode,
+        mode,
+        error,
+        child.stderr_tail[-2000:],
+        child.wall_s,
+    )
 
 
 class CodeReward:
@@ -185,8 +233,14 @@ class CodeReward:
     ``max_workers`` sandboxes at once (each is a subprocess; the threads only wait on them).
     """
 
-    def __init__(self, limits: SandboxLimits | None = None, isolation: Isolation = "bwrap", partial: bool = True,
-                 tests_key: str = "tests", max_workers: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        limits: SandboxLimits | None = None,
+        isolation: Isolation = "bwrap",
+        partial: bool = True,
+        tests_key: str = "tests",
+        max_workers: int | None = None,
+    ):
         self.limits, self.partial, self.tests_key = limits or SandboxLimits(), partial, tests_key
         self.isolation = resolve_isolation(isolation)
         self.max_workers = max_workers or max(1, min(8, os.cpu_count() or 1))
@@ -203,8 +257,8 @@ class CodeReward:
         result = run_tests_in_sandbox(self.code_of(completion), record[self.tests_key], self.limits, self.isolation)
         return result.pass_rate if self.partial else float(result.all_passed)
 
-    def score_batch(self, prompts: Sequence[str], completions: Sequence[str],
-                    records: Sequence[Mapping[str, Any]]) -> list[float]:  # fmt: skip
+    def score_batch(
+        self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[Mapping[str, Any]]
+    ) -> list[float]:
         with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
             return list(pool.map(self, prompts, completions, records))
-

@@ -76,8 +76,15 @@ class HackingDetector:
                 self._cache.popitem(last=False)
         return self._cache[key]
 
-    def fit(self, genuine: Sequence[tuple[str, str]], gamed: Sequence[tuple[str, str]], steps: int = 50,
-            lr: float = 1e-3, batch_size: int = 16, seed: int = 0) -> list[float]:  # fmt: skip
+    def fit(
+        self,
+        genuine: Sequence[tuple[str, str]],
+        gamed: Sequence[tuple[str, str]],
+        steps: int = 50,
+        lr: float = 1e-3,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> list[float]:
         """Train on (prompt, response) examples of each class; returns the loss of every step."""
         if not genuine or not gamed:
             raise ValueError("fit needs at least one genuine and one gamed example")

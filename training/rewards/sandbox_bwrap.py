@@ -47,11 +47,15 @@ from typing import Literal
 
 SANDBOX_UID = 65534  # "nobody": inside the user namespace, and outside when the trainer is root
 WORKDIR = "/tmp"
-INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap; "
-                "Arch: pacman -S bubblewrap)")  # fmt: skip
+INSTALL_HINT = (
+    "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap; "
+    "Arch: pacman -S bubblewrap)"
+)
 # run by the outer (root) bwrap: drop to the unprivileged uid, then exec the inner bwrap
-_DROP_PRIVILEGES = ("import os, sys; uid = int(sys.argv[1]); os.setgroups([]); os.setgid(uid); os.setuid(uid); "
-                    "os.execv(sys.argv[2], sys.argv[2:])")  # fmt: skip
+_DROP_PRIVILEGES = (
+    "import os, sys; uid = int(sys.argv[1]); os.setgroups([]); os.setgid(uid); os.setuid(uid); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 _LIB_DIRS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "/lib", "/lib64", "/lib32", "/libx32")
 
 
@@ -97,25 +101,70 @@ def read_only_view(extra_files: tuple[str, ...] = ()) -> list[str]:
     return args
 
 
-_ENV = ["--clearenv", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR, "--setenv", "LANG", "C.UTF-8",
-        "--setenv", "PATH", "/usr/bin:/bin"]  # fmt: skip
+_ENV = [
+    "--clearenv",
+    "--setenv",
+    "HOME",
+    WORKDIR,
+    "--setenv",
+    "TMPDIR",
+    WORKDIR,
+    "--setenv",
+    "LANG",
+    "C.UTF-8",
+    "--setenv",
+    "PATH",
+    "/usr/bin:/bin",
+]
 Layout = Literal["user", "nested", "flat"]
 
 
 def _workdir(disk_bytes: int) -> list[str]:
     """Standard /dev nodes (read-only), the capped tmpfs as /tmp and cwd, then / read-only."""
-    return ["--dev", "/dev", "--remount-ro", "/dev", "--size", str(disk_bytes), "--tmpfs", WORKDIR, "--chdir", WORKDIR,
-            "--remount-ro", "/"]  # fmt: skip
+    return [
+        "--dev",
+        "/dev",
+        "--remount-ro",
+        "/dev",
+        "--size",
+        str(disk_bytes),
+        "--tmpfs",
+        WORKDIR,
+        "--chdir",
+        WORKDIR,
+        "--remount-ro",
+        "/",
+    ]
 
 
 def inner_command(argv: list[str], disk_bytes: int, info_fd: int | None) -> list[str]:
-    """The unprivileged bwrap: all namespaces, uid 65534, no caps, capped writable /tmp."""
+    """The unprivileged bwrap: all namespaces, uid 65534, no caps, capped writable /tmp; the child
+    cannot make user namespaces of its own (where it would hold every capability again)."""
     bwrap = find_bwrap()
     assert bwrap is not None
     info = ["--info-fd", str(info_fd)] if info_fd is not None else []
-    return [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *info, *_ENV,
-            *read_only_view(), *_workdir(disk_bytes), "--", *argv]  # fmt: skip
+    return [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
+        "--disable-userns",
+        "--hostname",
+        "sandbox",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        *info,
+        *_ENV,
+        *read_only_view(),
+        *_workdir(disk_bytes),
+        "--",
+        *argv,
+    ]
 
 
 def outer_command(argv: list[str], info_fd: int, disk_bytes: int | None) -> list[str]:
@@ -128,10 +177,34 @@ def outer_command(argv: list[str], info_fd: int, disk_bytes: int | None) -> list
         view = [*read_only_view((bwrap,)), "--dev", "/dev", "--proc", "/proc", "--dir", WORKDIR, "--remount-ro", "/"]
     else:
         view = ["--hostname", "sandbox", *_ENV, *read_only_view(), *_workdir(disk_bytes)]
-    return [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--info-fd", str(info_fd), "--cap-drop", "ALL",
-            "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", *(["--clearenv"] if disk_bytes is None else []),
-            *view, "--", python_executable(), "-I", "-S", "-c", _DROP_PRIVILEGES, str(SANDBOX_UID), *argv]  # fmt: skip
+    return [
+        bwrap,
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--info-fd",
+        str(info_fd),
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "CAP_SETUID",
+        "--cap-add",
+        "CAP_SETGID",
+        *(["--clearenv"] if disk_bytes is None else []),
+        *view,
+        "--",
+        python_executable(),
+        "-I",
+        "-S",
+        "-c",
+        _DROP_PRIVILEGES,
+        str(SANDBOX_UID),
+        *argv,
+    ]
 
 
 def sandbox_command(argv: list[str], disk_bytes: int, info_fd: int, layout: Layout | None = None) -> list[str]:
@@ -174,9 +247,11 @@ def _probe() -> tuple[Layout | None, str | None]:
         if reason is None:
             return layout, None
         reasons.append(reason)
-    return None, (f"bubblewrap cannot create the sandbox here ({reasons[0]}); unprivileged user namespaces may be "
-                  "disabled (sysctl kernel.unprivileged_userns_clone=1, or AppArmor's "
-                  "kernel.apparmor_restrict_unprivileged_userns=0)")  # fmt: skip
+    return None, (
+        f"bubblewrap cannot create the sandbox here ({reasons[0]}); unprivileged user namespaces may be "
+        "disabled (sysctl kernel.unprivileged_userns_clone=1, or AppArmor's "
+        "kernel.apparmor_restrict_unprivileged_userns=0)"
+    )
 
 
 def bwrap_layout() -> Layout | None:

@@ -56,9 +56,17 @@ def _namespace_init(info_r: int, monitor_pid: int, deadline: float) -> int | Non
     return fd
 
 
-def run_supervised(make_argv: Callable[[int | None], list[str]], job: bytes, wall_s: float, max_stdout: int,
-                   env: dict[str, str], *, info: bool, cwd: str | None = None,
-                   stop_line: bytes = b'{"done": true}') -> ChildOutput:  # fmt: skip
+def run_supervised(
+    make_argv: Callable[[int | None], list[str]],
+    job: bytes,
+    wall_s: float,
+    max_stdout: int,
+    env: dict[str, str],
+    *,
+    info: bool,
+    cwd: str | None = None,
+    stop_line: bytes = b'{"done": true}',
+) -> ChildOutput:
     """Run ``make_argv(info_fd)`` with ``job`` on stdin. With ``info`` the command is a bwrap given
     ``--info-fd``: the teardown SIGKILLs the namespace's init (the kernel then kills every process
     in the pid namespace) and waits for it; otherwise the child's process group is killed."""
@@ -66,9 +74,16 @@ def run_supervised(make_argv: Callable[[int | None], list[str]], job: bytes, wal
     start = time.perf_counter()
     deadline = start + wall_s
     try:
-        proc = subprocess.Popen(make_argv(info_w), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True,
-                                pass_fds=(info_w,) if info_w is not None else ())  # fmt: skip
+        proc = subprocess.Popen(
+            make_argv(info_w),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            pass_fds=(info_w,) if info_w is not None else (),
+        )
     except BaseException:
         if info_r is not None:
             os.close(info_r)
@@ -123,8 +138,9 @@ def run_supervised(make_argv: Callable[[int | None], list[str]], job: bytes, wal
         if info_r is not None:
             os.close(info_r)
     lines = bytes(out[:max_stdout]).split(b"\n")[:-1]
-    return ChildOutput(lines, err.decode("utf-8", "replace"), proc.returncode, timed_out, overflowed,
-                       time.perf_counter() - start)  # fmt: skip
+    return ChildOutput(
+        lines, err.decode("utf-8", "replace"), proc.returncode, timed_out, overflowed, time.perf_counter() - start
+    )
 
 
 def _kill_tree(proc: subprocess.Popen, init_fd: int | None) -> None:
@@ -166,8 +182,9 @@ def remove_tree(root: str) -> None:
                 try:
                     for child in list(os.scandir(sub_fd)):
                         counter += 1
-                        progress |= _quiet(os.rename, child.name, f".flat-{counter}", src_dir_fd=sub_fd,
-                                           dst_dir_fd=root_fd)  # fmt: skip
+                        progress |= _quiet(
+                            os.rename, child.name, f".flat-{counter}", src_dir_fd=sub_fd, dst_dir_fd=root_fd
+                        )
                 finally:
                     os.close(sub_fd)
                 progress |= _quiet(os.rmdir, entry.name, dir_fd=root_fd)

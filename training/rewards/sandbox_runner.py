@@ -68,8 +68,12 @@ def _encode(value, depth, budget, max_depth):
     if isinstance(value, set):
         return {"set": items(set.__iter__(value))}
     if isinstance(value, dict):
-        return {"dict": [[_encode(k, depth + 1, budget, max_depth), _encode(v, depth + 1, budget, max_depth)]
-                         for k, v in dict.items(value)]}  # fmt: skip
+        return {
+            "dict": [
+                [_encode(k, depth + 1, budget, max_depth), _encode(v, depth + 1, budget, max_depth)]
+                for k, v in dict.items(value)
+            ]
+        }
     if hasattr(type(value), "__next__") or type(value).__name__ in ("range", "dict_keys", "dict_values", "dict_items"):
         out = []
         for x in iter(value):
@@ -94,9 +98,14 @@ def main():
     limits = job["limits"]
     # before any candidate code: CPU seconds, address space, processes (threads count too), file
     # size, open files, no core dumps
-    for name, soft in (("RLIMIT_CPU", limits["cpu_s"]), ("RLIMIT_AS", limits["memory_bytes"]),
-                       ("RLIMIT_NPROC", limits["processes"]), ("RLIMIT_FSIZE", limits["file_bytes"]),
-                       ("RLIMIT_NOFILE", limits["open_files"]), ("RLIMIT_CORE", 0)):  # fmt: skip
+    for name, soft in (
+        ("RLIMIT_CPU", limits["cpu_s"]),
+        ("RLIMIT_AS", limits["memory_bytes"]),
+        ("RLIMIT_NPROC", limits["processes"]),
+        ("RLIMIT_FSIZE", limits["file_bytes"]),
+        ("RLIMIT_NOFILE", limits["open_files"]),
+        ("RLIMIT_CORE", 0),
+    ):
         hard = soft + 1 if name == "RLIMIT_CPU" else soft  # SIGXCPU at soft, SIGKILL at hard
         resource.setrlimit(getattr(resource, name), (soft, hard))
     # results go to the original stdout; the candidate's prints go nowhere

@@ -33,15 +33,107 @@ from typing import Any
 
 MAX_ITEMS = 1_000_000  # elements (or decimal digits) a guarded operation may produce
 MAX_DEPTH = 32  # nesting of a returned value
-_SAFE_BUILTINS = ("abs", "all", "any", "ascii", "bin", "bool", "bytes", "callable", "chr", "complex", "dict",
-                  "divmod", "enumerate", "filter", "float", "format", "frozenset", "hash", "hex", "int", "isinstance",
-                  "issubclass", "iter", "len", "list", "map", "max", "min", "next", "oct", "ord", "repr", "reversed",
-                  "round", "set", "slice", "sorted", "str", "sum", "tuple", "type", "zip", "True", "False", "None")  # fmt: skip
-_SAFE_MATH = ("acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "copysign", "cos", "cosh",
-              "degrees", "dist", "e", "erf", "erfc", "exp", "expm1", "fabs", "floor", "fmod", "frexp", "fsum", "gamma",
-              "gcd", "hypot", "inf", "isclose", "isfinite", "isinf", "isnan", "isqrt", "ldexp", "lgamma", "log",
-              "log10", "log1p", "log2", "modf", "nan", "pi", "pow", "prod", "radians", "remainder", "sin", "sinh",
-              "sqrt", "tan", "tanh", "tau", "trunc")  # fmt: skip
+_SAFE_BUILTINS = (
+    "abs",
+    "all",
+    "any",
+    "ascii",
+    "bin",
+    "bool",
+    "bytes",
+    "callable",
+    "chr",
+    "complex",
+    "dict",
+    "divmod",
+    "enumerate",
+    "filter",
+    "float",
+    "format",
+    "frozenset",
+    "hash",
+    "hex",
+    "int",
+    "isinstance",
+    "issubclass",
+    "iter",
+    "len",
+    "list",
+    "map",
+    "max",
+    "min",
+    "next",
+    "oct",
+    "ord",
+    "repr",
+    "reversed",
+    "round",
+    "set",
+    "slice",
+    "sorted",
+    "str",
+    "sum",
+    "tuple",
+    "type",
+    "zip",
+    "True",
+    "False",
+    "None",
+)
+_SAFE_MATH = (
+    "acos",
+    "acosh",
+    "asin",
+    "asinh",
+    "atan",
+    "atan2",
+    "atanh",
+    "ceil",
+    "copysign",
+    "cos",
+    "cosh",
+    "degrees",
+    "dist",
+    "e",
+    "erf",
+    "erfc",
+    "exp",
+    "expm1",
+    "fabs",
+    "floor",
+    "fmod",
+    "frexp",
+    "fsum",
+    "gamma",
+    "gcd",
+    "hypot",
+    "inf",
+    "isclose",
+    "isfinite",
+    "isinf",
+    "isnan",
+    "isqrt",
+    "ldexp",
+    "lgamma",
+    "log",
+    "log10",
+    "log1p",
+    "log2",
+    "modf",
+    "nan",
+    "pi",
+    "pow",
+    "prod",
+    "radians",
+    "remainder",
+    "sin",
+    "sinh",
+    "sqrt",
+    "tan",
+    "tanh",
+    "tau",
+    "trunc",
+)
 _COUNTING_MATH = ("factorial", "comb", "perm")  # cost grows with the argument: guarded
 _RESERVED = "__fp_"
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -96,15 +188,20 @@ class _Splitter(ast.NodeTransformer):
                 return self._probe(node)
         node = self.generic_visit(node)
         if isinstance(node, ast.BinOp) and type(node.op) in _GUARDED_OPS:
-            return ast.Call(ast.Name("__fp_guard", ast.Load()), [ast.Constant(_GUARDED_OPS[type(node.op)]),
-                            node.left, node.right], [])  # fmt: skip
+            return ast.Call(
+                ast.Name("__fp_guard", ast.Load()),
+                [ast.Constant(_GUARDED_OPS[type(node.op)]), node.left, node.right],
+                [],
+            )
         return node
 
     def _probe(self, node: ast.expr) -> ast.expr:
         used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & self.local
         if used:
-            raise ValueError(f"test {self.source!r}: {ast.unparse(node)} depends on the loop or lambda variable(s) "
-                             f"{sorted(used)}; write one assert per input")  # fmt: skip
+            raise ValueError(
+                f"test {self.source!r}: {ast.unparse(node)} depends on the loop or lambda variable(s) "
+                f"{sorted(used)}; write one assert per input"
+            )
         self.probes.append(ast.unparse(node))
         return ast.Call(ast.Name("__fp_probe", ast.Load()), [ast.Constant(len(self.probes) - 1)], [])
 
@@ -159,7 +256,7 @@ def _decode(data: Any) -> Any:
         return [_decode(x) for x in data]
     if type(data) is not dict or len(data) != 1:
         raise ValueError("not an encoded value")
-    (tag, body), = data.items()
+    ((tag, body),) = data.items()
     if tag == "bytes" and type(body) is str:
         return bytes.fromhex(body)
     if tag == "complex" and type(body) is list and len(body) == 2 and all(type(x) in (int, float) for x in body):
@@ -267,12 +364,12 @@ def _guarded_counting(name: str) -> Any:
 
 
 _NAMESPACE: dict[str, Any] = {
-    "__builtins__": {**{n: getattr(builtins, n) for n in _SAFE_BUILTINS}, "pow": _guarded_pow,
-                     "range": _guarded_range},
-    "math": SimpleNamespace(**{n: getattr(math, n) for n in _SAFE_MATH},
-                            **{n: _guarded_counting(n) for n in _COUNTING_MATH}),
+    "__builtins__": {**{n: getattr(builtins, n) for n in _SAFE_BUILTINS}, "pow": _guarded_pow, "range": _guarded_range},
+    "math": SimpleNamespace(
+        **{n: getattr(math, n) for n in _SAFE_MATH}, **{n: _guarded_counting(n) for n in _COUNTING_MATH}
+    ),
     "__fp_guard": _guard,
-}  # fmt: skip
+}
 
 
 def _equal(a: Any, b: Any) -> bool:

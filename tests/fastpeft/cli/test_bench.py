@@ -8,8 +8,12 @@ from fastpeft.training.config_io import parse_cli
 
 
 def test_flags_do_not_swallow_scenarios_and_aliases_map_old_flags():
-    args = parse_cli(BenchConfig, ["--small", "decode-linear", "sampling", "--reps", "2", "--no-plots"],
-                     positional="scenarios", aliases=_ALIASES)  # fmt: skip
+    args = parse_cli(
+        BenchConfig,
+        ["--small", "decode-linear", "sampling", "--reps", "2", "--no-plots"],
+        positional="scenarios",
+        aliases=_ALIASES,
+    )
     assert args.scenarios == ["decode-linear", "sampling"] and args.small is True and args.reps == 2 and args.no_plots
     args = parse_cli(BenchConfig, ["--full", "--list", "--filter", "M=1"], positional="scenarios", aliases=_ALIASES)
     assert args.small is False and args.list_scenarios and args.filter == "M=1" and args.scenarios == []

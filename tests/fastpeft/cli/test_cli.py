@@ -57,16 +57,20 @@ def test_sft_merge_info_round_trip(tmp_path, tiny_llama, char_tokenizer, arithme
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_records[:16]))
     config = tmp_path / "sft.yaml"
-    config.write_text(f"model: {base_dir}\ntrain_data: {data}\nfinetune: lora\nlora: {{r: 8, lora_alpha: 16}}\n"
-                      f"output_dir: {tmp_path / 'run'}\nmicro_batch_size: 4\nlr: 0.05\nprogress: false\n"
-                      "plot: false\n")  # fmt: skip
+    config.write_text(
+        f"model: {base_dir}\ntrain_data: {data}\nfinetune: lora\nlora: {{r: 8, lora_alpha: 16}}\n"
+        f"output_dir: {tmp_path / 'run'}\nmicro_batch_size: 4\nlr: 0.05\nprogress: false\n"
+        "plot: false\n"
+    )
     assert main(["sft", str(config), "--max_steps", "2", "--set", "lora.r=4", "--save_every", "2"]) == 0
     out = capsys.readouterr().out
     assert "final loss" in out and "tokens/s" in out
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4  # the override won
 
-    assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged"), "--model", str(base_dir)]) == 0
+    assert (
+        main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged"), "--model", str(base_dir)]) == 0
+    )
     merged = build_model(str(tmp_path / "merged"), None)
     with_adapter = build_model(str(base_dir), None)
     fastpeft.load_adapter(with_adapter, adapter)
@@ -83,17 +87,52 @@ def test_sft_merge_info_round_trip(tmp_path, tiny_llama, char_tokenizer, arithme
 
 def test_plan_cli_prints_a_recommendation(tmp_path, capsys):
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=16, num_key_value_heads=8, vocab_size=32000)))  # fmt: skip
-    assert main(["plan", "--model", str(cfg), "--gpu-memory-gib", "2.5", "--seq_len", "2048", "--data_tokens", "1e6"]) == 0
+    cfg.write_text(
+        json.dumps(
+            dict(
+                model_type="llama",
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=16,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                vocab_size=32000,
+            )
+        )
+    )
+    assert (
+        main(["plan", "--model", str(cfg), "--gpu-memory-gib", "2.5", "--seq_len", "2048", "--data_tokens", "1e6"]) == 0
+    )
     out = capsys.readouterr().out
     assert "recommendation: qlora" in out and "total_ckpt" in out
 
 
 def _quick_demo(tmp_path, **extra) -> list[str]:
-    argv = ["demo", "--output_dir", str(tmp_path / "demo"), "--pretrain_examples", "64", "--pretrain_steps", "3",
-            "--train_examples", "24", "--eval_examples", "6", "--sft_steps", "2", "--hidden_size", "32",
-            "--num_layers", "1", "--max_new_tokens", "4", "--progress", "false", "--micro_batch_size", "4"]  # fmt: skip
+    argv = [
+        "demo",
+        "--output_dir",
+        str(tmp_path / "demo"),
+        "--pretrain_examples",
+        "64",
+        "--pretrain_steps",
+        "3",
+        "--train_examples",
+        "24",
+        "--eval_examples",
+        "6",
+        "--sft_steps",
+        "2",
+        "--hidden_size",
+        "32",
+        "--num_layers",
+        "1",
+        "--max_new_tokens",
+        "4",
+        "--progress",
+        "false",
+        "--micro_batch_size",
+        "4",
+    ]
     for key, value in extra.items():
         argv += [f"--{key}", str(value)]
     return argv

@@ -18,13 +18,16 @@ def test_split_nproc():
 
 
 @pytest.mark.parametrize("command", ["sft", "reward", "dpo", "grpo", "ppo"])
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--nproc", "-1"], "--nproc needs a positive integer"),
-    (["--model_config", "{model_type: llama}"], "train_data is required"),
-    (["--train_data", "x.jsonl"], "give `model`"),
-    (["--train_data", "/no/such.jsonl", "--model_config", "{model_type: llama}"], "does not exist"),
-    (["--lr", "1", "--lr", "2"], "'lr' is given twice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nproc", "-1"], "--nproc needs a positive integer"),
+        (["--model_config", "{model_type: llama}"], "train_data is required"),
+        (["--train_data", "x.jsonl"], "give `model`"),
+        (["--train_data", "/no/such.jsonl", "--model_config", "{model_type: llama}"], "does not exist"),
+        (["--lr", "1", "--lr", "2"], "'lr' is given twice"),
+    ],
+)
 def test_every_recipe_command_checks_the_same_things(command, argv, message, capsys):
     assert main([command, *argv]) == 2
     err = capsys.readouterr().err.strip()
