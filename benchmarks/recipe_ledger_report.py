@@ -8,7 +8,6 @@ JSON; ``--small`` runs the same code on a tiny config (printed, never recorded).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import time

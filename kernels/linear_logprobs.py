@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from fastpeft.kernels.autocast import autocast_off
 from fastpeft.kernels._constants import FLOAT_DTYPES as _COMPUTE_DTYPES
+from fastpeft.kernels.autocast import autocast_off
 from fastpeft.kernels.backend import use_triton
 from fastpeft.kernels.linear_cross_entropy import default_chunk_size, lm_head_inputs
 from fastpeft.kernels.workspace import accounting, note_transient

@@ -36,7 +36,6 @@ from fastpeft.training.pairs import PairRow
 from fastpeft.training.recipe import RunContext
 from fastpeft.training.rollout import CompletionLogprobs, RolloutBatch, batched_logprobs, layout
 
-
 PhaseHook = Callable[[str], None]  # told "forward" / "backward" as a micro-batch enters each (the ledger's phases)
 
 

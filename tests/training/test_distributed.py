@@ -35,7 +35,7 @@ def _assert_tensors_close(got: dict[str, torch.Tensor], want: dict[str, torch.Te
     for key, tensor in want.items():
         assert not isinstance(got[key], nn.Parameter) and got[key].shape == tensor.shape, (where, key)
         # Adam steps from gradients equal to ~1e-7 (reduction order) stay within lr * 1e-3
-        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{where} {key}: {m}")
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{where} {key}: {m}")
 
 
 def test_two_ranks_match_one_process(tmp_path, tiny_llama, arithmetic_records, monkeypatch):

@@ -48,7 +48,7 @@ def _run(config, reward, model=None, sampler=None):
 
 
 def test_layout_puts_every_completion_at_the_same_column():
-    ids, mask, pos, comp, lp = layout([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    ids, _mask, pos, comp, lp = layout([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
     assert lp == 3 and ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
     assert pos[1, 2:].tolist() == [0, 1, 2, 3] and comp.tolist() == [[1, 1, 0], [1, 1, 1]]
 
