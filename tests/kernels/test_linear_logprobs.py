@@ -163,3 +163,29 @@ def test_bad_inputs_name_what_is_wrong():
         linear_logprobs(hidden, weight, targets, temperature=0.0)
     with pytest.raises(TypeError, match="share one float dtype"):
         linear_logprobs(hidden.float(), weight, targets)
+
+
+def test_fake_implementations_report_the_chunk_to_the_memory_ledger():
+    # under the ledger (fake tensors) the ops' register_fake implementations add the [C, V] logits
+    # chunk the real op holds (and, backward, the chunk's dH rows) on top of their outputs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastpeft.kernels.workspace import isolated_workspaces
+    from fastpeft.training.memory_ledger import MemoryTracker
+
+    n, h, v, chunk = 48, 32, 1000, 16
+    with FakeTensorMode(), isolated_workspaces():
+        hidden = torch.empty(n, h, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.empty(v, h, dtype=torch.bfloat16)
+        targets = torch.zeros(n, dtype=torch.long)
+        tracker = MemoryTracker()
+        with tracker:
+            tracker.set_phase("forward")
+            logp, _ = linear_logprobs(hidden, weight, targets, chunk_size=chunk)
+            forward_peak = tracker.peak
+            tracker.set_phase("backward")
+            logp.sum().backward()
+    chunk_logits = chunk * v * 2
+    assert forward_peak >= chunk_logits + 3 * n * 4  # the chunk on top of logp, ent, lse
+    assert tracker.peak >= chunk_logits + chunk * h * 2 + n * h * 2  # + its dH rows, on top of dH
+    assert tracker.peak < 2 * (chunk_logits + n * h * 2 + 3 * n * 4 + chunk * h * 2)  # one chunk, not [N, V]
