@@ -146,7 +146,8 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
         model=str(sft_dir), train_data=train, eval_data=test, eval_max_examples=None, max_steps=s.grpo_steps,
         lr=s.grpo_lr, beta=s.grpo_beta, temperature=s.grpo_temperature, prompts_per_step=s.grpo_prompts_per_step,
         num_generations=s.grpo_generations, max_new_tokens=s.max_new_tokens, max_seq_len=128, micro_batch_size=32,
-        lora=s.lora, rewards={"arithmetic": 1.0}, output_dir=str(out / "grpo"), seed=s.seed, log_every=5,
+        lora=s.lora, rewards={"answer": 1.0}, eval_match="answer", scheduler="constant", output_dir=str(out / "grpo"),
+        seed=s.seed, log_every=5,
         eval_every=max(1, s.grpo_steps // 4), **common))  # fmt: skip
     curve = [(h["step"], h["exact_match"]) for h in g.history if "exact_match" in h]
     results["grpo"] = {"exact_match_before": curve[0][1], "exact_match_after": g.eval["exact_match"],
@@ -160,7 +161,8 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
         model=str(sft_dir), train_data=train, eval_data=test, eval_max_examples=None, max_steps=s.ppo_steps,
         lr=s.ppo_lr, kl_coef=s.ppo_kl_coef, temperature=s.grpo_temperature, prompts_per_step=s.grpo_prompts_per_step,
         samples_per_prompt=s.grpo_generations, max_new_tokens=s.max_new_tokens, max_seq_len=128, mini_batch_size=32,
-        ppo_epochs=1, lora=s.lora, rewards={"arithmetic": 1.0}, output_dir=str(out / "ppo"), seed=s.seed,
+        ppo_epochs=1, lora=s.lora, rewards={"answer": 1.0}, eval_match="answer", scheduler="constant",
+        output_dir=str(out / "ppo"), seed=s.seed,
         log_every=10, eval_every=max(1, s.ppo_steps // 2), **common))  # fmt: skip
     curve = [(h["step"], h["exact_match"]) for h in p.history if "exact_match" in h]
     results["ppo"] = {"exact_match_before": curve[0][1], "exact_match_after": p.eval["exact_match"],
@@ -180,7 +182,7 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
     t = time.perf_counter()
     rm = _quiet(reward_model.train, reward_model.RewardConfig(
         model=str(sft_dir), train_data=train_pairs, eval_data=eval_pairs, max_steps=s.rm_steps, lr=s.rm_lr,
-        micro_batch_size=16, max_seq_len=128, lora=s.lora, output_dir=str(out / "reward"), seed=s.seed,
+        micro_batch_size=16, max_seq_len=128, lora=s.lora, scheduler="constant", output_dir=str(out / "reward"), seed=s.seed,
         log_every=25, **common))  # fmt: skip
     results["reward_model"] = {"pairwise_accuracy_held_out": rm.eval.get("eval_accuracy"),
                                "held_out_pairs": rm.eval.get("eval_pairs"), "train_pairs": len(train_pairs),
@@ -192,7 +194,7 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
         t = time.perf_counter()
         d = _quiet(dpo.train, dpo.DPOConfig(
             model=str(sft_dir), train_data=train_pairs, eval_data=eval_pairs, max_steps=s.dpo_steps, lr=s.dpo_lr,
-            beta=s.dpo_beta, sft_coef=sft_coef, micro_batch_size=8, max_seq_len=128, lora=s.lora,
+            beta=s.dpo_beta, sft_coef=sft_coef, micro_batch_size=8, max_seq_len=128, lora=s.lora, scheduler="constant",
             output_dir=str(out / name), seed=s.seed, log_every=10, **common))  # fmt: skip
         policy, _ = load_saved_model(sft_dir)
         fastpeft.load_adapter(policy, d.saved)

@@ -10,8 +10,11 @@ ranks (DDP all-reduce, FSDP2 reduce-scatter), hence the same loss scale.
 (``torch.distributed.fsdp.fully_shard``, torch >= 2.6 API) to every transformer block (the classes
 in the model's ``_no_split_modules``) and then to the loss wrapper as the root (embeddings, final
 norm, LM head): parameters, gradients and optimizer state are sharded over ranks (dim 0).
-What is supported, each checked on CPU/gloo with 2 ranks against one process with the same global
-batch (``tests/training/test_distributed.py``: losses, gradient norms, eval losses to rel 1e-5):
+Every recipe goes through these wrappers (:func:`fastpeft.training.loop.start_run`). What is
+supported, each checked on CPU/gloo with 2 ranks against one process with the same global batch
+(``tests/training/test_distributed.py`` for SFT; ``tests/training/test_recipes.py`` for DPO and
+GRPO, FSDP2 included, whose rollouts sample from gathered parameters: losses, gradient norms,
+eval losses to rel 1e-5):
 
 - ``finetune="full"`` and ``"lora"`` (dense base + LoRALinear adapters; frozen and trainable
   parameters share a block's FSDP group), gradient accumulation (``set_requires_gradient_sync``),
@@ -149,6 +152,12 @@ def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.devic
     for block in blocks:  # innermost first: a parent's group takes only what its children left
         fully_shard(block, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
+    # FSDP2 picks its root at the first forward; a first forward through a submodule (the RL
+    # recipes sample from the LM inside the wrapper before any training forward) would make a block
+    # the root. Sharding is complete here, so fix the root now (torch has no public call for it).
+    state = getattr(loss_module, "_get_fsdp_state", None)
+    if state is not None and hasattr(state(), "_lazy_init"):
+        state()._lazy_init()
     return loss_module
 
 

@@ -143,7 +143,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
               aggregation: str = "grpo", max_len: int | None = None, num_seqs: float | None = None,
               num_tokens: float | None = None, count_empty_rows: bool = False,
-              kl_ratio_correction: bool = False) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+              kl_ratio_correction: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """The GRPO objective on one (micro-)batch.
 
         l_t = clipped_policy_loss_t + β · k3_kl(logp_t, ref_logp_t) [· ρ_t]
@@ -154,20 +154,21 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     reverse-KL gradient, DeepSeek-V3.2); ours is off. It changes the gradient even on-policy, where ρ = 1.
     ``count_empty_rows``: see :func:`aggregate_token_loss` (TRL's rows-count; ours is off).
     ``β = 0`` needs no ``ref_logp``. Returns ``(loss, stats)`` with ``stats``: ``clip_fraction`` and
-    (with β > 0) ``kl`` (the k3 estimate, token mean over the mask, before any ratio correction).
+    (with β > 0) ``kl`` (the k3 estimate, token mean over the mask, before any ratio correction), as
+    detached 0-d tensors: no host sync per micro-batch (the recipe reads them once per step).
     """
     _check_same(logp=logp, old_logp=old_logp, mask=mask, ref_logp=ref_logp)
     per_token, clipped = clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high)
     m = mask.bool()
-    n = max(int(m.sum()), 1)
-    stats = {"clip_fraction": float((clipped & m).sum()) / n}
+    n = m.sum().clamp(min=1)
+    stats = {"clip_fraction": (clipped & m).sum() / n}
     if beta:
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
         kl = k3_kl(logp, ref_logp)
-        stats["kl"] = float((kl.detach() * m).sum()) / n
+        stats["kl"] = (kl.detach() * m).sum() / n
         if kl_ratio_correction:
             kl = kl * torch.exp(logp - old_logp)
         per_token = per_token + beta * kl

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fastpeft.reasoning.types import Completion, Generator, SamplingParams
-from fastpeft.training.rl_common import backbone_hidden, token_logprobs_from_hidden
+from fastpeft.training.logprobs import completion_logprobs
 
 
 @dataclasses.dataclass
@@ -120,9 +120,11 @@ def _strip_eos(c: Completion) -> list[int]:
 
 
 class CompletionLogprobs(nn.Module):
-    """``forward(input_ids, attention_mask, position_ids) -> [B, C]`` log-probs of the completion
-    tokens (columns ``prompt_width ..``) at sampling temperature ``temperature``; with
-    ``value_head`` also the values ``[B, C]`` of the states before each token (PPO)."""
+    """``forward(input_ids, attention_mask, position_ids) -> {"logp", "entropy"[, "values"]}``, each
+    ``[B, C]``: log-probs of the completion tokens (columns ``prompt_width ..``) at sampling
+    temperature ``temperature`` and the entropies of those next-token distributions, through the
+    chunked LM head (:func:`~fastpeft.training.logprobs.completion_logprobs`: no ``[B, C, V]``); with
+    ``value_head``, the values of the states before each token (PPO). One module, so DDP sees one forward."""
 
     def __init__(self, lm: nn.Module, prompt_width: int = 1, temperature: float = 1.0,
                  value_head: nn.Module | None = None):  # fmt: skip
@@ -130,21 +132,19 @@ class CompletionLogprobs(nn.Module):
         self.lm, self.prompt_width, self.temperature, self.value_head = lm, prompt_width, temperature, value_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        lp = self.prompt_width
-        hidden = backbone_hidden(self.lm, input_ids, attention_mask, position_ids)[:, lp - 1 : -1]
-        logp = token_logprobs_from_hidden(self.lm, hidden, input_ids[:, lp:], self.temperature)
-        if self.value_head is None:
-            return logp
-        return logp, self.value_head(hidden.float()).squeeze(-1)
+                position_ids: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+        logp, entropy, hidden = completion_logprobs(self.lm, input_ids, attention_mask, position_ids,
+                                                    self.prompt_width, self.temperature)  # fmt: skip
+        out = {"logp": logp, "entropy": entropy}
+        if self.value_head is not None:
+            with torch.autocast(hidden.device.type, enabled=False):  # the fp32 head stays fp32 under autocast
+                out["values"] = self.value_head(hidden.float()).squeeze(-1)
+        return out
 
 
 @torch.no_grad()
-def batched_logprobs(module: CompletionLogprobs, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
-    """Completion log-probs of every row (no grad), ``micro_batch_size`` rows per forward: ``[N, C]``
-    (with a value head: ``([N, C], [N, C])``)."""
-    module.prompt_width = batch.prompt_width
+def batched_logprobs(module: nn.Module, batch: RolloutBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """:class:`CompletionLogprobs` outputs for every row (no grad), ``micro_batch_size`` rows per
+    forward, concatenated: each ``[N, C]``."""
     outs = [module(**batch.rows(slice(i, i + micro_batch_size))) for i in range(0, batch.num_sequences, micro_batch_size)]
-    if isinstance(outs[0], tuple):
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    return torch.cat(outs)
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}

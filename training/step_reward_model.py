@@ -32,10 +32,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import math
-import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +43,10 @@ from torch import nn
 
 from fastpeft.training import distributed as dist_utils
 from fastpeft.training.data import BatchPlan, load_records
-from fastpeft.training.metrics import peak_memory_bytes, progress_bar
+from fastpeft.training.logprobs import backbone_hidden
+from fastpeft.training.loop import Callback, start_run
+from fastpeft.training.recipe import setup_run
 from fastpeft.training.reward_model import HEAD_FILE, RewardConfig, RewardResult, ScalarHeadModel
-from fastpeft.training.rl_common import (
-    Checkpointer,
-    backbone_hidden,
-    build_optimization,
-    finish_plot,
-    open_logger,
-    optimizer_step,
-    save_final,
-    setup_run,
-    wrap_ddp,
-)
 
 OBJECTIVES = ("process", "outcome")
 LABEL_KEYS = ("soft", "hard", "checker")
@@ -232,8 +221,9 @@ def _routed(lm: nn.Module, adapter: str | None, rows: int) -> contextlib.Abstrac
 
 
 def train_on_labels(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
-                    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> RewardResult:  # fmt: skip
-    """The reward recipe for ``objective`` ``process`` / ``outcome`` (see the module docstring)."""
+                    callbacks: Sequence[Callback] = ()) -> RewardResult:  # fmt: skip
+    """The reward recipe for ``objective`` ``process`` / ``outcome`` (see the module docstring), on
+    the recipes' one loop (:mod:`fastpeft.training.loop`)."""
     ctx = setup_run(config, model, tokenizer)
     rm = ScalarHeadModel(ctx.model)
     rm.train()
@@ -248,56 +238,33 @@ def train_on_labels(config: RewardConfig, model: nn.Module | None = None, tokeni
     rows = tokenize(config.train_data)
     eval_rows = tokenize(config.eval_data) if config.eval_data is not None else []
     plan = BatchPlan(rows, config.micro_batch_size, config.grad_accum_steps, ctx.world_size, ctx.rank, config.seed)
-    total = config.max_steps if config.num_epochs is None else max(1, math.ceil(config.num_epochs * plan.steps_per_epoch))
-    params = [p for p in rm.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimization(config, params, total, ctx.device)
-    runner = wrap_ddp(rm, ctx, find_unused=config.finetune == "full")
-    checkpointer = Checkpointer(ctx, config, rm)
-    state = checkpointer.resume(optimizer, scheduler)
-    start, bad = (state["step"], state["bad_steps"]) if state else (0, 0)
-    logger = open_logger(ctx, start if state else None)
-    logger.log({"event": "start", "recipe": f"reward/{config.objective}", "step": start, "total_steps": total,
-                "records": len(rows), "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
-    bar = progress_bar(total, start, ctx.main and config.progress, desc=f"reward/{config.objective}")
-    t0, last_loss = time.perf_counter(), None
-    for step in range(start, total):
+    layout = {"records": len(rows), "global_batch_records": plan.global_batch}
+    run = start_run(ctx, config, f"reward/{config.objective}", rm, config.total_steps(plan.steps_per_epoch), layout,
+                    saved_module=rm, find_unused=config.finetune == "full", callbacks=callbacks,  # the LM head is unused
+                    start_record={"records": len(rows)})  # fmt: skip
+    evaluate = None
+    if eval_rows:
+        def evaluate() -> dict[str, Any]:
+            return evaluate_labels(rm, eval_rows, pad, config.eval_batch_size, ctx.device)
+    run.evaluate_at_start(evaluate)
+    for step in run.steps():
         micro = plan.micro_batches(step)
-        count = float(dist_utils.all_reduce_sum(torch.tensor(float(sum(len(r.positions) for m in micro for r in m)),
-                                                             device=ctx.device)))  # fmt: skip
-        step_loss = 0.0
+        local = float(sum(len(r.positions) for m in micro for r in m))
+        count = float(dist_utils.all_reduce_sum(torch.tensor(local, device=ctx.device)))  # boundaries, every rank
+        step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for j, mb in enumerate(micro):
             b = collate_label_rows(mb, pad, ctx.device)
-            sync = j == len(micro) - 1 or not ctx.distributed
-            with runner.no_sync() if not sync else contextlib.nullcontext():
-                logits = boundary_logits(runner(b["input_ids"], b["attention_mask"], b["position_ids"]), b)
+            with run.micro_batch(last=j == len(micro) - 1):
+                logits = boundary_logits(run.runner(b["input_ids"], b["attention_mask"], b["position_ids"]), b)
                 loss = step_label_loss(logits, b["target"], reduction="sum")
-                (loss * (ctx.world_size / count)).backward()
-            step_loss += float(loss.detach())
-        loss_value = float(dist_utils.all_reduce_sum(torch.tensor(step_loss, dtype=torch.float64,
-                                                                  device=ctx.device))) / count  # fmt: skip
-        grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value, config.max_grad_norm, bad,
-                                                 config.max_bad_steps, step + 1)  # fmt: skip
-        last_loss = loss_value if stepped else last_loss
-        record = {"step": step + 1, "loss": loss_value if stepped else None, "grad_norm": grad_norm,
-                  "lr": scheduler.get_last_lr()[0]}  # fmt: skip
-        if config.eval_every and (step + 1) % config.eval_every == 0 and eval_rows and ctx.main:
-            record.update(evaluate_labels(rm, eval_rows, pad, config.eval_batch_size, ctx.device))
-        if (step + 1) % config.log_every == 0 or step + 1 == total or "eval_loss" in record:
-            logger.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        checkpointer.maybe_save(step + 1, optimizer, scheduler, {"bad_steps": bad})
-        for cb in callbacks:
-            cb(step + 1, record)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    final_eval = evaluate_labels(rm, eval_rows, pad, config.eval_batch_size, ctx.device) if eval_rows and ctx.main else {}
-    saved = save_final(ctx, rm.head_state(), HEAD_FILE)
-    logger.log({"step": total, "event": "end", **final_eval, "train_seconds": seconds,
-                "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip
-    finish_plot(ctx, config)
-    dist_utils.barrier()
-    return RewardResult(total, last_loss, final_eval, ctx.out_dir, saved, rm, seconds)
+                run.backward(loss / count)
+            step_loss += loss.detach().double()
+            run.count_tokens(int(b["attention_mask"].sum()))
+        loss_value = float(dist_utils.all_reduce_sum(step_loss)) / count
+        run.update(loss_value)
+        run.end_step(step, {"loss": loss_value}, evaluate)
+    result = run.finish(evaluate, rm.head_state, HEAD_FILE)
+    return RewardResult(**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)}, model=rm)
 
 
 class StepScorer:

@@ -35,7 +35,7 @@ def _assert_tensors_close(got: dict[str, torch.Tensor], want: dict[str, torch.Te
     for key, tensor in want.items():
         assert not isinstance(got[key], nn.Parameter) and got[key].shape == tensor.shape, (where, key)
         # Adam steps from gradients equal to ~1e-7 (reduction order) stay within lr * 1e-3
-        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{where} {key}: {m}")
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{where} {key}: {m}")
 
 
 def test_two_ranks_match_one_process(tmp_path, tiny_llama, arithmetic_records, monkeypatch):
@@ -85,7 +85,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, tiny_llama, arith
         # the sharded run reduces in another order: equal to float32 rounding
         assert _losses(two) == pytest.approx(_losses(one), rel=1e-5), mode
         assert _records(two, "grad_norm") == pytest.approx(_records(one, "grad_norm"), rel=1e-5), mode
-        assert len(_records(one, "eval_loss")) == 2  # after step 2 and at the end (step 4)
+        assert len(_records(one, "eval_loss")) == 3  # at the start, after step 2 and at the end (step 4)
         assert _records(two, "eval_loss") == pytest.approx(_records(one, "eval_loss"), rel=1e-5), mode
         ckpt_one, ckpt_two = one / "checkpoints" / "step-000002", two / "checkpoints" / "step-000002"
         names = {p.name for p in ckpt_one.rglob("*")}

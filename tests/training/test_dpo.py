@@ -1,5 +1,5 @@
 """DPO: the reference is the adapter-disabled model, a few steps move the loss, precomputed reference
-log-probs match on-the-fly ones, IPO runs, and resume is exact."""
+log-probs match on-the-fly ones, IPO runs (exact resume: tests/training/test_recipes.py)."""
 
 import copy
 import json
@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.dpo import DPOConfig, PairLogprobs, reference_logprobs, train
 from fastpeft.training.model_setup import build_model
-from fastpeft.training.rl_common import tokenize_pairs
+from fastpeft.training.pairs import tokenize_pairs
 from fastpeft.training.tokenizer import load_char_tokenizer
 
 PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"],
@@ -75,16 +74,6 @@ def test_ipo_runs(tmp_path, tiny_config):
     assert losses[0] == pytest.approx(25.0, abs=1e-3) and losses[1] < losses[0]
 
 
-def test_resume_continues_exactly(tmp_path, tiny_config):
-    _quiet(train, _config(tiny_config, tmp_path, "full", max_steps=4))
-    _quiet(train, _config(tiny_config, tmp_path, "cut", max_steps=2, save_every=2))
-    _quiet(train, _config(tiny_config, tmp_path, "cut", max_steps=4, resume=True))
-    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"))
-
-
 def test_full_finetuning_needs_precomputed_reference(tmp_path, tiny_config):
     with pytest.raises(ValueError, match="adapters disabled"):
         _quiet(train, _config(tiny_config, tmp_path, "f", finetune="full"))
@@ -108,3 +97,12 @@ def test_sft_coef_adds_the_chosen_mean_token_nll(tmp_path, tiny_config):
             total, n = loss_fn(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"])
             nll.append(float(total) / int(n))
     assert _losses(tmp_path / "rpo")[0] == pytest.approx(0.693147 + coef * sum(nll) / len(nll), rel=1e-4)
+
+
+def test_pairs_that_truncation_makes_identical_are_dropped():
+    tok = load_char_tokenizer()
+    pairs = [{"prompt": "Q: 1+1=?\nA:", "chosen": " long shared reasoning; answer 2", "rejected": " long shared reasoning; answer 3"},
+             {"prompt": "Q: 2+2=?\nA:", "chosen": " 4", "rejected": " 5"}]  # fmt: skip
+    with pytest.warns(UserWarning, match="dropped 1 pairs whose chosen and rejected sides are the same"):
+        kept = tokenize_pairs(pairs, tok, 24)  # cuts the first pair before its answers
+    assert [p.index for p in kept] == [1]

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.training import checkpoint as ckpt
-from fastpeft.training import rl_common, sft
+from fastpeft.training import recipe
 from fastpeft.training.model_setup import build_model
-from fastpeft.training.rl_common import RecipeConfig, RunContext, save_final
+from fastpeft.training.recipe import RecipeConfig, RunContext, save_final
 from fastpeft.training.sft import SFTConfig, train
 
 
@@ -19,8 +19,7 @@ def _no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output directory was checked")
 
-    monkeypatch.setattr(sft, "build_model", refuse)
-    monkeypatch.setattr(rl_common, "build_model", refuse)
+    monkeypatch.setattr(recipe, "build_model", refuse)  # every recipe builds its model there
 
 
 @pytest.mark.parametrize("where", ["file", "under_a_file", "adapter_is_a_file"])
@@ -33,7 +32,7 @@ def test_unusable_output_dir_is_refused_before_loading(where, tmp_path, tiny_lla
         out.mkdir()
         (out / "adapter").write_text("x")
     for run in (lambda: train(SFTConfig(model_config=tiny_llama(), train_data=[{"text": "a"}], output_dir=str(out))),
-                lambda: rl_common.setup_run(RecipeConfig(model_config=tiny_llama(), output_dir=str(out)))):
+                lambda: recipe.setup_run(RecipeConfig(model_config=tiny_llama(), output_dir=str(out)))):
         with pytest.raises(ValueError, match=r"^output_dir: .* exists and is not a directory$"):
             run()
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float | None]
+# the names build_reward knows; "arithmetic" is accepted for "answer" (its name in older configs)
+BUILTIN_REWARDS = ("answer", "format", "code", "process", "length")
 
 
 @dataclasses.dataclass
@@ -170,19 +172,21 @@ class MultiObjectiveReward:
 
 
 def build_reward(names: Sequence[str] | Mapping[str, float], **options: Any) -> MultiObjectiveReward:
-    """A :class:`MultiObjectiveReward` from built-in reward names (``arithmetic``, ``format``,
-    ``code``, ``process``, ``length``), a list (unit weights) or a name -> weight mapping.
+    """A :class:`MultiObjectiveReward` from built-in reward names (:data:`BUILTIN_REWARDS`: ``answer``,
+    the final answer against ``record["answer"]``; ``format``; ``code``; ``process``; ``length``), a
+    list (unit weights) or a name -> weight mapping.
     ``options`` go to the rewards that take them: ``code_limits`` (a dict of
     :class:`~fastpeft.training.rewards.code_sandbox.SandboxLimits` fields), ``code_isolation``
     (``"bwrap"``, the default, or ``"unsafe-rlimits-only"``), ``process_weights``."""
     from fastpeft.training.rewards.code_sandbox import CodeReward, SandboxLimits
     from fastpeft.training.rewards.hacking import length_reward
-    from fastpeft.training.rewards.outcome import answer_format_reward, arithmetic_reward
+    from fastpeft.training.rewards.outcome import answer_format_reward, answer_reward
     from fastpeft.training.rewards.process import StepCheckerReward
 
     weights = dict(names) if isinstance(names, Mapping) else {n: 1.0 for n in names}
     factories: dict[str, Callable[[], RewardFn]] = {
-        "arithmetic": lambda: arithmetic_reward,
+        "answer": lambda: answer_reward,
+        "arithmetic": lambda: answer_reward,
         "format": lambda: answer_format_reward,
         "code": lambda: CodeReward(SandboxLimits(**options.get("code_limits", {})),
                                    isolation=options.get("code_isolation", "bwrap")),
@@ -191,5 +195,5 @@ def build_reward(names: Sequence[str] | Mapping[str, float], **options: Any) -> 
     }
     unknown = [n for n in weights if n not in factories]
     if unknown or not weights:
-        raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {sorted(factories)}")
+        raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {list(BUILTIN_REWARDS)}")
     return MultiObjectiveReward({n: factories[n]() for n in weights}, weights)
