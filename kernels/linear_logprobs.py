@@ -51,10 +51,16 @@ FLOAT_DTYPES = (*_COMPUTE_DTYPES, torch.float64)  # float64: the torch path, for
 
 @triton.jit
 def _logprob_stats_kernel(
-    logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr,
-    n_cols, stride_row, inv_temp,
+    logits_ptr,
+    targets_ptr,
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    n_cols,
+    stride_row,
+    inv_temp,
     BLOCK_V: tl.constexpr,
-):  # fmt: skip
+):
     """One program per row: log p(target), log-sum-exp and entropy of softmax(logits · inv_temp)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -81,10 +87,18 @@ def _logprob_stats_kernel(
 
 @triton.jit
 def _logprob_grad_kernel(
-    logits_ptr, targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_ent_ptr,
-    n_cols, stride_row, inv_temp,
-    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    targets_ptr,
+    lse_ptr,
+    mean_z_ptr,
+    grad_logp_ptr,
+    grad_ent_ptr,
+    n_cols,
+    stride_row,
+    inv_temp,
+    HAS_ENT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """One program per row: ``dz / τ`` (module docstring) written over the row's logits, in their dtype."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -107,14 +121,18 @@ def _logprob_grad_kernel(
 
 def _check_rows(logits: torch.Tensor, *rows: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be 2-D [C, V] with unit column stride, got shape {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")  # fmt: skip
+        raise ValueError(
+            f"logits must be 2-D [C, V] with unit column stride, got shape {tuple(logits.shape)} "
+            f"strides {logits.stride()}"
+        )
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float64/float32/float16/bfloat16, got {logits.dtype}")
     for t in rows:
         if t.shape != (logits.shape[0],) or t.device != logits.device or not t.is_contiguous():
-            raise ValueError(f"per-row tensors must be contiguous [{logits.shape[0]}] on {logits.device}, got "
-                             f"{tuple(t.shape)} strides {t.stride()} on {t.device}")  # fmt: skip
+            raise ValueError(
+                f"per-row tensors must be contiguous [{logits.shape[0]}] on {logits.device}, got "
+                f"{tuple(t.shape)} strides {t.stride()} on {t.device}"
+            )
 
 
 def _block_v(n_cols: int, block_v: int | None) -> int:
@@ -124,8 +142,9 @@ def _block_v(n_cols: int, block_v: int | None) -> int:
     return block_v
 
 
-def logprob_stats_triton(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float = 1.0,
-                         block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def logprob_stats_triton(
+    logits: torch.Tensor, targets: torch.Tensor, inv_temp: float = 1.0, block_v: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row statistics of ``logits [C, V]`` (read only): fp32 ``(logp [C], lse [C], ent [C])``.
     ``block_v`` (a power of two) overrides the vocabulary tile, e.g. to run the multi-tile loop on small V."""
     _check_rows(logits, targets)
@@ -135,13 +154,15 @@ def logprob_stats_triton(logits: torch.Tensor, targets: torch.Tensor, inv_temp: 
     if n_rows == 0 or is_fake(logits):  # FakeTensors (memory accounting): outputs allocated, no launch
         return out[0], out[1], out[2]
     num_warps = 4 if block_v <= 2048 else 8  # bandwidth-bound row kernels: a cheap heuristic, no autotune
-    _logprob_stats_kernel[(n_rows,)](logits, targets, *out, n_cols, logits.stride(0), float(inv_temp),
-                                     BLOCK_V=block_v, num_warps=num_warps)  # fmt: skip
+    _logprob_stats_kernel[(n_rows,)](
+        logits, targets, *out, n_cols, logits.stride(0), float(inv_temp), BLOCK_V=block_v, num_warps=num_warps
+    )
     return out[0], out[1], out[2]
 
 
-def logprob_stats_reference(logits: torch.Tensor, targets: torch.Tensor,
-                            inv_temp: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def logprob_stats_reference(
+    logits: torch.Tensor, targets: torch.Tensor, inv_temp: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference of :func:`logprob_stats_triton` (fp32 math, float64 for float64 logits)."""
     _check_rows(logits, targets)
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * inv_temp
@@ -151,9 +172,16 @@ def logprob_stats_reference(logits: torch.Tensor, targets: torch.Tensor,
     return logp, lse, ent
 
 
-def logprob_grad_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor | None,
-                        grad_logp: torch.Tensor, grad_ent: torch.Tensor | None, inv_temp: float = 1.0,
-                        block_v: int | None = None) -> torch.Tensor:  # fmt: skip
+def logprob_grad_triton(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_ent: torch.Tensor | None,
+    inv_temp: float = 1.0,
+    block_v: int | None = None,
+) -> torch.Tensor:
     """Overwrite ``logits [C, V]`` with ``dz / τ`` (module docstring) and return it. ``lse``,
     ``mean_z`` (= lse − ent), ``grad_logp``, ``grad_ent``: fp32 ``[C]``; the entropy term is
     skipped when ``grad_ent`` is None."""
@@ -164,15 +192,32 @@ def logprob_grad_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.
     if n_rows == 0 or is_fake(logits):
         return logits
     num_warps = 4 if block_v <= 2048 else 8
-    _logprob_grad_kernel[(n_rows,)](logits, targets, lse, mean_z if has_ent else lse, grad_logp,
-                                    grad_ent if has_ent else grad_logp, n_cols, logits.stride(0), float(inv_temp),
-                                    HAS_ENT=has_ent, BLOCK_V=block_v, num_warps=num_warps)  # fmt: skip
+    _logprob_grad_kernel[(n_rows,)](
+        logits,
+        targets,
+        lse,
+        mean_z if has_ent else lse,
+        grad_logp,
+        grad_ent if has_ent else grad_logp,
+        n_cols,
+        logits.stride(0),
+        float(inv_temp),
+        HAS_ENT=has_ent,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
     return logits
 
 
-def logprob_grad_reference(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                           mean_z: torch.Tensor | None, grad_logp: torch.Tensor, grad_ent: torch.Tensor | None,
-                           inv_temp: float = 1.0) -> torch.Tensor:  # fmt: skip
+def logprob_grad_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_ent: torch.Tensor | None,
+    inv_temp: float = 1.0,
+) -> torch.Tensor:
     """Torch reference of :func:`logprob_grad_triton` (same in-place contract)."""
     has_ent = grad_ent is not None
     _check_rows(logits, targets, lse, grad_logp, *((mean_z, grad_ent) if has_ent else ()))
@@ -198,8 +243,9 @@ def _grad(logits: torch.Tensor, *args: torch.Tensor | float | None) -> torch.Ten
     return logprob_grad_reference(logits, *args)  # type: ignore[arg-type]
 
 
-def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def linear_logprobs_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth that materializes the logits (differentiable by plain autograd): ``(logp, ent)``,
     each shaped like ``targets``, in hidden's dtype promoted to at least fp32."""
     logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
@@ -213,8 +259,14 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> int:
     return chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
 
 
-def _transient_bytes(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int, backward: bool = False,
-                     want_h: bool = False, want_w: bool = False) -> int:  # fmt: skip
+def _transient_bytes(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    chunk_size: int,
+    backward: bool = False,
+    want_h: bool = False,
+    want_w: bool = False,
+) -> int:
     """Bytes the real op holds at once on top of its outputs, as on a GPU (the Triton row kernels: no
     fp32 copy of a chunk): the logits chunk ``[C, V]`` in hidden's dtype; in the backward also the
     chunk's dH rows ``[C, H]`` and, for a 16-bit head that trains, the fp32 dW accumulator ``[V, H]``
@@ -230,8 +282,9 @@ def _transient_bytes(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int
 
 
 @torch.library.custom_op("fastpeft::linear_logprobs", mutates_args=())
-def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float,
-                        chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _linear_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logp, ent, lse)`` ``[N]`` (fp32; float64 for float64 inputs) of hidden ``[N, H]``, weight
     ``[V, H]``, targets int64 ``[N]``, one ``[C, V]`` chunk of logits at a time (``chunk_size`` 0:
     :func:`~fastpeft.kernels.linear_cross_entropy.default_chunk_size`)."""
@@ -260,10 +313,19 @@ def _(hidden, weight, targets, inv_temp, chunk_size):  # type: ignore[no-untyped
 
 
 @torch.library.custom_op("fastpeft::linear_logprobs_backward", mutates_args=())
-def _linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                                 ent: torch.Tensor, grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None,
-                                 inv_temp: float, chunk_size: int, want_h: bool, want_w: bool,
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _linear_logprobs_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ent: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_ent: torch.Tensor | None,
+    inv_temp: float,
+    chunk_size: int,
+    want_h: bool,
+    want_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dH [N, H], dW [V, H])`` (``[0]`` where not wanted) from the upstream gradients of logp and
     ent (None: that output did not reach the loss), recomputing each chunk's logits."""
     acc = lse.dtype
@@ -280,8 +342,15 @@ def _linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, tar
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h_c = hidden[rows]
-            dz = _grad(h_c @ weight.t(), targets[rows], lse[rows], mean_z[rows] if mean_z is not None else None,
-                       grad_logp[rows], grad_ent[rows] if grad_ent is not None else None, inv_temp)  # fmt: skip
+            dz = _grad(
+                h_c @ weight.t(),
+                targets[rows],
+                lse[rows],
+                mean_z[rows] if mean_z is not None else None,
+                grad_logp[rows],
+                grad_ent[rows] if grad_ent is not None else None,
+                inv_temp,
+            )
             dz = dz.to(hidden.dtype)
             if want_h:
                 grad_h[rows] = dz @ weight
@@ -298,8 +367,10 @@ def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temp, chunk_si
     accumulator go to the memory ledger as transients (:func:`_transient_bytes`)."""
     if accounting():
         note_transient(_transient_bytes(hidden, weight, chunk_size, True, want_h, want_w))
-    return (torch.empty_like(hidden) if want_h else hidden.new_empty(0),
-            torch.empty_like(weight) if want_w else hidden.new_empty(0))  # fmt: skip
+    return (
+        torch.empty_like(hidden) if want_h else hidden.new_empty(0),
+        torch.empty_like(weight) if want_w else hidden.new_empty(0),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
@@ -316,16 +387,22 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse):  # type: ignore[no-untyped-d
     want_h, want_w = ctx.needs_input_grad[:2]
     if not (want_h or want_w) or (grad_logp is None and grad_ent is None):
         return None, None, None, None, None
-    dh, dw = torch.ops.fastpeft.linear_logprobs_backward(hidden, weight, targets, lse, ent, grad_logp, grad_ent,
-                                                         ctx.inv_temp, ctx.chunk_size, want_h, want_w)  # fmt: skip
+    dh, dw = torch.ops.fastpeft.linear_logprobs_backward(
+        hidden, weight, targets, lse, ent, grad_logp, grad_ent, ctx.inv_temp, ctx.chunk_size, want_h, want_w
+    )
     return dh if want_h else None, dw if want_w else None, None, None, None
 
 
 _linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, ent)`` of ``softmax(hidden [*, H] @ weight [V, H]ᵀ / temperature)`` at ``targets [*]``,
     chunked (module docstring); both shaped like ``targets``, fp32 (float64 for float64 inputs).
 
@@ -338,6 +415,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"temperature must be > 0, got {temperature}")
     hidden, weight = lm_head_inputs(hidden, weight, targets, "targets", chunk_size, FLOAT_DTYPES)
     shape, flat = targets.shape, targets.reshape(-1).long()
-    logp, ent, _ = torch.ops.fastpeft.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, flat,
-                                                      1.0 / temperature, chunk_size or 0)  # fmt: skip
+    logp, ent, _ = torch.ops.fastpeft.linear_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, flat, 1.0 / temperature, chunk_size or 0
+    )
     return logp.reshape(shape), ent.reshape(shape)

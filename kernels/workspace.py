@@ -107,8 +107,9 @@ def _stream_key(device: torch.device) -> int | None:
     return threading.get_ident() if device.type == "cpu" else None
 
 
-def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device,
-                  zeroed: bool = False) -> torch.Tensor:  # fmt: skip
+def get_workspace(
+    name: str, numel: int, dtype: torch.dtype, device: torch.device, zeroed: bool = False
+) -> torch.Tensor:
     """A 1-D view of ``numel`` elements of the shared buffer ``name`` (grown, never shrunk).
 
     The contents are whatever the previous user left (zeros for ``zeroed`` buffers, by contract).

@@ -127,8 +127,9 @@ def ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> n
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
-def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.device,
-                      evaluates: bool = False) -> nn.Module:  # fmt: skip
+def wrap_for_training(
+    loss_module: nn.Module, parallel: str, device: torch.device, evaluates: bool = False
+) -> nn.Module:
     """``loss_module`` made data-parallel: a DDP wrapper, or (``"fsdp"``) ``loss_module`` itself
     with FSDP2 applied in place to each transformer block, then to it as the root. ``evaluates``:
     the run will evaluate, which FSDP supports from torch 2.7 (checked here, not hours later)."""
@@ -139,12 +140,16 @@ def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.devic
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if evaluates and not hasattr(FSDPModule, "set_reshard_after_forward"):
-        raise ValueError(f"evaluating under parallel='fsdp' needs torch >= 2.7 (FSDPModule.set_reshard_after_forward); "
-                         f"this is torch {torch.__version__}: drop eval_data or use parallel='ddp'")  # fmt: skip
+        raise ValueError(
+            f"evaluating under parallel='fsdp' needs torch >= 2.7 (FSDPModule.set_reshard_after_forward); "
+            f"this is torch {torch.__version__}: drop eval_data or use parallel='ddp'"
+        )
     blocks = transformer_blocks(loss_module)
     if not blocks:
-        raise ValueError(f"parallel='fsdp' shards per transformer block, but {type(loss_module).__name__} has no "
-                         "module listed in a `_no_split_modules` (not a Hugging Face transformer?)")  # fmt: skip
+        raise ValueError(
+            f"parallel='fsdp' shards per transformer block, but {type(loss_module).__name__} has no "
+            "module listed in a `_no_split_modules` (not a Hugging Face transformer?)"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     # explicit mesh: fully_shard's default follows the machine's accelerator, not the run's device
@@ -277,8 +282,13 @@ def _free_port() -> int:
 
 
 def _spawned(local_rank: int, fn: Callable[..., Any], args: tuple, world_size: int, port: int) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)  # N ranks on a small CPU box should not oversubscribe its cores
     try:
         fn(*args)

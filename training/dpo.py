@@ -71,15 +71,22 @@ class PairLogprobs(nn.Module):
         super().__init__()
         self.lm, self.average = lm, average
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                segment_ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
+    ) -> torch.Tensor:
         return sequence_logprobs(self.lm, input_ids, labels, (segment_ids > 0).long(), position_ids, self.average)
 
 
 @torch.no_grad()
-def reference_logprobs(module: PairLogprobs, pairs: Sequence[PairRow], pad_id: int, batch_size: int,
-                       device: torch.device, disable: bool = True,
-                       autocast: contextlib.AbstractContextManager | None = None) -> dict[int, tuple[float, float]]:  # fmt: skip
+def reference_logprobs(
+    module: PairLogprobs,
+    pairs: Sequence[PairRow],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    disable: bool = True,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[int, tuple[float, float]]:
     """pair index -> (ref chosen, ref rejected) log-prob, with adapters disabled (when ``disable``)."""
     out: dict[int, tuple[float, float]] = {}
     ctx = fastpeft.disable_adapters(module.lm) if disable else contextlib.nullcontext()
@@ -92,8 +99,14 @@ def reference_logprobs(module: PairLogprobs, pairs: Sequence[PairRow], pad_id: i
     return out
 
 
-def _pair_terms(module: nn.Module, base: PairLogprobs, pairs: list[PairRow], pad: int, device: torch.device,
-                ref_cache: dict[int, tuple[float, float]] | None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def _pair_terms(
+    module: nn.Module,
+    base: PairLogprobs,
+    pairs: list[PairRow],
+    pad: int,
+    device: torch.device,
+    ref_cache: dict[int, tuple[float, float]] | None,
+) -> tuple[torch.Tensor, ...]:
     b = collate_pairs(pairs, pad, device)
     lp = module(**b)
     n = len(pairs)
@@ -116,8 +129,14 @@ def chosen_nll(chosen_logps: torch.Tensor, pairs: Sequence[PairRow], averaged: b
 
 
 @torch.no_grad()
-def evaluate_dpo(module: PairLogprobs, pairs: Sequence[PairRow], pad: int, config: DPOConfig,
-                 device: torch.device, ref_cache: dict[int, tuple[float, float]] | None) -> dict[str, float]:  # fmt: skip
+def evaluate_dpo(
+    module: PairLogprobs,
+    pairs: Sequence[PairRow],
+    pad: int,
+    config: DPOConfig,
+    device: torch.device,
+    ref_cache: dict[int, tuple[float, float]] | None,
+) -> dict[str, float]:
     """Mean DPO loss, implicit-reward accuracy and margin on held-out pairs."""
     was = module.training
     module.eval()
@@ -137,8 +156,15 @@ def evaluate_dpo(module: PairLogprobs, pairs: Sequence[PairRow], pad: int, confi
     return {"eval_loss": sum(losses) / n, "eval_reward_accuracy": sum(acc) / n, "eval_reward_margin": sum(margins) / n}
 
 
-def pair_update(run: RecipeRun, config: DPOConfig, module: PairLogprobs, micro: Sequence[list[PairRow]], pad: int,
-                ref_cache: dict[int, tuple[float, float]] | None, n_pairs: float) -> torch.Tensor:  # fmt: skip
+def pair_update(
+    run: RecipeRun,
+    config: DPOConfig,
+    module: PairLogprobs,
+    micro: Sequence[list[PairRow]],
+    pad: int,
+    ref_cache: dict[int, tuple[float, float]] | None,
+    n_pairs: float,
+) -> torch.Tensor:
     """One optimizer update's forward and backward over the micro-batches ``micro`` of pairs (``n_pairs``:
     the global number of pairs of the step): this rank's sums ``[4]`` of the loss, correct
     preferences, reward margins and chosen NLLs (shapes only, so the memory ledger runs it on
@@ -153,14 +179,16 @@ def pair_update(run: RecipeRun, config: DPOConfig, module: PairLogprobs, micro: 
             if config.sft_coef:
                 loss = loss + config.sft_coef * nll
             run.backward(loss / n_pairs)
-        sums += torch.stack([loss.detach().double(), (rc > rr).sum().double(), (rc - rr).sum().double(),
-                             nll.detach().double()])  # fmt: skip
+        sums += torch.stack(
+            [loss.detach().double(), (rc > rr).sum().double(), (rc - rr).sum().double(), nll.detach().double()]
+        )
         run.count_tokens(sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in mb))
     return sums
 
 
-def train(config: DPOConfig, model: nn.Module | None = None, tokenizer: Any = None,
-          callbacks: Sequence[Callback] = ()) -> RunResult:  # fmt: skip
+def train(
+    config: DPOConfig, model: nn.Module | None = None, tokenizer: Any = None, callbacks: Sequence[Callback] = ()
+) -> RunResult:
     """Run DPO as configured; ``model``/``tokenizer`` may be passed in (``config.model`` is then unused)."""
     ctx = setup_run(config, model, tokenizer)
     if not config.precompute_ref:
@@ -173,21 +201,32 @@ def train(config: DPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     pairs = tokenize_pairs(load_records(config.train_data), ctx.tokenizer, config.max_seq_len, config.use_chat_template)
     eval_pairs = []
     if config.eval_data is not None:
-        eval_pairs = tokenize_pairs(load_records(config.eval_data), ctx.tokenizer, config.max_seq_len,
-                                    config.use_chat_template)  # fmt: skip
+        eval_pairs = tokenize_pairs(
+            load_records(config.eval_data), ctx.tokenizer, config.max_seq_len, config.use_chat_template
+        )
     # precomputed reference: before any update (with adapters: disabled; full fine-tuning: the initial policy)
     ref_cache = eval_ref = None
     if config.precompute_ref:
+
         def cache(of: list[PairRow]) -> dict[int, tuple[float, float]]:
-            return reference_logprobs(module, of, pad, config.eval_batch_size, ctx.device, ctx.has_adapters,
-                                      ctx.autocast())  # fmt: skip
+            return reference_logprobs(
+                module, of, pad, config.eval_batch_size, ctx.device, ctx.has_adapters, ctx.autocast()
+            )
 
         ref_cache = cache(pairs)
         eval_ref = cache(eval_pairs) if eval_pairs else None
     plan = BatchPlan(pairs, config.micro_batch_size, config.grad_accum_steps, ctx.world_size, ctx.rank, config.seed)
     layout = {"pairs": len(pairs), "global_batch_pairs": plan.global_batch}
-    run = start_run(ctx, config, "dpo", module, config.total_steps(plan.steps_per_epoch), layout, callbacks=callbacks,
-                    start_record={"pairs": len(pairs)})  # fmt: skip
+    run = start_run(
+        ctx,
+        config,
+        "dpo",
+        module,
+        config.total_steps(plan.steps_per_epoch),
+        layout,
+        callbacks=callbacks,
+        start_record={"pairs": len(pairs)},
+    )
     evaluate = (lambda: evaluate_dpo(module, eval_pairs, pad, config, ctx.device, eval_ref)) if eval_pairs else None
     run.evaluate_at_start(evaluate)
     for step in run.steps():
@@ -196,6 +235,14 @@ def train(config: DPOConfig, model: nn.Module | None = None, tokenizer: Any = No
         sums = dist_utils.all_reduce_sum(pair_update(run, config, module, micro, pad, ref_cache, n_pairs)) / n_pairs
         loss_value = float(sums[0])
         run.update(loss_value)
-        run.end_step(step, {"loss": loss_value, "reward_accuracy": float(sums[1]), "reward_margin": float(sums[2]),
-                            "chosen_nll": float(sums[3])}, evaluate)  # fmt: skip
+        run.end_step(
+            step,
+            {
+                "loss": loss_value,
+                "reward_accuracy": float(sums[1]),
+                "reward_margin": float(sums[2]),
+                "chosen_nll": float(sums[3]),
+            },
+            evaluate,
+        )
     return run.finish(evaluate)

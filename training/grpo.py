@@ -83,8 +83,9 @@ class GRPOConfig(RolloutConfig):
             raise ValueError(f"advantage_std_correction must be 0 or 1, got {self.advantage_std_correction}")
 
 
-def rollout_step(ctx: RunContext, config: GRPOConfig, batch: RolloutBatch,
-                 reward: MultiObjectiveReward) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
+def rollout_step(
+    ctx: RunContext, config: GRPOConfig, batch: RolloutBatch, reward: MultiObjectiveReward
+) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Score and compute advantages: ``(batch, advantages [N], loss mask [N, C], stats)`` on the
     run's device. Group statistics are per prompt; ``advantage_scale="batch"`` takes its std over
     every rank's rewards, so N ranks compute what one process would."""
@@ -92,8 +93,13 @@ def rollout_step(ctx: RunContext, config: GRPOConfig, batch: RolloutBatch,
     valid = rewards.valid()
     n = valid.numel()
     every = gather_rows(torch.stack([rewards.tensor().double(), valid.double()], 1), ctx.device)  # [N·ranks, 2]
-    adv = group_advantages(every[:, 0].float(), config.num_generations, config.advantage_scale, every[:, 1].bool(),
-                           std_correction=config.advantage_std_correction)  # fmt: skip
+    adv = group_advantages(
+        every[:, 0].float(),
+        config.num_generations,
+        config.advantage_scale,
+        every[:, 1].bool(),
+        std_correction=config.advantage_std_correction,
+    )
     adv = adv[ctx.rank * n : (ctx.rank + 1) * n] if dist_utils.is_distributed() else adv
     if hasattr(reward, "token_advantages"):  # process supervision: [N, C] advantages from step rewards
         adv = reward.token_advantages(batch, valid, config.num_generations)
@@ -101,14 +107,24 @@ def rollout_step(ctx: RunContext, config: GRPOConfig, batch: RolloutBatch,
     if config.mask_truncated:
         mask = mask * (~batch.truncated)[:, None]
     lengths = batch.completion_mask.sum(1)
-    stats = {**rewards.summary(), "completion_len": float(lengths.mean()),
-             "truncated_frac": float(batch.truncated.float().mean())}  # fmt: skip
+    stats = {
+        **rewards.summary(),
+        "completion_len": float(lengths.mean()),
+        "truncated_frac": float(batch.truncated.float().mean()),
+    }
     return batch.to(ctx.device), adv.to(ctx.device), mask.to(ctx.device), stats
 
 
-def policy_update(run: RecipeRun, config: GRPOConfig, batch: RolloutBatch, adv: torch.Tensor, mask: torch.Tensor,
-                  old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                  norms: tuple[float, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+def policy_update(
+    run: RecipeRun,
+    config: GRPOConfig,
+    batch: RolloutBatch,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    norms: tuple[float, float],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer update's forward and backward on the step's completions, ``micro_batch_size``
     rows at a time (the activations of one micro-batch at a time): ``(this rank's loss, token-weighted
     stats)`` as 0-d tensors, read once per step (no host sync per micro-batch; shapes only, so the
@@ -125,10 +141,21 @@ def policy_update(run: RecipeRun, config: GRPOConfig, batch: RolloutBatch, adv: 
             out = run.runner(**batch.rows(rows))
             logp = out["logp"]
             old = old_logp[rows] if old_logp is not None else logp.detach()
-            loss, s = grpo_loss(logp, old, adv[rows], mask[rows], config.epsilon_low, config.epsilon_high,
-                                config.beta, ref_logp[rows] if ref_logp is not None else None,
-                                config.loss_aggregation, config.max_new_tokens, num_seqs, num_tokens,
-                                kl_ratio_correction=config.kl_ratio_correction)  # fmt: skip
+            loss, s = grpo_loss(
+                logp,
+                old,
+                adv[rows],
+                mask[rows],
+                config.epsilon_low,
+                config.epsilon_high,
+                config.beta,
+                ref_logp[rows] if ref_logp is not None else None,
+                config.loss_aggregation,
+                config.max_new_tokens,
+                num_seqs,
+                num_tokens,
+                kl_ratio_correction=config.kl_ratio_correction,
+            )
             run.backward(loss)
         loss_sum += loss.detach().double()
         tokens = mask[rows].sum()
@@ -138,9 +165,14 @@ def policy_update(run: RecipeRun, config: GRPOConfig, batch: RolloutBatch, adv: 
     return loss_sum, stats
 
 
-def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = None,
-          reward: MultiObjectiveReward | None = None, sampler: Any = None,
-          callbacks: Sequence[Callback] = ()) -> RunResult:  # fmt: skip
+def train(
+    config: GRPOConfig,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    reward: MultiObjectiveReward | None = None,
+    sampler: Any = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
     """Run GRPO. ``reward`` defaults to ``build_reward(config.rewards)``; ``sampler`` (a
     :class:`~fastpeft.reasoning.types.Generator`) to a :class:`~fastpeft.reasoning.sampler.Sampler`
     on the policy."""
@@ -150,9 +182,17 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
         require_reference(ctx, f"GRPO with beta={config.beta}")
     setup: RolloutSetup = setup_rollouts(ctx, config, reward, sampler)
     module = CompletionLogprobs(ctx.model, temperature=config.temperature)
-    run = start_run(ctx, config, "grpo", module, config.total_steps(setup.plan.steps_per_epoch), setup.layout,
-                    updates_per_step=config.num_iterations, callbacks=callbacks,
-                    start_record={"prompts": len(setup.records)})  # fmt: skip
+    run = start_run(
+        ctx,
+        config,
+        "grpo",
+        module,
+        config.total_steps(setup.plan.steps_per_epoch),
+        setup.layout,
+        updates_per_step=config.num_iterations,
+        callbacks=callbacks,
+        start_record={"prompts": len(setup.records)},
+    )
     run.state.setdefault("reward_skipped_total", 0)
     evaluate = (lambda: evaluate_policy(ctx, setup.eval_records, config, setup.reward)) if setup.eval_records else None
     run.evaluate_at_start(evaluate)
@@ -162,8 +202,9 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
         batch = sample_step(run, setup, config, step, config.num_generations)
         sample_seconds = time.perf_counter() - t0
         batch, adv, mask, stats = rollout_step(ctx, config, batch, setup.reward)
-        run.state["reward_skipped_total"] += int(dist_utils.all_reduce_sum(torch.tensor(stats["reward_skipped"],
-                                                                                       device=ctx.device)))  # fmt: skip
+        run.state["reward_skipped_total"] += int(
+            dist_utils.all_reduce_sum(torch.tensor(stats["reward_skipped"], device=ctx.device))
+        )
         module.prompt_width = batch.prompt_width
         ref_logp = old_logp = None
         with ctx.autocast():
@@ -177,14 +218,21 @@ def train(config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = N
         norms = dist_utils.all_reduce_sum(torch.stack([seq_has, mask.sum().double()]))
         step_stats: dict[str, float] = {}
         for _ in range(config.num_iterations):
-            loss_sum, s = policy_update(run, config, batch, adv, mask, old_logp, ref_logp, (float(norms[0]),
-                                                                                            float(norms[1])))  # fmt: skip
+            loss_sum, s = policy_update(
+                run, config, batch, adv, mask, old_logp, ref_logp, (float(norms[0]), float(norms[1]))
+            )
             loss = float(dist_utils.all_reduce_sum(loss_sum))
             run.update(loss)
             for k, v in s.items():
                 step_stats[k] = step_stats.get(k, 0.0) + float(v) / config.num_iterations
         run.count_tokens(int(batch.attention_mask.sum()))
-        record = {"loss": loss, **stats, **step_stats, "reward_skipped_total": run.state["reward_skipped_total"],
-                  "sample_seconds": sample_seconds, "step_seconds": time.perf_counter() - t0}  # fmt: skip
+        record = {
+            "loss": loss,
+            **stats,
+            **step_stats,
+            "reward_skipped_total": run.state["reward_skipped_total"],
+            "sample_seconds": sample_seconds,
+            "step_seconds": time.perf_counter() - t0,
+        }
         run.end_step(step, record, evaluate)
     return run.finish(evaluate)

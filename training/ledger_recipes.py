@@ -68,9 +68,16 @@ class RecipeLedgerSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def ledger_spec(self) -> LedgerSpec:
-        return LedgerSpec(self.model_config, seq_len=self.prompt_len + self.completion_len, method="qlora",
-                          stack="fastpeft" if self.stack == "fastpeft" else "hf_peft", lora_r=self.lora_r,
-                          lora_alpha=self.lora_alpha, dtype=self.dtype, design=self.design)  # fmt: skip
+        return LedgerSpec(
+            self.model_config,
+            seq_len=self.prompt_len + self.completion_len,
+            method="qlora",
+            stack="fastpeft" if self.stack == "fastpeft" else "hf_peft",
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            dtype=self.dtype,
+            design=self.design,
+        )
 
 
 def measure_recipe(spec: RecipeLedgerSpec) -> dict[str, LedgerResult]:
@@ -91,17 +98,20 @@ def measure_recipe(spec: RecipeLedgerSpec) -> dict[str, LedgerResult]:
         if spec.recipe == "grpo":
             beta = GRPOConfig.beta if spec.beta is None else spec.beta
             results["sampling"] = _tracked(model, lambda phase: _sampling(model, spec), False, meta)
-            results["training"] = _tracked(model, lambda phase: _grpo_training(model, spec, vocab, beta, phase),
-                                           True, meta)  # fmt: skip
+            results["training"] = _tracked(
+                model, lambda phase: _grpo_training(model, spec, vocab, beta, phase), True, meta
+            )
         else:
             beta = DPOConfig.beta if spec.beta is None else spec.beta
-            results["training"] = _tracked(model, lambda phase: _dpo_training(model, spec, vocab, beta, phase), True,
-                                           meta)  # fmt: skip
+            results["training"] = _tracked(
+                model, lambda phase: _dpo_training(model, spec, vocab, beta, phase), True, meta
+            )
     return results
 
 
-def _tracked(model: nn.Module, body: Callable[[Callable[[str], None]], Any], train: bool,
-             meta: dict[str, Any]) -> LedgerResult:  # fmt: skip
+def _tracked(
+    model: nn.Module, body: Callable[[Callable[[str], None]], Any], train: bool, meta: dict[str, Any]
+) -> LedgerResult:
     """Run ``body(set_phase)`` inside a fresh tracker, with the weights, adapters and AdamW state
     resident; with ``train`` the gradients it leaves are applied by an AdamW step."""
     tracker = MemoryTracker()
@@ -110,8 +120,10 @@ def _tracked(model: nn.Module, body: Callable[[Callable[[str], None]], Any], tra
         if train:
             tracker.set_phase("optimizer")
             optimizer.step()
-    notes = ["fake CPU tensors under FakeTensorMode: bytes of tensor storage alive at once, not a timing; "
-             "allocator rounding and fragmentation and the CUDA context are not included"]  # fmt: skip
+    notes = [
+        "fake CPU tensors under FakeTensorMode: bytes of tensor storage alive at once, not a timing; "
+        "allocator rounding and fragmentation and the CUDA context are not included"
+    ]
     return tracker.result(notes, **meta)
 
 
@@ -131,18 +143,25 @@ def _sampling(model: nn.Module, spec: RecipeLedgerSpec) -> None:
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         ids = torch.randint(0, vocab, (rows, spec.prompt_len))
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)  # fmt: skip
+        model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
         for i, layer in enumerate(cache.layers):  # the generated tokens' KV before the last decode step
             grow = (*layer.keys.shape[:2], spec.completion_len - 1, layer.keys.shape[3])
             cache.update(layer.keys.new_empty(grow), layer.values.new_empty(grow), i)
         total = spec.prompt_len + spec.completion_len
-        model(input_ids=ids[:, :1], attention_mask=torch.ones(rows, total, dtype=ids.dtype), past_key_values=cache,
-              use_cache=True, logits_to_keep=1)  # fmt: skip
+        model(
+            input_ids=ids[:, :1],
+            attention_mask=torch.ones(rows, total, dtype=ids.dtype),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
 
 
-def _grpo_training(model: nn.Module, spec: RecipeLedgerSpec, vocab: int, beta: float,
-                   set_phase: Callable[[str], None]) -> None:  # fmt: skip
+def _grpo_training(
+    model: nn.Module, spec: RecipeLedgerSpec, vocab: int, beta: float, set_phase: Callable[[str], None]
+) -> None:
     from fastpeft.training.grpo import GRPOConfig
     from fastpeft.training.recipe_steps import grpo_training_phase, synthetic_rollouts
 
@@ -160,12 +179,22 @@ def _grpo_training(model: nn.Module, spec: RecipeLedgerSpec, vocab: int, beta: f
     ref = None
     if beta > 0:
         with torch.no_grad(), model.disable_adapter():
-            ref = torch.cat([model(input_ids=ids[i : i + mb], attention_mask=mask[i : i + mb], labels=labels[i : i + mb],
-                                   fused_lm_head=True).log_probs[:, -c:] for i in range(0, n, mb)])  # fmt: skip
+            ref = torch.cat(
+                [
+                    model(
+                        input_ids=ids[i : i + mb],
+                        attention_mask=mask[i : i + mb],
+                        labels=labels[i : i + mb],
+                        fused_lm_head=True,
+                    ).log_probs[:, -c:]
+                    for i in range(0, n, mb)
+                ]
+            )
     for i in range(0, n, mb):
         set_phase("forward")
-        out = model(input_ids=ids[i : i + mb], attention_mask=mask[i : i + mb], labels=labels[i : i + mb],
-                    fused_lm_head=True)  # fmt: skip
+        out = model(
+            input_ids=ids[i : i + mb], attention_mask=mask[i : i + mb], labels=labels[i : i + mb], fused_lm_head=True
+        )
         logp = out.log_probs[:, -c:]
         per_token = -torch.exp(logp - logp.detach()) * adv[i : i + mb, None]
         if ref is not None:
@@ -177,15 +206,17 @@ def _grpo_training(model: nn.Module, spec: RecipeLedgerSpec, vocab: int, beta: f
         del out, logp, per_token, loss
 
 
-def _dpo_training(model: nn.Module, spec: RecipeLedgerSpec, vocab: int, beta: float,
-                  set_phase: Callable[[str], None]) -> None:  # fmt: skip
+def _dpo_training(
+    model: nn.Module, spec: RecipeLedgerSpec, vocab: int, beta: float, set_phase: Callable[[str], None]
+) -> None:
     from fastpeft.training.dpo import DPOConfig
     from fastpeft.training.recipe_steps import dpo_training_phase, synthetic_pairs
 
     pairs = synthetic_pairs(vocab, spec.num_prompts, spec.prompt_len, spec.completion_len)
     if spec.stack == "fastpeft":
-        dpo_training_phase(model, DPOConfig(micro_batch_size=spec.micro_batch_size, beta=beta), pairs,
-                           on_phase=set_phase)  # fmt: skip
+        dpo_training_phase(
+            model, DPOConfig(micro_batch_size=spec.micro_batch_size, beta=beta), pairs, on_phase=set_phase
+        )
         return
     # DPOTrainer (precompute_ref_log_probs=False, its default): chosen and rejected concatenated in one
     # forward, the reference the same forward with adapters disabled under no grad, the sigmoid loss

@@ -27,9 +27,11 @@ def check_plain_lm_head(lm: nn.Module) -> nn.Linear:
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (LM head)")
     if not isinstance(head, nn.Linear) or head.bias is not None:
-        raise ValueError(f"per-token log-probs take the LM head as a bias-free nn.Linear, got {type(head).__name__}"
-                         f"{' with a bias' if isinstance(head, nn.Linear) else ''} (leave lm_head out of the adapter's "
-                         "target_modules)")  # fmt: skip
+        raise ValueError(
+            f"per-token log-probs take the LM head as a bias-free nn.Linear, got {type(head).__name__}"
+            f"{' with a bias' if isinstance(head, nn.Linear) else ''} (leave lm_head out of the adapter's "
+            "target_modules)"
+        )
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     for attr in _SCALED_LOGITS:
         if getattr(cfg, attr, None) not in (None, 1.0):
@@ -37,8 +39,9 @@ def check_plain_lm_head(lm: nn.Module) -> nn.Linear:
     return head
 
 
-def backbone_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def backbone_hidden(
+    lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Final hidden states ``[B, T, H]`` of the LM's backbone (``lm.base_model``), no LM head."""
     out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out[0]
@@ -54,8 +57,9 @@ def predicting_rows(keep: torch.Tensor, first: int = 0) -> torch.Tensor:
     return region if is_fake(keep) else region[keep.reshape(-1)]
 
 
-def head_logprobs(lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def head_logprobs(
+    lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(target), entropy)`` of ``softmax(h · Wᵀ / τ)``: hidden ``[*, H]``, targets ``[*]`` -> two
     fp32 tensors shaped like ``targets`` (chunked; no ``[*, V]`` tensor is ever held)."""
     return linear_logprobs(hidden, check_plain_lm_head(lm).weight, targets, temperature)
@@ -67,9 +71,14 @@ def scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size | t
     return out.index_copy(0, rows, values).view(shape)
 
 
-def completion_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        position_ids: torch.Tensor, prompt_width: int, temperature: float = 1.0,
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def completion_logprobs(
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_width: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the completion tokens (columns ``prompt_width ..``) of rollout rows
     ``[B, Lp + C]``: ``(logp [B, C], entropy [B, C], hidden [B, C, H])``, 0 at padding (which costs
     no LM-head work). ``hidden`` are the states before each completion token (a value head's input)."""
@@ -78,15 +87,28 @@ def completion_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: 
         raise ValueError(f"prompt_width must be in [1, {input_ids.shape[1]}), got {lp}")
     full = backbone_hidden(lm, input_ids, attention_mask, position_ids)  # [B, T, H]
     rows = predicting_rows(attention_mask[:, lp:] > 0, first=lp - 1)
-    logp, ent = head_logprobs(lm, full.reshape(-1, full.shape[-1]).index_select(0, rows),
-                              input_ids.reshape(-1).index_select(0, rows + 1), temperature)  # fmt: skip
+    logp, ent = head_logprobs(
+        lm,
+        full.reshape(-1, full.shape[-1]).index_select(0, rows),
+        input_ids.reshape(-1).index_select(0, rows + 1),
+        temperature,
+    )
     cols = slice(lp - 1, -1)
-    return scatter_rows(logp, rows, input_ids.shape)[:, cols], scatter_rows(ent, rows, input_ids.shape)[:, cols], \
-        full[:, cols]
+    return (
+        scatter_rows(logp, rows, input_ids.shape)[:, cols],
+        scatter_rows(ent, rows, input_ids.shape)[:, cols],
+        full[:, cols],
+    )
 
 
-def sequence_logprobs(lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor | None = None, average: bool = False) -> torch.Tensor:  # fmt: skip
+def sequence_logprobs(
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    average: bool = False,
+) -> torch.Tensor:
     """Sum (or, with ``average``, mean) of the target tokens' log-probs per row of an SFT-collated
     batch (``labels`` ``[B, T]``, -100 = not a target): ``[B]`` fp32. DPO's sequence log-probs."""
     hidden = backbone_hidden(lm, input_ids, attention_mask, position_ids)  # [B, T, H]

@@ -67,8 +67,7 @@ class Checkpointer:
         self.ctx, self.config, self.module, self.runner = ctx, config, module, runner
         self.root = ctx.out_dir / "checkpoints"
 
-    def resume(self, optimizer: torch.optim.Optimizer, scheduler: Any,
-               layout: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
+    def resume(self, optimizer: torch.optim.Optimizer, scheduler: Any, layout: dict[str, Any]) -> dict[str, Any] | None:
         """Restore the newest intact checkpoint (manifest-checked, falling back past damaged ones) when
         ``config.resume``; its trainer state, or None."""
         path = ckpt.resume_checkpoint(self.root) if self.config.resume else None
@@ -77,8 +76,10 @@ class Checkpointer:
         state = ckpt.read_trainer_state(path)
         saved = state.get("data_layout", state.get("data_position", {}))  # (SFT's key before the one core)
         if {k: saved.get(k) for k in layout} != layout:
-            raise ValueError(f"checkpoint {path} was written for data layout {saved}, this run has {layout}; "
-                             "resuming would not replay the same batches")  # fmt: skip
+            raise ValueError(
+                f"checkpoint {path} was written for data layout {saved}, this run has {layout}; "
+                "resuming would not replay the same batches"
+            )
         ckpt.warn_config_changes(path, state.get("config", {}), jsonable_config(self.config))
         return ckpt.load_checkpoint(path, self.module, optimizer, scheduler, self.ctx.rank)
 
@@ -104,8 +105,13 @@ class Checkpointer:
         dist_utils.barrier()
 
 
-def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any, loss: float,
-                   max_grad_norm: float | None) -> tuple[float, bool]:  # fmt: skip
+def optimizer_step(
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss: float,
+    max_grad_norm: float | None,
+) -> tuple[float, bool]:
     """Clip to ``max_grad_norm`` (None: no clipping) and step; a non-finite loss or gradient norm
     skips the update. Returns ``(grad_norm, stepped)``; gradients are zeroed either way."""
     grad_norm = dist_utils.clip_grad_norm(params, max_grad_norm if max_grad_norm is not None else float("inf"))
@@ -120,9 +126,20 @@ def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
 class RecipeRun:
     """The shared state of one run's loop (module docstring); made by :func:`start_run`."""
 
-    def __init__(self, ctx: RunContext, config: RecipeConfig, recipe: str, runner: nn.Module, params: list[nn.Parameter],
-                 optimizer: torch.optim.Optimizer, scheduler: Any, checkpointer: Checkpointer, total_steps: int,
-                 layout: dict[str, Any], callbacks: Sequence[Callback]):  # fmt: skip
+    def __init__(
+        self,
+        ctx: RunContext,
+        config: RecipeConfig,
+        recipe: str,
+        runner: nn.Module,
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        checkpointer: Checkpointer,
+        total_steps: int,
+        layout: dict[str, Any],
+        callbacks: Sequence[Callback],
+    ):
         self.ctx, self.config, self.recipe, self.runner, self.params = ctx, config, recipe, runner, params
         self.optimizer, self.scheduler, self.checkpointer = optimizer, scheduler, checkpointer
         self.total_steps, self.layout, self.callbacks = total_steps, layout, list(callbacks)
@@ -163,16 +180,20 @@ class RecipeRun:
 
     def update(self, loss: float) -> bool:
         """One optimizer update after the micro-batches' backward; False when it was skipped."""
-        self._grad_norm, stepped = optimizer_step(self.params, self.optimizer, self.scheduler, loss,
-                                                  self.config.max_grad_norm)  # fmt: skip
+        self._grad_norm, stepped = optimizer_step(
+            self.params, self.optimizer, self.scheduler, loss, self.config.max_grad_norm
+        )
         if stepped:
             self.last_loss = loss
             return True
         self.bad_steps += 1
         self._skipped += 1
         step = self.current_step + 1
-        warnings.warn(f"step {step}: non-finite loss ({loss}) or grad norm ({self._grad_norm}); update skipped "
-                      f"({self.bad_steps}/{self.config.max_bad_steps})", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"step {step}: non-finite loss ({loss}) or grad norm ({self._grad_norm}); update skipped "
+            f"({self.bad_steps}/{self.config.max_bad_steps})",
+            stacklevel=2,
+        )
         if self.bad_steps > self.config.max_bad_steps:
             if self.logger is not None:
                 self.logger.log({"step": step, "loss": loss, "skipped": "non-finite", "bad_steps": self.bad_steps})
@@ -226,8 +247,12 @@ class RecipeRun:
         self.logger.log(record)
 
     # -------------------------------------------------------------------------------- the end
-    def finish(self, evaluate: Callable[[], dict[str, Any]] | None = None,
-               extra: Callable[[], dict[str, torch.Tensor]] | None = None, extra_name: str = "head") -> RunResult:  # fmt: skip
+    def finish(
+        self,
+        evaluate: Callable[[], dict[str, Any]] | None = None,
+        extra: Callable[[], dict[str, torch.Tensor]] | None = None,
+        extra_name: str = "head",
+    ) -> RunResult:
         """Final evaluation and save (``extra()``: head tensors saved beside the adapter), the end
         record, the loss curve; returns the run's :class:`RunResult`."""
         self.bar.close()
@@ -242,19 +267,45 @@ class RecipeRun:
                 final = evaluate()
             if ctx.main:
                 saved = save_final(ctx, extra() if extra else None, extra_name, full_state)
-        self.logger.log({"step": self.total_steps, "event": "end", **final, "train_seconds": seconds,
-                         "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip
+        self.logger.log(
+            {
+                "step": self.total_steps,
+                "event": "end",
+                **final,
+                "train_seconds": seconds,
+                "tokens_per_s": tokens_per_s,
+                "peak_memory_bytes": peak_memory_bytes(ctx.device),
+            }
+        )
         if ctx.main and self.config.plot:
             plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss.png")
         dist_utils.barrier()
-        return RunResult(self.total_steps, self.last_loss, final, self.history, ctx.out_dir, saved, seconds,
-                         tokens_per_s, peak_memory_bytes(ctx.device))  # fmt: skip
+        return RunResult(
+            self.total_steps,
+            self.last_loss,
+            final,
+            self.history,
+            ctx.out_dir,
+            saved,
+            seconds,
+            tokens_per_s,
+            peak_memory_bytes(ctx.device),
+        )
 
 
-def start_run(ctx: RunContext, config: RecipeConfig, recipe: str, module: nn.Module, total_steps: int,
-              layout: dict[str, Any], saved_module: nn.Module | None = None, updates_per_step: int = 1,
-              find_unused: bool = False, callbacks: Sequence[Callback] = (),
-              start_record: dict[str, Any] | None = None) -> RecipeRun:  # fmt: skip
+def start_run(
+    ctx: RunContext,
+    config: RecipeConfig,
+    recipe: str,
+    module: nn.Module,
+    total_steps: int,
+    layout: dict[str, Any],
+    saved_module: nn.Module | None = None,
+    updates_per_step: int = 1,
+    find_unused: bool = False,
+    callbacks: Sequence[Callback] = (),
+    start_record: dict[str, Any] | None = None,
+) -> RecipeRun:
     """Make ``module`` (one forward per micro-batch) data-parallel, build optimizer and scheduler
     (``total_steps * updates_per_step`` updates), resume when asked and open the metrics log.
 
@@ -270,12 +321,14 @@ def start_run(ctx: RunContext, config: RecipeConfig, recipe: str, module: nn.Mod
         else:
             runner = dist_utils.wrap_for_training(module, config.parallel, ctx.device, config.eval_data is not None)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config.optimizer, params, config.lr, config.weight_decay, tuple(config.adam_betas),
-                                config.adam_eps, ctx.device)  # fmt: skip
+    optimizer = build_optimizer(
+        config.optimizer, params, config.lr, config.weight_decay, tuple(config.adam_betas), config.adam_eps, ctx.device
+    )
     scheduler = build_scheduler(config.scheduler, optimizer, config.warmup_steps, total_steps * updates_per_step)
     checkpointer = Checkpointer(ctx, config, saved_module if saved_module is not None else ctx.model, runner)
-    run = RecipeRun(ctx, config, recipe, runner, params, optimizer, scheduler, checkpointer, total_steps, layout,
-                    callbacks)  # fmt: skip
+    run = RecipeRun(
+        ctx, config, recipe, runner, params, optimizer, scheduler, checkpointer, total_steps, layout, callbacks
+    )
     saved = checkpointer.resume(optimizer, scheduler, layout)
     if saved is not None:
         run.start_step, run.bad_steps, run.resumed = saved["step"], saved.get("bad_steps", 0), True
@@ -283,8 +336,18 @@ def start_run(ctx: RunContext, config: RecipeConfig, recipe: str, module: nn.Mod
     if ctx.main:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
     run.logger = MetricsLogger(ctx.out_dir / "metrics.jsonl", run.start_step if run.resumed else None, enabled=ctx.main)
-    run.logger.log({"event": "start", "recipe": recipe, "step": run.start_step, "total_steps": total_steps,
-                    **(start_record or {}), "world_size": ctx.world_size, "finetune": config.finetune,
-                    "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
+    run.logger.log(
+        {
+            "event": "start",
+            "recipe": recipe,
+            "step": run.start_step,
+            "total_steps": total_steps,
+            **(start_record or {}),
+            "world_size": ctx.world_size,
+            "finetune": config.finetune,
+            "trainable_params": sum(p.numel() for p in params),
+            "device": str(ctx.device),
+        }
+    )
     run.bar = progress_bar(total_steps, run.start_step, enabled=ctx.main and config.progress, desc=recipe)
     return run

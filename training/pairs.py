@@ -22,8 +22,13 @@ class PairRow:
     margin: float = 0.0
 
 
-def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_seq_len: int,
-                   use_chat_template: bool = False, margin_key: str = "margin") -> list[PairRow]:  # fmt: skip
+def tokenize_pairs(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    max_seq_len: int,
+    use_chat_template: bool = False,
+    margin_key: str = "margin",
+) -> list[PairRow]:
     """``{"prompt", "chosen", "rejected"[, "margin"]}`` records -> :class:`PairRow` list, through the
     SFT tokenization (completion-only labels, EOS appended). Pairs where truncation leaves either
     side without a target token, or cuts off everything that told the two sides apart (they would
@@ -33,8 +38,15 @@ def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_seq_len: i
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
         if missing:
             raise ValueError(f"preference record {i} lacks {missing} (keys: {sorted(rec)})")
-        sides = [tokenize_record({"prompt": rec["prompt"], "completion": rec[k]}, tokenizer, max_seq_len,
-                                 use_chat_template=use_chat_template) for k in ("chosen", "rejected")]  # fmt: skip
+        sides = [
+            tokenize_record(
+                {"prompt": rec["prompt"], "completion": rec[k]},
+                tokenizer,
+                max_seq_len,
+                use_chat_template=use_chat_template,
+            )
+            for k in ("chosen", "rejected")
+        ]
         if any(s is None for s in sides):
             dropped += 1
             continue
@@ -46,8 +58,11 @@ def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_seq_len: i
     if dropped:
         warnings.warn(f"dropped {dropped} pairs with no target tokens within max_seq_len={max_seq_len}", stacklevel=2)
     if same:
-        warnings.warn(f"dropped {same} pairs whose chosen and rejected sides are the same tokens within "
-                      f"max_seq_len={max_seq_len}", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"dropped {same} pairs whose chosen and rejected sides are the same tokens within "
+            f"max_seq_len={max_seq_len}",
+            stacklevel=2,
+        )
     if not pairs:
         raise ValueError("no usable preference pairs")
     return pairs

@@ -63,8 +63,10 @@ class PPOConfig(RolloutConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kl_coef < 0 or self.vf_coef < 0 or self.entropy_coef < 0:
-            raise ValueError(f"kl_coef, vf_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.vf_coef}, "
-                             f"{self.entropy_coef}")  # fmt: skip
+            raise ValueError(
+                f"kl_coef, vf_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.vf_coef}, "
+                f"{self.entropy_coef}"
+            )
 
 
 def sequence_rewards_to_tokens(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,9 +91,16 @@ def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
     return ((x - mean) / (std + eps) * mask).to(x.dtype)
 
 
-def minibatch_update(run: RecipeRun, config: PPOConfig, batch: RolloutBatch, rows: torch.Tensor,
-                     old: dict[str, torch.Tensor], advantages: torch.Tensor, returns: torch.Tensor,
-                     mask: torch.Tensor) -> tuple[float, dict[str, float]]:  # fmt: skip
+def minibatch_update(
+    run: RecipeRun,
+    config: PPOConfig,
+    batch: RolloutBatch,
+    rows: torch.Tensor,
+    old: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[float, dict[str, float]]:
     """One optimizer update on the mini-batch ``rows``, as micro-batches of ``micro_batch_size``
     completions: ``(loss, summed stats)``."""
     n_tok = float(dist_utils.all_reduce_sum(mask[rows].sum().double()))
@@ -116,9 +125,14 @@ def minibatch_update(run: RecipeRun, config: PPOConfig, batch: RolloutBatch, row
     return float(dist_utils.all_reduce_sum(loss_sum)), sums
 
 
-def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = None,
-          reward: MultiObjectiveReward | None = None, sampler: Any = None,
-          callbacks: Sequence[Callback] = ()) -> RunResult:  # fmt: skip
+def train(
+    config: PPOConfig,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    reward: MultiObjectiveReward | None = None,
+    sampler: Any = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
     """Run PPO (arguments as :func:`fastpeft.training.grpo.train`)."""
     reward = resolve_reward(config, reward)
     ctx = setup_run(config, model, tokenizer)
@@ -132,9 +146,18 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     module = CompletionLogprobs(ctx.model, temperature=config.temperature, value_head=value_head)
     n_seq = config.prompts_per_step * config.samples_per_prompt
     updates_per_step = config.ppo_epochs * math.ceil(n_seq / config.mini_batch_size)
-    run = start_run(ctx, config, "ppo", module, config.total_steps(setup.plan.steps_per_epoch), setup.layout,
-                    saved_module=module, updates_per_step=updates_per_step, callbacks=callbacks,
-                    start_record={"prompts": len(setup.records)})  # fmt: skip
+    run = start_run(
+        ctx,
+        config,
+        "ppo",
+        module,
+        config.total_steps(setup.plan.steps_per_epoch),
+        setup.layout,
+        saved_module=module,
+        updates_per_step=updates_per_step,
+        callbacks=callbacks,
+        start_record={"prompts": len(setup.records)},
+    )
     evaluate = (lambda: evaluate_policy(ctx, setup.eval_records, config, setup.reward)) if setup.eval_records else None
     run.evaluate_at_start(evaluate)
     mb = config.micro_batch_size
@@ -163,15 +186,21 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
         for _ in range(config.ppo_epochs):
             order = torch.randperm(batch.num_sequences, generator=gen).to(ctx.device)
             for i in range(0, batch.num_sequences, config.mini_batch_size):
-                loss, s = minibatch_update(run, config, batch, order[i : i + config.mini_batch_size], old, advantages,
-                                           returns, mask)  # fmt: skip
+                loss, s = minibatch_update(
+                    run, config, batch, order[i : i + config.mini_batch_size], old, advantages, returns, mask
+                )
                 run.update(loss)
                 sums = {k: sums.get(k, 0.0) + v for k, v in s.items()}
                 n_updates += 1
         n_valid = max(float(mask.sum()), 1.0)
         run.count_tokens(int(batch.attention_mask.sum()))
-        record = {"loss": run.last_loss, **{k: v / n_updates for k, v in sums.items()}, **rewards.summary(),
-                  "kl": float(kl.sum()) / n_valid, "completion_len": float(batch.completion_mask.sum(1).mean()),
-                  "value_mean": float((old["values"] * mask).sum()) / n_valid}  # fmt: skip
+        record = {
+            "loss": run.last_loss,
+            **{k: v / n_updates for k, v in sums.items()},
+            **rewards.summary(),
+            "kl": float(kl.sum()) / n_valid,
+            "completion_len": float(batch.completion_mask.sum(1).mean()),
+            "value_mean": float((old["values"] * mask).sum()) / n_valid,
+        }
         run.end_step(step, record, evaluate)
     return run.finish(evaluate, lambda: {"weight": value_head.weight, "bias": value_head.bias}, "value_head")

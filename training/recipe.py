@@ -102,8 +102,10 @@ class RecipeConfig:
         if self.parallel not in dist_utils.PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {dist_utils.PARALLEL_MODES}, got {self.parallel!r}")
         if self.parallel == "fsdp" and self.optimizer not in dist_utils.FSDP_OPTIMIZERS:
-            raise ValueError(f"parallel='fsdp' shards parameters into DTensors, which optimizer={self.optimizer!r} "
-                             f"cannot update; use one of {dist_utils.FSDP_OPTIMIZERS}")  # fmt: skip
+            raise ValueError(
+                f"parallel='fsdp' shards parameters into DTensors, which optimizer={self.optimizer!r} "
+                f"cannot update; use one of {dist_utils.FSDP_OPTIMIZERS}"
+            )
 
     def step_design(self) -> StepDesign:
         """The activation-memory options as a :class:`~fastpeft.training.step_design.StepDesign`."""
@@ -141,8 +143,9 @@ class RunContext:
             yield
 
 
-def setup_run(config: RecipeConfig, model: nn.Module | None = None, tokenizer: Any = None,
-              lora: dict[str, Any] | None = None) -> RunContext:  # fmt: skip
+def setup_run(
+    config: RecipeConfig, model: nn.Module | None = None, tokenizer: Any = None, lora: dict[str, Any] | None = None
+) -> RunContext:
     """Device, process group, seed, tokenizer and model with adapters (see the module docstring).
     ``lora`` replaces ``config.lora`` (SFT's domain-adaptive default)."""
     rank, local_rank, world_size = dist_utils.world()
@@ -153,15 +156,20 @@ def setup_run(config: RecipeConfig, model: nn.Module | None = None, tokenizer: A
     torch.manual_seed(config.seed)
     if tokenizer is None:
         path = config.tokenizer
-        if path is None and config.model and any((Path(config.model) / f).exists()
-                                                 for f in ("tokenizer.json", "tokenizer_config.json")):  # fmt: skip
+        if (
+            path is None
+            and config.model
+            and any((Path(config.model) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        ):
             path = config.model
         tokenizer = load_tokenizer(path)
     if model is None:
         model = build_model(config.model, config.model_config, config.dtype, config.attn_implementation, config.seed)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
-                         f"{model.get_input_embeddings().num_embeddings}")  # fmt: skip
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+            f"{model.get_input_embeddings().num_embeddings}"
+        )
     if config.init_adapter:
         import fastpeft
 
@@ -171,8 +179,9 @@ def setup_run(config: RecipeConfig, model: nn.Module | None = None, tokenizer: A
     model.to(device)
     apply_memory_options(model, config)
     model.train()  # from_pretrained returns eval mode; LoRA dropout must be active while training
-    return RunContext(rank, world_size, device, distributed, tokenizer, model, has_adapters, Path(config.output_dir),
-                      config.bf16)  # fmt: skip
+    return RunContext(
+        rank, world_size, device, distributed, tokenizer, model, has_adapters, Path(config.output_dir), config.bf16
+    )
 
 
 def apply_memory_options(model: nn.Module, config: RecipeConfig) -> None:
@@ -184,8 +193,10 @@ def apply_memory_options(model: nn.Module, config: RecipeConfig) -> None:
 def require_reference(ctx: RunContext, what: str) -> None:
     """The reference policy is the adapter-disabled model: there must be adapters to disable."""
     if not ctx.has_adapters:
-        raise ValueError(f"{what} needs a reference policy, which is the model with its adapters disabled; "
-                         "use finetune='lora' or 'qlora' (or turn the reference term off)")  # fmt: skip
+        raise ValueError(
+            f"{what} needs a reference policy, which is the model with its adapters disabled; "
+            "use finetune='lora' or 'qlora' (or turn the reference term off)"
+        )
 
 
 def jsonable_config(config: Any) -> dict[str, Any]:
@@ -197,8 +208,12 @@ def jsonable_config(config: Any) -> dict[str, Any]:
     return values
 
 
-def save_final(ctx: RunContext, extra: dict[str, torch.Tensor] | None = None, extra_name: str = "head",
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path | None:  # fmt: skip
+def save_final(
+    ctx: RunContext,
+    extra: dict[str, torch.Tensor] | None = None,
+    extra_name: str = "head",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path | None:
     """Adapter (PEFT format) or full model (``state_dict``: its gathered FSDP state), plus ``extra``
     tensors (e.g. a scalar head) as ``<extra_name>.safetensors`` beside it; rank 0 only. If that
     save fails the weights go elsewhere and :class:`~fastpeft.training.checkpoint.FinalSaveError` says where."""

@@ -61,8 +61,9 @@ class LocalRun:
         pass
 
 
-def synthetic_rollouts(vocab: int, num_prompts: int, group_size: int, prompt_len: int, completion_len: int,
-                       seed: int = 0) -> RolloutBatch:  # fmt: skip
+def synthetic_rollouts(
+    vocab: int, num_prompts: int, group_size: int, prompt_len: int, completion_len: int, seed: int = 0
+) -> RolloutBatch:
     """``num_prompts · group_size`` rows of full-length random prompts and completions (the rollout
     layout). Token ids are drawn on the host (Python's RNG), so this also works under FakeTensorMode."""
     rng = random.Random(seed)
@@ -71,12 +72,14 @@ def synthetic_rollouts(vocab: int, num_prompts: int, group_size: int, prompt_len
     completions = [[rng.randrange(vocab) for _ in range(completion_len)] for _ in rows]
     ids, mask, positions, comp_mask, lp = layout(rows, completions, pad_id=0)
     n = len(rows)
-    return RolloutBatch([""] * n, [{}] * n, [""] * n, ids, mask, positions, comp_mask,
-                        torch.zeros(n, dtype=torch.bool), lp, group_size)  # fmt: skip
+    return RolloutBatch(
+        [""] * n, [{}] * n, [""] * n, ids, mask, positions, comp_mask, torch.zeros(n, dtype=torch.bool), lp, group_size
+    )
 
 
-def grpo_sampling_phase(model: nn.Module, num_prompts: int, group_size: int, prompt_len: int,
-                        new_tokens: int) -> torch.Tensor:  # fmt: skip
+def grpo_sampling_phase(
+    model: nn.Module, num_prompts: int, group_size: int, prompt_len: int, new_tokens: int
+) -> torch.Tensor:
     """The sampler's memory at its largest: prefill ``[P, prompt_len]`` into the prompt cache, then
     one decode step of the ``P · group_size`` rows with the generated-token cache allocated for
     ``new_tokens`` (shared-prefix mode, the sampler's default). Returns the chosen tokens ``[P·G]``."""
@@ -93,21 +96,29 @@ def grpo_sampling_phase(model: nn.Module, num_prompts: int, group_size: int, pro
     with _inference(model), contextlib.ExitStack() as stack:
         cache = make_static_cache(model, prompt_len)
         positions = torch.arange(prompt_len, device=device).expand(num_prompts, -1)
-        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, past_key_values=cache,
-                    use_cache=True, **sampler._keep_one())  # fmt: skip
+        out = model(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **sampler._keep_one(),
+        )
         logits = out.logits[:, -1, :].repeat_interleave(group_size, dim=0)  # [B, V]
         zero_padding_slots(cache, mask)
         del out
         tokens, _ = choose_tokens(logits, params, None)
         lengths = torch.full((num_prompts,), prompt_len, dtype=torch.long, device=device)
-        step = sampler._make_decode_step(stack, cache, mask, lengths, num_prompts * group_size, group_size, new_tokens,
-                                         device)  # fmt: skip
+        step = sampler._make_decode_step(
+            stack, cache, mask, lengths, num_prompts * group_size, group_size, new_tokens, device
+        )
         tokens, _ = choose_tokens(step(tokens), params, None)
     return tokens
 
 
-def grpo_training_phase(model: nn.Module, config: GRPOConfig, batch: RolloutBatch,
-                        on_phase: PhaseHook | None = None) -> torch.Tensor:  # fmt: skip
+def grpo_training_phase(
+    model: nn.Module, config: GRPOConfig, batch: RolloutBatch, on_phase: PhaseHook | None = None
+) -> torch.Tensor:
     """The reference pass (when ``config.beta > 0``) and one update's forward and backward on
     ``batch`` (advantages and mask of a full batch), as :func:`fastpeft.training.grpo.train` runs
     them between sampling and the optimizer step; ``on_phase`` hears "forward" / "backward" as each
@@ -145,8 +156,14 @@ def synthetic_pairs(vocab: int, num_pairs: int, prompt_len: int, completion_len:
     return pairs
 
 
-def dpo_training_phase(model: nn.Module, config: DPOConfig, pairs: list[PairRow], cached_reference: bool = False,
-                       pad_id: int = 0, on_phase: PhaseHook | None = None) -> torch.Tensor:  # fmt: skip
+def dpo_training_phase(
+    model: nn.Module,
+    config: DPOConfig,
+    pairs: list[PairRow],
+    cached_reference: bool = False,
+    pad_id: int = 0,
+    on_phase: PhaseHook | None = None,
+) -> torch.Tensor:
     """One DPO update's forward and backward over ``pairs`` in micro-batches of
     ``config.micro_batch_size`` pairs, the reference on the fly (adapters disabled) or, with
     ``cached_reference``, from a precomputed cache (``on_phase``: as for

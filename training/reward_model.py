@@ -52,14 +52,16 @@ class ScalarHeadModel(nn.Module):
             self.head.weight.normal_(0.0, 1.0 / math.sqrt(cfg.hidden_size + 1))
             self.head.bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         hidden = backbone_hidden(self.lm, input_ids, attention_mask, position_ids)
         with torch.autocast(hidden.device.type, enabled=False):  # the fp32 head stays fp32 under autocast
             return self.head(hidden.float()).squeeze(-1)
 
-    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def sequence_scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The score at each row's last attended token: ``[B]``."""
         return last_token_scores(self(input_ids, attention_mask, position_ids), attention_mask)
 
@@ -74,8 +76,10 @@ class ScalarHeadModel(nn.Module):
         path = path / f"{HEAD_FILE}.safetensors" if path.is_dir() else path
         state = load_file(str(path))
         if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != tuple(self.head.weight.shape):
-            raise ValueError(f"{path}: expected a head with weight {tuple(self.head.weight.shape)} and bias, got "
-                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")  # fmt: skip
+            raise ValueError(
+                f"{path}: expected a head with weight {tuple(self.head.weight.shape)} and bias, got "
+                f"{ {k: tuple(v.shape) for k, v in state.items()} }"
+            )
         with torch.no_grad():
             self.head.weight.copy_(state["weight"])
             self.head.bias.copy_(state["bias"])
@@ -141,8 +145,14 @@ class RewardResult(RunResult):
 
 
 @torch.no_grad()
-def evaluate_pairs(model: ScalarHeadModel, pairs: Sequence[PairRow], pad_id: int, batch_size: int,
-                   device: torch.device, bf16: bool = False) -> dict[str, float]:  # fmt: skip
+def evaluate_pairs(
+    model: ScalarHeadModel,
+    pairs: Sequence[PairRow],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> dict[str, float]:
     """Pairwise accuracy, mean BT loss and mean reward margin on ``pairs`` (model in eval mode)."""
     was = model.training
     model.eval()
@@ -158,12 +168,17 @@ def evaluate_pairs(model: ScalarHeadModel, pairs: Sequence[PairRow], pad_id: int
     finally:
         model.train(was)
     rc, rr = torch.cat(chosen), torch.cat(rejected)
-    return {"eval_accuracy": float((rc > rr).float().mean()), "eval_loss": float(bradley_terry_loss(rc, rr)),
-            "eval_margin": float((rc - rr).mean()), "eval_pairs": len(pairs)}  # fmt: skip
+    return {
+        "eval_accuracy": float((rc > rr).float().mean()),
+        "eval_loss": float(bradley_terry_loss(rc, rr)),
+        "eval_margin": float((rc - rr).mean()),
+        "eval_pairs": len(pairs),
+    }
 
 
-def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
-          callbacks: Sequence[Callback] = ()) -> RewardResult:  # fmt: skip
+def train(
+    config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None, callbacks: Sequence[Callback] = ()
+) -> RewardResult:
     """Train a reward model as configured (``model``: an optional causal LM to start from)."""
     if config.objective != "pairwise":
         from fastpeft.training.step_reward_model import train_on_labels
@@ -175,21 +190,38 @@ def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any =
     if config.train_data is None:
         raise ValueError("train_data is required (records with prompt, chosen, rejected)")
     pad = ctx.tokenizer.pad_token_id
-    pairs = tokenize_pairs(load_records(config.train_data), ctx.tokenizer, config.max_seq_len,
-                           config.use_chat_template, config.margin_key)  # fmt: skip
+    pairs = tokenize_pairs(
+        load_records(config.train_data), ctx.tokenizer, config.max_seq_len, config.use_chat_template, config.margin_key
+    )
     eval_pairs = []
     if config.eval_data is not None:
-        eval_pairs = tokenize_pairs(load_records(config.eval_data), ctx.tokenizer, config.max_seq_len,
-                                    config.use_chat_template, config.margin_key)  # fmt: skip
+        eval_pairs = tokenize_pairs(
+            load_records(config.eval_data),
+            ctx.tokenizer,
+            config.max_seq_len,
+            config.use_chat_template,
+            config.margin_key,
+        )
     plan = BatchPlan(pairs, config.micro_batch_size, config.grad_accum_steps, ctx.world_size, ctx.rank, config.seed)
     layout = {"pairs": len(pairs), "global_batch_pairs": plan.global_batch}
-    run = start_run(ctx, config, "reward", rm, config.total_steps(plan.steps_per_epoch), layout, saved_module=rm,
-                    find_unused=config.finetune == "full", callbacks=callbacks,  # the LM head is unused
-                    start_record={"pairs": len(pairs)})  # fmt: skip
+    run = start_run(
+        ctx,
+        config,
+        "reward",
+        rm,
+        config.total_steps(plan.steps_per_epoch),
+        layout,
+        saved_module=rm,
+        find_unused=config.finetune == "full",
+        callbacks=callbacks,  # the LM head is unused
+        start_record={"pairs": len(pairs)},
+    )
     evaluate = None
     if eval_pairs:
+
         def evaluate() -> dict[str, Any]:
             return evaluate_pairs(rm, eval_pairs, pad, config.eval_batch_size, ctx.device, config.bf16)
+
     run.evaluate_at_start(evaluate)
     for step in run.steps():
         micro = plan.micro_batches(step)

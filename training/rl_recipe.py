@@ -41,16 +41,24 @@ class RolloutConfig(RecipeConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (log-probs are taken at the sampling temperature), "
-                             f"got {self.temperature}")  # fmt: skip
+            raise ValueError(
+                f"temperature must be > 0 (log-probs are taken at the sampling temperature), got {self.temperature}"
+            )
         if self.grad_accum_steps != 1:
-            raise ValueError("grad_accum_steps applies to the dataset recipes; a rollout step's completions are "
-                             "already accumulated over micro-batches (micro_batch_size), set prompts_per_step "
-                             "for a bigger step")  # fmt: skip
+            raise ValueError(
+                "grad_accum_steps applies to the dataset recipes; a rollout step's completions are "
+                "already accumulated over micro-batches (micro_batch_size), set prompts_per_step "
+                "for a bigger step"
+            )
 
     def sampling(self, seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=seed)  # fmt: skip
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=seed,
+        )
 
 
 @dataclasses.dataclass
@@ -74,13 +82,16 @@ def resolve_reward(config: RolloutConfig, reward: MultiObjectiveReward | None) -
     if reward is not None:
         return reward
     if not config.rewards:
-        raise ValueError(f"no reward configured: set rewards (built-in: {', '.join(BUILTIN_REWARDS)}; e.g. "
-                         "--set rewards.answer=1.0) or pass reward= to train()")  # fmt: skip
+        raise ValueError(
+            f"no reward configured: set rewards (built-in: {', '.join(BUILTIN_REWARDS)}; e.g. "
+            "--set rewards.answer=1.0) or pass reward= to train()"
+        )
     return build_reward(config.rewards, **config.reward_options)
 
 
-def setup_rollouts(ctx: RunContext, config: RolloutConfig, reward: MultiObjectiveReward,
-                   sampler: Generator | None) -> RolloutSetup:  # fmt: skip
+def setup_rollouts(
+    ctx: RunContext, config: RolloutConfig, reward: MultiObjectiveReward, sampler: Generator | None
+) -> RolloutSetup:
     """The sampler (the batched KV-cache sampler on the policy itself unless given: the same NF4
     weights and adapters the step trains), training and evaluation records, and the per-step plan."""
     if config.train_data is None:
@@ -96,8 +107,7 @@ def setup_rollouts(ctx: RunContext, config: RolloutConfig, reward: MultiObjectiv
     return RolloutSetup(reward, sampler, records, eval_records, plan)
 
 
-def sample_step(run: RecipeRun, setup: RolloutSetup, config: RolloutConfig, step: int,
-                group_size: int) -> RolloutBatch:  # fmt: skip
+def sample_step(run: RecipeRun, setup: RolloutSetup, config: RolloutConfig, step: int, group_size: int) -> RolloutBatch:
     """This rank's rollouts of ``step``: ``group_size`` samples of each of its prompts, each prompt's
     KV prefilled once and read by its samples (the sampler's shared-prefix decode). It runs between
     two updates: the previous backward's activations and gradients are already freed. Under FSDP
@@ -105,8 +115,9 @@ def sample_step(run: RecipeRun, setup: RolloutSetup, config: RolloutConfig, step
     ctx = run.ctx
     seed = (config.seed * 1_000_003 + step) * max(ctx.world_size, 1) + ctx.rank
     with dist_utils.full_parameters(run.runner, for_forward=True):
-        batch = generate_rollouts(setup.sampler, ctx.tokenizer, setup.plan.micro_batches(step)[0], group_size,
-                                  config.sampling(seed))  # fmt: skip
+        batch = generate_rollouts(
+            setup.sampler, ctx.tokenizer, setup.plan.micro_batches(step)[0], group_size, config.sampling(seed)
+        )
     return batch
 
 
@@ -122,17 +133,21 @@ def gather_rows(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat(parts).to(values.device)
 
 
-def evaluate_policy(ctx: RunContext, records: list[dict], config: RolloutConfig,
-                    reward: MultiObjectiveReward) -> dict[str, Any]:  # fmt: skip
+def evaluate_policy(
+    ctx: RunContext, records: list[dict], config: RolloutConfig, reward: MultiObjectiveReward
+) -> dict[str, Any]:
     """Greedy continuations of ``records``' prompts: their mean reward under the run's reward
     (``eval_reward_mean``) and, on records with an ``"answer"``, exact match (``eval_match``)."""
     if not records:
         return {}
     prompts = [str(r["prompt"]) for r in records]
-    texts = greedy_completions(ctx.model, ctx.tokenizer, prompts, config.max_new_tokens, config.eval_batch_size,
-                               ctx.device)  # fmt: skip
-    out: dict[str, Any] = {"eval_reward_mean": reward(prompts, texts, records).summary()["reward_mean"],
-                           "eval_n": len(records)}  # fmt: skip
+    texts = greedy_completions(
+        ctx.model, ctx.tokenizer, prompts, config.max_new_tokens, config.eval_batch_size, ctx.device
+    )
+    out: dict[str, Any] = {
+        "eval_reward_mean": reward(prompts, texts, records).summary()["reward_mean"],
+        "eval_n": len(records),
+    }
     answered = [(t, r) for t, r in zip(texts, records) if "answer" in r]
     if answered:
         out["exact_match"] = sum(judge(t, r["answer"], config.eval_match) for t, r in answered) / len(answered)

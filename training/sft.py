@@ -61,26 +61,50 @@ class SFTConfig(RecipeConfig):
 
 
 def _rows(records: list[dict], tokenizer: Any, config: SFTConfig) -> list:
-    examples = tokenize_records(records, tokenizer, config.max_seq_len, config.completion_only,
-                                config.use_chat_template)  # fmt: skip
+    examples = tokenize_records(
+        records, tokenizer, config.max_seq_len, config.completion_only, config.use_chat_template
+    )
     return pack_examples(examples, config.max_seq_len) if config.packing else unpacked_rows(examples)
 
 
-def _evaluate(loss_module: CausalLMLoss, model: nn.Module, tokenizer: Any, eval_rows: list, eval_records: list,
-              config: SFTConfig, device: torch.device) -> dict[str, Any]:  # fmt: skip
+def _evaluate(
+    loss_module: CausalLMLoss,
+    model: nn.Module,
+    tokenizer: Any,
+    eval_rows: list,
+    eval_records: list,
+    config: SFTConfig,
+    device: torch.device,
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if eval_rows:
-        out["eval_loss"] = evaluate_loss(loss_module, eval_rows, tokenizer.pad_token_id, config.eval_batch_size,
-                                         device, config.packing, torch.bfloat16 if config.bf16 else None)  # fmt: skip
+        out["eval_loss"] = evaluate_loss(
+            loss_module,
+            eval_rows,
+            tokenizer.pad_token_id,
+            config.eval_batch_size,
+            device,
+            config.packing,
+            torch.bfloat16 if config.bf16 else None,
+        )
     if any("answer" in r for r in eval_records):
-        em = exact_match(model, tokenizer, eval_records, config.eval_match, config.eval_max_new_tokens,
-                         config.eval_batch_size, device, config.use_chat_template)  # fmt: skip
+        em = exact_match(
+            model,
+            tokenizer,
+            eval_records,
+            config.eval_match,
+            config.eval_max_new_tokens,
+            config.eval_batch_size,
+            device,
+            config.use_chat_template,
+        )
         out["exact_match"] = em["exact_match"]
     return out
 
 
-def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
-          callbacks: Sequence[Callback] = ()) -> RunResult:  # fmt: skip
+def train(
+    config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None, callbacks: Sequence[Callback] = ()
+) -> RunResult:
     """Run SFT as configured. ``model``/``tokenizer`` may be passed in (then ``config.model`` is not
     read); ``callbacks`` are called as ``cb(step, record)`` after every optimizer step."""
     lora = dict(config.lora)
@@ -101,24 +125,40 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
 
     loss_module = CausalLMLoss(ctx.model, config.loss_impl, config.loss_chunk_size)
     layout = {"rows": len(plan.rows), "global_batch_rows": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch}
-    run = start_run(ctx, config, "sft", loss_module, total, layout, callbacks=callbacks,
-                    start_record={"rows": len(rows), "loss_impl": loss_module.loss_impl})  # fmt: skip
+    run = start_run(
+        ctx,
+        config,
+        "sft",
+        loss_module,
+        total,
+        layout,
+        callbacks=callbacks,
+        start_record={"rows": len(rows), "loss_impl": loss_module.loss_impl},
+    )
     evaluate = None
     if eval_rows or eval_records:
+
         def evaluate() -> dict[str, Any]:
             return _evaluate(loss_module, ctx.model, ctx.tokenizer, eval_rows, eval_records, config, ctx.device)
+
     run.evaluate_at_start(evaluate)
     pad = ctx.tokenizer.pad_token_id
     for step in run.steps():
         batches = [{k: v.to(ctx.device) for k, v in collate(mb, pad).items()} for mb in plan.micro_batches(step)]
-        local = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
-                              sum(int((b["segment_ids"] > 0).sum()) for b in batches)], dtype=torch.float64)  # fmt: skip
+        local = torch.tensor(
+            [
+                sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+                sum(int((b["segment_ids"] > 0).sum()) for b in batches),
+            ],
+            dtype=torch.float64,
+        )
         n_targets, n_tokens = dist_utils.all_reduce_sum(local.to(ctx.device)).tolist()
         step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for j, b in enumerate(batches):
             with run.micro_batch(last=j == len(batches) - 1):
-                loss_sum, _ = run.runner(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"],
-                                         packed=config.packing)  # fmt: skip
+                loss_sum, _ = run.runner(
+                    b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"], packed=config.packing
+                )
                 run.backward(loss_sum / max(n_targets, 1.0))
             step_loss += loss_sum.detach().double()
         loss = float(dist_utils.all_reduce_sum(step_loss)) / max(n_targets, 1.0)

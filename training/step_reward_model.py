@@ -79,8 +79,13 @@ def boundary_positions(tokenizer: Any, text: str, char_ends: Sequence[int]) -> t
     return ids, positions
 
 
-def tokenize_label_records(records: Sequence[Mapping[str, Any]], tokenizer: Any, max_seq_len: int,
-                           objective: str = "process", label_key: str = "soft") -> list[LabelRow]:  # fmt: skip
+def tokenize_label_records(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_seq_len: int,
+    objective: str = "process",
+    label_key: str = "soft",
+) -> list[LabelRow]:
     """Step-label records -> :class:`LabelRow` (boundaries past ``max_seq_len`` are dropped)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -108,8 +113,9 @@ def tokenize_label_records(records: Sequence[Mapping[str, Any]], tokenizer: Any,
         if not keep:
             continue
         truth = [None if ends[j] == 0 else int(rec[truth_key][j]) if truth_key in rec else None for j in keep]
-        rows.append(LabelRow(i, ids[:max_seq_len], [positions[j] for j in keep], targets, truth,
-                             int(rec["outcome"]), prompt))  # fmt: skip
+        rows.append(
+            LabelRow(i, ids[:max_seq_len], [positions[j] for j in keep], targets, truth, int(rec["outcome"]), prompt)
+        )
     if not rows:
         raise ValueError("no usable step-label records")
     return rows
@@ -127,8 +133,14 @@ def collate_label_rows(rows: Sequence[LabelRow], pad_id: int, device: torch.devi
     row = torch.tensor([b for b, r in enumerate(rows) for _ in r.positions])
     pos = torch.tensor([p for r in rows for p in r.positions])
     target = torch.tensor([t for r in rows for t in r.targets], dtype=torch.float32)
-    out = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(width).expand(len(rows), -1),
-           "row": row, "pos": pos, "target": target}  # fmt: skip
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": torch.arange(width).expand(len(rows), -1),
+        "row": row,
+        "pos": pos,
+        "target": target,
+    }
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -177,8 +189,14 @@ def pairwise_accuracy(final_scores: Sequence[float], outcomes: Sequence[int], pr
 
 
 @torch.no_grad()
-def evaluate_labels(model: ScalarHeadModel, rows: Sequence[LabelRow], pad_id: int, batch_size: int,
-                    device: torch.device, adapter: str | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_labels(
+    model: ScalarHeadModel,
+    rows: Sequence[LabelRow],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    adapter: str | None = None,
+) -> dict[str, Any]:
     """Held-out loss, step accuracy / AUC, outcome accuracy and pairwise accuracy (module docstring).
 
     ``adapter``: route every row through that adapter (a reward model sharing its base with others).
@@ -202,8 +220,11 @@ def evaluate_labels(model: ScalarHeadModel, rows: Sequence[LabelRow], pad_id: in
     ends = torch.tensor([len(r.positions) for r in rows]).cumsum(0) - 1
     finals = [probs[e] for e in ends.tolist()]
     outcomes = [r.outcome for r in rows]
-    out = {"eval_loss": float(step_label_loss(z, y)), "eval_boundaries": len(probs),
-           "eval_outcome_accuracy": sum((f >= 0.5) == bool(o) for f, o in zip(finals, outcomes)) / len(rows)}  # fmt: skip
+    out = {
+        "eval_loss": float(step_label_loss(z, y)),
+        "eval_boundaries": len(probs),
+        "eval_outcome_accuracy": sum((f >= 0.5) == bool(o) for f, o in zip(finals, outcomes)) / len(rows),
+    }
     if step:
         out["eval_step_accuracy"] = sum((s >= 0.5) == bool(t) for s, t in step) / len(step)
         out["eval_step_auc"] = auc([s for s, _ in step], [t for _, t in step])
@@ -220,8 +241,9 @@ def _routed(lm: nn.Module, adapter: str | None, rows: int) -> contextlib.Abstrac
     return fastpeft.route_adapters(lm, [adapter] * rows)
 
 
-def train_on_labels(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
-                    callbacks: Sequence[Callback] = ()) -> RewardResult:  # fmt: skip
+def train_on_labels(
+    config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None, callbacks: Sequence[Callback] = ()
+) -> RewardResult:
     """The reward recipe for ``objective`` ``process`` / ``outcome`` (see the module docstring), on
     the recipes' one loop (:mod:`fastpeft.training.loop`)."""
     ctx = setup_run(config, model, tokenizer)
@@ -232,20 +254,32 @@ def train_on_labels(config: RewardConfig, model: nn.Module | None = None, tokeni
     pad = ctx.tokenizer.pad_token_id or 0
 
     def tokenize(source: Any) -> list[LabelRow]:
-        return tokenize_label_records(load_records(source), ctx.tokenizer, config.max_seq_len, config.objective,
-                                      config.label_key)  # fmt: skip
+        return tokenize_label_records(
+            load_records(source), ctx.tokenizer, config.max_seq_len, config.objective, config.label_key
+        )
 
     rows = tokenize(config.train_data)
     eval_rows = tokenize(config.eval_data) if config.eval_data is not None else []
     plan = BatchPlan(rows, config.micro_batch_size, config.grad_accum_steps, ctx.world_size, ctx.rank, config.seed)
     layout = {"records": len(rows), "global_batch_records": plan.global_batch}
-    run = start_run(ctx, config, f"reward/{config.objective}", rm, config.total_steps(plan.steps_per_epoch), layout,
-                    saved_module=rm, find_unused=config.finetune == "full", callbacks=callbacks,  # the LM head is unused
-                    start_record={"records": len(rows)})  # fmt: skip
+    run = start_run(
+        ctx,
+        config,
+        f"reward/{config.objective}",
+        rm,
+        config.total_steps(plan.steps_per_epoch),
+        layout,
+        saved_module=rm,
+        find_unused=config.finetune == "full",
+        callbacks=callbacks,  # the LM head is unused
+        start_record={"records": len(rows)},
+    )
     evaluate = None
     if eval_rows:
+
         def evaluate() -> dict[str, Any]:
             return evaluate_labels(rm, eval_rows, pad, config.eval_batch_size, ctx.device)
+
     run.evaluate_at_start(evaluate)
     for step in run.steps():
         micro = plan.micro_batches(step)
@@ -275,8 +309,16 @@ class StepScorer:
     the model as it is. Scores are cached per text (step-level search asks again for each prefix).
     """
 
-    def __init__(self, model: ScalarHeadModel, tokenizer: Any, adapter: str | None = None, max_seq_len: int = 512,
-                 batch_size: int = 64, delimiter: str = "; ", cache_size: int = 1 << 16):  # fmt: skip
+    def __init__(
+        self,
+        model: ScalarHeadModel,
+        tokenizer: Any,
+        adapter: str | None = None,
+        max_seq_len: int = 512,
+        batch_size: int = 64,
+        delimiter: str = "; ",
+        cache_size: int = 1 << 16,
+    ):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.max_seq_len, self.batch_size, self.delimiter = max_seq_len, batch_size, delimiter
         self._cache: dict[str, float] = {}
@@ -343,8 +385,14 @@ class StepScorer:
         return self._forward([self._encode(prompt + response, ends)])[0] if ends else []
 
 
-def load_step_scorer(lm: nn.Module, directory: str | Path, tokenizer: Any, adapter_name: str = "prm",
-                     quantize: str | None = "nf4", **scorer_options: Any) -> StepScorer:  # fmt: skip
+def load_step_scorer(
+    lm: nn.Module,
+    directory: str | Path,
+    tokenizer: Any,
+    adapter_name: str = "prm",
+    quantize: str | None = "nf4",
+    **scorer_options: Any,
+) -> StepScorer:
     """A saved PRM / ORM (adapter + ``score_head.safetensors`` in ``directory``) loaded into ``lm``
     as ``adapter_name`` beside the adapters ``lm`` already has (the active one stays active).
 

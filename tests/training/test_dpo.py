@@ -15,15 +15,30 @@ from fastpeft.training.model_setup import build_model
 from fastpeft.training.pairs import tokenize_pairs
 from fastpeft.training.tokenizer import load_char_tokenizer
 
-PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"],
-          "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0")}
-         for r in make_arithmetic_dataset(8, seed=4)]  # fmt: skip
+PAIRS = [
+    {
+        "prompt": r["prompt"],
+        "chosen": r["completion"],
+        "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0"),
+    }
+    for r in make_arithmetic_dataset(8, seed=4)
+]
 
 
 def _config(model_config, tmp_path, name, **kw):
-    base = dict(model_config=model_config, train_data=PAIRS, max_steps=4, lr=1e-2, beta=0.5, micro_batch_size=4,
-                lora={"r": 4, "lora_alpha": 8}, output_dir=str(tmp_path / name), progress=False, plot=False,
-                device="cpu")  # fmt: skip
+    base = dict(
+        model_config=model_config,
+        train_data=PAIRS,
+        max_steps=4,
+        lr=1e-2,
+        beta=0.5,
+        micro_batch_size=4,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / name),
+        progress=False,
+        plot=False,
+        device="cpu",
+    )
     return DPOConfig(**{**base, **kw})
 
 
@@ -50,8 +65,9 @@ def test_reference_is_the_base_model_without_a_copy(tiny_config):
     pairs = tokenize_pairs(PAIRS, tok, 128)
     ref = reference_logprobs(PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"))
     want = reference_logprobs(PairLogprobs(base, False), pairs, tok.pad_token_id, 4, torch.device("cpu"), disable=False)
-    policy = reference_logprobs(PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"),
-                                disable=False)  # fmt: skip
+    policy = reference_logprobs(
+        PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"), disable=False
+    )
     for i in ref:
         assert ref[i] == pytest.approx(want[i], abs=1e-4)
     assert any(abs(policy[i][0] - ref[i][0]) > 1e-3 for i in ref)
@@ -101,8 +117,14 @@ def test_sft_coef_adds_the_chosen_mean_token_nll(tmp_path, tiny_config):
 
 def test_pairs_that_truncation_makes_identical_are_dropped():
     tok = load_char_tokenizer()
-    pairs = [{"prompt": "Q: 1+1=?\nA:", "chosen": " long shared reasoning; answer 2", "rejected": " long shared reasoning; answer 3"},
-             {"prompt": "Q: 2+2=?\nA:", "chosen": " 4", "rejected": " 5"}]  # fmt: skip
+    pairs = [
+        {
+            "prompt": "Q: 1+1=?\nA:",
+            "chosen": " long shared reasoning; answer 2",
+            "rejected": " long shared reasoning; answer 3",
+        },
+        {"prompt": "Q: 2+2=?\nA:", "chosen": " 4", "rejected": " 5"},
+    ]
     with pytest.warns(UserWarning, match="dropped 1 pairs whose chosen and rejected sides are the same"):
         kept = tokenize_pairs(pairs, tok, 24)  # cuts the first pair before its answers
     assert [p.index for p in kept] == [1]

@@ -31,8 +31,10 @@ def test_unusable_output_dir_is_refused_before_loading(where, tmp_path, tiny_lla
     if where == "adapter_is_a_file":
         out.mkdir()
         (out / "adapter").write_text("x")
-    for run in (lambda: train(SFTConfig(model_config=tiny_llama(), train_data=[{"text": "a"}], output_dir=str(out))),
-                lambda: recipe.setup_run(RecipeConfig(model_config=tiny_llama(), output_dir=str(out)))):
+    for run in (
+        lambda: train(SFTConfig(model_config=tiny_llama(), train_data=[{"text": "a"}], output_dir=str(out))),
+        lambda: recipe.setup_run(RecipeConfig(model_config=tiny_llama(), output_dir=str(out))),
+    ):
         with pytest.raises(ValueError, match=r"^output_dir: .* exists and is not a directory$"):
             run()
 
@@ -45,8 +47,17 @@ def test_a_failed_final_save_rescues_the_trained_adapter(tmp_path, tiny_llama, a
         if step == 2:
             (out / "adapter").write_text("in the way")
 
-    config = SFTConfig(model_config=tiny_llama(), finetune="lora", lora={"r": 4}, train_data=arithmetic_records[:8],
-                       max_steps=2, micro_batch_size=4, output_dir=str(out), progress=False, plot=False)  # fmt: skip
+    config = SFTConfig(
+        model_config=tiny_llama(),
+        finetune="lora",
+        lora={"r": 4},
+        train_data=arithmetic_records[:8],
+        max_steps=2,
+        micro_batch_size=4,
+        output_dir=str(out),
+        progress=False,
+        plot=False,
+    )
     with pytest.raises(ckpt.FinalSaveError) as err:
         train(config, model=model, callbacks=[block_the_adapter_dir])
     message = str(err.value)
@@ -70,8 +81,11 @@ def test_rl_final_save_falls_back_to_the_temp_dir(tmp_path, tiny_llama, monkeypa
     monkeypatch.setattr(ckpt.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     real_save = fastpeft.save_adapter
-    monkeypatch.setattr(fastpeft, "save_adapter", lambda m, d: (_ for _ in ()).throw(OSError("disk full"))
-                        if str(d).startswith(str(out)) else real_save(m, d))  # fmt: skip
+    monkeypatch.setattr(
+        fastpeft,
+        "save_adapter",
+        lambda m, d: (_ for _ in ()).throw(OSError("disk full")) if str(d).startswith(str(out)) else real_save(m, d),
+    )
     ctx = RunContext(0, 1, torch.device("cpu"), False, None, model, True, out)
     with pytest.raises(ckpt.FinalSaveError, match=f"saved to {tmp_path / 'tmp'}/fastpeft-final-weights-rescued-"):
         save_final(ctx, extra={"head": torch.ones(2)})

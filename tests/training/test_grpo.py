@@ -20,10 +20,23 @@ RECORDS = make_arithmetic_dataset(8, seed=2)
 
 
 def _config(model_config, tmp_path, **kw):
-    base = dict(model_config=model_config, train_data=RECORDS, eval_data=RECORDS[:2], max_steps=2, prompts_per_step=2,
-                num_generations=4, max_new_tokens=8, max_seq_len=64, lr=1e-2, lora={"r": 4, "lora_alpha": 8},
-                output_dir=str(tmp_path / "grpo"), progress=False, plot=False, device="cpu",
-                eval_max_examples=2)  # fmt: skip
+    base = dict(
+        model_config=model_config,
+        train_data=RECORDS,
+        eval_data=RECORDS[:2],
+        max_steps=2,
+        prompts_per_step=2,
+        num_generations=4,
+        max_new_tokens=8,
+        max_seq_len=64,
+        lr=1e-2,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / "grpo"),
+        progress=False,
+        plot=False,
+        device="cpu",
+        eval_max_examples=2,
+    )
     return GRPOConfig(**{**base, **kw})
 
 
@@ -78,8 +91,18 @@ def test_grpo_steps_update_the_adapter_and_count_skipped_rewards(tmp_path, monke
 @pytest.mark.parametrize("aggregation", ["dr_grpo", "dapo"])
 def test_beta_zero_skips_the_reference_pass(tmp_path, monkeypatch, aggregation, tiny_config):
     monkeypatch.setattr(grpo.fastpeft, "disable_adapters", lambda m: pytest.fail("reference pass with beta=0"))
-    result = _run(_config(tiny_config, tmp_path, beta=0.0, max_steps=1, loss_aggregation=aggregation, advantage_scale="none",
-                          eval_data=None), MultiObjectiveReward({"len": _length}))  # fmt: skip
+    result = _run(
+        _config(
+            tiny_config,
+            tmp_path,
+            beta=0.0,
+            max_steps=1,
+            loss_aggregation=aggregation,
+            advantage_scale="none",
+            eval_data=None,
+        ),
+        MultiObjectiveReward({"len": _length}),
+    )
     assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])
 
 
@@ -100,10 +123,14 @@ def test_masked_truncated_completions_give_no_gradient(tmp_path, mask_truncated,
     from fastpeft.training.model_setup import build_model
 
     model = build_model(None, tiny_config, seed=0)
-    config = _config(tiny_config, tmp_path, max_new_tokens=3, mask_truncated=mask_truncated, max_steps=1, eval_data=None)
+    config = _config(
+        tiny_config, tmp_path, max_new_tokens=3, mask_truncated=mask_truncated, max_steps=1, eval_data=None
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train(config, model=model, reward=MultiObjectiveReward({"len": _length}), sampler=TruncatingGenerator())
+        result = train(
+            config, model=model, reward=MultiObjectiveReward({"len": _length}), sampler=TruncatingGenerator()
+        )
     rec = result.history[-1]
     assert rec["truncated_frac"] == 1.0 and rec["reward_std"] > 0
     lora_b = [float(p.abs().max()) for n, p in _lora_state(model).items() if "lora_B" in n]
@@ -189,6 +216,8 @@ def test_qlora_policy_samples_and_trains_on_the_same_nf4_weights(tmp_path, tiny_
     from fastpeft.kernels.workspace import clear_workspaces
 
     clear_workspaces()  # the first dequantization of this test happens inside the sampler
-    result = _run(_config(tiny_config, tmp_path, finetune="qlora", max_steps=2, eval_data=None, beta=0.1),
-                  MultiObjectiveReward({"len": _length}))
+    result = _run(
+        _config(tiny_config, tmp_path, finetune="qlora", max_steps=2, eval_data=None, beta=0.1),
+        MultiObjectiveReward({"len": _length}),
+    )
     assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)

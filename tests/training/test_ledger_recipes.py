@@ -10,8 +10,15 @@ import pytest
 
 from fastpeft.training.ledger_recipes import RecipeLedgerSpec, measure_recipe
 
-TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}  # fmt: skip
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+}
 P, C, G = 16, 512, 4
 
 
@@ -24,9 +31,12 @@ def _kv_bytes(rows_tokens: int, element_size: int) -> int:
 def grpo():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {stack: measure_recipe(RecipeLedgerSpec(TINY, "grpo", stack, prompt_len=P, completion_len=C,
-                                                       group_size=G, micro_batch_size=2))
-                for stack in ("fastpeft", "trl")}  # fmt: skip
+        return {
+            stack: measure_recipe(
+                RecipeLedgerSpec(TINY, "grpo", stack, prompt_len=P, completion_len=C, group_size=G, micro_batch_size=2)
+            )
+            for stack in ("fastpeft", "trl")
+        }
 
 
 def test_grpo_sampling_holds_the_shared_prefix_kv_cache(grpo):
@@ -54,13 +64,20 @@ def test_results_section_renders_each_target(grpo, monkeypatch):
     load_benchmarks()
     from fastpeft_benchmarks import recipe_ledger_report as report
 
-    monkeypatch.setattr(report, "_measure_one", lambda *args: {
-        "phases": {k: v.to_json() for k, v in grpo[args[6]].items()}, "design": args[7],
-        "peak_bytes": max(v.peak_bytes for v in grpo[args[6]].values())})  # fmt: skip
+    monkeypatch.setattr(
+        report,
+        "_measure_one",
+        lambda *args: {
+            "phases": {k: v.to_json() for k, v in grpo[args[6]].items()},
+            "design": args[7],
+            "peak_bytes": max(v.peak_bytes for v in grpo[args[6]].values()),
+        },
+    )
     data = report.measure(small=True, log=lambda s: None)
     text = report.render({**data, "command": "fastpeft bench --ledger-recipes"})
     assert [row["fastpeft"]["peak_bytes"] for row in data["targets"]] == [
-        max(v.peak_bytes for v in grpo["fastpeft"].values())] * len(report.TARGETS)
+        max(v.peak_bytes for v in grpo["fastpeft"].values())
+    ] * len(report.TARGETS)
     for label, *_ in report.TARGETS:
         assert label in text
     assert "| **peak (device)** |" in text and "yes" in text

@@ -53,7 +53,9 @@ def test_completion_logprobs_equal_full_logits(tiny_llama, temperature):
 @pytest.mark.parametrize("average", [False, True])
 def test_sequence_logprobs_equal_full_logits(tiny_llama, char_tokenizer, arithmetic_records, average):
     model = _model(tiny_llama)
-    b = collate(unpacked_rows(tokenize_records(arithmetic_records[:3], char_tokenizer, 64)), char_tokenizer.pad_token_id)
+    b = collate(
+        unpacked_rows(tokenize_records(arithmetic_records[:3], char_tokenizer, 64)), char_tokenizer.pad_token_id
+    )
     attention = (b["segment_ids"] > 0).long()
     got = sequence_logprobs(model, b["input_ids"], b["labels"], attention, b["position_ids"], average)
     logits = model(input_ids=b["input_ids"], attention_mask=attention, position_ids=b["position_ids"]).logits[:, :-1]

@@ -31,7 +31,9 @@ def test_grpo_and_dpo_steps_run_as_the_recipes_do(fake, tiny_llama):
         assert tokens.shape == (8,) and all(p.grad is None for p in trainable)
 
         batch = recipe_steps.synthetic_rollouts(model.config.vocab_size, 2, 4, prompt_len=9, completion_len=5)
-        loss = recipe_steps.grpo_training_phase(model, GRPOConfig(micro_batch_size=3, beta=0.1, num_iterations=2), batch)
+        loss = recipe_steps.grpo_training_phase(
+            model, GRPOConfig(micro_batch_size=3, beta=0.1, num_iterations=2), batch
+        )
         assert all(p.grad is not None for p in trainable)
         model.zero_grad(set_to_none=True)
 

@@ -28,15 +28,34 @@ ROLLOUT = ("grpo", "ppo")
 def _data(recipe: str) -> list[dict]:
     records = make_arithmetic_dataset(16, seed=11)
     if recipe in ("reward", "dpo"):
-        return [{"prompt": r["prompt"], "chosen": r["completion"],
-                 "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0")} for r in records]  # fmt: skip
+        return [
+            {
+                "prompt": r["prompt"],
+                "chosen": r["completion"],
+                "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0"),
+            }
+            for r in records
+        ]
     return records
 
 
 def _config(recipe: str, model_config: dict, out: Path, **kw):
-    base = dict(model_config=model_config, train_data=_data(recipe), lr=1e-2, max_steps=3, seed=7, max_seq_len=64,
-                lora={"r": 4, "lora_alpha": 8}, output_dir=str(out), progress=False, plot=False, device="cpu",
-                micro_batch_size=4, scheduler="constant", eval_at_start=False)  # fmt: skip
+    base = dict(
+        model_config=model_config,
+        train_data=_data(recipe),
+        lr=1e-2,
+        max_steps=3,
+        seed=7,
+        max_seq_len=64,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(out),
+        progress=False,
+        plot=False,
+        device="cpu",
+        micro_batch_size=4,
+        scheduler="constant",
+        eval_at_start=False,
+    )
     if recipe in ("reward", "dpo"):
         base.update(max_seq_len=128)  # the answers (what tells chosen from rejected) come last
     if recipe == "dpo":
@@ -112,9 +131,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(recipe, tmp_path, tiny_c
     killed = tmp_path / "killed"
     config = _config(recipe, model_config, killed, **common)
     values = dict(vars(config))
-    argv, env, cwd = python_command(_KILLED_RUN.format(threads=torch.get_num_threads(), module=RECIPES[recipe].__name__
-                                                       .rsplit(".", 1)[1], config_class=CONFIGS[recipe],
-                                                       config=json.dumps(values), kill_at=3))  # fmt: skip
+    argv, env, cwd = python_command(
+        _KILLED_RUN.format(
+            threads=torch.get_num_threads(),
+            module=RECIPES[recipe].__name__.rsplit(".", 1)[1],
+            config_class=CONFIGS[recipe],
+            config=json.dumps(values),
+            kill_at=3,
+        )
+    )
     proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckpts = killed / "checkpoints"
@@ -137,8 +162,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(recipe, tmp_path, tiny_c
 def test_bf16_autocast_tracks_fp32(recipe, tmp_path, tiny_config):
     """bf16 keeps ~3 significant digits: over 3 steps from the same start the losses and gradient
     norms stay within 5% (plus 2e-3 absolute, for GRPO's near-zero on-policy losses) of fp32's."""
-    runs = {bf16: _train(recipe, _config(recipe, tiny_config, tmp_path / str(bf16), bf16=bf16, lr=2e-3), fixed=True)
-            for bf16 in (False, True)}  # fmt: skip
+    runs = {
+        bf16: _train(recipe, _config(recipe, tiny_config, tmp_path / str(bf16), bf16=bf16, lr=2e-3), fixed=True)
+        for bf16 in (False, True)
+    }
     for key in ("loss", "grad_norm"):
         want, got = (_series(tmp_path / str(b), key) for b in (False, True))
         assert len(got) == len(want) == 3, key

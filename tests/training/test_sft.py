@@ -14,9 +14,19 @@ from fastpeft.training.sft import SFTConfig, train
 
 
 def _config(tmp_path, tiny_llama, records, **kw) -> SFTConfig:
-    base = dict(model_config=tiny_llama(), finetune="full", train_data=records, max_steps=3, micro_batch_size=4,
-                lr=1e-2, output_dir=str(tmp_path / "run"), progress=False, plot=False, log_every=1,
-                max_seq_len=64)  # fmt: skip
+    base = dict(
+        model_config=tiny_llama(),
+        finetune="full",
+        train_data=records,
+        max_steps=3,
+        micro_batch_size=4,
+        lr=1e-2,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+        plot=False,
+        log_every=1,
+        max_seq_len=64,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -29,8 +39,9 @@ def test_packed_loss_equals_unpacked(attn, tiny_llama, char_tokenizer, arithmeti
     for packed, rows in ((True, pack_examples(exs, 128)), (False, unpacked_rows(exs))):
         b = collate(rows, char_tokenizer.pad_token_id)
         for impl in ("fastpeft", "full"):
-            loss, n = CausalLMLoss(model, impl)(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"],
-                                                packed=packed)  # fmt: skip
+            loss, n = CausalLMLoss(model, impl)(
+                b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"], packed=packed
+            )
             losses[packed, impl] = (loss.item(), n.item())
     assert len(pack_examples(exs, 128)) < len(exs)  # packing really put several examples in a row
     ref = losses[False, "full"]
@@ -42,8 +53,15 @@ def test_packed_loss_equals_unpacked(attn, tiny_llama, char_tokenizer, arithmeti
 def test_grad_accumulation_equals_big_batch(tmp_path, tiny_llama, arithmetic_records):
     runs = []
     for mb, accum in ((4, 1), (2, 2), (1, 4)):
-        cfg = _config(tmp_path / f"{mb}", tiny_llama, arithmetic_records[:16], micro_batch_size=mb,
-                      grad_accum_steps=accum, optimizer="sgd", max_grad_norm=None)  # fmt: skip
+        cfg = _config(
+            tmp_path / f"{mb}",
+            tiny_llama,
+            arithmetic_records[:16],
+            micro_batch_size=mb,
+            grad_accum_steps=accum,
+            optimizer="sgd",
+            max_grad_norm=None,
+        )
         result = train(cfg)
         runs.append([r["loss"] for r in read_metrics(tmp_path / f"{mb}" / "run" / "metrics.jsonl") if "loss" in r])
         assert result.steps == 3
@@ -52,9 +70,19 @@ def test_grad_accumulation_equals_big_batch(tmp_path, tiny_llama, arithmetic_rec
 
 
 def test_full_finetune_learns_and_writes_outputs(tmp_path, tiny_llama, arithmetic_records):
-    cfg = _config(tmp_path, tiny_llama, arithmetic_records[:48], eval_data=arithmetic_records[48:52], max_steps=12,
-                  eval_every=6, eval_match="answer", eval_max_new_tokens=8, plot=True, packing=True,
-                  gradient_checkpointing=True)  # fmt: skip
+    cfg = _config(
+        tmp_path,
+        tiny_llama,
+        arithmetic_records[:48],
+        eval_data=arithmetic_records[48:52],
+        max_steps=12,
+        eval_every=6,
+        eval_match="answer",
+        eval_max_new_tokens=8,
+        plot=True,
+        packing=True,
+        gradient_checkpointing=True,
+    )
     model = build_model(None, tiny_llama(), seed=0)
     result = train(cfg, model=model)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -72,8 +100,9 @@ def test_full_finetune_learns_and_writes_outputs(tmp_path, tiny_llama, arithmeti
 def test_lora_and_qlora_runs_save_loadable_adapters(tmp_path, tiny_llama, arithmetic_records):
     fastpeft = pytest.importorskip("fastpeft")
     for mode in ("lora", "qlora"):
-        cfg = _config(tmp_path / mode, tiny_llama, arithmetic_records[:16], finetune=mode, lora={"r": 4},
-                      seed=5, save_every=3)  # fmt: skip
+        cfg = _config(
+            tmp_path / mode, tiny_llama, arithmetic_records[:16], finetune=mode, lora={"r": 4}, seed=5, save_every=3
+        )
         result = train(cfg)
         assert (result.saved / "adapter_model.safetensors").is_file()
         assert (result.output_dir / "checkpoints" / "step-000003" / "adapter" / "adapter_config.json").is_file()
@@ -86,8 +115,17 @@ def test_lora_and_qlora_runs_save_loadable_adapters(tmp_path, tiny_llama, arithm
 def test_bf16_autocast_tracks_fp32(mode, tmp_path, tiny_llama, arithmetic_records):
     losses = {}
     for bf16 in (False, True):
-        cfg = _config(tmp_path / str(bf16), tiny_llama, arithmetic_records[:8], finetune=mode, bf16=bf16, max_steps=3,
-                      lora={"r": 4}, seed=3, lr=3e-3)  # fmt: skip
+        cfg = _config(
+            tmp_path / str(bf16),
+            tiny_llama,
+            arithmetic_records[:8],
+            finetune=mode,
+            bf16=bf16,
+            max_steps=3,
+            lora={"r": 4},
+            seed=3,
+            lr=3e-3,
+        )
         train(cfg)
         losses[bf16] = [r["loss"] for r in read_metrics(f"{cfg.output_dir}/metrics.jsonl") if r.get("loss") is not None]
     assert len(losses[True]) == len(losses[False]) == 3
@@ -119,16 +157,30 @@ def test_non_finite_step_is_skipped_then_run_stops(tmp_path, tiny_llama, arithme
     poison["steps"] = set(range(1, 100))
     calls["n"] = 0
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="max_bad_steps=1"):
-        train(_config(tmp_path / "b", tiny_llama, arithmetic_records[:8], max_steps=5, micro_batch_size=8,
-                      max_bad_steps=1), model=model)  # fmt: skip
+        train(
+            _config(
+                tmp_path / "b", tiny_llama, arithmetic_records[:8], max_steps=5, micro_batch_size=8, max_bad_steps=1
+            ),
+            model=model,
+        )
 
 
 def test_domain_adaptive_mix_with_adapters_in_last_layers(tmp_path, tiny_llama, arithmetic_records):
     safetensors = pytest.importorskip("safetensors.torch")
     general = [{"prompt": f"Say {w}:", "completion": f" {w}"} for w in ("cat", "dog", "sun", "sky", "sea")]
-    cfg = _config(tmp_path, tiny_llama, arithmetic_records[:24], general_data=general, general_fraction=0.2,
-                  finetune="lora", lora={"r": 4}, eval_data=arithmetic_records[60:],
-                  eval_match="answer", eval_max_new_tokens=4, max_steps=2)  # fmt: skip
+    cfg = _config(
+        tmp_path,
+        tiny_llama,
+        arithmetic_records[:24],
+        general_data=general,
+        general_fraction=0.2,
+        finetune="lora",
+        lora={"r": 4},
+        eval_data=arithmetic_records[60:],
+        eval_match="answer",
+        eval_max_new_tokens=4,
+        max_steps=2,
+    )
     result = train(cfg)
     start = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert start["rows"] == 30  # 24 domain records are 80% of the mixture
