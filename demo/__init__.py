@@ -17,3 +17,10 @@ nothing downloaded. Like ``benchmarks/`` they may import every other package.
   ``prm_stages``, ``prm_search_eval``, ``prm_grpo``, ``prm_swarm``, ``prm_shared_batch``; tables and
   plots in ``prm_report``); its recorded results are ``prm_evidence.md``.
 """
+
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m fastpeft.demo.<script>` is locating its module (from the repository root)
+    from fastpeft.cli import unshadow_kernels
+
+    unshadow_kernels()

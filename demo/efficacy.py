@@ -42,9 +42,17 @@ from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.reasoning.answers import is_correct
 from fastpeft.training.model_setup import load_saved_model
 
-TINY_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 112, "max_position_embeddings": 128,
-              "tie_word_embeddings": False}  # fmt: skip
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 112,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
 
 
 @dataclasses.dataclass
@@ -78,8 +86,19 @@ class EfficacySettings:
 
     @classmethod
     def quick(cls) -> EfficacySettings:
-        return cls(train_problems=256, test_problems=16, sft_steps=120, grpo_steps=2, grpo_prompts_per_step=2,
-                   grpo_generations=2, ppo_steps=2, pair_prompts=128, pair_eval_prompts=16, rm_steps=2, dpo_steps=2)  # fmt: skip
+        return cls(
+            train_problems=256,
+            test_problems=16,
+            sft_steps=120,
+            grpo_steps=2,
+            grpo_prompts_per_step=2,
+            grpo_generations=2,
+            ppo_steps=2,
+            pair_prompts=128,
+            pair_eval_prompts=16,
+            rm_steps=2,
+            dpo_steps=2,
+        )
 
 
 def _quiet(fn, *args, **kwargs):
@@ -91,11 +110,14 @@ def _quiet(fn, *args, **kwargs):
 def greedy_exact_match(model: Any, tokenizer: Any, records: list[dict], max_new_tokens: int) -> float:
     from fastpeft.training.evaluate import exact_match
 
-    return float(exact_match(model, tokenizer, records, "answer", max_new_tokens, 100, torch.device("cpu"))["exact_match"])
+    return float(
+        exact_match(model, tokenizer, records, "answer", max_new_tokens, 100, torch.device("cpu"))["exact_match"]
+    )
 
 
-def sample_pairs(model: Any, tokenizer: Any, records: list[dict], samples: int, temperature: float,
-                 max_new_tokens: int, seed: int) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+def sample_pairs(
+    model: Any, tokenizer: Any, records: list[dict], samples: int, temperature: float, max_new_tokens: int, seed: int
+) -> tuple[list[dict], dict[str, float]]:
     """(right, wrong) answer pairs sampled from ``model``: one pair per prompt that got both."""
     from fastpeft.reasoning.sampler import Sampler
     from fastpeft.reasoning.types import SamplingParams
@@ -112,8 +134,14 @@ def sample_pairs(model: Any, tokenizer: Any, records: list[dict], samples: int, 
             wrong = [c.text for c in group if not is_correct(c.text, rec["answer"])]
             n_right, n_total = n_right + len(right), n_total + len(group)
             if right and wrong:
-                pairs.append({"prompt": rec["prompt"], "chosen": rng.choice(right), "rejected": rng.choice(wrong),
-                              "answer": rec["answer"]})  # fmt: skip
+                pairs.append(
+                    {
+                        "prompt": rec["prompt"],
+                        "chosen": rng.choice(right),
+                        "rejected": rng.choice(wrong),
+                        "answer": rec["answer"],
+                    }
+                )
     return pairs, {"sampled_accuracy": n_right / max(n_total, 1), "prompts": len(records), "pairs": len(pairs)}
 
 
@@ -131,78 +159,193 @@ def run_efficacy(output_dir: str | Path = "runs/efficacy", settings: EfficacySet
     common = {"progress": False, "device": "cpu"}
 
     t = time.perf_counter()
-    sft_result = _quiet(sft.train, sft.SFTConfig(
-        model_config=TINY_LLAMA, finetune="full", train_data=train, max_steps=s.sft_steps, lr=s.sft_lr,
-        micro_batch_size=32, warmup_steps=min(20, s.sft_steps // 4), scheduler="cosine", max_seq_len=96,
-        output_dir=str(out / "sft"), log_every=50, seed=s.seed, **common))  # fmt: skip
+    sft_result = _quiet(
+        sft.train,
+        sft.SFTConfig(
+            model_config=TINY_LLAMA,
+            finetune="full",
+            train_data=train,
+            max_steps=s.sft_steps,
+            lr=s.sft_lr,
+            micro_batch_size=32,
+            warmup_steps=min(20, s.sft_steps // 4),
+            scheduler="cosine",
+            max_seq_len=96,
+            output_dir=str(out / "sft"),
+            log_every=50,
+            seed=s.seed,
+            **common,
+        ),
+    )
     sft_dir = Path(sft_result.saved)
     model, tok = load_saved_model(sft_dir)
     em_sft = greedy_exact_match(model, tok, test, s.max_new_tokens)
-    results["sft"] = {"exact_match": em_sft, "steps": s.sft_steps, "final_loss": sft_result.final_loss,
-                      "seconds": time.perf_counter() - t}  # fmt: skip
+    results["sft"] = {
+        "exact_match": em_sft,
+        "steps": s.sft_steps,
+        "final_loss": sft_result.final_loss,
+        "seconds": time.perf_counter() - t,
+    }
 
     t = time.perf_counter()
-    g = _quiet(grpo.train, grpo.GRPOConfig(
-        model=str(sft_dir), train_data=train, eval_data=test, eval_max_examples=None, max_steps=s.grpo_steps,
-        lr=s.grpo_lr, beta=s.grpo_beta, temperature=s.grpo_temperature, prompts_per_step=s.grpo_prompts_per_step,
-        num_generations=s.grpo_generations, max_new_tokens=s.max_new_tokens, max_seq_len=128, micro_batch_size=32,
-        lora=s.lora, rewards={"arithmetic": 1.0}, output_dir=str(out / "grpo"), seed=s.seed, log_every=5,
-        eval_every=max(1, s.grpo_steps // 4), **common))  # fmt: skip
+    g = _quiet(
+        grpo.train,
+        grpo.GRPOConfig(
+            model=str(sft_dir),
+            train_data=train,
+            eval_data=test,
+            eval_max_examples=None,
+            max_steps=s.grpo_steps,
+            lr=s.grpo_lr,
+            beta=s.grpo_beta,
+            temperature=s.grpo_temperature,
+            prompts_per_step=s.grpo_prompts_per_step,
+            num_generations=s.grpo_generations,
+            max_new_tokens=s.max_new_tokens,
+            max_seq_len=128,
+            micro_batch_size=32,
+            lora=s.lora,
+            rewards={"answer": 1.0},
+            eval_match="answer",
+            scheduler="constant",
+            output_dir=str(out / "grpo"),
+            seed=s.seed,
+            log_every=5,
+            eval_every=max(1, s.grpo_steps // 4),
+            **common,
+        ),
+    )
     curve = [(h["step"], h["exact_match"]) for h in g.history if "exact_match" in h]
-    results["grpo"] = {"exact_match_before": curve[0][1], "exact_match_after": g.eval["exact_match"],
-                       "exact_match_curve": curve + [(g.steps, g.eval["exact_match"])], "steps": g.steps,
-                       "reward_first_5": _mean([h.get("reward_mean") for h in g.history[1:6]]),
-                       "reward_last_5": _mean([h.get("reward_mean") for h in g.history[-5:]]),
-                       "seconds": time.perf_counter() - t}  # fmt: skip
+    results["grpo"] = {
+        "exact_match_before": curve[0][1],
+        "exact_match_after": g.eval["exact_match"],
+        "exact_match_curve": curve + [(g.steps, g.eval["exact_match"])],
+        "steps": g.steps,
+        "reward_first_5": _mean([h.get("reward_mean") for h in g.history[1:6]]),
+        "reward_last_5": _mean([h.get("reward_mean") for h in g.history[-5:]]),
+        "seconds": time.perf_counter() - t,
+    }
 
     t = time.perf_counter()
-    p = _quiet(ppo.train, ppo.PPOConfig(
-        model=str(sft_dir), train_data=train, eval_data=test, eval_max_examples=None, max_steps=s.ppo_steps,
-        lr=s.ppo_lr, kl_coef=s.ppo_kl_coef, temperature=s.grpo_temperature, prompts_per_step=s.grpo_prompts_per_step,
-        samples_per_prompt=s.grpo_generations, max_new_tokens=s.max_new_tokens, max_seq_len=128, mini_batch_size=32,
-        ppo_epochs=1, lora=s.lora, rewards={"arithmetic": 1.0}, output_dir=str(out / "ppo"), seed=s.seed,
-        log_every=10, eval_every=max(1, s.ppo_steps // 2), **common))  # fmt: skip
+    p = _quiet(
+        ppo.train,
+        ppo.PPOConfig(
+            model=str(sft_dir),
+            train_data=train,
+            eval_data=test,
+            eval_max_examples=None,
+            max_steps=s.ppo_steps,
+            lr=s.ppo_lr,
+            kl_coef=s.ppo_kl_coef,
+            temperature=s.grpo_temperature,
+            prompts_per_step=s.grpo_prompts_per_step,
+            samples_per_prompt=s.grpo_generations,
+            max_new_tokens=s.max_new_tokens,
+            max_seq_len=128,
+            mini_batch_size=32,
+            ppo_epochs=1,
+            lora=s.lora,
+            rewards={"answer": 1.0},
+            eval_match="answer",
+            scheduler="constant",
+            output_dir=str(out / "ppo"),
+            seed=s.seed,
+            log_every=10,
+            eval_every=max(1, s.ppo_steps // 2),
+            **common,
+        ),
+    )
     curve = [(h["step"], h["exact_match"]) for h in p.history if "exact_match" in h]
-    results["ppo"] = {"exact_match_before": curve[0][1], "exact_match_after": p.eval["exact_match"],
-                      "exact_match_curve": curve + [(p.steps, p.eval["exact_match"])], "steps": p.steps,
-                      "seconds": time.perf_counter() - t}  # fmt: skip
+    results["ppo"] = {
+        "exact_match_before": curve[0][1],
+        "exact_match_after": p.eval["exact_match"],
+        "exact_match_curve": curve + [(p.steps, p.eval["exact_match"])],
+        "steps": p.steps,
+        "seconds": time.perf_counter() - t,
+    }
 
     t = time.perf_counter()
     pair_prompts = train[: s.pair_prompts]
-    train_pairs, train_stats = sample_pairs(model, tok, pair_prompts, s.pair_samples, s.pair_temperature,
-                                            s.max_new_tokens, s.seed)  # fmt: skip
-    eval_pairs, eval_stats = sample_pairs(model, tok, test[: s.pair_eval_prompts], s.pair_samples,
-                                          s.pair_temperature, s.max_new_tokens, s.seed + 7)  # fmt: skip
+    train_pairs, train_stats = sample_pairs(
+        model, tok, pair_prompts, s.pair_samples, s.pair_temperature, s.max_new_tokens, s.seed
+    )
+    eval_pairs, eval_stats = sample_pairs(
+        model, tok, test[: s.pair_eval_prompts], s.pair_samples, s.pair_temperature, s.max_new_tokens, s.seed + 7
+    )
     results["pairs"] = {"train": train_stats, "held_out": eval_stats, "seconds": time.perf_counter() - t}
     (out / "pairs_train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_pairs))
     (out / "pairs_held_out.jsonl").write_text("".join(json.dumps(p) + "\n" for p in eval_pairs))
 
     t = time.perf_counter()
-    rm = _quiet(reward_model.train, reward_model.RewardConfig(
-        model=str(sft_dir), train_data=train_pairs, eval_data=eval_pairs, max_steps=s.rm_steps, lr=s.rm_lr,
-        micro_batch_size=16, max_seq_len=128, lora=s.lora, output_dir=str(out / "reward"), seed=s.seed,
-        log_every=25, **common))  # fmt: skip
-    results["reward_model"] = {"pairwise_accuracy_held_out": rm.eval.get("eval_accuracy"),
-                               "held_out_pairs": rm.eval.get("eval_pairs"), "train_pairs": len(train_pairs),
-                               "steps": rm.steps, "seconds": time.perf_counter() - t}  # fmt: skip
+    rm = _quiet(
+        reward_model.train,
+        reward_model.RewardConfig(
+            model=str(sft_dir),
+            train_data=train_pairs,
+            eval_data=eval_pairs,
+            max_steps=s.rm_steps,
+            lr=s.rm_lr,
+            micro_batch_size=16,
+            max_seq_len=128,
+            lora=s.lora,
+            scheduler="constant",
+            output_dir=str(out / "reward"),
+            seed=s.seed,
+            log_every=25,
+            **common,
+        ),
+    )
+    results["reward_model"] = {
+        "pairwise_accuracy_held_out": rm.eval.get("eval_accuracy"),
+        "held_out_pairs": rm.eval.get("eval_pairs"),
+        "train_pairs": len(train_pairs),
+        "steps": rm.steps,
+        "seconds": time.perf_counter() - t,
+    }
 
     import fastpeft
 
     for name, sft_coef in (("dpo", s.dpo_sft_coef), ("dpo_plain", 0.0)):
         t = time.perf_counter()
-        d = _quiet(dpo.train, dpo.DPOConfig(
-            model=str(sft_dir), train_data=train_pairs, eval_data=eval_pairs, max_steps=s.dpo_steps, lr=s.dpo_lr,
-            beta=s.dpo_beta, sft_coef=sft_coef, micro_batch_size=8, max_seq_len=128, lora=s.lora,
-            output_dir=str(out / name), seed=s.seed, log_every=10, **common))  # fmt: skip
+        d = _quiet(
+            dpo.train,
+            dpo.DPOConfig(
+                model=str(sft_dir),
+                train_data=train_pairs,
+                eval_data=eval_pairs,
+                max_steps=s.dpo_steps,
+                lr=s.dpo_lr,
+                beta=s.dpo_beta,
+                sft_coef=sft_coef,
+                micro_batch_size=8,
+                max_seq_len=128,
+                lora=s.lora,
+                scheduler="constant",
+                output_dir=str(out / name),
+                seed=s.seed,
+                log_every=10,
+                **common,
+            ),
+        )
         policy, _ = load_saved_model(sft_dir)
         fastpeft.load_adapter(policy, d.saved)
-        results[name] = {"exact_match_before": em_sft, "sft_coef": sft_coef,
-                         "exact_match_after": greedy_exact_match(policy, tok, test, s.max_new_tokens),
-                         "held_out_reward_accuracy": d.eval.get("eval_reward_accuracy"), "steps": d.steps,
-                         "seconds": time.perf_counter() - t}  # fmt: skip
+        results[name] = {
+            "exact_match_before": em_sft,
+            "sft_coef": sft_coef,
+            "exact_match_after": greedy_exact_match(policy, tok, test, s.max_new_tokens),
+            "held_out_reward_accuracy": d.eval.get("eval_reward_accuracy"),
+            "steps": d.steps,
+            "seconds": time.perf_counter() - t,
+        }
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    results["environment"] = {"device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                              "python": platform.python_version(), "machine": platform.machine(), "date": now}  # fmt: skip
+    results["environment"] = {
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "date": now,
+    }
     (out / "efficacy.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -227,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         "reward_model_pairwise_accuracy": results["reward_model"]["pairwise_accuracy_held_out"],
         "ppo_exact_match": [results["ppo"]["exact_match_before"], results["ppo"]["exact_match_after"]],
         "dpo_exact_match": [results["dpo"]["exact_match_before"], results["dpo"]["exact_match_after"]],
-        "dpo_plain_exact_match": [results["dpo_plain"]["exact_match_before"], results["dpo_plain"]["exact_match_after"]],
+        "dpo_plain_exact_match": [
+            results["dpo_plain"]["exact_match_before"],
+            results["dpo_plain"]["exact_match_after"],
+        ],
     }
     print(json.dumps(summary, indent=2))
     print(f"full results: {Path(args.output_dir) / 'efficacy.json'}")

@@ -34,13 +34,19 @@ _NAMES = (("Ann", "She"), ("Bob", "He"), ("Cal", "He"), ("Dee", "She"), ("Eve", 
 _ITEMS = ("pens", "cards", "eggs", "coins", "books", "stamps")
 # (question template, steps template); the values are drawn by _word_values
 _WORD_TEMPLATES = (
-    ("{name} has {a} {item}. {pron} buys {b} packs of {c} and gives away {d}. How many {item} now?",
-     ("{b}*{c}={bc}", "{a}+{bc}={s}", "{s}-{d}={r}")),
-    ("{name} had {a} {item}, lost {d}, then got {b} bags of {c}. How many {item} now?",
-     ("{a}-{d}={s}", "{b}*{c}={bc}", "{s}+{bc}={r}")),
-    ("{b} boxes hold {c} {item} each. {name} adds {a} and uses {d}. How many {item} are left?",
-     ("{b}*{c}={bc}", "{bc}+{a}={s}", "{s}-{d}={r}")),
-)  # fmt: skip
+    (
+        "{name} has {a} {item}. {pron} buys {b} packs of {c} and gives away {d}. How many {item} now?",
+        ("{b}*{c}={bc}", "{a}+{bc}={s}", "{s}-{d}={r}"),
+    ),
+    (
+        "{name} had {a} {item}, lost {d}, then got {b} bags of {c}. How many {item} now?",
+        ("{a}-{d}={s}", "{b}*{c}={bc}", "{s}+{bc}={r}"),
+    ),
+    (
+        "{b} boxes hold {c} {item} each. {name} adds {a} and uses {d}. How many {item} are left?",
+        ("{b}*{c}={bc}", "{bc}+{a}={s}", "{s}-{d}={r}"),
+    ),
+)
 _SUM = re.compile(r"^Q: (\d+)\+(\d+)=\?\nA:$")
 _MUL = re.compile(r"^Q: (\d+)\*(\d)=\?\nA:$")
 
@@ -75,8 +81,12 @@ def mul_steps(a: int, d: int) -> list[str]:
 
 
 def _record(prompt_body: str, steps: Sequence[str], answer: int, kind: str) -> dict[str, str]:
-    return {"prompt": f"Q: {prompt_body}\nA:", "completion": " " + STEP_DELIMITER.join([*steps, f"answer {answer}"]),
-            "answer": str(answer), "kind": kind}  # fmt: skip
+    return {
+        "prompt": f"Q: {prompt_body}\nA:",
+        "completion": " " + STEP_DELIMITER.join([*steps, f"answer {answer}"]),
+        "answer": str(answer),
+        "kind": kind,
+    }
 
 
 def make_sum(a: int, b: int) -> dict[str, str]:
@@ -95,8 +105,18 @@ def make_word(template: int, name: int, item: int, a: int, b: int, c: int, d: in
     r = s + bc if template == 1 else s - d
     if min(s, r) < 0:
         raise ValueError(f"word problem {template} with a={a}, b={b}, c={c}, d={d} goes negative")
-    v = {"name": _NAMES[name][0], "pron": _NAMES[name][1], "item": _ITEMS[item], "a": a, "b": b, "c": c, "d": d,
-         "bc": bc, "s": s, "r": r}  # fmt: skip
+    v = {
+        "name": _NAMES[name][0],
+        "pron": _NAMES[name][1],
+        "item": _ITEMS[item],
+        "a": a,
+        "b": b,
+        "c": c,
+        "d": d,
+        "bc": bc,
+        "s": s,
+        "r": r,
+    }
     return _record(question.format(**v), [t.format(**v) for t in steps], r, "word")
 
 
@@ -115,8 +135,9 @@ def _draw(rng: random.Random, kind: str) -> dict[str, str]:
     return make_word(template, rng.randrange(len(_NAMES)), rng.randrange(len(_ITEMS)), a, b, c, d)
 
 
-def make_hard_dataset(n: int, seed: int = 0, kinds: Sequence[str] = KINDS,
-                      exclude: set[str] | None = None) -> list[dict[str, str]]:  # fmt: skip
+def make_hard_dataset(
+    n: int, seed: int = 0, kinds: Sequence[str] = KINDS, exclude: set[str] | None = None
+) -> list[dict[str, str]]:
     """``n`` distinct problems, kinds drawn uniformly from ``kinds``, deterministic in ``seed``.
 
     Records are ``{"prompt", "completion", "answer", "kind"}``; ``exclude`` holds prompts to leave

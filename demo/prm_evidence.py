@@ -50,8 +50,17 @@ class EvidenceSettings:
     step_tokens: int = 28  # the longest step, "8*7+1=57 write 7 carry 5; ", is 26 characters
     max_steps: int = 8  # a hard-tier solution has at most 7 steps
     bins: int = 4
-    grpo: dict = dataclasses.field(default_factory=lambda: {"steps": 30, "prompts": 8, "generations": 8, "lr": 2e-4,
-                                                            "beta": 0.02, "eval_every": 10, "eval_problems": 100})
+    grpo: dict = dataclasses.field(
+        default_factory=lambda: {
+            "steps": 30,
+            "prompts": 8,
+            "generations": 8,
+            "lr": 2e-4,
+            "beta": 0.02,
+            "eval_every": 10,
+            "eval_problems": 100,
+        }
+    )
     swarm_problems: int = 100
     shared_batch_problems: int = 20
 
@@ -59,17 +68,43 @@ class EvidenceSettings:
     def small(cls) -> EvidenceSettings:
         """The trained stages at full size, search and RL on fewer problems and budgets (about half an
         hour on two busy CPU cores instead of several hours)."""
-        return cls(val_problems=30, test_problems=30, budgets=(256, 1024, 4096),
-                   grpo={"steps": 10, "prompts": 8, "generations": 8, "lr": 2e-4, "beta": 0.02, "eval_every": 5,
-                         "eval_problems": 30},
-                   swarm_problems=30, shared_batch_problems=5)  # fmt: skip
+        return cls(
+            val_problems=30,
+            test_problems=30,
+            budgets=(256, 1024, 4096),
+            grpo={
+                "steps": 10,
+                "prompts": 8,
+                "generations": 8,
+                "lr": 2e-4,
+                "beta": 0.02,
+                "eval_every": 5,
+                "eval_problems": 30,
+            },
+            swarm_problems=30,
+            shared_batch_problems=5,
+        )
 
     @classmethod
     def quick(cls) -> EvidenceSettings:
-        return cls(stages=StageSettings.quick(), val_problems=3, test_problems=3, budgets=(128, 256), bins=2,
-                   grpo={"steps": 1, "prompts": 2, "generations": 2, "lr": 2e-4, "beta": 0.02, "eval_every": 1,
-                         "eval_problems": 2},
-                   swarm_problems=2, shared_batch_problems=2)  # fmt: skip
+        return cls(
+            stages=StageSettings.quick(),
+            val_problems=3,
+            test_problems=3,
+            budgets=(128, 256),
+            bins=2,
+            grpo={
+                "steps": 1,
+                "prompts": 2,
+                "generations": 2,
+                "lr": 2e-4,
+                "beta": 0.02,
+                "eval_every": 1,
+                "eval_problems": 2,
+            },
+            swarm_problems=2,
+            shared_batch_problems=2,
+        )
 
 
 def shared_model(base: str, policy: str) -> tuple[Any, Any]:
@@ -118,30 +153,47 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, progress: bool =
 
     # 1. held-out reward-model accuracy: targets are the checker's labels (the truth)
     rows = tokenize_label_records(heldout, tok, max_len, "process", "checker")
-    reward_eval = {name: prm_report.reward_metrics(evaluate_labels(sm.model, rows, tok.pad_token_id, 64, torch.device("cpu"),
-                                                                   sm.adapter), sm, heldout)
-                   for name, sm in (("prm", prm), ("orm", orm), ("prm_checker", prm_checker))}  # fmt: skip
+    reward_eval = {
+        name: prm_report.reward_metrics(
+            evaluate_labels(sm.model, rows, tok.pad_token_id, 64, torch.device("cpu"), sm.adapter), sm, heldout
+        )
+        for name, sm in (("prm", prm), ("orm", orm), ("prm_checker", prm_checker))
+    }
 
     # 2. search on validation and test
-    scorers = {"orm": lambda p: orm, "prm": lambda p: prm,
-               "oracle": lambda p: CallableScorer(lambda q, r, a=p["answer"]: float(is_correct(r, a)))}  # fmt: skip
+    scorers = {
+        "orm": lambda p: orm,
+        "prm": lambda p: prm,
+        "oracle": lambda p: CallableScorer(lambda q, r, a=p["answer"]: float(is_correct(r, a))),
+    }
     configs = search_configs(s.budgets, st.max_new_tokens, s.step_tokens, s.max_steps)
-    pool = SamplePool(sampler, tok, SamplingParams(max_new_tokens=st.max_new_tokens, temperature=st.temperature),
-                      seed=st.seed)  # fmt: skip
+    pool = SamplePool(
+        sampler, tok, SamplingParams(max_new_tokens=st.max_new_tokens, temperature=st.temperature), seed=st.seed
+    )
     models = {k: stages[k] for k in ("base", "policy", "prm", "orm")}  # what the search outcomes depend on
     t_search = time.perf_counter()
     tables = {}
     for split in ("val", "test"):
         chosen = {k: v for k, v in configs.items() if split == "test" or not k.startswith("fixed_allocation")}
-        tables[split] = run_configs(chosen, data[split], sampler, pool, scorers, st.temperature,
-                                    st.seed + (0 if split == "val" else 500), progress, root / "search" / split,
-                                    models)  # fmt: skip
+        tables[split] = run_configs(
+            chosen,
+            data[split],
+            sampler,
+            pool,
+            scorers,
+            st.temperature,
+            st.seed + (0 if split == "val" else 500),
+            progress,
+            root / "search" / split,
+            models,
+        )
     search_seconds = time.perf_counter() - t_search
 
     # 3. compute-optimal allocation (validation -> test)
     difficulty = {split: [1.0 - prm.prompt_score(p["prompt"]) for p in data[split]] for split in ("val", "test")}
-    allocation = prm_report.allocation_study(tables, difficulty, configs, s.budgets, s.bins, data["test"], sampler,
-                                             pool, scorers, prm, st)  # fmt: skip
+    allocation = prm_report.allocation_study(
+        tables, difficulty, configs, s.budgets, s.bins, data["test"], sampler, pool, scorers, prm, st
+    )
 
     # 4-6. GRPO, swarm, the PRM in the policy's batch
     from fastpeft.demo import prm_grpo, prm_shared_batch, prm_swarm
@@ -151,16 +203,31 @@ def run(out_dir: str | Path, s: EvidenceSettings | None = None, progress: bool =
     swarm = prm_swarm.compare(model, tok, stages["roles"], s.swarm_problems, st, max_len)
     shared = prm_shared_batch.measure(model, tok, prm, data["test"][: s.shared_batch_problems], s, st)
 
-    results = {"stages": stages, "reward_models": reward_eval, "search": {k: {l: r.row() for l, r in t.items()}
-                                                                            for k, t in tables.items()},
-               "per_problem": {k: {l: {"correct": r.correct, "tokens": r.tokens} for l, r in t.items()}
-                               for k, t in tables.items()},
-               "difficulty": difficulty, "allocation": allocation, "grpo": grpo, "swarm": swarm, "shared_batch": shared,
-               "pool_tokens_sampled": pool.tokens_sampled, "search_seconds": search_seconds,
-               "settings": dataclasses.asdict(s), "total_seconds": time.perf_counter() - t0,
-               "environment": {"device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "python": platform.python_version(), "machine": platform.machine(),
-                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}  # fmt: skip
+    results = {
+        "stages": stages,
+        "reward_models": reward_eval,
+        "search": {k: {l: r.row() for l, r in t.items()} for k, t in tables.items()},
+        "per_problem": {
+            k: {l: {"correct": r.correct, "tokens": r.tokens} for l, r in t.items()} for k, t in tables.items()
+        },
+        "difficulty": difficulty,
+        "allocation": allocation,
+        "grpo": grpo,
+        "swarm": swarm,
+        "shared_batch": shared,
+        "pool_tokens_sampled": pool.tokens_sampled,
+        "search_seconds": search_seconds,
+        "settings": dataclasses.asdict(s),
+        "total_seconds": time.perf_counter() - t0,
+        "environment": {
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
     results["targets"] = prm_report.targets(results, tables, s.budgets)
     (root / "evidence.json").write_text(json.dumps(results, indent=1, default=str))
     (root / "evidence.md").write_text(prm_report.markdown(results, s))
@@ -175,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every stage at toy size (numbers are meaningless)")
     size.add_argument("--small", action="store_true", help="full-size models; search and RL on fewer problems")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids contention on a busy machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 avoids contention on a busy machine)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = EvidenceSettings.quick() if args.quick else EvidenceSettings.small() if args.small else EvidenceSettings()

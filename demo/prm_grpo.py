@@ -26,8 +26,9 @@ def _curve(history: list[dict[str, Any]], final: dict[str, Any], steps: int) -> 
     return points, {str(s): math.sqrt(v * (1 - v) / n) for s, v in points}
 
 
-def compare(root: Path, st: StageSettings, g: dict[str, Any], data: dict, base: str, policy: str,
-            prm_dir: str) -> dict[str, Any]:  # fmt: skip
+def compare(
+    root: Path, st: StageSettings, g: dict[str, Any], data: dict, base: str, policy: str, prm_dir: str
+) -> dict[str, Any]:
     from fastpeft.training import grpo
     from fastpeft.training.model_setup import load_saved_model
     from fastpeft.training.process_supervision import ProcessSupervisionReward
@@ -35,12 +36,30 @@ def compare(root: Path, st: StageSettings, g: dict[str, Any], data: dict, base: 
     from fastpeft.training.step_reward_model import load_step_scorer
 
     max_len = int(st.model_config["max_position_embeddings"])
-    common = dict(model=base, init_adapter=policy, finetune="qlora", lora=LORA, train_data=data["sft"],
-                  eval_data=data["test"][: g["eval_problems"]], eval_max_examples=None, max_steps=g["steps"], lr=g["lr"],
-                  beta=g["beta"], temperature=st.temperature, prompts_per_step=g["prompts"],
-                  num_generations=g["generations"], max_new_tokens=st.max_new_tokens, max_seq_len=max_len,
-                  micro_batch_size=32, eval_every=g["eval_every"], seed=st.seed, log_every=1, progress=False,
-                  device="cpu", plot=False)  # fmt: skip
+    common = dict(
+        model=base,
+        init_adapter=policy,
+        finetune="qlora",
+        lora=LORA,
+        train_data=data["sft"],
+        eval_data=data["test"][: g["eval_problems"]],
+        eval_max_examples=None,
+        max_steps=g["steps"],
+        lr=g["lr"],
+        beta=g["beta"],
+        temperature=st.temperature,
+        prompts_per_step=g["prompts"],
+        num_generations=g["generations"],
+        max_new_tokens=st.max_new_tokens,
+        max_seq_len=max_len,
+        micro_batch_size=32,
+        eval_every=g["eval_every"],
+        seed=st.seed,
+        log_every=1,
+        progress=False,
+        device="cpu",
+        plot=False,
+    )
     runs = {}
     for name in ("outcome reward", "PRM step rewards"):
         out = root / "grpo" / name.split()[0].lower()
@@ -54,10 +73,25 @@ def compare(root: Path, st: StageSettings, g: dict[str, Any], data: dict, base: 
                 reward = ProcessSupervisionReward(prm, tok, monitor={"arithmetic": arithmetic_reward})
             result = _quiet(grpo.train, grpo.GRPOConfig(output_dir=str(out), rewards=rewards, **common), reward=reward)
             curve, se = _curve(result.history, result.eval, result.steps)
-            history = [{"step": h["step"], "outcome_rate": h.get("reward_arithmetic"), "reward_mean": h.get("reward_mean"),
-                        "kl": h.get("kl")} for h in result.history if "loss" in h]  # fmt: skip
+            history = [
+                {
+                    "step": h["step"],
+                    "outcome_rate": h.get("reward_arithmetic"),
+                    "reward_mean": h.get("reward_mean"),
+                    "kl": h.get("kl"),
+                }
+                for h in result.history
+                if "loss" in h
+            ]
             return {"exact_match_curve": curve, "se": se, "history": history, "train_seconds": result.train_seconds}
 
-        runs[name] = cached(out, {"common": {k: v for k, v in common.items() if k not in ("train_data", "eval_data")},
-                                  "name": name, "prm": prm_dir if name.startswith("PRM") else None}, build)  # fmt: skip
+        runs[name] = cached(
+            out,
+            {
+                "common": {k: v for k, v in common.items() if k not in ("train_data", "eval_data")},
+                "name": name,
+                "prm": prm_dir if name.startswith("PRM") else None,
+            },
+            build,
+        )
     return {"runs": runs, "settings": g}

@@ -12,9 +12,16 @@ from typing import Any
 from fastpeft.demo.prm_search_eval import ConfigResult, binomial_se, family, paired_difference, problem_seed
 from fastpeft.reasoning.compute_optimal import fit_allocation
 
-FAMILIES = {"greedy": "greedy", "majority": "majority vote", "bon_orm": "best-of-N + ORM",
-            "weighted_orm": "weighted best-of-N + ORM", "bon_prm": "best-of-N + PRM", "beam_prm": "beam search + PRM",
-            "fixed_allocation": "fixed-threshold allocation + PRM", "bon_oracle": "best-of-N + oracle"}  # fmt: skip
+FAMILIES = {
+    "greedy": "greedy",
+    "majority": "majority vote",
+    "bon_orm": "best-of-N + ORM",
+    "weighted_orm": "weighted best-of-N + ORM",
+    "bon_prm": "best-of-N + PRM",
+    "beam_prm": "beam search + PRM",
+    "fixed_allocation": "fixed-threshold allocation + PRM",
+    "bon_oracle": "best-of-N + oracle",
+}
 # what the allocation may choose from: never the oracle, never itself
 CANDIDATE_FAMILIES = ("greedy", "majority", "bon_orm", "weighted_orm", "bon_prm", "beam_prm")
 
@@ -45,8 +52,10 @@ def reward_metrics(evaluated: dict[str, Any], scorer: Any, heldout: Sequence[Map
     score; for a PRM also the minimum step score) with clustered standard errors."""
     prompts, outcomes = [r["prompt"] for r in heldout], [r["outcome"] for r in heldout]
     finals = [scorer.score(r["prompt"], r["response"]) for r in heldout]
-    out = {k: evaluated.get(k) for k in ("eval_step_accuracy", "eval_step_auc", "eval_outcome_accuracy", "eval_loss",
-                                         "eval_boundaries")}  # fmt: skip
+    out = {
+        k: evaluated.get(k)
+        for k in ("eval_step_accuracy", "eval_step_auc", "eval_outcome_accuracy", "eval_loss", "eval_boundaries")
+    }
     n = len(heldout)
     acc = out["eval_outcome_accuracy"]
     out["outcome_se"] = math.sqrt(acc * (1 - acc) / n) if acc is not None else None
@@ -57,7 +66,9 @@ def reward_metrics(evaluated: dict[str, Any], scorer: Any, heldout: Sequence[Map
     return out
 
 
-def lookup(policy: Any, difficulty: Sequence[float], table: Mapping[str, ConfigResult]) -> tuple[list[bool], list[int], list[str]]:
+def lookup(
+    policy: Any, difficulty: Sequence[float], table: Mapping[str, ConfigResult]
+) -> tuple[list[bool], list[int], list[str]]:
     """An allocation applied to a split by table: each problem gets its bin's configuration's outcome."""
     correct, tokens, labels = [], [], []
     for i, d in enumerate(difficulty):
@@ -68,10 +79,19 @@ def lookup(policy: Any, difficulty: Sequence[float], table: Mapping[str, ConfigR
     return correct, tokens, labels
 
 
-def allocation_study(tables: Mapping[str, Mapping[str, ConfigResult]], difficulty: Mapping[str, list[float]],
-                     configs: Mapping[str, Mapping[str, Any]], budgets: Sequence[int], bins: int,
-                     test: Sequence[Mapping[str, str]], sampler: Any, pool: Any, scorers: Mapping[str, Any], prm: Any,
-                     st: Any) -> dict[str, Any]:  # fmt: skip
+def allocation_study(
+    tables: Mapping[str, Mapping[str, ConfigResult]],
+    difficulty: Mapping[str, list[float]],
+    configs: Mapping[str, Mapping[str, Any]],
+    budgets: Sequence[int],
+    bins: int,
+    test: Sequence[Mapping[str, str]],
+    sampler: Any,
+    pool: Any,
+    scorers: Mapping[str, Any],
+    prm: Any,
+    st: Any,
+) -> dict[str, Any]:
     """Fit the compute-optimal allocation on validation at several mean-token limits, apply it to
     test by table, and run it live at a quarter of best-of-N's 4096-token cost."""
     from fastpeft.reasoning.answers import answers_match
@@ -86,63 +106,134 @@ def allocation_study(tables: Mapping[str, Mapping[str, ConfigResult]], difficult
     rows = []
     for limit in limits:
         try:
-            policy = fit_allocation(difficulty["val"], {k: val[k].correct for k in candidates},
-                                    {k: val[k].tokens for k in candidates}, configs, bins, limit)  # fmt: skip
+            policy = fit_allocation(
+                difficulty["val"],
+                {k: val[k].correct for k in candidates},
+                {k: val[k].tokens for k in candidates},
+                configs,
+                bins,
+                limit,
+            )
         except ValueError as err:
             rows.append({"limit": limit, "error": str(err)})
             continue
         correct, tokens, _ = lookup(policy, difficulty["test"], tst)
-        rows.append({"limit": limit, "edges": policy.edges, "choices": policy.choices,
-                     "val_accuracy": policy.expected_accuracy, "val_tokens": policy.expected_tokens,
-                     "test_accuracy": sum(correct) / len(correct), "test_se": binomial_se(correct),
-                     "test_tokens": sum(tokens) / len(tokens), "correct": correct, "tokens": tokens,
-                     "is_quarter": limit == quarter})  # fmt: skip
+        rows.append(
+            {
+                "limit": limit,
+                "edges": policy.edges,
+                "choices": policy.choices,
+                "val_accuracy": policy.expected_accuracy,
+                "val_tokens": policy.expected_tokens,
+                "test_accuracy": sum(correct) / len(correct),
+                "test_se": binomial_se(correct),
+                "test_tokens": sum(tokens) / len(tokens),
+                "correct": correct,
+                "tokens": tokens,
+                "is_quarter": limit == quarter,
+            }
+        )
     live = {}
     target = next((r for r in rows if r.get("is_quarter") and "error" not in r), None)
     if target is not None:
-        policy = fit_allocation(difficulty["val"], {k: val[k].correct for k in candidates},
-                                {k: val[k].tokens for k in candidates}, configs, bins, quarter)  # fmt: skip
+        policy = fit_allocation(
+            difficulty["val"],
+            {k: val[k].correct for k in candidates},
+            {k: val[k].tokens for k in candidates},
+            configs,
+            bins,
+            quarter,
+        )
         named = {k: v(None) for k, v in scorers.items() if k != "oracle"}
         correct, tokens = [], []
         for i, prob in enumerate(test):
-            result = search(sampler, prob["prompt"], "compute_optimal", budget=max(budgets), policy=policy,
-                            difficulty=lambda p: 1.0 - prm.prompt_score(p), scorers=named, temperature=st.temperature,
-                            seed=problem_seed(st.seed + 500, i))  # fmt: skip
+            result = search(
+                sampler,
+                prob["prompt"],
+                "compute_optimal",
+                budget=max(budgets),
+                policy=policy,
+                difficulty=lambda p: 1.0 - prm.prompt_score(p),
+                scorers=named,
+                temperature=st.temperature,
+                seed=problem_seed(st.seed + 500, i),
+            )
             correct.append(answers_match(result.answer, prob["answer"]))
             tokens.append(result.tokens_spent)
-        live = {"accuracy": sum(correct) / len(correct), "se": binomial_se(correct), "mean_tokens": sum(tokens) / len(tokens),
-                "correct": correct, "tokens": tokens}  # fmt: skip
-    return {"rows": rows, "quarter_limit": quarter, "reference": top, "live_at_quarter": live,
-            "bins": bins, "difficulty": "1 - PRM value of the bare question"}  # fmt: skip
+        live = {
+            "accuracy": sum(correct) / len(correct),
+            "se": binomial_se(correct),
+            "mean_tokens": sum(tokens) / len(tokens),
+            "correct": correct,
+            "tokens": tokens,
+        }
+    return {
+        "rows": rows,
+        "quarter_limit": quarter,
+        "reference": top,
+        "live_at_quarter": live,
+        "bins": bins,
+        "difficulty": "1 - PRM value of the bare question",
+    }
 
 
-def targets(results: Mapping[str, Any], tables: Mapping[str, Mapping[str, ConfigResult]],
-            budgets: Sequence[int]) -> list[dict[str, Any]]:  # fmt: skip
+def targets(
+    results: Mapping[str, Any], tables: Mapping[str, Mapping[str, ConfigResult]], budgets: Sequence[int]
+) -> list[dict[str, Any]]:
     """Each target of issue 16 with its measured value, standard error and whether it is met."""
     test = tables["test"]
     top = max(budgets)
     rm = results["reward_models"]
     best = max(rm, key=lambda k: rm[k]["pairwise_final"]["accuracy"] or 0)
-    out = [{"target": "reward model pairwise accuracy (held-out) >= 0.90", "model": best,
-            "value": rm[best]["pairwise_final"]["accuracy"], "se": rm[best]["pairwise_final"]["se"],
-            "met": (rm[best]["pairwise_final"]["accuracy"] or 0) >= 0.90}]  # fmt: skip
+    out = [
+        {
+            "target": "reward model pairwise accuracy (held-out) >= 0.90",
+            "model": best,
+            "value": rm[best]["pairwise_final"]["accuracy"],
+            "se": rm[best]["pairwise_final"]["se"],
+            "met": (rm[best]["pairwise_final"]["accuracy"] or 0) >= 0.90,
+        }
+    ]
     for b in (1024, top):
         if f"beam_prm@{b}" in test:
             d, se = paired_difference(test[f"beam_prm@{b}"].correct, test[f"bon_orm@{b}"].correct)
-            out.append({"target": f"beam search + PRM - best-of-N + ORM at {b} tokens >= +0.10", "value": d, "se": se,
-                        "met": d >= 0.10, "a": test[f"beam_prm@{b}"].row(), "b": test[f"bon_orm@{b}"].row()})  # fmt: skip
+            out.append(
+                {
+                    "target": f"beam search + PRM - best-of-N + ORM at {b} tokens >= +0.10",
+                    "value": d,
+                    "se": se,
+                    "met": d >= 0.10,
+                    "a": test[f"beam_prm@{b}"].row(),
+                    "b": test[f"bon_orm@{b}"].row(),
+                }
+            )
     quarter = next((r for r in results["allocation"]["rows"] if r.get("is_quarter") and "error" not in r), None)
     ref = test[f"bon_orm@{top}"]
     if quarter is not None:
         d, se = paired_difference(quarter["correct"], ref.correct)
         ratio = quarter["test_tokens"] / ref.mean_tokens
-        out.append({"target": f"compute-optimal reaches best-of-N + ORM's {top}-token accuracy with <= 1/4 of its tokens",
-                    "value": d, "se": se, "token_ratio": ratio, "met": d >= 0 and ratio <= 0.25,
-                    "allocation": {k: quarter[k] for k in ("test_accuracy", "test_se", "test_tokens", "choices")},
-                    "best_of_n": ref.row()})  # fmt: skip
+        out.append(
+            {
+                "target": f"compute-optimal reaches best-of-N + ORM's {top}-token accuracy with <= 1/4 of its tokens",
+                "value": d,
+                "se": se,
+                "token_ratio": ratio,
+                "met": d >= 0 and ratio <= 0.25,
+                "allocation": {k: quarter[k] for k in ("test_accuracy", "test_se", "test_tokens", "choices")},
+                "best_of_n": ref.row(),
+            }
+        )
     d, se = paired_difference(test[f"beam_prm@{top}"].correct, test[f"bon_oracle@{top}"].correct)
-    out.append({"target": f"beam search + PRM within 5 points of best-of-N + oracle at {top} tokens", "value": d, "se": se,
-                "met": d >= -0.05, "a": test[f"beam_prm@{top}"].row(), "b": test[f"bon_oracle@{top}"].row()})  # fmt: skip
+    out.append(
+        {
+            "target": f"beam search + PRM within 5 points of best-of-N + oracle at {top} tokens",
+            "value": d,
+            "se": se,
+            "met": d >= -0.05,
+            "a": test[f"beam_prm@{top}"].row(),
+            "b": test[f"bon_oracle@{top}"].row(),
+        }
+    )
     return out
 
 
@@ -172,8 +263,11 @@ def search_table(rows: Mapping[str, Mapping[str, Any]], budgets: Sequence[int]) 
             continue
         cells = [by.get((fam, b)) for b in budgets]
         if any(cells):
-            lines.append(f"| {name} | " + " | ".join(f"{_fmt(c['accuracy'], c['se'])} ({c['mean_tokens']:.0f})" if c else ""
-                                                   for c in cells) + " |")  # fmt: skip
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{_fmt(c['accuracy'], c['se'])} ({c['mean_tokens']:.0f})" if c else "" for c in cells)
+                + " |"
+            )
     return "\n".join(lines)
 
 

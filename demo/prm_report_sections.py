@@ -11,32 +11,49 @@ from fastpeft.demo.prm_search_eval import family
 
 
 def _reward_table(rm: Mapping[str, Any]) -> str:
-    lines = ["| model | pairwise acc. (final score) | pairwise acc. (min step) | outcome acc. | step acc. | step AUC |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | pairwise acc. (final score) | pairwise acc. (min step) | outcome acc. | step acc. | step AUC |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in rm.items():
         pf, pm = m["pairwise_final"], m["pairwise_min_step"]
-        label = {"prm": "PRM (Monte Carlo soft labels)", "orm": "ORM (outcomes)",
-                 "prm_checker": "PRM (checker labels)"}.get(name, name)  # fmt: skip
-        lines.append(f"| {label} | {_fmt(pf['accuracy'], pf['se'])} ({pf['pairs']} pairs, {pf['prompts']} prompts) "
-                     f"| {_fmt(pm['accuracy'], pm['se'])} | {_fmt(m['eval_outcome_accuracy'], m['outcome_se'])} "
-                     f"| {_fmt(m['eval_step_accuracy'])} | {_fmt(m['eval_step_auc'])} |")  # fmt: skip
+        label = {
+            "prm": "PRM (Monte Carlo soft labels)",
+            "orm": "ORM (outcomes)",
+            "prm_checker": "PRM (checker labels)",
+        }.get(name, name)
+        lines.append(
+            f"| {label} | {_fmt(pf['accuracy'], pf['se'])} ({pf['pairs']} pairs, {pf['prompts']} prompts) "
+            f"| {_fmt(pm['accuracy'], pm['se'])} | {_fmt(m['eval_outcome_accuracy'], m['outcome_se'])} "
+            f"| {_fmt(m['eval_step_accuracy'])} | {_fmt(m['eval_step_auc'])} |"
+        )
     return "\n".join(lines)
 
 
 def _allocation_table(alloc: Mapping[str, Any]) -> str:
-    lines = ["| mean-token limit (validation) | choice per difficulty bin (easy -> hard) | val acc. | test acc. | test tokens |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| mean-token limit (validation) | choice per difficulty bin (easy -> hard) | val acc. | test acc. | test tokens |",
+        "|---|---|---|---|---|",
+    ]
     for r in alloc["rows"]:
-        limit = "none" if r["limit"] is None else f"{r['limit']:.0f}" + (" (1/4 of best-of-N@max)" if r.get("is_quarter") else "")
+        limit = (
+            "none"
+            if r["limit"] is None
+            else f"{r['limit']:.0f}" + (" (1/4 of best-of-N@max)" if r.get("is_quarter") else "")
+        )
         if "error" in r:
             lines.append(f"| {limit} | {r['error']} | | | |")
             continue
-        lines.append(f"| {limit} | {', '.join(r['choices'])} | {r['val_accuracy']:.3f} | "
-                     f"{_fmt(r['test_accuracy'], r['test_se'])} | {r['test_tokens']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {limit} | {', '.join(r['choices'])} | {r['val_accuracy']:.3f} | "
+            f"{_fmt(r['test_accuracy'], r['test_se'])} | {r['test_tokens']:.0f} |"
+        )
     live = alloc.get("live_at_quarter")
     if live:
-        lines.append(f"| live `compute_optimal` at the 1/4 limit | (sampled afresh) | | {_fmt(live['accuracy'], live['se'])} "
-                     f"| {live['mean_tokens']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| live `compute_optimal` at the 1/4 limit | (sampled afresh) | | {_fmt(live['accuracy'], live['se'])} "
+            f"| {live['mean_tokens']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -45,11 +62,17 @@ def _grpo_table(grpo: Mapping[str, Any]) -> str:
     if not runs:
         return "(not run)"
     steps = sorted({s for r in runs.values() for s, _ in r["exact_match_curve"]})
-    lines = ["| reward | " + " | ".join(f"step {s}" for s in steps) + " | train seconds |", "|---|" + "---|" * (len(steps) + 1)]
+    lines = [
+        "| reward | " + " | ".join(f"step {s}" for s in steps) + " | train seconds |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
     for name, r in runs.items():
         curve = dict(r["exact_match_curve"])
-        lines.append(f"| {name} | " + " | ".join(_fmt(curve.get(s), r.get("se", {}).get(str(s))) for s in steps)
-                     + f" | {r['seconds']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_fmt(curve.get(s), r.get("se", {}).get(str(s))) for s in steps)
+            + f" | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -65,8 +88,10 @@ def _swarm_table(sw: Mapping[str, Any]) -> str:
 def _shared_table(sb: Mapping[str, Any]) -> str:
     if not sb.get("rows"):
         return "(not run)"
-    lines = ["| path | seconds (median of rounds) | ratio to separate | models in memory | parameter bytes |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| path | seconds (median of rounds) | ratio to separate | models in memory | parameter bytes |",
+        "|---|---|---|---|---|",
+    ]
     for r in sb["rows"]:
         lines.append(f"| {r['name']} | {r['seconds']:.3f} | {r['ratio']:.3f} | {r['models']} | {r['bytes']:,} |")
     return "\n".join(lines) + f"\n\nscore agreement (max abs difference of PRM scores): {sb.get('max_score_diff')}"
@@ -81,15 +106,23 @@ def render(results: Mapping[str, Any], s: Any) -> str:
         f"total {results['total_seconds']:.0f} s (search {results['search_seconds']:.0f} s). "
         f"{s.val_problems} validation / {s.test_problems} test problems of the hard tier; cells: accuracy ± "
         "standard error (mean generated tokens per problem).",
-        "## Targets", targets_table(results["targets"]),
-        "## Reward models (held-out policy solutions; truth = the step checker)", _reward_table(results["reward_models"]),
-        "## Search, test split", search_table(results["search"]["test"], budgets),
-        "## Search, validation split (the allocation is fitted here)", search_table(results["search"]["val"], budgets),
-        "## Compute-optimal allocation (fitted on validation, applied to test)", _allocation_table(results["allocation"]),
-        "## GRPO: PRM step rewards vs outcome reward (greedy exact match on held-out problems)", _grpo_table(results["grpo"]),
-        "## Swarm vs single agent (multi-part sums)", _swarm_table(results["swarm"]),
-        "## PRM scoring in the policy's batch vs separate passes", _shared_table(results["shared_batch"]),
-    ]  # fmt: skip
+        "## Targets",
+        targets_table(results["targets"]),
+        "## Reward models (held-out policy solutions; truth = the step checker)",
+        _reward_table(results["reward_models"]),
+        "## Search, test split",
+        search_table(results["search"]["test"], budgets),
+        "## Search, validation split (the allocation is fitted here)",
+        search_table(results["search"]["val"], budgets),
+        "## Compute-optimal allocation (fitted on validation, applied to test)",
+        _allocation_table(results["allocation"]),
+        "## GRPO: PRM step rewards vs outcome reward (greedy exact match on held-out problems)",
+        _grpo_table(results["grpo"]),
+        "## Swarm vs single agent (multi-part sums)",
+        _swarm_table(results["swarm"]),
+        "## PRM scoring in the policy's batch vs separate passes",
+        _shared_table(results["shared_batch"]),
+    ]
     return "\n\n".join(parts) + "\n"
 
 
@@ -109,14 +142,27 @@ def plot_search(results: Mapping[str, Any], path: Path) -> None:
     for fam, name in FAMILIES.items():
         mine = sorted((r for k, r in rows.items() if family(k) == fam), key=lambda r: r["budget"])
         if mine:
-            ax.errorbar([max(r["mean_tokens"], 1) for r in mine], [r["accuracy"] for r in mine],
-                        yerr=[r["se"] for r in mine], marker="o", capsize=2, label=name,
-                        linestyle="none" if fam == "greedy" else "-")  # fmt: skip
+            ax.errorbar(
+                [max(r["mean_tokens"], 1) for r in mine],
+                [r["accuracy"] for r in mine],
+                yerr=[r["se"] for r in mine],
+                marker="o",
+                capsize=2,
+                label=name,
+                linestyle="none" if fam == "greedy" else "-",
+            )
     alloc = [r for r in results["allocation"]["rows"] if "error" not in r]
     if alloc:
         alloc.sort(key=lambda r: r["test_tokens"])
-        ax.errorbar([r["test_tokens"] for r in alloc], [r["test_accuracy"] for r in alloc],
-                    yerr=[r["test_se"] for r in alloc], marker="s", capsize=2, color="black", label="compute-optimal (learned)")  # fmt: skip
+        ax.errorbar(
+            [r["test_tokens"] for r in alloc],
+            [r["test_accuracy"] for r in alloc],
+            yerr=[r["test_se"] for r in alloc],
+            marker="s",
+            capsize=2,
+            color="black",
+            label="compute-optimal (learned)",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("mean generated tokens per problem (test)")
     ax.set_ylabel("accuracy")

@@ -59,8 +59,9 @@ class _PoolView:
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1, adapters: Any = None):
         if params.temperature != self.pool.params.temperature:
-            raise ValueError(f"the pool holds samples at temperature {self.pool.params.temperature}, "
-                             f"asked for {params.temperature}")  # fmt: skip
+            raise ValueError(
+                f"the pool holds samples at temperature {self.pool.params.temperature}, asked for {params.temperature}"
+            )
         out = []
         for prompt in prompts:
             start = self.cursor.get(prompt, 0)
@@ -94,9 +95,16 @@ class ConfigResult:
         return sum(self.tokens) / len(self.tokens)
 
     def row(self) -> dict[str, Any]:
-        return {"label": self.label, "strategy": self.config["strategy"], "budget": self.config["budget"],
-                "scorer": self.config.get("scorer"), "accuracy": self.accuracy, "se": binomial_se(self.correct),
-                "mean_tokens": self.mean_tokens, "n": len(self.correct)}  # fmt: skip
+        return {
+            "label": self.label,
+            "strategy": self.config["strategy"],
+            "budget": self.config["budget"],
+            "scorer": self.config.get("scorer"),
+            "accuracy": self.accuracy,
+            "se": binomial_se(self.correct),
+            "mean_tokens": self.mean_tokens,
+            "n": len(self.correct),
+        }
 
 
 def binomial_se(outcomes: Sequence[bool | float]) -> float:
@@ -119,10 +127,18 @@ def problem_seed(seed: int, index: int) -> int:
     return seed + 1_000_003 * index
 
 
-def run_configs(configs: Mapping[str, Mapping[str, Any]], problems: Sequence[Mapping[str, str]],
-                sampler: Generator, pool: SamplePool, scorers: Mapping[str, Callable[[Mapping[str, str]], Any]],
-                temperature: float, seed: int, progress: bool = True, cache: Path | None = None,
-                cache_key: Any = None) -> dict[str, ConfigResult]:  # fmt: skip
+def run_configs(
+    configs: Mapping[str, Mapping[str, Any]],
+    problems: Sequence[Mapping[str, str]],
+    sampler: Generator,
+    pool: SamplePool,
+    scorers: Mapping[str, Callable[[Mapping[str, str]], Any]],
+    temperature: float,
+    seed: int,
+    progress: bool = True,
+    cache: Path | None = None,
+    cache_key: Any = None,
+) -> dict[str, ConfigResult]:
     """Run every configuration on every problem. ``scorers[name](problem)`` gives the scorer a
     configuration's ``"scorer"`` names (per problem, so the oracle can know the answer).
 
@@ -132,8 +148,17 @@ def run_configs(configs: Mapping[str, Mapping[str, Any]], problems: Sequence[Map
     out = {}
     bar = tqdm(total=len(configs) * len(problems), desc="search", disable=not progress)
     for label, config in configs.items():
-        key = json.dumps({"config": config, "problems": [p["prompt"] for p in problems], "seed": seed,
-                          "temperature": temperature, "models": cache_key}, sort_keys=True, default=str)  # fmt: skip
+        key = json.dumps(
+            {
+                "config": config,
+                "problems": [p["prompt"] for p in problems],
+                "seed": seed,
+                "temperature": temperature,
+                "models": cache_key,
+            },
+            sort_keys=True,
+            default=str,
+        )
         path = cache / f"{label}.json" if cache is not None else None
         if path is not None and path.exists() and json.loads(path.read_text())["key"] == key:
             saved = json.loads(path.read_text())
@@ -149,8 +174,16 @@ def run_configs(configs: Mapping[str, Mapping[str, Any]], problems: Sequence[Map
             if history is not None:
                 options["estimator"] = DifficultyEstimator(history=history)
             scorer = scorers[cfg["scorer"]](prob) if cfg.get("scorer") else None
-            result = search(generator, prob["prompt"], cfg["strategy"], budget=cfg["budget"], scorer=scorer,
-                            temperature=temperature, seed=problem_seed(seed, i), **options)  # fmt: skip
+            result = search(
+                generator,
+                prob["prompt"],
+                cfg["strategy"],
+                budget=cfg["budget"],
+                scorer=scorer,
+                temperature=temperature,
+                seed=problem_seed(seed, i),
+                **options,
+            )
             ok = answers_match(result.answer, prob["answer"])
             correct.append(ok)
             tokens.append(result.tokens_spent)
@@ -165,27 +198,49 @@ def run_configs(configs: Mapping[str, Mapping[str, Any]], problems: Sequence[Map
     return out
 
 
-def search_configs(budgets: Sequence[int], response_tokens: int, step_tokens: int, max_steps: int,
-                   fixed_allocation: bool = True) -> dict[str, dict[str, Any]]:  # fmt: skip
+def search_configs(
+    budgets: Sequence[int], response_tokens: int, step_tokens: int, max_steps: int, fixed_allocation: bool = True
+) -> dict[str, dict[str, Any]]:
     """The configurations compared at each budget (labels ``name@budget``)."""
     full = {"max_new_tokens": response_tokens, "n": 10_000}  # N: as many samples as the budget pays for
-    out: dict[str, dict[str, Any]] = {"greedy": {"strategy": "greedy", "budget": response_tokens + 1,
-                                                 "max_new_tokens": response_tokens}}  # fmt: skip
+    out: dict[str, dict[str, Any]] = {
+        "greedy": {"strategy": "greedy", "budget": response_tokens + 1, "max_new_tokens": response_tokens}
+    }
     for b in budgets:
         out[f"bon_orm@{b}"] = {"strategy": "best_of_n", "budget": b, "scorer": "orm", "source": "pool", **full}
         out[f"bon_prm@{b}"] = {"strategy": "best_of_n", "budget": b, "scorer": "prm", "source": "pool", **full}
-        out[f"weighted_orm@{b}"] = {"strategy": "weighted_best_of_n", "budget": b, "scorer": "orm", "source": "pool",
-                                    **full}  # fmt: skip
+        out[f"weighted_orm@{b}"] = {
+            "strategy": "weighted_best_of_n",
+            "budget": b,
+            "scorer": "orm",
+            "source": "pool",
+            **full,
+        }
         out[f"majority@{b}"] = {"strategy": "majority_vote", "budget": b, "source": "pool", **full}
         out[f"bon_oracle@{b}"] = {"strategy": "best_of_n", "budget": b, "scorer": "oracle", "source": "pool", **full}
         width = 2 if b < 1024 else 4
         n = max(width, (b // 100) // width * width)  # a response is ~75 tokens; steps reserve 28 each
-        out[f"beam_prm@{b}"] = {"strategy": "beam_search", "budget": b, "scorer": "prm", "n": n, "beam_width": width,
-                                "max_new_tokens": step_tokens, "stop": "; ", "max_steps": max_steps}  # fmt: skip
+        out[f"beam_prm@{b}"] = {
+            "strategy": "beam_search",
+            "budget": b,
+            "scorer": "prm",
+            "n": n,
+            "beam_width": width,
+            "max_new_tokens": step_tokens,
+            "stop": "; ",
+            "max_steps": max_steps,
+        }
         if fixed_allocation:
-            out[f"fixed_allocation@{b}"] = {"strategy": "dynamic_allocation", "budget": b, "scorer": "prm",
-                                            "max_new_tokens": step_tokens, "stop": "; ", "beam_n": max(3, n // 3 * 3),
-                                            "beam_width": 3, "mcts_depth": max_steps}  # fmt: skip
+            out[f"fixed_allocation@{b}"] = {
+                "strategy": "dynamic_allocation",
+                "budget": b,
+                "scorer": "prm",
+                "max_new_tokens": step_tokens,
+                "stop": "; ",
+                "beam_n": max(3, n // 3 * 3),
+                "beam_width": 3,
+                "mcts_depth": max_steps,
+            }
     return out
 
 

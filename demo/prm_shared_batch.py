@@ -26,8 +26,9 @@ def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def score_differences(scored: Any, prm: Any, tokenizer: Any, prompts: list[str], step_tokens: int,
-                      st: Any) -> list[float]:  # fmt: skip
+def score_differences(
+    scored: Any, prm: Any, tokenizer: Any, prompts: list[str], step_tokens: int, st: Any
+) -> list[float]:
     """|decode score - separate PRM pass| for sampled first steps, over the same token ids (texts are
     not compared: re-encoding a sampled text need not give back its tokens, e.g. ``<``, ``|``, ...
     sampled one by one re-encode as one added token)."""
@@ -44,34 +45,46 @@ def score_differences(scored: Any, prm: Any, tokenizer: Any, prompts: list[str],
     return [abs(d - sep) for d, (sep,) in zip(decoded, prm._forward(rows))]
 
 
-def measure(model: Any, tokenizer: Any, prm: Any, problems: list[dict], s: Any, st: Any, budget: int = 1024,
-            rounds: int = 3) -> dict[str, Any]:  # fmt: skip
+def measure(
+    model: Any, tokenizer: Any, prm: Any, problems: list[dict], s: Any, st: Any, budget: int = 1024, rounds: int = 3
+) -> dict[str, Any]:
     from fastpeft.reasoning.sampler import Sampler
     from fastpeft.reasoning.scored_sampler import ScoredSampler
     from fastpeft.reasoning.search import search
 
     max_len = int(st.model_config["max_position_embeddings"])
     sampler = Sampler(model, tokenizer, max_seq_len=max_len)
-    options = {"n": 8, "beam_width": 4, "stop": "; ", "max_steps": s.max_steps, "max_new_tokens": s.step_tokens,
-               "temperature": st.temperature}  # fmt: skip
+    options = {
+        "n": 8,
+        "beam_width": 4,
+        "stop": "; ",
+        "max_steps": s.max_steps,
+        "max_new_tokens": s.step_tokens,
+        "temperature": st.temperature,
+    }
 
     def separate() -> tuple[list, int]:
         prm._cache.clear()
         before = prm.forward_rows
-        out = [search(sampler, p["prompt"], "beam_search", budget=budget, scorer=prm, seed=st.seed + i, **options)
-               for i, p in enumerate(problems)]  # fmt: skip
+        out = [
+            search(sampler, p["prompt"], "beam_search", budget=budget, scorer=prm, seed=st.seed + i, **options)
+            for i, p in enumerate(problems)
+        ]
         return out, prm.forward_rows - before
 
     def joint() -> tuple[list, ScoredSampler]:
-        scored = ScoredSampler(model, tokenizer, prm.model.head, verifier=prm.adapter, policy="policy",
-                               max_seq_len=max_len, fallback=prm)  # fmt: skip
-        out = [search(scored, p["prompt"], "beam_search", budget=budget, scorer=scored, seed=st.seed + i, **options)
-               for i, p in enumerate(problems)]  # fmt: skip
+        scored = ScoredSampler(
+            model, tokenizer, prm.model.head, verifier=prm.adapter, policy="policy", max_seq_len=max_len, fallback=prm
+        )
+        out = [
+            search(scored, p["prompt"], "beam_search", budget=budget, scorer=scored, seed=st.seed + i, **options)
+            for i, p in enumerate(problems)
+        ]
         return out, scored
 
     times: dict[str, list[float]] = {"separate": [], "same batch": []}
     for k in range(rounds):
-        for name in (("separate", "same batch") if k % 2 == 0 else ("same batch", "separate")):
+        for name in ("separate", "same batch") if k % 2 == 0 else ("same batch", "separate"):
             start = time.perf_counter()
             result = separate() if name == "separate" else joint()
             times[name].append(time.perf_counter() - start)
@@ -83,15 +96,39 @@ def measure(model: Any, tokenizer: Any, prm: Any, problems: list[dict], s: Any, 
     ratios = [j / sep for j, sep in zip(times["same batch"], times["separate"])]
     one = _bytes(model) + _bytes(prm.model.head)
     base_only = sum(_bytes(m) for n, m in model.named_children())  # the same model, for the two-model estimate
-    rows = [{"name": "separate passes (sampler + PRM re-reads prefixes)", "seconds": statistics.median(times["separate"]),
-             "ratio": 1.0, "models": 1, "bytes": one},
-            {"name": "same batch (policy + PRM rows, one routed forward per token)",
-             "seconds": statistics.median(times["same batch"]), "ratio": statistics.median(ratios), "models": 1,
-             "bytes": one},
-            {"name": "a second model for the verifier (memory only)", "seconds": float("nan"), "ratio": float("nan"),
-             "models": 2, "bytes": one + base_only}]  # fmt: skip
+    rows = [
+        {
+            "name": "separate passes (sampler + PRM re-reads prefixes)",
+            "seconds": statistics.median(times["separate"]),
+            "ratio": 1.0,
+            "models": 1,
+            "bytes": one,
+        },
+        {
+            "name": "same batch (policy + PRM rows, one routed forward per token)",
+            "seconds": statistics.median(times["same batch"]),
+            "ratio": statistics.median(ratios),
+            "models": 1,
+            "bytes": one,
+        },
+        {
+            "name": "a second model for the verifier (memory only)",
+            "seconds": float("nan"),
+            "ratio": float("nan"),
+            "models": 2,
+            "bytes": one + base_only,
+        },
+    ]
     agree = sum(a.answer == b.answer for a, b in zip(sep_results, joint_results)) / max(len(problems), 1)
-    return {"rows": rows, "max_score_diff": max(diffs) if diffs else None, "scores_compared": len(diffs),
-            "answers_agree": agree,
-            "separate_prm_rows": score_rows, "same_batch_fallback_misses": scored.misses, "problems": len(problems),
-            "budget": budget, "rounds": rounds, "round_seconds": times}  # fmt: skip
+    return {
+        "rows": rows,
+        "max_score_diff": max(diffs) if diffs else None,
+        "scores_compared": len(diffs),
+        "answers_agree": agree,
+        "separate_prm_rows": score_rows,
+        "same_batch_fallback_misses": scored.misses,
+        "problems": len(problems),
+        "budget": budget,
+        "rounds": rounds,
+        "round_seconds": times,
+    }

@@ -27,9 +27,17 @@ from typing import Any
 from fastpeft.demo.hard_tier import make_hard_dataset
 from fastpeft.demo.swarm_task import decomposer_records, integrator_records, make_multipart_dataset
 
-TINY_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 112,
-              "max_position_embeddings": 192, "tie_word_embeddings": False}  # fmt: skip
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 112,
+    "max_position_embeddings": 192,
+    "tie_word_embeddings": False,
+}
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 
 
@@ -58,11 +66,29 @@ class StageSettings:
 
     @classmethod
     def quick(cls) -> StageSettings:
-        tiny = {**TINY_LLAMA, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-                "num_key_value_heads": 2}  # fmt: skip
-        return cls(model_config=tiny, sft_problems=128, base_steps=20, policy_steps=2, label_prompts=4,
-                   heldout_prompts=3, heldout_samples=2, rollouts=2, max_new_tokens=48, rm_steps=2, rm_batch=4,
-                   role_steps={"decomposer": 2, "integrator": 2, "single": 2}, role_problems=32, batch=8)  # fmt: skip
+        tiny = {
+            **TINY_LLAMA,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        }
+        return cls(
+            model_config=tiny,
+            sft_problems=128,
+            base_steps=20,
+            policy_steps=2,
+            label_prompts=4,
+            heldout_prompts=3,
+            heldout_samples=2,
+            rollouts=2,
+            max_new_tokens=48,
+            rm_steps=2,
+            rm_batch=4,
+            role_steps={"decomposer": 2, "integrator": 2, "single": 2},
+            role_problems=32,
+            batch=8,
+        )
 
 
 def _quiet(fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -100,24 +126,55 @@ def splits(s: StageSettings, val: int, test: int) -> dict[str, list[dict[str, st
 def _sft(out: Path, s: StageSettings, data: list[dict], steps: int, lr: float, **kw: Any) -> dict[str, Any]:
     from fastpeft.training import sft
 
-    result = _quiet(sft.train, sft.SFTConfig(
-        train_data=data, max_steps=steps, lr=lr, micro_batch_size=s.batch, warmup_steps=min(20, steps // 4),
-        scheduler="cosine", max_seq_len=int(s.model_config["max_position_embeddings"]), output_dir=str(out),
-        log_every=50, seed=s.seed, progress=False, device="cpu", plot=False, **kw))  # fmt: skip
+    result = _quiet(
+        sft.train,
+        sft.SFTConfig(
+            train_data=data,
+            max_steps=steps,
+            lr=lr,
+            micro_batch_size=s.batch,
+            warmup_steps=min(20, steps // 4),
+            scheduler="cosine",
+            max_seq_len=int(s.model_config["max_position_embeddings"]),
+            output_dir=str(out),
+            log_every=50,
+            seed=s.seed,
+            progress=False,
+            device="cpu",
+            plot=False,
+            **kw,
+        ),
+    )
     return {"saved": str(result.saved), "final_loss": result.final_loss, "steps": result.steps}
 
 
 def train_base(root: Path, s: StageSettings, data: dict) -> dict[str, Any]:
-    settings = {"model_config": s.model_config, "problems": s.sft_problems, "steps": s.base_steps, "lr": s.base_lr,
-                "seed": s.seed, "batch": s.batch}  # fmt: skip
-    return cached(root / "base", settings, lambda: _sft(root / "base", s, data["sft"], s.base_steps, s.base_lr,
-                                                        model_config=s.model_config, finetune="full"))  # fmt: skip
+    settings = {
+        "model_config": s.model_config,
+        "problems": s.sft_problems,
+        "steps": s.base_steps,
+        "lr": s.base_lr,
+        "seed": s.seed,
+        "batch": s.batch,
+    }
+    return cached(
+        root / "base",
+        settings,
+        lambda: _sft(
+            root / "base", s, data["sft"], s.base_steps, s.base_lr, model_config=s.model_config, finetune="full"
+        ),
+    )
 
 
 def train_policy(root: Path, s: StageSettings, data: dict, base: str) -> dict[str, Any]:
     settings = {"base": base, "steps": s.policy_steps, "lr": s.policy_lr, "lora": LORA}
-    return cached(root / "policy", settings, lambda: _sft(root / "policy", s, data["sft"], s.policy_steps,
-                                                          s.policy_lr, model=base, finetune="qlora", lora=LORA))  # fmt: skip
+    return cached(
+        root / "policy",
+        settings,
+        lambda: _sft(
+            root / "policy", s, data["sft"], s.policy_steps, s.policy_lr, model=base, finetune="qlora", lora=LORA
+        ),
+    )
 
 
 def build_labels(root: Path, s: StageSettings, data: dict, generator: Any) -> dict[str, Any]:
@@ -125,36 +182,78 @@ def build_labels(root: Path, s: StageSettings, data: dict, generator: Any) -> di
     from fastpeft.training.step_labels import StepLabelConfig, build_step_labels
 
     checker = "fastpeft.demo.hard_tier:check_steps"
-    common = {"temperature": s.temperature, "max_new_tokens": s.max_new_tokens, "checker": checker, "seed": s.seed,
-              "progress": False}  # fmt: skip
-    train_cfg = StepLabelConfig(output=str(root / "labels" / "train.jsonl"), rollouts=s.rollouts,
-                                keep_rollouts=True, **common)  # fmt: skip
-    held_cfg = StepLabelConfig(output=str(root / "labels" / "heldout.jsonl"), rollouts=0,
-                               samples_per_prompt=s.heldout_samples, **{**common, "seed": s.seed + 7})  # fmt: skip
+    common = {
+        "temperature": s.temperature,
+        "max_new_tokens": s.max_new_tokens,
+        "checker": checker,
+        "seed": s.seed,
+        "progress": False,
+    }
+    train_cfg = StepLabelConfig(
+        output=str(root / "labels" / "train.jsonl"), rollouts=s.rollouts, keep_rollouts=True, **common
+    )
+    held_cfg = StepLabelConfig(
+        output=str(root / "labels" / "heldout.jsonl"),
+        rollouts=0,
+        samples_per_prompt=s.heldout_samples,
+        **{**common, "seed": s.seed + 7},
+    )
 
     def build() -> dict[str, Any]:
-        return {"train": build_step_labels(train_cfg, generator, data["labels"]),
-                "heldout": build_step_labels(held_cfg, generator, data["heldout"])}
+        return {
+            "train": build_step_labels(train_cfg, generator, data["labels"]),
+            "heldout": build_step_labels(held_cfg, generator, data["heldout"]),
+        }
 
-    settings = {"train": dataclasses.asdict(train_cfg), "heldout": dataclasses.asdict(held_cfg),
-                "prompts": [s.label_prompts, s.heldout_prompts]}  # fmt: skip
+    settings = {
+        "train": dataclasses.asdict(train_cfg),
+        "heldout": dataclasses.asdict(held_cfg),
+        "prompts": [s.label_prompts, s.heldout_prompts],
+    }
     return cached(root / "labels", settings, build)
 
 
-def train_reward(root: Path, s: StageSettings, base: str, name: str, objective: str, records: list[dict],
-                 label_key: str = "soft") -> dict[str, Any]:  # fmt: skip
+def train_reward(
+    root: Path, s: StageSettings, base: str, name: str, objective: str, records: list[dict], label_key: str = "soft"
+) -> dict[str, Any]:
     from fastpeft.training import reward_model
 
     def build() -> dict[str, Any]:
-        result = _quiet(reward_model.train, reward_model.RewardConfig(
-            model=base, finetune="qlora", lora=LORA, objective=objective, label_key=label_key, train_data=records,
-            max_steps=s.rm_steps, lr=s.rm_lr, micro_batch_size=s.rm_batch, warmup_steps=min(20, s.rm_steps // 4),
-            scheduler="cosine", max_seq_len=int(s.model_config["max_position_embeddings"]), output_dir=str(root / name),
-            seed=s.seed, log_every=50, progress=False, device="cpu", plot=False))  # fmt: skip
+        result = _quiet(
+            reward_model.train,
+            reward_model.RewardConfig(
+                model=base,
+                finetune="qlora",
+                lora=LORA,
+                objective=objective,
+                label_key=label_key,
+                train_data=records,
+                max_steps=s.rm_steps,
+                lr=s.rm_lr,
+                micro_batch_size=s.rm_batch,
+                warmup_steps=min(20, s.rm_steps // 4),
+                scheduler="cosine",
+                max_seq_len=int(s.model_config["max_position_embeddings"]),
+                output_dir=str(root / name),
+                seed=s.seed,
+                log_every=50,
+                progress=False,
+                device="cpu",
+                plot=False,
+            ),
+        )
         return {"saved": str(result.saved), "final_loss": result.final_loss, "records": len(records)}
 
-    settings = {"base": base, "objective": objective, "label_key": label_key, "steps": s.rm_steps, "lr": s.rm_lr,
-                "batch": s.rm_batch, "records": len(records), "lora": LORA}  # fmt: skip
+    settings = {
+        "base": base,
+        "objective": objective,
+        "label_key": label_key,
+        "steps": s.rm_steps,
+        "lr": s.rm_lr,
+        "batch": s.rm_batch,
+        "records": len(records),
+        "lora": LORA,
+    }
     return cached(root / name, settings, build)
 
 
@@ -166,6 +265,11 @@ def train_roles(root: Path, s: StageSettings, base: str) -> dict[str, Any]:
     for role, records in data.items():
         steps = s.role_steps[role]
         settings = {"base": base, "steps": steps, "lr": s.role_lr, "problems": s.role_problems, "lora": LORA}
-        out[role] = cached(root / "roles" / role, settings, lambda r=role, d=records, n=steps: _sft(
-            root / "roles" / r, s, d, n, s.role_lr, model=base, finetune="qlora", lora=LORA))  # fmt: skip
+        out[role] = cached(
+            root / "roles" / role,
+            settings,
+            lambda r=role, d=records, n=steps: _sft(
+                root / "roles" / r, s, d, n, s.role_lr, model=base, finetune="qlora", lora=LORA
+            ),
+        )
     return out

@@ -97,6 +97,11 @@ def integrator_records(records: Sequence[dict[str, str]]) -> list[dict[str, str]
     for r in records:
         xs = operands(r["prompt"])
         answers = [str(a + b) for a, b in zip(xs[::2], xs[1::2])]
-        out.append({"prompt": integration_prompt(r["prompt"], [], answers), "completion": integration_completion(answers),
-                    "answer": r["answer"]})  # fmt: skip
+        out.append(
+            {
+                "prompt": integration_prompt(r["prompt"], [], answers),
+                "completion": integration_completion(answers),
+                "answer": r["answer"],
+            }
+        )
     return out

@@ -278,6 +278,31 @@ def _backward(ctx, grad_out, *_):  # type: ignore[no-untyped-def]
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, name: str,
+                   chunk_size: int | None, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Check an LM-head op's ``hidden [*, H]``, ``weight [V, H]`` and ``targets [*]`` (called ``name``
+    in messages) and return hidden and weight cast to the autocast dtype when autocast is on (the
+    casts are differentiable, so fp32 master weights get fp32 gradients)."""
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit: "
+                         "expected hidden [*, H] and weight [V, H]")  # fmt: skip
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"{name} {tuple(targets.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32, got {targets.dtype}")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"hidden on {hidden.device}, weight on {weight.device}, {name} on {targets.device}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    amp = autocast_dtype(hidden.device)
+    if amp is not None:
+        hidden, weight = cast_for_autocast(amp, hidden, weight)
+    if hidden.dtype not in dtypes or hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype")
+    return hidden, weight
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean",
                          chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
@@ -290,22 +315,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit: "
-                         "expected hidden [*, H] and weight [V, H]")  # fmt: skip
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
-    if hidden.device != weight.device or labels.device != hidden.device:
-        raise ValueError(f"hidden on {hidden.device}, weight on {weight.device}, labels on {labels.device}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    amp = autocast_dtype(hidden.device)
-    if amp is not None:
-        hidden, weight = cast_for_autocast(amp, hidden, weight)
-    if hidden.dtype not in FLOAT_DTYPES or hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype")
+    hidden, weight = lm_head_inputs(hidden, weight, labels, "labels", chunk_size)
     grad = torch.is_grad_enabled()
     loss, _, _, _ = torch.ops.fastpeft.linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), ignore_index, reduction == "mean",

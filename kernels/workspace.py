@@ -107,8 +107,9 @@ def _stream_key(device: torch.device) -> int | None:
     return threading.get_ident() if device.type == "cpu" else None
 
 
-def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device,
-                  zeroed: bool = False) -> torch.Tensor:  # fmt: skip
+def get_workspace(
+    name: str, numel: int, dtype: torch.dtype, device: torch.device, zeroed: bool = False
+) -> torch.Tensor:
     """A 1-D view of ``numel`` elements of the shared buffer ``name`` (grown, never shrunk).
 
     The contents are whatever the previous user left (zeros for ``zeroed`` buffers, by contract).
@@ -125,8 +126,9 @@ def get_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.devic
         _buffers.pop(key, None)
         del buf
         alloc = torch.zeros if zeroed else torch.empty
-        # a normal tensor even under inference_mode: an inference tensor could not be written outside it
-        with allocation_kind("workspace"), torch.inference_mode(False):
+        # a normal tensor even when first made under inference_mode (a sampler): the training step
+        # that writes the same buffer next runs outside it, where inference tensors are read-only
+        with torch.inference_mode(False), allocation_kind("workspace"):
             buf = alloc(max(numel, 1), dtype=dtype, device=device)
         _buffers[key] = buf
         for observer in _observers:

@@ -23,8 +23,8 @@ from fastpeft.reasoning.strategy_base import (
     Aggregate,
     Candidate,
     ScoreKeeper,
-    check_aggregate,
     SearchResult,
+    check_aggregate,
     check_prompt,
     ends_response,
     make_result,
@@ -79,7 +79,9 @@ def _grouped_beam(
             break
         outs = generator.generate([prompt + b.text for b in active], params, n=rows_each)
         steps += 1
-        grown = [(beam, beam.text + c.text, ends_response(c)) for beam, row in zip(active, outs, strict=True) for c in row]
+        grown = [
+            (beam, beam.text + c.text, ends_response(c)) for beam, row in zip(active, outs, strict=True) for c in row
+        ]
         scores = keeper.many(prompt, [text for _, text, _ in grown])
         children = [_Beam(text, s, beam.group, done) for (beam, text, done), s in zip(grown, scores)]
         active = []

@@ -53,7 +53,9 @@ class AllocationPolicy:
 
     def __post_init__(self) -> None:
         if len(self.choices) != len(self.edges) + 1:
-            raise ValueError(f"{len(self.edges)} edges make {len(self.edges) + 1} bins, got {len(self.choices)} choices")
+            raise ValueError(
+                f"{len(self.edges)} edges make {len(self.edges) + 1} bins, got {len(self.choices)} choices"
+            )
         if list(self.edges) != sorted(self.edges):
             raise ValueError(f"bin edges must increase, got {self.edges}")
         unknown = sorted(set(self.choices) - set(self.configs))
@@ -88,8 +90,12 @@ def quantile_edges(values: Sequence[float], bins: int) -> list[float]:
     return [ordered[(len(ordered) * i) // bins] for i in range(1, bins)]
 
 
-def choose_per_bin(accuracy: Sequence[Mapping[str, float]], tokens: Sequence[Mapping[str, float]],
-                   weights: Sequence[float], max_mean_tokens: float | None = None) -> tuple[list[str], float, float]:  # fmt: skip
+def choose_per_bin(
+    accuracy: Sequence[Mapping[str, float]],
+    tokens: Sequence[Mapping[str, float]],
+    weights: Sequence[float],
+    max_mean_tokens: float | None = None,
+) -> tuple[list[str], float, float]:
     """One label per bin maximising ``Σ_b w_b·acc_b(c_b)`` with ``Σ_b w_b·tok_b(c_b) <= max_mean_tokens``.
 
     ``accuracy[b][label]`` / ``tokens[b][label]``: a configuration's accuracy and mean tokens on bin
@@ -98,7 +104,9 @@ def choose_per_bin(accuracy: Sequence[Mapping[str, float]], tokens: Sequence[Map
     Raises ValueError when no choice fits the limit.
     """
     if not (len(accuracy) == len(tokens) == len(weights)) or not accuracy:
-        raise ValueError(f"need one accuracy/tokens/weight entry per bin, got {len(accuracy)}/{len(tokens)}/{len(weights)}")
+        raise ValueError(
+            f"need one accuracy/tokens/weight entry per bin, got {len(accuracy)}/{len(tokens)}/{len(weights)}"
+        )
     frontier: list[tuple[float, float, list[str]]] = [(0.0, 0.0, [])]  # (tokens, accuracy, labels)
     for acc_b, tok_b, w in zip(accuracy, tokens, weights):
         if set(acc_b) != set(tok_b) or not acc_b:
@@ -117,9 +125,14 @@ def choose_per_bin(accuracy: Sequence[Mapping[str, float]], tokens: Sequence[Map
     return best[2], best[1], best[0]
 
 
-def fit_allocation(difficulty: Sequence[float], correct: Mapping[str, Sequence[bool]],
-                   tokens: Mapping[str, Sequence[float]], configs: Mapping[str, Mapping[str, Any]], bins: int = 4,
-                   max_mean_tokens: float | None = None) -> AllocationPolicy:  # fmt: skip
+def fit_allocation(
+    difficulty: Sequence[float],
+    correct: Mapping[str, Sequence[bool]],
+    tokens: Mapping[str, Sequence[float]],
+    configs: Mapping[str, Mapping[str, Any]],
+    bins: int = 4,
+    max_mean_tokens: float | None = None,
+) -> AllocationPolicy:
     """Fit an :class:`AllocationPolicy` on a validation table (module docstring, steps 2-4).
 
     ``correct[label][q]`` / ``tokens[label][q]``: configuration ``label`` on validation question
@@ -185,11 +198,20 @@ def compute_optimal(
     options = {k: v for k, v in config.items() if k not in _RESERVED}
     if "scorer" in config:
         if config["scorer"] not in (scorers or {}):
-            raise ValueError(f"configuration {label!r} names scorer {config['scorer']!r}; given: {sorted(scorers or {})}")
+            raise ValueError(
+                f"configuration {label!r} names scorer {config['scorer']!r}; given: {sorted(scorers or {})}"
+            )
         scorer = scorers[config["scorer"]]
-    result = get_strategy(config["strategy"])(inner, prompt, scorer, dataclasses.replace(params, **overrides), **options)
-    result.details.update(difficulty=value, bin=policy.bin_of(value), chosen=label, inner_strategy=result.strategy,
-                          **{f"outer_{k}": v for k, v in outer.summary().items()})  # fmt: skip
+    result = get_strategy(config["strategy"])(
+        inner, prompt, scorer, dataclasses.replace(params, **overrides), **options
+    )
+    result.details.update(
+        difficulty=value,
+        bin=policy.bin_of(value),
+        chosen=label,
+        inner_strategy=result.strategy,
+        **{f"outer_{k}": v for k, v in outer.summary().items()},
+    )
     result.strategy = "compute_optimal"
     result.tokens_spent, result.forward_passes, result.budget = outer.tokens_spent, outer.forward_passes, outer.limit
     return result

@@ -38,8 +38,16 @@ class ScoredSampler:
     ``head``: ``[M, H] -> [M, 1]`` logits (e.g. a reward model's scalar head); scores are σ(logit).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, head: nn.Module, verifier: str, policy: str | None = None,
-                 max_seq_len: int | None = None, fallback: Scorer | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        head: nn.Module,
+        verifier: str,
+        policy: str | None = None,
+        max_seq_len: int | None = None,
+        fallback: Scorer | None = None,
+    ):
         if verifier not in fastpeft.list_adapters(model):
             raise ValueError(f"no adapter named {verifier!r} in the model (adapters: {fastpeft.list_adapters(model)})")
         self.model, self.tokenizer, self.head, self.verifier = model, tokenizer, head, verifier
@@ -63,8 +71,13 @@ class ScoredSampler:
 
     # ------------------------------------------------------------------ Generator
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1,
-                 adapters: str | Sequence[str | None] | None = None) -> list[list[Completion]]:  # fmt: skip
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        n: int = 1,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> list[list[Completion]]:
         names = {adapters} if isinstance(adapters, str) or adapters is None else set(adapters)
         if names - {None, self.policy}:
             raise ValueError(f"ScoredSampler samples from its policy adapter {self.policy!r} only, got {adapters!r}")
@@ -91,11 +104,13 @@ class ScoredSampler:
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
-                 routes: list[str]) -> torch.Tensor:  # fmt: skip
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, routes: list[str]
+    ) -> torch.Tensor:
         with fastpeft.route_adapters(self.model, routes):
-            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                        past_key_values=cache, use_cache=True)  # fmt: skip
+            out = self.model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
         return out[0][:, -1]  # [rows, H]
 
     def _decode(self, prompt_ids: list[list[int]], params: SamplingParams, n: int) -> list[tuple]:
@@ -110,7 +125,9 @@ class ScoredSampler:
             ids[i, width - len(x) :], mask[i, width - len(x) :] = torch.tensor(x), 1
         ids, mask = ids.to(device), mask.to(device)
         cache = DynamicCache()
-        hidden = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, [self.policy] * p + [self.verifier] * p)
+        hidden = self._forward(
+            ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, [self.policy] * p + [self.verifier] * p
+        )
         cache.batch_repeat_interleave(n)  # [2P] -> [2P·n]: each prompt's n rows, policy half then verifier half
         hidden, mask = hidden.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         lengths = torch.tensor([len(x) for x in prompt_ids], device=device).repeat_interleave(n).repeat(2)

@@ -120,8 +120,9 @@ class ScoreKeeper:
         if callable(batch) and not callable(getattr(self.scorer, "evaluate", None)) and len(todo) > 1:
             values = [float(v) for v in batch(prompt, todo)]
             if len(values) != len(todo):
-                raise ValueError(f"{type(self.scorer).__name__}.score_batch returned {len(values)} scores for "
-                                 f"{len(todo)} responses")  # fmt: skip
+                raise ValueError(
+                    f"{type(self.scorer).__name__}.score_batch returned {len(values)} scores for {len(todo)} responses"
+                )
             self.budget.scorer_calls += len(todo)
             for response, value in zip(todo, values):
                 if not (math.isfinite(value) and 0.0 <= value <= 1.0):

@@ -65,8 +65,9 @@ def swarm(
     details: dict = {"roles": {"decomposer": decomposer, "solver": solver, "integrator": integrator}}
 
     try:
-        decomposition = generator.generate([prompt], dataclasses.replace(greedy, max_new_tokens=decompose_tokens),
-                                           adapters=decomposer)[0][0].text  # fmt: skip
+        decomposition = generator.generate(
+            [prompt], dataclasses.replace(greedy, max_new_tokens=decompose_tokens), adapters=decomposer
+        )[0][0].text
     except BudgetExhausted:
         return _failed(prompt, generator, keeper, details, "budget spent before the decomposition")
     parts = list(parse_parts(prompt, decomposition))
@@ -98,8 +99,9 @@ def swarm(
     tokens = integrate_tokens or params.max_new_tokens
     details["integration_prompt"] = final_prompt
     try:
-        final = generator.generate([final_prompt], dataclasses.replace(greedy, max_new_tokens=tokens),
-                                   adapters=integrator)[0][0]  # fmt: skip
+        final = generator.generate(
+            [final_prompt], dataclasses.replace(greedy, max_new_tokens=tokens), adapters=integrator
+        )[0][0]
     except BudgetExhausted:
         return _failed(prompt, generator, keeper, details, "budget spent before the integration")
     score = keeper(prompt, final.text) if keeper is not None else None
@@ -107,7 +109,8 @@ def swarm(
     return make_result("swarm", prompt, chosen, [chosen], generator.budget, keeper, details)
 
 
-def _failed(prompt: str, generator: BudgetedGenerator, keeper: ScoreKeeper | None, details: dict,
-            why: str) -> SearchResult:  # fmt: skip
+def _failed(
+    prompt: str, generator: BudgetedGenerator, keeper: ScoreKeeper | None, details: dict, why: str
+) -> SearchResult:
     details["failed"] = details["note"] = why
     return make_result("swarm", prompt, None, [], generator.budget, keeper, details)

@@ -10,8 +10,11 @@ ranks (DDP all-reduce, FSDP2 reduce-scatter), hence the same loss scale.
 (``torch.distributed.fsdp.fully_shard``, torch >= 2.6 API) to every transformer block (the classes
 in the model's ``_no_split_modules``) and then to the loss wrapper as the root (embeddings, final
 norm, LM head): parameters, gradients and optimizer state are sharded over ranks (dim 0).
-What is supported, each checked on CPU/gloo with 2 ranks against one process with the same global
-batch (``tests/training/test_distributed.py``: losses, gradient norms, eval losses to rel 1e-5):
+Every recipe goes through these wrappers (:func:`fastpeft.training.loop.start_run`). What is
+supported, each checked on CPU/gloo with 2 ranks against one process with the same global batch
+(``tests/training/test_distributed.py`` for SFT; ``tests/training/test_recipes.py`` for DPO and
+GRPO, FSDP2 included, whose rollouts sample from gathered parameters: losses, gradient norms,
+eval losses to rel 1e-5):
 
 - ``finetune="full"`` and ``"lora"`` (dense base + LoRALinear adapters; frozen and trainable
   parameters share a block's FSDP group), gradient accumulation (``set_requires_gradient_sync``),
@@ -124,8 +127,9 @@ def ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> n
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
-def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.device,
-                      evaluates: bool = False) -> nn.Module:  # fmt: skip
+def wrap_for_training(
+    loss_module: nn.Module, parallel: str, device: torch.device, evaluates: bool = False
+) -> nn.Module:
     """``loss_module`` made data-parallel: a DDP wrapper, or (``"fsdp"``) ``loss_module`` itself
     with FSDP2 applied in place to each transformer block, then to it as the root. ``evaluates``:
     the run will evaluate, which FSDP supports from torch 2.7 (checked here, not hours later)."""
@@ -136,12 +140,16 @@ def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.devic
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if evaluates and not hasattr(FSDPModule, "set_reshard_after_forward"):
-        raise ValueError(f"evaluating under parallel='fsdp' needs torch >= 2.7 (FSDPModule.set_reshard_after_forward); "
-                         f"this is torch {torch.__version__}: drop eval_data or use parallel='ddp'")  # fmt: skip
+        raise ValueError(
+            f"evaluating under parallel='fsdp' needs torch >= 2.7 (FSDPModule.set_reshard_after_forward); "
+            f"this is torch {torch.__version__}: drop eval_data or use parallel='ddp'"
+        )
     blocks = transformer_blocks(loss_module)
     if not blocks:
-        raise ValueError(f"parallel='fsdp' shards per transformer block, but {type(loss_module).__name__} has no "
-                         "module listed in a `_no_split_modules` (not a Hugging Face transformer?)")  # fmt: skip
+        raise ValueError(
+            f"parallel='fsdp' shards per transformer block, but {type(loss_module).__name__} has no "
+            "module listed in a `_no_split_modules` (not a Hugging Face transformer?)"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     # explicit mesh: fully_shard's default follows the machine's accelerator, not the run's device
@@ -149,6 +157,12 @@ def wrap_for_training(loss_module: nn.Module, parallel: str, device: torch.devic
     for block in blocks:  # innermost first: a parent's group takes only what its children left
         fully_shard(block, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
+    # FSDP2 picks its root at the first forward; a first forward through a submodule (the RL
+    # recipes sample from the LM inside the wrapper before any training forward) would make a block
+    # the root. Sharding is complete here, so fix the root now (torch has no public call for it).
+    state = getattr(loss_module, "_get_fsdp_state", None)
+    if state is not None and hasattr(state(), "_lazy_init"):
+        state()._lazy_init()
     return loss_module
 
 
@@ -268,8 +282,13 @@ def _free_port() -> int:
 
 
 def _spawned(local_rank: int, fn: Callable[..., Any], args: tuple, world_size: int, port: int) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)  # N ranks on a small CPU box should not oversubscribe its cores
     try:
         fn(*args)

@@ -199,13 +199,16 @@ def measure_step(spec: LedgerSpec, detail: bool = False, fake: bool = True) -> L
         return _run_step(spec, model, detail)
 
 
-def _run_step(spec: LedgerSpec, model: nn.Module, detail: bool) -> LedgerResult:
-    tracker = MemoryTracker(detail)
+@contextlib.contextmanager
+def steady_state(tracker: MemoryTracker, model: nn.Module) -> Iterator[tuple[torch.optim.Optimizer, list[Any]]]:
+    """``tracker`` running (with CUDA's attention rules) on ``model`` as every step after the first
+    finds it: weights, adapters and their AdamW (``foreach``) state resident, gradients relabelled as
+    trainable when accumulated. Yields ``(optimizer, hooks)`` in the ``forward`` phase (the caller may
+    add hooks); afterwards no hooks and no gradients are left on the model (it may measure again)."""
     tracker.register_module(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    vocab = model.get_input_embeddings().num_embeddings
-    hooks = []
+    hooks: list[Any] = []
     try:
         with tracker, cuda_attention_rules(), _unpacked_rows():
             tracker.set_phase("optimizer")  # the state every later step starts with
@@ -213,29 +216,36 @@ def _run_step(spec: LedgerSpec, model: nn.Module, detail: bool) -> LedgerResult:
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            hooks = tracker.watch_grads(params)
+            hooks += tracker.watch_grads(params)
             tracker.set_phase("forward")
-            ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len))
-            if spec.stack == "hf_peft":
-                from fastpeft.training.ledger_baseline import hf_loss
-
-                hooks.append(_phase_on_call(model.get_output_embeddings(), tracker, "loss"))
-                loss = hf_loss(model, ids)
-            else:
-                positions = torch.arange(spec.seq_len).expand(spec.batch_size, -1)
-                hidden = model.base_model(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :-1]
-                tracker.set_phase("loss")
-                loss = linear_cross_entropy(hidden, model.get_output_embeddings().weight, ids[:, 1:], reduction="mean")
-                del hidden
-            tracker.set_phase("backward")
-            loss.backward()
-            del loss
-            tracker.set_phase("optimizer")
-            optimizer.step()
-    finally:  # the model may measure another length next: no hooks, no gradients left on it
+            yield optimizer, hooks
+    finally:
         for hook in hooks:
             hook.remove()
         optimizer.zero_grad(set_to_none=True)
+
+
+def _run_step(spec: LedgerSpec, model: nn.Module, detail: bool) -> LedgerResult:
+    tracker = MemoryTracker(detail)
+    vocab = model.get_input_embeddings().num_embeddings
+    with steady_state(tracker, model) as (optimizer, hooks):
+        ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len))
+        if spec.stack == "hf_peft":
+            from fastpeft.training.ledger_baseline import hf_loss
+
+            hooks.append(_phase_on_call(model.get_output_embeddings(), tracker, "loss"))
+            loss = hf_loss(model, ids)
+        else:
+            positions = torch.arange(spec.seq_len).expand(spec.batch_size, -1)
+            hidden = model.base_model(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :-1]
+            tracker.set_phase("loss")
+            loss = linear_cross_entropy(hidden, model.get_output_embeddings().weight, ids[:, 1:], reduction="mean")
+            del hidden
+        tracker.set_phase("backward")
+        loss.backward()
+        del loss
+        tracker.set_phase("optimizer")
+        optimizer.step()
     result = tracker.result(
         notes_for(spec),
         seq_len=spec.seq_len,

@@ -28,8 +28,14 @@ def _check_same(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"shapes must match: {shapes}")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", valid: torch.Tensor | None = None,
-                     eps: float = 1e-4, std_correction: int = 0) -> torch.Tensor:  # fmt: skip
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: str = "group",
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-4,
+    std_correction: int = 0,
+) -> torch.Tensor:
     """Group-relative advantages for ``rewards`` ``[N]`` laid out as ``N / G`` groups of ``G`` samples.
 
         A_i = (r_i − mean_g(r)) / (s + eps)
@@ -75,15 +81,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(π ‖ π_ref) (Schulman), unbiased and always >= 0:
 
-        kl_t = exp(ref_logp_t − logp_t) − (ref_logp_t − logp_t) − 1
+    kl_t = exp(ref_logp_t − logp_t) − (ref_logp_t − logp_t) − 1
     """
     _check_same(logp=logp, ref_logp=ref_logp)
     d = ref_logp - logp
     return torch.exp(d) - d - 1.0
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def clipped_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate (PPO / GRPO, asymmetric clip range as in DAPO).
 
         ρ_t = exp(logp_t − old_logp_t)
@@ -105,9 +112,15 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return -torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "grpo", max_len: int | None = None,
-                         num_seqs: float | None = None, num_tokens: float | None = None,
-                         count_empty_rows: bool = False) -> torch.Tensor:  # fmt: skip
+def aggregate_token_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "grpo",
+    max_len: int | None = None,
+    num_seqs: float | None = None,
+    num_tokens: float | None = None,
+    count_empty_rows: bool = False,
+) -> torch.Tensor:
     """Reduce a per-token loss ``[N, T]`` over the ``mask``-ed tokens to a scalar.
 
         grpo:    (1/S) Σ_i [ Σ_t l_it m_it / Σ_t m_it ]      mean over tokens, then over sequences
@@ -139,11 +152,22 @@ def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str 
     return (per_token * m).sum() / max(num_tokens, 1.0)
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
-              aggregation: str = "grpo", max_len: int | None = None, num_seqs: float | None = None,
-              num_tokens: float | None = None, count_empty_rows: bool = False,
-              kl_ratio_correction: bool = False) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    aggregation: str = "grpo",
+    max_len: int | None = None,
+    num_seqs: float | None = None,
+    num_tokens: float | None = None,
+    count_empty_rows: bool = False,
+    kl_ratio_correction: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO objective on one (micro-)batch.
 
         l_t = clipped_policy_loss_t + β · k3_kl(logp_t, ref_logp_t) [· ρ_t]
@@ -154,20 +178,21 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     reverse-KL gradient, DeepSeek-V3.2); ours is off. It changes the gradient even on-policy, where ρ = 1.
     ``count_empty_rows``: see :func:`aggregate_token_loss` (TRL's rows-count; ours is off).
     ``β = 0`` needs no ``ref_logp``. Returns ``(loss, stats)`` with ``stats``: ``clip_fraction`` and
-    (with β > 0) ``kl`` (the k3 estimate, token mean over the mask, before any ratio correction).
+    (with β > 0) ``kl`` (the k3 estimate, token mean over the mask, before any ratio correction), as
+    detached 0-d tensors: no host sync per micro-batch (the recipe reads them once per step).
     """
     _check_same(logp=logp, old_logp=old_logp, mask=mask, ref_logp=ref_logp)
     per_token, clipped = clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high)
     m = mask.bool()
-    n = max(int(m.sum()), 1)
-    stats = {"clip_fraction": float((clipped & m).sum()) / n}
+    n = m.sum().clamp(min=1)
+    stats = {"clip_fraction": (clipped & m).sum() / n}
     if beta:
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
         kl = k3_kl(logp, ref_logp)
-        stats["kl"] = float((kl.detach() * m).sum()) / n
+        stats["kl"] = (kl.detach() * m).sum() / n
         if kl_ratio_correction:
             kl = kl * torch.exp(logp - old_logp)
         per_token = per_token + beta * kl
@@ -175,8 +200,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------- PPO
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over completion tokens ``[N, T]`` (mask: a prefix of each row).
 
         δ_t = r_t + γ · V_{t+1} · m_{t+1} − V_t
@@ -213,8 +239,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     return (x - mean) / (std + eps) * m
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip_eps: float = 0.2, num_tokens: float | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, float]:
     """PPO clipped surrogate, token mean over the mask (``aggregate_token_loss(..., "dapo")``):
 
         loss = Σ_t m_t · −min(ρ_t Â_t, clip(ρ_t, 1 − ε, 1 + ε) Â_t) / Σ_t m_t
@@ -227,8 +259,14 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     return aggregate_token_loss(per_token, mask, "dapo", num_tokens=num_tokens), frac
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip_range: float | None = 0.2, num_tokens: float | None = None) -> torch.Tensor:  # fmt: skip
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float | None = 0.2,
+    num_tokens: float | None = None,
+) -> torch.Tensor:
     """Clipped value loss, token mean over the mask:
 
         V^clip_t = old_V_t + clip(V_t − old_V_t, −c, c)

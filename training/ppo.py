@@ -10,7 +10,12 @@ completion token. One step:
 3. Per-token rewards ``r_t = −kl_coef · (old_logp_t − ref_logp_t)``, plus the sequence reward on
    the last completion token; :func:`~fastpeft.training.losses_rl.gae` (γ, λ); advantages whitened.
 4. ``ppo_epochs`` passes over shuffled mini-batches of ``mini_batch_size`` sequences, one optimizer
-   update each, on ``ppo_policy_loss + vf_coef · ppo_value_loss``.
+   update each, on ``ppo_policy_loss + vf_coef · ppo_value_loss − entropy_coef · entropy``; each
+   mini-batch runs as micro-batches of ``micro_batch_size`` completions. Advantage whitening uses
+   every rank's statistics, so N ranks compute what one process would.
+
+Log-probs, entropies and values come from one forward through the chunked LM head
+(:mod:`~fastpeft.training.logprobs`): no pass holds ``[B, C, V]`` logits.
 
 Saved: the adapter (PEFT format) with ``value_head.safetensors`` beside it.
 """
@@ -19,9 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,13 +32,12 @@ from torch import nn
 
 import fastpeft
 from fastpeft.training import distributed as dist_utils
-from fastpeft.training.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_value_loss
-from fastpeft.training.metrics import peak_memory_bytes, progress_bar
+from fastpeft.training.loop import Callback, RecipeRun, RunResult, start_run
+from fastpeft.training.losses_rl import gae, ppo_policy_loss, ppo_value_loss
+from fastpeft.training.recipe import require_reference, setup_run
 from fastpeft.training.rewards.multi_objective import MultiObjectiveReward
-from fastpeft.training.rl_common import (Checkpointer, build_optimization, finish_plot, open_logger, optimizer_step,
-                                         require_reference, save_final, setup_run, wrap_ddp)  # fmt: skip
-from fastpeft.training.rl_recipe import RolloutConfig, evaluate_exact_match, setup_rollouts
-from fastpeft.training.rollout import CompletionLogprobs, batched_logprobs, generate_rollouts
+from fastpeft.training.rl_recipe import RolloutConfig, evaluate_policy, resolve_reward, sample_step, setup_rollouts
+from fastpeft.training.rollout import CompletionLogprobs, RolloutBatch, batched_logprobs
 
 
 @dataclasses.dataclass
@@ -44,15 +46,15 @@ class PPOConfig(RolloutConfig):
 
     samples_per_prompt: int = 2
     ppo_epochs: int = 2
-    mini_batch_size: int = 8
+    mini_batch_size: int = 8  # sequences per optimizer update
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
     value_clip: float | None = 0.2
     vf_coef: float = 0.1
     kl_coef: float = 0.05
+    entropy_coef: float = 0.0
     whiten_advantages: bool = True
-    lr: float = 1e-4
     output_dir: str = "runs/ppo"
 
     def __post_init__(self) -> None:
@@ -60,19 +62,11 @@ class PPOConfig(RolloutConfig):
         for name in ("samples_per_prompt", "ppo_epochs", "mini_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.kl_coef < 0 or self.vf_coef < 0:
-            raise ValueError(f"kl_coef and vf_coef must be >= 0, got {self.kl_coef}, {self.vf_coef}")
-
-
-@dataclasses.dataclass
-class PPOResult:
-    steps: int
-    final_loss: float | None
-    eval: dict[str, Any]
-    history: list[dict[str, Any]]
-    output_dir: Path
-    saved: Path | None
-    train_seconds: float
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.entropy_coef < 0:
+            raise ValueError(
+                f"kl_coef, vf_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.vf_coef}, "
+                f"{self.entropy_coef}"
+            )
 
 
 def sequence_rewards_to_tokens(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,10 +80,61 @@ def sequence_rewards_to_tokens(scores: torch.Tensor, mask: torch.Tensor) -> torc
     return out
 
 
-def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = None,
-          reward: MultiObjectiveReward | None = None, sampler: Any = None,
-          callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> PPOResult:  # fmt: skip
+def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x − mean) / (std + eps)`` over the masked-in entries of every rank (population std); 0 elsewhere."""
+    m = mask.to(torch.float64)
+    xd = x.to(torch.float64) * m
+    n, total, squares = dist_utils.all_reduce_sum(torch.stack([m.sum(), xd.sum(), (xd * xd).sum()])).tolist()
+    n = max(n, 1.0)
+    mean = total / n
+    std = math.sqrt(max(squares / n - mean * mean, 0.0))
+    return ((x - mean) / (std + eps) * mask).to(x.dtype)
+
+
+def minibatch_update(
+    run: RecipeRun,
+    config: PPOConfig,
+    batch: RolloutBatch,
+    rows: torch.Tensor,
+    old: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[float, dict[str, float]]:
+    """One optimizer update on the mini-batch ``rows``, as micro-batches of ``micro_batch_size``
+    completions: ``(loss, summed stats)``."""
+    n_tok = float(dist_utils.all_reduce_sum(mask[rows].sum().double()))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=mask.device)
+    sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+    chunks = list(range(0, len(rows), config.micro_batch_size))
+    for j, i in enumerate(chunks):
+        r = rows[i : i + config.micro_batch_size]
+        with run.micro_batch(last=j == len(chunks) - 1):
+            out = run.runner(**batch.rows(r))
+            pl, cf = ppo_policy_loss(out["logp"], old["logp"][r], advantages[r], mask[r], config.clip_eps, n_tok)
+            vl = ppo_value_loss(out["values"], old["values"][r], returns[r], mask[r], config.value_clip, n_tok)
+            entropy = (out["entropy"] * mask[r]).sum() / max(n_tok, 1.0)
+            loss = pl + config.vf_coef * vl - config.entropy_coef * entropy
+            run.backward(loss)
+        loss_sum += loss.detach().double()
+        share = float(mask[r].sum()) / max(float(mask[rows].sum()), 1.0)
+        sums["policy_loss"] += float(pl.detach())
+        sums["value_loss"] += float(vl.detach())
+        sums["entropy"] += float(entropy.detach())
+        sums["clip_fraction"] += cf * share
+    return float(dist_utils.all_reduce_sum(loss_sum)), sums
+
+
+def train(
+    config: PPOConfig,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    reward: MultiObjectiveReward | None = None,
+    sampler: Any = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
     """Run PPO (arguments as :func:`fastpeft.training.grpo.train`)."""
+    reward = resolve_reward(config, reward)
     ctx = setup_run(config, model, tokenizer)
     if config.kl_coef > 0:
         require_reference(ctx, f"PPO with kl_coef={config.kl_coef}")
@@ -99,85 +144,63 @@ def train(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
     module = CompletionLogprobs(ctx.model, temperature=config.temperature, value_head=value_head)
-    runner = wrap_ddp(module, ctx)
-    params = [p for p in module.parameters() if p.requires_grad]
     n_seq = config.prompts_per_step * config.samples_per_prompt
     updates_per_step = config.ppo_epochs * math.ceil(n_seq / config.mini_batch_size)
-    optimizer, scheduler = build_optimization(config, params, config.max_steps * updates_per_step, ctx.device)
-    checkpointer = Checkpointer(ctx, config, module)
-    state = checkpointer.resume(optimizer, scheduler)
-    start, bad = (state["step"], state["bad_steps"]) if state else (0, 0)
-    logger = open_logger(ctx, start if state else None)
-    logger.log({"event": "start", "recipe": "ppo", "step": start, "total_steps": config.max_steps,
-                "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
-
-    history: list[dict[str, Any]] = []
-    if not state and setup.eval_records:
-        history.append({"step": 0, **evaluate_exact_match(ctx, setup.eval_records, config)})
-        logger.log(history[-1])
-    bar = progress_bar(config.max_steps, start, ctx.main and config.progress, desc="ppo")
-    t0, last_loss = time.perf_counter(), None
-    for step in range(start, config.max_steps):
-        seed = (config.seed * 1_000_003 + step) * max(ctx.world_size, 1) + ctx.rank
-        batch = generate_rollouts(setup.sampler, ctx.tokenizer, setup.plan.micro_batches(step)[0],
-                                  config.samples_per_prompt, config.sampling(seed))  # fmt: skip
+    run = start_run(
+        ctx,
+        config,
+        "ppo",
+        module,
+        config.total_steps(setup.plan.steps_per_epoch),
+        setup.layout,
+        saved_module=module,
+        updates_per_step=updates_per_step,
+        callbacks=callbacks,
+        start_record={"prompts": len(setup.records)},
+    )
+    evaluate = (lambda: evaluate_policy(ctx, setup.eval_records, config, setup.reward)) if setup.eval_records else None
+    run.evaluate_at_start(evaluate)
+    mb = config.micro_batch_size
+    for step in run.steps():
+        batch = sample_step(run, setup, config, step, config.samples_per_prompt)
         rewards = setup.reward(batch.prompts, batch.completions, batch.records)
         mask = batch.completion_mask * rewards.valid()[:, None]
         if config.mask_truncated:
             mask = mask * (~batch.truncated)[:, None]
         batch, mask, scores = batch.to(ctx.device), mask.to(ctx.device), rewards.tensor().to(ctx.device)
-        old_logp, old_values = batched_logprobs(module, batch, config.mini_batch_size)
-        kl = torch.zeros_like(old_logp)
-        if config.kl_coef > 0:
-            with fastpeft.disable_adapters(ctx.model):
-                ref_logp = batched_logprobs(module, batch, config.mini_batch_size)[0]
-            kl = (old_logp - ref_logp) * mask
+        module.prompt_width = batch.prompt_width
+        with ctx.autocast():
+            old = batched_logprobs(module, batch, mb)
+            kl = torch.zeros_like(old["logp"])
+            if config.kl_coef > 0:
+                with fastpeft.disable_adapters(ctx.model):
+                    ref_logp = batched_logprobs(module, batch, mb)["logp"]
+                kl = (old["logp"] - ref_logp) * mask
         token_rewards = sequence_rewards_to_tokens(scores, mask) - config.kl_coef * kl
-        advantages, returns = gae(token_rewards, old_values, mask, config.gamma, config.lam)
+        advantages, returns = gae(token_rewards, old["values"], mask, config.gamma, config.lam)
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        gen = torch.Generator().manual_seed(seed)
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+            advantages = whiten_over_ranks(advantages, mask)
+        gen = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * max(ctx.world_size, 1) + ctx.rank)
+        sums: dict[str, float] = {}
         n_updates = 0
         for _ in range(config.ppo_epochs):
             order = torch.randperm(batch.num_sequences, generator=gen).to(ctx.device)
             for i in range(0, batch.num_sequences, config.mini_batch_size):
-                rows = order[i : i + config.mini_batch_size]
-                n_tok = float(dist_utils.all_reduce_sum(mask[rows].sum().double()))
-                logp, values = runner(**batch.rows(rows))
-                pl, cf = ppo_policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], config.clip_eps, n_tok)
-                vl = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], config.value_clip, n_tok)
-                loss = pl + config.vf_coef * vl
-                (loss * ctx.world_size).backward()
-                loss_value = float(dist_utils.all_reduce_sum(loss.detach().double()))
-                grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value, config.max_grad_norm,
-                                                         bad, config.max_bad_steps, step + 1)  # fmt: skip
-                last_loss = loss_value if stepped else last_loss
-                sums["policy_loss"] += float(pl.detach())
-                sums["value_loss"] += float(vl.detach())
-                sums["clip_fraction"] += cf
+                loss, s = minibatch_update(
+                    run, config, batch, order[i : i + config.mini_batch_size], old, advantages, returns, mask
+                )
+                run.update(loss)
+                sums = {k: sums.get(k, 0.0) + v for k, v in s.items()}
                 n_updates += 1
         n_valid = max(float(mask.sum()), 1.0)
-        record = {"step": step + 1, "loss": last_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                  **{k: v / n_updates for k, v in sums.items()}, **rewards.summary(),
-                  "kl": float(kl.sum()) / n_valid, "completion_len": float(batch.completion_mask.sum(1).mean()),
-                  "value_mean": float((old_values * mask).sum()) / n_valid}  # fmt: skip
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
-            record.update(evaluate_exact_match(ctx, setup.eval_records, config))
-            dist_utils.barrier()
-        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps or "exact_match" in record:
-            logger.log(record)
-        history.append(record)
-        bar.update(1)
-        checkpointer.maybe_save(step + 1, optimizer, scheduler, {"bad_steps": bad})
-        for cb in callbacks:
-            cb(step + 1, record)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    final = evaluate_exact_match(ctx, setup.eval_records, config)
-    saved = save_final(ctx, {"weight": value_head.weight, "bias": value_head.bias}, "value_head")
-    logger.log({"step": config.max_steps, "event": "end", **final, "train_seconds": seconds,
-                "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip
-    finish_plot(ctx, config)
-    dist_utils.barrier()
-    return PPOResult(config.max_steps, last_loss, final, history, ctx.out_dir, saved, seconds)
+        run.count_tokens(int(batch.attention_mask.sum()))
+        record = {
+            "loss": run.last_loss,
+            **{k: v / n_updates for k, v in sums.items()},
+            **rewards.summary(),
+            "kl": float(kl.sum()) / n_valid,
+            "completion_len": float(batch.completion_mask.sum(1).mean()),
+            "value_mean": float((old["values"] * mask).sum()) / n_valid,
+        }
+        run.end_step(step, record, evaluate)
+    return run.finish(evaluate, lambda: {"weight": value_head.weight, "bias": value_head.bias}, "value_head")

@@ -50,9 +50,14 @@ def token_step_index(token_texts: Sequence[str], char_ends: Sequence[int]) -> li
     return out
 
 
-def process_advantages(step_rewards: Sequence[Sequence[float]], token_steps: Sequence[Sequence[int]],
-                       group_size: int, width: int, valid: torch.Tensor | None = None,
-                       eps: float = 1e-4) -> torch.Tensor:  # fmt: skip
+def process_advantages(
+    step_rewards: Sequence[Sequence[float]],
+    token_steps: Sequence[Sequence[int]],
+    group_size: int,
+    width: int,
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-4,
+) -> torch.Tensor:
     """Per-token advantages ``[N, width]`` (module docstring formula).
 
     ``step_rewards[i]``: the PRM score of each step of completion i; ``token_steps[i][t]``: the step
@@ -89,16 +94,23 @@ class ProcessSupervisionReward:
     tokens to map them onto steps.
     """
 
-    def __init__(self, prm: StepScoring, tokenizer: Any, delimiter: str = "; ", name: str = "prm",
-                 monitor: Mapping[str, RewardFn] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        prm: StepScoring,
+        tokenizer: Any,
+        delimiter: str = "; ",
+        name: str = "prm",
+        monitor: Mapping[str, RewardFn] | None = None,
+    ) -> None:
         if not hasattr(prm, "step_scores"):
             raise TypeError(f"prm must have step_scores(prompt, response), got {type(prm).__name__}")
         self.prm, self.tokenizer, self.delimiter, self.name = prm, tokenizer, delimiter, name
         self.monitor = dict(monitor or {})  # logged as reward components, never trained on
         self._last: list[list[float]] = []
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 records: Sequence[Mapping[str, Any]]) -> RewardBatch:  # fmt: skip
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[Mapping[str, Any]]
+    ) -> RewardBatch:
         self._last = [list(self.prm.step_scores(p, c)) for p, c in zip(prompts, completions)]
         totals = [sum(s) / len(s) if s else None for s in self._last]
         components = {self.name: list(totals)}

@@ -15,11 +15,9 @@ Saved: ``<output_dir>/adapter/`` (PEFT format) with ``score_head.safetensors`` b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,11 +26,11 @@ from torch import nn
 
 from fastpeft.training import distributed as dist_utils
 from fastpeft.training.data import BatchPlan, load_records
+from fastpeft.training.logprobs import backbone_hidden
+from fastpeft.training.loop import Callback, RunResult, start_run
 from fastpeft.training.losses_preference import bradley_terry_loss
-from fastpeft.training.metrics import peak_memory_bytes, progress_bar
-from fastpeft.training.rl_common import (Checkpointer, PairRow, RecipeConfig, backbone_hidden, build_optimization,
-                                         collate_pairs, finish_plot, open_logger, optimizer_step, save_final,
-                                         setup_run, tokenize_pairs, wrap_ddp)  # fmt: skip
+from fastpeft.training.pairs import PairRow, collate_pairs, tokenize_pairs
+from fastpeft.training.recipe import RecipeConfig, setup_run
 
 HEAD_FILE = "score_head"
 
@@ -54,13 +52,16 @@ class ScalarHeadModel(nn.Module):
             self.head.weight.normal_(0.0, 1.0 / math.sqrt(cfg.hidden_size + 1))
             self.head.bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         hidden = backbone_hidden(self.lm, input_ids, attention_mask, position_ids)
-        return self.head(hidden.float()).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):  # the fp32 head stays fp32 under autocast
+            return self.head(hidden.float()).squeeze(-1)
 
-    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def sequence_scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The score at each row's last attended token: ``[B]``."""
         return last_token_scores(self(input_ids, attention_mask, position_ids), attention_mask)
 
@@ -75,8 +76,10 @@ class ScalarHeadModel(nn.Module):
         path = path / f"{HEAD_FILE}.safetensors" if path.is_dir() else path
         state = load_file(str(path))
         if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != tuple(self.head.weight.shape):
-            raise ValueError(f"{path}: expected a head with weight {tuple(self.head.weight.shape)} and bias, got "
-                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")  # fmt: skip
+            raise ValueError(
+                f"{path}: expected a head with weight {tuple(self.head.weight.shape)} and bias, got "
+                f"{ {k: tuple(v.shape) for k, v in state.items()} }"
+            )
         with torch.no_grad():
             self.head.weight.copy_(state["weight"])
             self.head.bias.copy_(state["bias"])
@@ -120,17 +123,12 @@ class RewardScorer:
 
 @dataclasses.dataclass
 class RewardConfig(RecipeConfig):
-    """Reward-model training (``fastpeft reward``)."""
+    """Reward-model training (``fastpeft reward``); ``micro_batch_size`` counts pairs."""
 
     objective: Literal["pairwise", "process", "outcome"] = "pairwise"  # pairs, or step-label records
     label_key: Literal["soft", "hard", "checker"] = "soft"  # the step labels a process model fits
-    micro_batch_size: int = 8  # pairs per micro-batch
-    grad_accum_steps: int = 1
-    num_epochs: float | None = None  # when set, overrides max_steps
     centering_coef: float = 0.0
     margin_key: str = "margin"
-    use_chat_template: bool = False
-    eval_batch_size: int = 32
     output_dir: str = "runs/reward"
 
     def __post_init__(self) -> None:
@@ -142,39 +140,45 @@ class RewardConfig(RecipeConfig):
 
 
 @dataclasses.dataclass
-class RewardResult:
-    steps: int
-    final_loss: float | None
-    eval: dict[str, Any]
-    output_dir: Path
-    saved: Path | None
-    model: ScalarHeadModel
-    train_seconds: float
+class RewardResult(RunResult):
+    model: ScalarHeadModel | None = None  # the trained reward model, ready to score
 
 
 @torch.no_grad()
-def evaluate_pairs(model: ScalarHeadModel, pairs: Sequence[PairRow], pad_id: int, batch_size: int,
-                   device: torch.device) -> dict[str, float]:  # fmt: skip
+def evaluate_pairs(
+    model: ScalarHeadModel,
+    pairs: Sequence[PairRow],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> dict[str, float]:
     """Pairwise accuracy, mean BT loss and mean reward margin on ``pairs`` (model in eval mode)."""
     was = model.training
     model.eval()
     chosen, rejected = [], []
     try:
-        for i in range(0, len(pairs), batch_size):
-            chunk = list(pairs[i : i + batch_size])
-            b = collate_pairs(chunk, pad_id, device)
-            scores = model.sequence_scores(b["input_ids"], (b["segment_ids"] > 0).long(), b["position_ids"])
-            chosen.append(scores[: len(chunk)])
-            rejected.append(scores[len(chunk) :])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for i in range(0, len(pairs), batch_size):
+                chunk = list(pairs[i : i + batch_size])
+                b = collate_pairs(chunk, pad_id, device)
+                scores = model.sequence_scores(b["input_ids"], (b["segment_ids"] > 0).long(), b["position_ids"])
+                chosen.append(scores[: len(chunk)])
+                rejected.append(scores[len(chunk) :])
     finally:
         model.train(was)
     rc, rr = torch.cat(chosen), torch.cat(rejected)
-    return {"eval_accuracy": float((rc > rr).float().mean()), "eval_loss": float(bradley_terry_loss(rc, rr)),
-            "eval_margin": float((rc - rr).mean()), "eval_pairs": len(pairs)}  # fmt: skip
+    return {
+        "eval_accuracy": float((rc > rr).float().mean()),
+        "eval_loss": float(bradley_terry_loss(rc, rr)),
+        "eval_margin": float((rc - rr).mean()),
+        "eval_pairs": len(pairs),
+    }
 
 
-def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
-          callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> RewardResult:  # fmt: skip
+def train(
+    config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None, callbacks: Sequence[Callback] = ()
+) -> RewardResult:
     """Train a reward model as configured (``model``: an optional causal LM to start from)."""
     if config.objective != "pairwise":
         from fastpeft.training.step_reward_model import train_on_labels
@@ -186,69 +190,59 @@ def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any =
     if config.train_data is None:
         raise ValueError("train_data is required (records with prompt, chosen, rejected)")
     pad = ctx.tokenizer.pad_token_id
-    pairs = tokenize_pairs(load_records(config.train_data), ctx.tokenizer, config.max_seq_len,
-                           config.use_chat_template, config.margin_key)  # fmt: skip
+    pairs = tokenize_pairs(
+        load_records(config.train_data), ctx.tokenizer, config.max_seq_len, config.use_chat_template, config.margin_key
+    )
     eval_pairs = []
     if config.eval_data is not None:
-        eval_pairs = tokenize_pairs(load_records(config.eval_data), ctx.tokenizer, config.max_seq_len,
-                                    config.use_chat_template, config.margin_key)  # fmt: skip
+        eval_pairs = tokenize_pairs(
+            load_records(config.eval_data),
+            ctx.tokenizer,
+            config.max_seq_len,
+            config.use_chat_template,
+            config.margin_key,
+        )
     plan = BatchPlan(pairs, config.micro_batch_size, config.grad_accum_steps, ctx.world_size, ctx.rank, config.seed)
-    total = config.max_steps if config.num_epochs is None else max(1, math.ceil(config.num_epochs * plan.steps_per_epoch))
-    params = [p for p in rm.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimization(config, params, total, ctx.device)
-    runner = wrap_ddp(rm, ctx, find_unused=config.finetune == "full")  # the LM head is unused
-    checkpointer = Checkpointer(ctx, config, rm)
-    state = checkpointer.resume(optimizer, scheduler)
-    start, bad = (state["step"], state["bad_steps"]) if state else (0, 0)
-    logger = open_logger(ctx, start if state else None)
-    logger.log({"event": "start", "recipe": "reward", "step": start, "total_steps": total, "pairs": len(pairs),
-                "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
-    bar = progress_bar(total, start, ctx.main and config.progress, desc="reward")
-    t0, last_loss = time.perf_counter(), None
-    for step in range(start, total):
+    layout = {"pairs": len(pairs), "global_batch_pairs": plan.global_batch}
+    run = start_run(
+        ctx,
+        config,
+        "reward",
+        rm,
+        config.total_steps(plan.steps_per_epoch),
+        layout,
+        saved_module=rm,
+        find_unused=config.finetune == "full",
+        callbacks=callbacks,  # the LM head is unused
+        start_record={"pairs": len(pairs)},
+    )
+    evaluate = None
+    if eval_pairs:
+
+        def evaluate() -> dict[str, Any]:
+            return evaluate_pairs(rm, eval_pairs, pad, config.eval_batch_size, ctx.device, config.bf16)
+
+    run.evaluate_at_start(evaluate)
+    for step in run.steps():
         micro = plan.micro_batches(step)
         n_pairs = float(dist_utils.all_reduce_sum(torch.tensor(float(sum(len(m) for m in micro)), device=ctx.device)))
-        step_loss, correct = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss, correct
         for j, mb in enumerate(micro):
             b = collate_pairs(mb, pad, ctx.device)
-            sync = j == len(micro) - 1 or not ctx.distributed
-            with runner.no_sync() if not sync else contextlib.nullcontext():
-                scores = last_token_scores(runner(b["input_ids"], (b["segment_ids"] > 0).long(), b["position_ids"]),
-                                           b["segment_ids"] > 0)  # fmt: skip
+            with run.micro_batch(last=j == len(micro) - 1):
+                segments = b["segment_ids"] > 0
+                scores = last_token_scores(run.runner(b["input_ids"], segments.long(), b["position_ids"]), segments)
                 rc, rr = scores[: len(mb)], scores[len(mb) :]
                 margin = torch.tensor([p.margin for p in mb], device=ctx.device)
                 loss = bradley_terry_loss(rc, rr, margin, config.centering_coef, reduction="sum")
-                (loss * (ctx.world_size / n_pairs)).backward()
-            step_loss += float(loss.detach())
-            correct += int((rc > rr).sum())
-        stats = dist_utils.all_reduce_sum(torch.tensor([step_loss, float(correct)], dtype=torch.float64,
-                                                       device=ctx.device))  # fmt: skip
-        loss_value, accuracy = float(stats[0]) / n_pairs, float(stats[1]) / n_pairs
-        grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value, config.max_grad_norm, bad,
-                                                 config.max_bad_steps, step + 1)  # fmt: skip
-        last_loss = loss_value if stepped else last_loss
-        record = {"step": step + 1, "loss": loss_value if stepped else None, "accuracy": accuracy,
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
-        if not stepped:
-            record["skipped"] = "non-finite"
-        if config.eval_every and (step + 1) % config.eval_every == 0 and eval_pairs and ctx.main:
-            record.update(evaluate_pairs(rm, eval_pairs, pad, config.eval_batch_size, ctx.device))
-        if (step + 1) % config.log_every == 0 or step + 1 == total or "eval_accuracy" in record:
-            logger.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        checkpointer.maybe_save(step + 1, optimizer, scheduler, {"bad_steps": bad})
-        for cb in callbacks:
-            cb(step + 1, record)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    final_eval = evaluate_pairs(rm, eval_pairs, pad, config.eval_batch_size, ctx.device) if eval_pairs and ctx.main else {}
-    saved = save_final(ctx, rm.head_state(), HEAD_FILE)
-    logger.log({"step": total, "event": "end", **final_eval, "train_seconds": seconds,
-                "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip
-    finish_plot(ctx, config)
-    dist_utils.barrier()
-    return RewardResult(total, last_loss, final_eval, ctx.out_dir, saved, rm, seconds)
+                run.backward(loss / n_pairs)
+            sums += torch.stack([loss.detach().double(), (rc > rr).sum().double()])
+            run.count_tokens(int(segments.sum()))
+        loss_value, accuracy = (dist_utils.all_reduce_sum(sums) / n_pairs).tolist()
+        run.update(loss_value)
+        run.end_step(step, {"loss": loss_value, "accuracy": accuracy}, evaluate)
+    result = run.finish(evaluate, rm.head_state, HEAD_FILE)
+    return RewardResult(**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)}, model=rm)
 
 
 def load_reward_model(lm: nn.Module, directory: str | Path) -> ScalarHeadModel:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fastpeft.reasoning.types import Completion, Generator, SamplingParams
-from fastpeft.training.rl_common import backbone_hidden, token_logprobs_from_hidden
+from fastpeft.training.logprobs import completion_logprobs
 
 
 @dataclasses.dataclass
@@ -49,22 +49,32 @@ class RolloutBatch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> RolloutBatch:
-        tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), torch.Tensor)}  # fmt: skip
+        tensors = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         return dataclasses.replace(self, **tensors)
 
     def rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         """The model inputs of a subset of rows."""
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
-                "position_ids": self.position_ids[index]}  # fmt: skip
+        return {
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "position_ids": self.position_ids[index],
+        }
 
 
 def _encode(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def layout(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
-           min_completion_width: int = 1) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def layout(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    min_completion_width: int = 1,
+) -> tuple[torch.Tensor, ...]:
     """Left-pad prompts, right-pad completions: ``(input_ids, attention_mask, position_ids,
     completion_mask, prompt_width)`` (see the module docstring)."""
     if len(prompt_ids) != len(completion_ids):
@@ -86,8 +96,14 @@ def layout(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequenc
     return ids, mask, positions, mask[:, lp:].float(), lp
 
 
-def generate_rollouts(generator: Generator, tokenizer: Any, records: Sequence[Mapping[str, Any]], group_size: int,
-                      params: SamplingParams, prompt_key: str = "prompt") -> RolloutBatch:  # fmt: skip
+def generate_rollouts(
+    generator: Generator,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    group_size: int,
+    params: SamplingParams,
+    prompt_key: str = "prompt",
+) -> RolloutBatch:
     """``group_size`` completions of each record's prompt, laid out as a :class:`RolloutBatch`."""
     if group_size <= 0:
         raise ValueError(f"group_size must be positive, got {group_size}")
@@ -102,17 +118,30 @@ def generate_rollouts(generator: Generator, tokenizer: Any, records: Sequence[Ma
     else:
         groups = generator.generate(prompts, params, group_size)
     if len(groups) != len(prompts) or any(len(g) != group_size for g in groups):
-        raise ValueError(f"the generator returned {[len(g) for g in groups]} completions for {len(prompts)} prompts "
-                         f"x {group_size}")  # fmt: skip
+        raise ValueError(
+            f"the generator returned {[len(g) for g in groups]} completions for {len(prompts)} prompts x {group_size}"
+        )
     flat = [c for g in groups for c in g]
-    texts = [c.text if c.text or not c.token_ids else tokenizer.decode(_strip_eos(c), skip_special_tokens=True)
-             for c in flat]  # fmt: skip
+    texts = [
+        c.text if c.text or not c.token_ids else tokenizer.decode(_strip_eos(c), skip_special_tokens=True) for c in flat
+    ]
     rep_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
-    ids, mask, positions, comp_mask, lp = layout(rep_prompt_ids, [c.token_ids for c in flat],
-                                                 tokenizer.pad_token_id or 0)  # fmt: skip
+    ids, mask, positions, comp_mask, lp = layout(
+        rep_prompt_ids, [c.token_ids for c in flat], tokenizer.pad_token_id or 0
+    )
     truncated = torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.bool)
-    return RolloutBatch([p for p in prompts for _ in range(group_size)], [r for r in records for _ in range(group_size)],
-                        texts, ids, mask, positions, comp_mask, truncated, lp, group_size)  # fmt: skip
+    return RolloutBatch(
+        [p for p in prompts for _ in range(group_size)],
+        [r for r in records for _ in range(group_size)],
+        texts,
+        ids,
+        mask,
+        positions,
+        comp_mask,
+        truncated,
+        lp,
+        group_size,
+    )
 
 
 def _strip_eos(c: Completion) -> list[int]:
@@ -120,31 +149,36 @@ def _strip_eos(c: Completion) -> list[int]:
 
 
 class CompletionLogprobs(nn.Module):
-    """``forward(input_ids, attention_mask, position_ids) -> [B, C]`` log-probs of the completion
-    tokens (columns ``prompt_width ..``) at sampling temperature ``temperature``; with
-    ``value_head`` also the values ``[B, C]`` of the states before each token (PPO)."""
+    """``forward(input_ids, attention_mask, position_ids) -> {"logp", "entropy"[, "values"]}``, each
+    ``[B, C]``: log-probs of the completion tokens (columns ``prompt_width ..``) at sampling
+    temperature ``temperature`` and the entropies of those next-token distributions, through the
+    chunked LM head (:func:`~fastpeft.training.logprobs.completion_logprobs`: no ``[B, C, V]``); with
+    ``value_head``, the values of the states before each token (PPO). One module, so DDP sees one forward."""
 
-    def __init__(self, lm: nn.Module, prompt_width: int = 1, temperature: float = 1.0,
-                 value_head: nn.Module | None = None):  # fmt: skip
+    def __init__(
+        self, lm: nn.Module, prompt_width: int = 1, temperature: float = 1.0, value_head: nn.Module | None = None
+    ):
         super().__init__()
         self.lm, self.prompt_width, self.temperature, self.value_head = lm, prompt_width, temperature, value_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        lp = self.prompt_width
-        hidden = backbone_hidden(self.lm, input_ids, attention_mask, position_ids)[:, lp - 1 : -1]
-        logp = token_logprobs_from_hidden(self.lm, hidden, input_ids[:, lp:], self.temperature)
-        if self.value_head is None:
-            return logp
-        return logp, self.value_head(hidden.float()).squeeze(-1)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        logp, entropy, hidden = completion_logprobs(
+            self.lm, input_ids, attention_mask, position_ids, self.prompt_width, self.temperature
+        )
+        out = {"logp": logp, "entropy": entropy}
+        if self.value_head is not None:
+            with torch.autocast(hidden.device.type, enabled=False):  # the fp32 head stays fp32 under autocast
+                out["values"] = self.value_head(hidden.float()).squeeze(-1)
+        return out
 
 
 @torch.no_grad()
-def batched_logprobs(module: CompletionLogprobs, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
-    """Completion log-probs of every row (no grad), ``micro_batch_size`` rows per forward: ``[N, C]``
-    (with a value head: ``([N, C], [N, C])``)."""
-    module.prompt_width = batch.prompt_width
-    outs = [module(**batch.rows(slice(i, i + micro_batch_size))) for i in range(0, batch.num_sequences, micro_batch_size)]
-    if isinstance(outs[0], tuple):
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    return torch.cat(outs)
+def batched_logprobs(module: nn.Module, batch: RolloutBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """:class:`CompletionLogprobs` outputs for every row (no grad), ``micro_batch_size`` rows per
+    forward, concatenated: each ``[N, C]``."""
+    outs = [
+        module(**batch.rows(slice(i, i + micro_batch_size))) for i in range(0, batch.num_sequences, micro_batch_size)
+    ]
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}

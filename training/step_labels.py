@@ -43,8 +43,19 @@ from fastpeft.reasoning.verifiers.learned import split_steps
 
 StepChecker = Callable[[str, str], Sequence[bool]]
 # settings that change the labels: resuming with other values would mix two datasets in one file
-_RESUME_KEYS = ("model", "adapter", "rollouts", "keep_rollouts", "samples_per_prompt", "temperature", "max_new_tokens",
-                "delimiter", "checker", "batch_prompts", "seed")  # fmt: skip
+_RESUME_KEYS = (
+    "model",
+    "adapter",
+    "rollouts",
+    "keep_rollouts",
+    "samples_per_prompt",
+    "temperature",
+    "max_new_tokens",
+    "delimiter",
+    "checker",
+    "batch_prompts",
+    "seed",
+)
 
 
 def step_ends(response: str, delimiter: str = "; ") -> list[int]:
@@ -63,8 +74,15 @@ class MonteCarloLabeller:
     known outcome: training data for an outcome model at no extra generation (:func:`outcome_records`).
     """
 
-    def __init__(self, generator: Generator, params: SamplingParams, rollouts: int = 8, delimiter: str = "; ",
-                 max_rows: int = 512, keep_rollouts: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        generator: Generator,
+        params: SamplingParams,
+        rollouts: int = 8,
+        delimiter: str = "; ",
+        max_rows: int = 512,
+        keep_rollouts: bool = False,
+    ):
         if rollouts < 1:
             raise ValueError(f"rollouts must be >= 1, got {rollouts}")
         if max_rows < rollouts:
@@ -78,9 +96,18 @@ class MonteCarloLabeller:
         for r, (prompt, answer, response) in enumerate(items):
             ends = step_ends(response, self.delimiter)
             outcome = int(is_correct(response, answer))
-            records.append({"prompt": prompt, "answer": str(answer), "response": response, "step_ends": ends,
-                            "soft": [float(outcome)] * len(ends), "hard": [outcome] * len(ends),
-                            "outcome": outcome, "rollouts": self.rollouts})  # fmt: skip
+            records.append(
+                {
+                    "prompt": prompt,
+                    "answer": str(answer),
+                    "response": response,
+                    "step_ends": ends,
+                    "soft": [float(outcome)] * len(ends),
+                    "hard": [outcome] * len(ends),
+                    "outcome": outcome,
+                    "rollouts": self.rollouts,
+                }
+            )
             if self.keep_rollouts:
                 records[-1]["rollout_texts"] = [[] for _ in ends[:-1]]
             jobs += [(r, i, prompt + response[:end]) for i, end in enumerate(ends[:-1])]
@@ -179,8 +206,9 @@ def _done_ids(output: Path, meta: Path, settings: dict[str, Any]) -> set[int]:
         old = json.loads(meta.read_text())
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if changed:
-            raise ValueError(f"{output} was built with other settings {changed} (old, new); "
-                             "use another output or delete it")  # fmt: skip
+            raise ValueError(
+                f"{output} was built with other settings {changed} (old, new); use another output or delete it"
+            )
     done = set()
     for n, line in enumerate(output.read_text().splitlines(), 1):
         if line.strip():
@@ -191,8 +219,9 @@ def _done_ids(output: Path, meta: Path, settings: dict[str, Any]) -> set[int]:
     return done
 
 
-def build_step_labels(config: StepLabelConfig, generator: Generator | None = None,
-                      records: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+def build_step_labels(
+    config: StepLabelConfig, generator: Generator | None = None, records: Sequence[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Label ``records`` (default: ``config.input``) chunk by chunk into ``config.output`` (resumable).
 
     ``generator`` defaults to the batched sampler on ``config.model`` (+ ``config.adapter``).
@@ -221,8 +250,9 @@ def build_step_labels(config: StepLabelConfig, generator: Generator | None = Non
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     labeller = None
     if config.rollouts:
-        labeller = MonteCarloLabeller(generator, params, config.rollouts, config.delimiter, config.max_rows,
-                                      config.keep_rollouts)  # fmt: skip
+        labeller = MonteCarloLabeller(
+            generator, params, config.rollouts, config.delimiter, config.max_rows, config.keep_rollouts
+        )
     chunks = range(0, len(records), config.batch_prompts)
     written = 0
     with output.open("a") as out:
@@ -232,14 +262,24 @@ def build_step_labels(config: StepLabelConfig, generator: Generator | None = Non
                 continue
             seed = config.seed + 1_000_003 * c
             chunk = [records[i] for i in ids]
-            solutions = generator.generate([r["prompt"] for r in chunk], dataclasses.replace(params, seed=seed),
-                                           n=config.samples_per_prompt)  # fmt: skip
+            solutions = generator.generate(
+                [r["prompt"] for r in chunk], dataclasses.replace(params, seed=seed), n=config.samples_per_prompt
+            )
             items = [(r["prompt"], str(r["answer"]), s.text) for r, group in zip(chunk, solutions) for s in group]
             if labeller is not None:
                 labelled = labeller.label(items, seed=seed + 1)
             else:
-                labelled = [{"prompt": p, "answer": a, "response": r, "step_ends": step_ends(r, config.delimiter),
-                             "outcome": int(is_correct(r, a)), "rollouts": 0} for p, a, r in items]  # fmt: skip
+                labelled = [
+                    {
+                        "prompt": p,
+                        "answer": a,
+                        "response": r,
+                        "step_ends": step_ends(r, config.delimiter),
+                        "outcome": int(is_correct(r, a)),
+                        "rollouts": 0,
+                    }
+                    for p, a, r in items
+                ]
             if checker is not None:
                 checker.add_labels(labelled)
             for j, rec in enumerate(labelled):
@@ -260,10 +300,13 @@ def label_summary(path: str | Path) -> dict[str, Any]:
         n = len(r["step_ends"])
         steps += zip(r.get("soft", [None] * n), r.get("hard", [None] * n), r.get("checker", [None] * n))
     labelled = [(s, h) for s, h, _ in steps if s is not None]
-    out: dict[str, Any] = {"records": len(recs), "prefixes": len(steps),
-                           "sampled_accuracy": sum(r["outcome"] for r in recs) / max(len(recs), 1),
-                           "soft_mean": sum(s for s, _ in labelled) / len(labelled) if labelled else None,
-                           "hard_mean": sum(h for _, h in labelled) / len(labelled) if labelled else None}  # fmt: skip
+    out: dict[str, Any] = {
+        "records": len(recs),
+        "prefixes": len(steps),
+        "sampled_accuracy": sum(r["outcome"] for r in recs) / max(len(recs), 1),
+        "soft_mean": sum(s for s, _ in labelled) / len(labelled) if labelled else None,
+        "hard_mean": sum(h for _, h in labelled) / len(labelled) if labelled else None,
+    }
     checked = [(h, c) for _, h, c in steps if c is not None and h is not None]
     if checked:
         out["hard_agrees_with_checker"] = sum(h == c for h, c in checked) / len(checked)
@@ -294,6 +337,13 @@ def outcome_records(records: Sequence[dict[str, Any]], delimiter: str = "; ") ->
             prefix = rec["response"][: rec["step_ends"][i]]
             responses += [(prefix + t, int(is_correct(prefix + t, rec["answer"]))) for t in texts]
         for response, outcome in responses:
-            out.append({"prompt": rec["prompt"], "answer": rec["answer"], "response": response,
-                        "step_ends": step_ends(response, delimiter), "outcome": outcome})  # fmt: skip
+            out.append(
+                {
+                    "prompt": rec["prompt"],
+                    "answer": rec["answer"],
+                    "response": response,
+                    "step_ends": step_ends(response, delimiter),
+                    "outcome": outcome,
+                }
+            )
     return out

@@ -32,10 +32,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import math
-import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +43,10 @@ from torch import nn
 
 from fastpeft.training import distributed as dist_utils
 from fastpeft.training.data import BatchPlan, load_records
-from fastpeft.training.metrics import peak_memory_bytes, progress_bar
+from fastpeft.training.logprobs import backbone_hidden
+from fastpeft.training.loop import Callback, start_run
+from fastpeft.training.recipe import setup_run
 from fastpeft.training.reward_model import HEAD_FILE, RewardConfig, RewardResult, ScalarHeadModel
-from fastpeft.training.rl_common import (
-    Checkpointer,
-    backbone_hidden,
-    build_optimization,
-    finish_plot,
-    open_logger,
-    optimizer_step,
-    save_final,
-    setup_run,
-    wrap_ddp,
-)
 
 OBJECTIVES = ("process", "outcome")
 LABEL_KEYS = ("soft", "hard", "checker")
@@ -90,8 +79,13 @@ def boundary_positions(tokenizer: Any, text: str, char_ends: Sequence[int]) -> t
     return ids, positions
 
 
-def tokenize_label_records(records: Sequence[Mapping[str, Any]], tokenizer: Any, max_seq_len: int,
-                           objective: str = "process", label_key: str = "soft") -> list[LabelRow]:  # fmt: skip
+def tokenize_label_records(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_seq_len: int,
+    objective: str = "process",
+    label_key: str = "soft",
+) -> list[LabelRow]:
     """Step-label records -> :class:`LabelRow` (boundaries past ``max_seq_len`` are dropped)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -119,8 +113,9 @@ def tokenize_label_records(records: Sequence[Mapping[str, Any]], tokenizer: Any,
         if not keep:
             continue
         truth = [None if ends[j] == 0 else int(rec[truth_key][j]) if truth_key in rec else None for j in keep]
-        rows.append(LabelRow(i, ids[:max_seq_len], [positions[j] for j in keep], targets, truth,
-                             int(rec["outcome"]), prompt))  # fmt: skip
+        rows.append(
+            LabelRow(i, ids[:max_seq_len], [positions[j] for j in keep], targets, truth, int(rec["outcome"]), prompt)
+        )
     if not rows:
         raise ValueError("no usable step-label records")
     return rows
@@ -138,8 +133,14 @@ def collate_label_rows(rows: Sequence[LabelRow], pad_id: int, device: torch.devi
     row = torch.tensor([b for b, r in enumerate(rows) for _ in r.positions])
     pos = torch.tensor([p for r in rows for p in r.positions])
     target = torch.tensor([t for r in rows for t in r.targets], dtype=torch.float32)
-    out = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(width).expand(len(rows), -1),
-           "row": row, "pos": pos, "target": target}  # fmt: skip
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": torch.arange(width).expand(len(rows), -1),
+        "row": row,
+        "pos": pos,
+        "target": target,
+    }
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -188,8 +189,14 @@ def pairwise_accuracy(final_scores: Sequence[float], outcomes: Sequence[int], pr
 
 
 @torch.no_grad()
-def evaluate_labels(model: ScalarHeadModel, rows: Sequence[LabelRow], pad_id: int, batch_size: int,
-                    device: torch.device, adapter: str | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_labels(
+    model: ScalarHeadModel,
+    rows: Sequence[LabelRow],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    adapter: str | None = None,
+) -> dict[str, Any]:
     """Held-out loss, step accuracy / AUC, outcome accuracy and pairwise accuracy (module docstring).
 
     ``adapter``: route every row through that adapter (a reward model sharing its base with others).
@@ -213,8 +220,11 @@ def evaluate_labels(model: ScalarHeadModel, rows: Sequence[LabelRow], pad_id: in
     ends = torch.tensor([len(r.positions) for r in rows]).cumsum(0) - 1
     finals = [probs[e] for e in ends.tolist()]
     outcomes = [r.outcome for r in rows]
-    out = {"eval_loss": float(step_label_loss(z, y)), "eval_boundaries": len(probs),
-           "eval_outcome_accuracy": sum((f >= 0.5) == bool(o) for f, o in zip(finals, outcomes)) / len(rows)}  # fmt: skip
+    out = {
+        "eval_loss": float(step_label_loss(z, y)),
+        "eval_boundaries": len(probs),
+        "eval_outcome_accuracy": sum((f >= 0.5) == bool(o) for f, o in zip(finals, outcomes)) / len(rows),
+    }
     if step:
         out["eval_step_accuracy"] = sum((s >= 0.5) == bool(t) for s, t in step) / len(step)
         out["eval_step_auc"] = auc([s for s, _ in step], [t for _, t in step])
@@ -231,9 +241,11 @@ def _routed(lm: nn.Module, adapter: str | None, rows: int) -> contextlib.Abstrac
     return fastpeft.route_adapters(lm, [adapter] * rows)
 
 
-def train_on_labels(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None,
-                    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> RewardResult:  # fmt: skip
-    """The reward recipe for ``objective`` ``process`` / ``outcome`` (see the module docstring)."""
+def train_on_labels(
+    config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None, callbacks: Sequence[Callback] = ()
+) -> RewardResult:
+    """The reward recipe for ``objective`` ``process`` / ``outcome`` (see the module docstring), on
+    the recipes' one loop (:mod:`fastpeft.training.loop`)."""
     ctx = setup_run(config, model, tokenizer)
     rm = ScalarHeadModel(ctx.model)
     rm.train()
@@ -242,62 +254,51 @@ def train_on_labels(config: RewardConfig, model: nn.Module | None = None, tokeni
     pad = ctx.tokenizer.pad_token_id or 0
 
     def tokenize(source: Any) -> list[LabelRow]:
-        return tokenize_label_records(load_records(source), ctx.tokenizer, config.max_seq_len, config.objective,
-                                      config.label_key)  # fmt: skip
+        return tokenize_label_records(
+            load_records(source), ctx.tokenizer, config.max_seq_len, config.objective, config.label_key
+        )
 
     rows = tokenize(config.train_data)
     eval_rows = tokenize(config.eval_data) if config.eval_data is not None else []
     plan = BatchPlan(rows, config.micro_batch_size, config.grad_accum_steps, ctx.world_size, ctx.rank, config.seed)
-    total = config.max_steps if config.num_epochs is None else max(1, math.ceil(config.num_epochs * plan.steps_per_epoch))
-    params = [p for p in rm.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimization(config, params, total, ctx.device)
-    runner = wrap_ddp(rm, ctx, find_unused=config.finetune == "full")
-    checkpointer = Checkpointer(ctx, config, rm)
-    state = checkpointer.resume(optimizer, scheduler)
-    start, bad = (state["step"], state["bad_steps"]) if state else (0, 0)
-    logger = open_logger(ctx, start if state else None)
-    logger.log({"event": "start", "recipe": f"reward/{config.objective}", "step": start, "total_steps": total,
-                "records": len(rows), "trainable_params": sum(p.numel() for p in params), "device": str(ctx.device)})  # fmt: skip
-    bar = progress_bar(total, start, ctx.main and config.progress, desc=f"reward/{config.objective}")
-    t0, last_loss = time.perf_counter(), None
-    for step in range(start, total):
+    layout = {"records": len(rows), "global_batch_records": plan.global_batch}
+    run = start_run(
+        ctx,
+        config,
+        f"reward/{config.objective}",
+        rm,
+        config.total_steps(plan.steps_per_epoch),
+        layout,
+        saved_module=rm,
+        find_unused=config.finetune == "full",
+        callbacks=callbacks,  # the LM head is unused
+        start_record={"records": len(rows)},
+    )
+    evaluate = None
+    if eval_rows:
+
+        def evaluate() -> dict[str, Any]:
+            return evaluate_labels(rm, eval_rows, pad, config.eval_batch_size, ctx.device)
+
+    run.evaluate_at_start(evaluate)
+    for step in run.steps():
         micro = plan.micro_batches(step)
-        count = float(dist_utils.all_reduce_sum(torch.tensor(float(sum(len(r.positions) for m in micro for r in m)),
-                                                             device=ctx.device)))  # fmt: skip
-        step_loss = 0.0
+        local = float(sum(len(r.positions) for m in micro for r in m))
+        count = float(dist_utils.all_reduce_sum(torch.tensor(local, device=ctx.device)))  # boundaries, every rank
+        step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for j, mb in enumerate(micro):
             b = collate_label_rows(mb, pad, ctx.device)
-            sync = j == len(micro) - 1 or not ctx.distributed
-            with runner.no_sync() if not sync else contextlib.nullcontext():
-                logits = boundary_logits(runner(b["input_ids"], b["attention_mask"], b["position_ids"]), b)
+            with run.micro_batch(last=j == len(micro) - 1):
+                logits = boundary_logits(run.runner(b["input_ids"], b["attention_mask"], b["position_ids"]), b)
                 loss = step_label_loss(logits, b["target"], reduction="sum")
-                (loss * (ctx.world_size / count)).backward()
-            step_loss += float(loss.detach())
-        loss_value = float(dist_utils.all_reduce_sum(torch.tensor(step_loss, dtype=torch.float64,
-                                                                  device=ctx.device))) / count  # fmt: skip
-        grad_norm, stepped, bad = optimizer_step(params, optimizer, scheduler, loss_value, config.max_grad_norm, bad,
-                                                 config.max_bad_steps, step + 1)  # fmt: skip
-        last_loss = loss_value if stepped else last_loss
-        record = {"step": step + 1, "loss": loss_value if stepped else None, "grad_norm": grad_norm,
-                  "lr": scheduler.get_last_lr()[0]}  # fmt: skip
-        if config.eval_every and (step + 1) % config.eval_every == 0 and eval_rows and ctx.main:
-            record.update(evaluate_labels(rm, eval_rows, pad, config.eval_batch_size, ctx.device))
-        if (step + 1) % config.log_every == 0 or step + 1 == total or "eval_loss" in record:
-            logger.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        checkpointer.maybe_save(step + 1, optimizer, scheduler, {"bad_steps": bad})
-        for cb in callbacks:
-            cb(step + 1, record)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    final_eval = evaluate_labels(rm, eval_rows, pad, config.eval_batch_size, ctx.device) if eval_rows and ctx.main else {}
-    saved = save_final(ctx, rm.head_state(), HEAD_FILE)
-    logger.log({"step": total, "event": "end", **final_eval, "train_seconds": seconds,
-                "peak_memory_bytes": peak_memory_bytes(ctx.device)})  # fmt: skip
-    finish_plot(ctx, config)
-    dist_utils.barrier()
-    return RewardResult(total, last_loss, final_eval, ctx.out_dir, saved, rm, seconds)
+                run.backward(loss / count)
+            step_loss += loss.detach().double()
+            run.count_tokens(int(b["attention_mask"].sum()))
+        loss_value = float(dist_utils.all_reduce_sum(step_loss)) / count
+        run.update(loss_value)
+        run.end_step(step, {"loss": loss_value}, evaluate)
+    result = run.finish(evaluate, rm.head_state, HEAD_FILE)
+    return RewardResult(**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)}, model=rm)
 
 
 class StepScorer:
@@ -308,8 +309,16 @@ class StepScorer:
     the model as it is. Scores are cached per text (step-level search asks again for each prefix).
     """
 
-    def __init__(self, model: ScalarHeadModel, tokenizer: Any, adapter: str | None = None, max_seq_len: int = 512,
-                 batch_size: int = 64, delimiter: str = "; ", cache_size: int = 1 << 16):  # fmt: skip
+    def __init__(
+        self,
+        model: ScalarHeadModel,
+        tokenizer: Any,
+        adapter: str | None = None,
+        max_seq_len: int = 512,
+        batch_size: int = 64,
+        delimiter: str = "; ",
+        cache_size: int = 1 << 16,
+    ):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.max_seq_len, self.batch_size, self.delimiter = max_seq_len, batch_size, delimiter
         self._cache: dict[str, float] = {}
@@ -376,8 +385,14 @@ class StepScorer:
         return self._forward([self._encode(prompt + response, ends)])[0] if ends else []
 
 
-def load_step_scorer(lm: nn.Module, directory: str | Path, tokenizer: Any, adapter_name: str = "prm",
-                     quantize: str | None = "nf4", **scorer_options: Any) -> StepScorer:  # fmt: skip
+def load_step_scorer(
+    lm: nn.Module,
+    directory: str | Path,
+    tokenizer: Any,
+    adapter_name: str = "prm",
+    quantize: str | None = "nf4",
+    **scorer_options: Any,
+) -> StepScorer:
     """A saved PRM / ORM (adapter + ``score_head.safetensors`` in ``directory``) loaded into ``lm``
     as ``adapter_name`` beside the adapters ``lm`` already has (the active one stays active).
 

@@ -41,10 +41,11 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _unshadow_kernels() -> None:
+def unshadow_kernels() -> None:
     """Drop this source checkout's root from ``sys.path``.
 
-    ``python -m fastpeft`` run from the repository root puts the root on ``sys.path``; bitsandbytes
+    ``python -m fastpeft`` (or ``python -m fastpeft.demo.<script>``, see :mod:`fastpeft.demo`) run from
+    the repository root puts the root on ``sys.path``; bitsandbytes
     then imports our ``kernels/`` folder as the top-level ``kernels`` package (Hugging Face's kernel
     hub, which it probes for optional CPU kernels). fastpeft itself never needs the root there: its
     packages are mapped by the installation (``fastpeft.kernels`` -> ``kernels/``).
@@ -56,7 +57,7 @@ def _unshadow_kernels() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _unshadow_kernels()
+    unshadow_kernels()
     if argv and argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -72,6 +72,7 @@ class BenchConfig:
     no_record: bool = False  # do not record even a GPU run
     regenerate: bool = False  # only rebuild RESULTS.md from the recorded JSON
     ledger: bool = False  # measure RESULTS.md's memory-ledger section (any device); --small: tiny, not recorded
+    ledger_recipes: bool = False  # the same for the GRPO / DPO recipes' section
     no_plots: bool = False  # skip the PNG plots
     reps: int = 5  # timed runs per measurement on CPU
     strict: bool = False  # stop at the first implementation error
@@ -97,7 +98,9 @@ def _body(argv: list[str]) -> int:
         for name in scenarios.SCENARIOS:
             print(f"{name:<18} {scenarios.resolve([name])[0].TITLE}")
         return 0
-    if args.ledger:
+    if args.ledger and args.ledger_recipes:
+        raise ConfigError("--ledger and --ledger-recipes are two runs: pass one")
+    if args.ledger or args.ledger_recipes:
         return _ledger(args, results_dir, results_md, argv)
     if args.regenerate:
         path, skipped = report.write_results_md(results_dir, results_md)
@@ -130,16 +133,17 @@ def _body(argv: list[str]) -> int:
 
 
 def _ledger(args: BenchConfig, results_dir: Path, results_md: Path, argv: list[str]) -> int:
-    from fastpeft_benchmarks import ledger_report, report
+    from fastpeft_benchmarks import ledger_report, recipe_ledger_report, report
 
-    data = ledger_report.measure(small=bool(args.small), log=lambda s: print(s, file=sys.stderr))
+    section = recipe_ledger_report if args.ledger_recipes else ledger_report  # the same measure / write / render
+    data = section.measure(small=bool(args.small), log=lambda s: print(s, file=sys.stderr))
     command = shlex.join(["fastpeft", "bench", *argv])
     if args.small:  # a smoke run: printed, written only to --out
         if args.out:
-            ledger_report.write(data, Path(args.out), command)
-        print(ledger_report.render({**data, "command": command}))
+            section.write(data, Path(args.out), command)
+        print(section.render({**data, "command": command}))
         return 0
-    print(f"wrote {ledger_report.write(data, results_dir, command)}")
+    print(f"wrote {section.write(data, results_dir, command)}")
     path, _ = report.write_results_md(results_dir, results_md)
     print(f"regenerated {path}")
     return 0

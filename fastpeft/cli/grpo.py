@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastpeft.cli.launch import run_recipe
 
-SUMMARY = "GRPO with verifiable rewards (e.g. rewards: {arithmetic: 1.0}) and the batched sampler."
+SUMMARY = "GRPO with verifiable rewards (e.g. rewards: {answer: 1.0}) and the batched sampler."
 
 
 def main(argv: list[str]) -> int:

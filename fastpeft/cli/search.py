@@ -19,6 +19,7 @@ routed batch (:class:`fastpeft.reasoning.scored_sampler.ScoredSampler`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -34,8 +35,20 @@ from fastpeft.training.config_io import parse_cli
 
 VERIFIERS = ("formula", "python", "logic", "safety", "fact", "none")
 # strategy options; one is passed only when given and only to strategies that take it
-_OPTION_FLAGS = ("n", "beam_width", "max_steps", "max_depth", "expand", "n_thoughts", "keep", "threshold",
-                 "aggregate", "rollout", "probe_samples", "escalate_to")  # fmt: skip
+_OPTION_FLAGS = (
+    "n",
+    "beam_width",
+    "max_steps",
+    "max_depth",
+    "expand",
+    "n_thoughts",
+    "keep",
+    "threshold",
+    "aggregate",
+    "rollout",
+    "probe_samples",
+    "escalate_to",
+)
 
 
 class CliError(ValueError):
@@ -150,14 +163,21 @@ def learned_scorer(sampler, directory: str, quantize: str | None, same_batch: bo
         raise CliError(f"--reward_model directory not found: {directory}")
     from fastpeft.training.step_reward_model import load_step_scorer
 
-    scorer = load_step_scorer(sampler.model, directory, sampler.tokenizer, "reward_model", quantize=quantize,
-                              max_seq_len=sampler.max_seq_len)  # fmt: skip
+    scorer = load_step_scorer(
+        sampler.model, directory, sampler.tokenizer, "reward_model", quantize=quantize, max_seq_len=sampler.max_seq_len
+    )
     if not same_batch:
         return sampler, scorer
     from fastpeft.reasoning.scored_sampler import ScoredSampler
 
-    scored = ScoredSampler(sampler.model, sampler.tokenizer, scorer.model.head, "reward_model",
-                           max_seq_len=sampler.max_seq_len, fallback=scorer)  # fmt: skip
+    scored = ScoredSampler(
+        sampler.model,
+        sampler.tokenizer,
+        scorer.model.head,
+        "reward_model",
+        max_seq_len=sampler.max_seq_len,
+        fallback=scorer,
+    )
     return scored, scored
 
 
@@ -195,13 +215,22 @@ def run(args: SearchConfig) -> int:
     if args.reward_model is not None:
         generator, scorer = learned_scorer(generator, args.reward_model, args.quantize, args.reward_batch)
     results = search_many(
-        generator, [r["prompt"] for r in requests], args.strategy, progress=not args.no_progress,
-        budget=args.budget, budget_unit=args.budget_unit, scorer=scorer, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, **options,
-    )  # fmt: skip
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        generator,
+        [r["prompt"] for r in requests],
+        args.strategy,
+        progress=not args.no_progress,
+        budget=args.budget,
+        budget_unit=args.budget_unit,
+        scorer=scorer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        **options,
+    )
     correct = graded = tokens = 0
-    try:
+    with open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout) as out:
         for request, result in zip(requests, results):
             row = {k: v for k, v in result.to_dict().items() if k != "details"}
             row["verifier_problems"] = result.details.get("verifier_problems", [])
@@ -212,9 +241,6 @@ def run(args: SearchConfig) -> int:
                 correct += row["correct"]
             tokens += result.tokens_spent
             out.write(json.dumps(row) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     summary = f"{len(results)} prompts, {args.strategy}, {tokens} tokens"
     if graded:
         summary += f", accuracy {correct}/{graded} = {correct / graded:.3f}"

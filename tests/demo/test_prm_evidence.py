@@ -16,10 +16,20 @@ from fastpeft.reasoning.types import Completion, SamplingParams
 
 
 def test_hard_tier_by_hand():
-    assert sum_steps(9542, 768) == ["2+8=10 write 0 carry 1", "4+6+1=11 write 1 carry 1", "5+7+1=13 write 3 carry 1",
-                                    "9+0+1=10 write 0 carry 1", "write 1"]  # fmt: skip
-    assert mul_steps(4821, 7) == ["1*7=7", "2*7=14 write 4 carry 1", "8*7+1=57 write 7 carry 5",
-                                  "4*7+5=33 write 3 carry 3", "write 3"]  # fmt: skip
+    assert sum_steps(9542, 768) == [
+        "2+8=10 write 0 carry 1",
+        "4+6+1=11 write 1 carry 1",
+        "5+7+1=13 write 3 carry 1",
+        "9+0+1=10 write 0 carry 1",
+        "write 1",
+    ]
+    assert mul_steps(4821, 7) == [
+        "1*7=7",
+        "2*7=14 write 4 carry 1",
+        "8*7+1=57 write 7 carry 5",
+        "4*7+5=33 write 3 carry 3",
+        "write 3",
+    ]
     data = make_hard_dataset(60, seed=4)
     assert data == make_hard_dataset(60, seed=4) and {r["kind"] for r in data} == {"sum", "mul", "word"}
     for r in data:
@@ -49,8 +59,10 @@ class Counter:
 
     def generate(self, prompts, params, n=1, adapters=None):
         self.calls += 1
-        return [[Completion(f"s{params.seed}-{j}", [1] * (5 + j), [0.0] * (5 + j), "eos") for j in range(n)]
-                for _ in prompts]  # fmt: skip
+        return [
+            [Completion(f"s{params.seed}-{j}", [1] * (5 + j), [0.0] * (5 + j), "eos") for j in range(n)]
+            for _ in prompts
+        ]
 
 
 class Tok:
@@ -64,7 +76,8 @@ def test_pool_is_shared_and_cut_to_the_budget():
     a, b = pool.view(), pool.view()
     first = a.generate(["p"], SamplingParams(max_new_tokens=16, temperature=0.8), n=3)[0]
     assert [c.text for c in b.generate(["p"], SamplingParams(max_new_tokens=16, temperature=0.8), n=3)[0]] == [
-        c.text for c in first]  # another reader sees the same samples
+        c.text for c in first
+    ]  # another reader sees the same samples
     more = a.generate(["p"], SamplingParams(max_new_tokens=6, temperature=0.8), n=3)[0]  # crosses a chunk
     assert sampler.calls == 2 and [c.num_tokens for c in more] == [6, 5, 6]
     assert more[0].finish_reason == "length" and more[0].text == "xxxxxx" and more[1].finish_reason == "eos"

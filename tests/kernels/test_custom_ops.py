@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from fastpeft.kernels import dequantize_nf4, force_backend, nf4, quantize_nf4
 from fastpeft.kernels.linear_cross_entropy import linear_cross_entropy
+from fastpeft.kernels.linear_logprobs import linear_logprobs
 from fastpeft.kernels.lora_linear import lora_linear
 from fastpeft.kernels.lora_linear_inputs import weight_op_args
 from fastpeft.kernels.lora_linear_routed import lora_linear_routed
@@ -24,8 +25,8 @@ from fastpeft.kernels.workspace import clear_workspaces, workspace_bytes
 
 OPS = {
     "quantize_nf4", "dequantize_nf4", "dequantize_nf4_out", "lora_linear", "nf4_lora_linear", "lora_linear_backward",
-    "nf4_lora_decode", "prefix_attention", "prefix_attention_backward", "linear_cross_entropy",
-    "lora_linear_routed", "lora_linear_routed_backward",
+    "nf4_lora_decode", "prefix_attention", "prefix_attention_backward", "linear_cross_entropy", "linear_logprobs",
+    "linear_logprobs_backward", "lora_linear_routed", "lora_linear_routed_backward",
 }  # fmt: skip
 
 
@@ -72,6 +73,14 @@ def op_cases(kind: str):
                                         _rand(gen, 24, 6), *weight_op_args(q_dq), ids, [a.detach(), a2.detach()],
                                         [b.detach(), b2.detach()], [0.5, 2.0], True, True, True)),
     }  # fmt: skip
+    # LM-head log-probs: 9 rows, V = 13 over chunks of 4; the backward with and without the entropy term
+    h9, w13, t9 = _rand(gen, 9, 8, grad=True), _rand(gen, 13, 8, grad=True), torch.tensor([1, 4, 0, 12, 3, 7, 2, 5, 9])
+    _, ent9, lse9 = ops.linear_logprobs(h9.detach(), w13.detach(), t9, 1.25, 4)
+    cases["linear_logprobs"] = (ops.linear_logprobs, (h9, w13, t9, 1.25, 4))
+    back = (h9.detach(), w13.detach(), t9, lse9, ent9, _rand(gen, 9))
+    cases["linear_logprobs_backward"] = (ops.linear_logprobs_backward, (*back, _rand(gen, 9), 1.25, 4, True, True))
+    cases["linear_logprobs_backward without entropy"] = (ops.linear_logprobs_backward, (*back, None, 1.25, 0, True,
+                                                                                         False))  # fmt: skip
     if kind == "all":
         labels = torch.tensor([1, -100, 4, 0, 12, 3, -100, 7, 2])
         cases["quantize_nf4"] = (ops.quantize_nf4, (_rand(gen, 20, 40), 64, True))
@@ -131,6 +140,9 @@ def test_public_ops_run_under_fake_tensor_mode_forward_and_backward():
         hidden, head = torch.randn(2, 5, 16, requires_grad=True), torch.randn(11, 16, requires_grad=True)
         linear_cross_entropy(hidden, head, torch.randint(0, 11, (2, 5))).backward()
         assert hidden.grad.shape == hidden.shape and head.grad.shape == head.shape
+        logp, ent = linear_logprobs(hidden, head, torch.randint(0, 11, (2, 5)), temperature=0.7)
+        (logp.sum() + ent.sum()).backward()
+        assert logp.shape == ent.shape == (2, 5) and isinstance(hidden.grad, FakeTensor)
     assert workspace_bytes() == 0  # a traced workspace is never cached
     assert not isinstance(nf4.nf4_code("cpu"), FakeTensor) and not isinstance(nf4.dynamic_map("cpu"), FakeTensor)
 

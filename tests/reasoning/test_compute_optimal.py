@@ -44,7 +44,10 @@ def test_quantile_edges_and_fit():
     difficulty = [0.1, 0.2, 0.8, 0.9]
     correct = {"greedy": [1, 1, 0, 0], "bo16": [1, 1, 1, 0]}
     tokens = {"greedy": [50, 50, 60, 60], "bo16": [800, 800, 900, 900]}
-    configs = {"greedy": {"strategy": "greedy", "budget": 64}, "bo16": {"strategy": "best_of_n", "budget": 1024, "n": 16}}
+    configs = {
+        "greedy": {"strategy": "greedy", "budget": 64},
+        "bo16": {"strategy": "best_of_n", "budget": 1024, "n": 16},
+    }
     policy = fit_allocation(difficulty, correct, tokens, configs, bins=2)
     assert policy.edges == [0.8] and policy.choices == ["greedy", "bo16"]
     assert policy.expected_accuracy == pytest.approx(0.75) and policy.expected_tokens == pytest.approx(475)
@@ -59,21 +62,48 @@ def test_quantile_edges_and_fit():
 def test_strategy_runs_the_bins_configuration_as_it_runs_alone(arithmetic_mock):
     fresh = lambda: arithmetic_mock(error_rate=0.4, seed=1)  # noqa: E731 - the mock seeds from its call count
     scorer = type("Half", (), {"score": lambda self, p, r: 0.5})()
-    configs = {"greedy": {"strategy": "greedy", "budget": 64, "max_new_tokens": 48},
-               "bo8": {"strategy": "majority_vote", "budget": 512, "n": 8, "max_new_tokens": 48}}  # fmt: skip
+    configs = {
+        "greedy": {"strategy": "greedy", "budget": 64, "max_new_tokens": 48},
+        "bo8": {"strategy": "majority_vote", "budget": 512, "n": 8, "max_new_tokens": 48},
+    }
     policy = AllocationPolicy([0.5], ["greedy", "bo8"], configs)
     prompt = "Q: 3+5+9+4=?\nA:"
     for value, label in ((0.2, "greedy"), (0.7, "bo8")):
-        got = search(fresh(), prompt, "compute_optimal", budget=4096, scorer=scorer, seed=5, policy=policy,
-                     difficulty=lambda p, v=value: v)  # fmt: skip
+        got = search(
+            fresh(),
+            prompt,
+            "compute_optimal",
+            budget=4096,
+            scorer=scorer,
+            seed=5,
+            policy=policy,
+            difficulty=lambda p, v=value: v,
+        )
         cfg = configs[label]
-        alone = search(fresh(), prompt, cfg["strategy"], budget=cfg["budget"], scorer=scorer, seed=5,
-                       max_new_tokens=48, **({"n": 8} if label == "bo8" else {}))  # fmt: skip
+        alone = search(
+            fresh(),
+            prompt,
+            cfg["strategy"],
+            budget=cfg["budget"],
+            scorer=scorer,
+            seed=5,
+            max_new_tokens=48,
+            **({"n": 8} if label == "bo8" else {}),
+        )
         assert got.details["chosen"] == label and got.strategy == "compute_optimal"
         assert (got.answer, got.text, got.tokens_spent) == (alone.answer, alone.text, alone.tokens_spent)
         assert got.tokens_spent <= cfg["budget"]
-    probed = search(fresh(), prompt, "compute_optimal", budget=4096, scorer=scorer, seed=5, policy=policy,
-                    probe_samples=2, max_new_tokens=48)  # fmt: skip
+    probed = search(
+        fresh(),
+        prompt,
+        "compute_optimal",
+        budget=4096,
+        scorer=scorer,
+        seed=5,
+        policy=policy,
+        probe_samples=2,
+        max_new_tokens=48,
+    )
     assert probed.details["difficulty"] == pytest.approx(0.5) and probed.details["chosen"] == "bo8"
     with pytest.raises(ValueError, match="exactly one"):
         search(fresh(), prompt, "compute_optimal", budget=256, scorer=scorer, policy=policy)

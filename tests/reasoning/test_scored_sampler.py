@@ -48,7 +48,9 @@ def test_greedy_completions_match_the_sampler_and_scores_a_separate_pass(two_ada
     assert [[c.finish_reason for c in row] for row in got] == [[c.finish_reason for c in row] for row in want]
     for prompt, row in zip(PROMPTS, got):
         for c in row:
-            assert scored.score(prompt, c.text) == pytest.approx(separate_score(model, head, tok, prompt + c.text), abs=1e-5)
+            assert scored.score(prompt, c.text) == pytest.approx(
+                separate_score(model, head, tok, prompt + c.text), abs=1e-5
+            )
 
 
 def test_sampled_rows_are_seeded_and_every_text_is_scored(two_adapters):
@@ -71,8 +73,18 @@ def test_beam_search_needs_no_scoring_pass(two_adapters):
     calls = []
     fallback = type("Counting", (), {"score": lambda self, p, r: calls.append(r) or 0.5})()
     scored = ScoredSampler(model, tok, head, verifier="verifier", fallback=fallback)
-    result = search(scored, PROMPTS[0], "beam_search", budget=96, scorer=scored, n=4, beam_width=2, stop="; ",
-                    max_new_tokens=6, seed=1)  # fmt: skip
+    result = search(
+        scored,
+        PROMPTS[0],
+        "beam_search",
+        budget=96,
+        scorer=scored,
+        n=4,
+        beam_width=2,
+        stop="; ",
+        max_new_tokens=6,
+        seed=1,
+    )
     assert result.tokens_spent <= 96 and calls == [] and scored.misses == 0
 
 

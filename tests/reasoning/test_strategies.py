@@ -19,8 +19,11 @@ OPTIONS = {
     "dynamic_allocation": {"stop": STEP},
     "metacognitive": {"measure": "disagreement", "threshold": 0.3, "escalate_options": {"stop": STEP}},
     "compute_optimal": {  # a hand-made allocation: hard prompts (this one) get best-of-N
-        "policy": AllocationPolicy([0.5], ["greedy", "bon"], {"greedy": {"strategy": "greedy", "budget": 10**6},
-                                                              "bon": {"strategy": "best_of_n", "budget": 10**6}}),
+        "policy": AllocationPolicy(
+            [0.5],
+            ["greedy", "bon"],
+            {"greedy": {"strategy": "greedy", "budget": 10**6}, "bon": {"strategy": "best_of_n", "budget": 10**6}},
+        ),
         "difficulty": lambda prompt: 0.9,
     },
 }

@@ -39,8 +39,16 @@ class Roles:
 
 
 def run(gen, **kw):
-    return search(gen, QUESTION["prompt"], "swarm", budget=4096, max_new_tokens=160, parse_parts=parse_parts,
-                  integration_prompt=integration_prompt, **kw)  # fmt: skip
+    return search(
+        gen,
+        QUESTION["prompt"],
+        "swarm",
+        budget=4096,
+        max_new_tokens=160,
+        parse_parts=parse_parts,
+        integration_prompt=integration_prompt,
+        **kw,
+    )
 
 
 def test_decompose_solve_integrate():
@@ -64,15 +72,21 @@ def test_early_exits_say_where():
         run(Roles(), aggregate="best")
 
 
-
 @pytest.mark.parametrize("extra", [1, 5, 40])
 def test_the_swarm_stops_within_its_budget(extra):
     """One token more than the decomposition: the parts cannot be afforded (one token per row), and
     the result says so; a few more: every stage runs on what is left, never past the budget."""
     budget = len(decomposition(QUESTION["prompt"])) + extra
     gen = Roles()
-    result = search(gen, QUESTION["prompt"], "swarm", budget=budget, max_new_tokens=160, parse_parts=parse_parts,
-                    integration_prompt=integration_prompt)  # fmt: skip
+    result = search(
+        gen,
+        QUESTION["prompt"],
+        "swarm",
+        budget=budget,
+        max_new_tokens=160,
+        parse_parts=parse_parts,
+        integration_prompt=integration_prompt,
+    )
     assert result.tokens_spent == gen.tokens <= budget
     if extra == 1:
         assert result.answer is None and result.details["failed"] == "budget spent before the parts were solved"

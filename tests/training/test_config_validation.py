@@ -9,11 +9,20 @@ from fastpeft.cli import main
 from fastpeft.training import checkpoint as ckpt
 from fastpeft.training.dpo import DPOConfig
 from fastpeft.training.grpo import GRPOConfig
-from fastpeft.training.rl_common import RecipeConfig
+from fastpeft.training.recipe import RecipeConfig
 from fastpeft.training.sft import SFTConfig
 
-BAD = [("keep_checkpoints", -1), ("max_grad_norm", -1.0), ("max_grad_norm", 0.0), ("max_grad_norm", math.nan),
-       ("warmup_steps", -1), ("max_bad_steps", -1), ("lr", 0.0), ("lr", math.inf), ("max_steps", 0)]  # fmt: skip
+BAD = [
+    ("keep_checkpoints", -1),
+    ("max_grad_norm", -1.0),
+    ("max_grad_norm", 0.0),
+    ("max_grad_norm", math.nan),
+    ("warmup_steps", -1),
+    ("max_bad_steps", -1),
+    ("lr", 0.0),
+    ("lr", math.inf),
+    ("max_steps", 0),
+]
 
 
 @pytest.mark.parametrize("cls", [SFTConfig, RecipeConfig, DPOConfig, GRPOConfig])

@@ -1,5 +1,5 @@
 """DPO: the reference is the adapter-disabled model, a few steps move the loss, precomputed reference
-log-probs match on-the-fly ones, IPO runs, and resume is exact."""
+log-probs match on-the-fly ones, IPO runs (exact resume: tests/training/test_recipes.py)."""
 
 import copy
 import json
@@ -7,24 +7,38 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.dpo import DPOConfig, PairLogprobs, reference_logprobs, train
 from fastpeft.training.model_setup import build_model
-from fastpeft.training.rl_common import tokenize_pairs
+from fastpeft.training.pairs import tokenize_pairs
 from fastpeft.training.tokenizer import load_char_tokenizer
 
-PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"],
-          "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0")}
-         for r in make_arithmetic_dataset(8, seed=4)]  # fmt: skip
+PAIRS = [
+    {
+        "prompt": r["prompt"],
+        "chosen": r["completion"],
+        "rejected": r["completion"].replace(f"answer {r['answer']}", "answer 0"),
+    }
+    for r in make_arithmetic_dataset(8, seed=4)
+]
 
 
 def _config(model_config, tmp_path, name, **kw):
-    base = dict(model_config=model_config, train_data=PAIRS, max_steps=4, lr=1e-2, beta=0.5, micro_batch_size=4,
-                lora={"r": 4, "lora_alpha": 8}, output_dir=str(tmp_path / name), progress=False, plot=False,
-                device="cpu")  # fmt: skip
+    base = dict(
+        model_config=model_config,
+        train_data=PAIRS,
+        max_steps=4,
+        lr=1e-2,
+        beta=0.5,
+        micro_batch_size=4,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / name),
+        progress=False,
+        plot=False,
+        device="cpu",
+    )
     return DPOConfig(**{**base, **kw})
 
 
@@ -51,8 +65,9 @@ def test_reference_is_the_base_model_without_a_copy(tiny_config):
     pairs = tokenize_pairs(PAIRS, tok, 128)
     ref = reference_logprobs(PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"))
     want = reference_logprobs(PairLogprobs(base, False), pairs, tok.pad_token_id, 4, torch.device("cpu"), disable=False)
-    policy = reference_logprobs(PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"),
-                                disable=False)  # fmt: skip
+    policy = reference_logprobs(
+        PairLogprobs(model, False), pairs, tok.pad_token_id, 4, torch.device("cpu"), disable=False
+    )
     for i in ref:
         assert ref[i] == pytest.approx(want[i], abs=1e-4)
     assert any(abs(policy[i][0] - ref[i][0]) > 1e-3 for i in ref)
@@ -73,16 +88,6 @@ def test_ipo_runs(tmp_path, tiny_config):
     losses = _losses(tmp_path / "ipo")
     # IPO at the reference: (0 - 1/(2β))² = 25
     assert losses[0] == pytest.approx(25.0, abs=1e-3) and losses[1] < losses[0]
-
-
-def test_resume_continues_exactly(tmp_path, tiny_config):
-    _quiet(train, _config(tiny_config, tmp_path, "full", max_steps=4))
-    _quiet(train, _config(tiny_config, tmp_path, "cut", max_steps=2, save_every=2))
-    _quiet(train, _config(tiny_config, tmp_path, "cut", max_steps=4, resume=True))
-    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"))
 
 
 def test_full_finetuning_needs_precomputed_reference(tmp_path, tiny_config):
@@ -108,3 +113,18 @@ def test_sft_coef_adds_the_chosen_mean_token_nll(tmp_path, tiny_config):
             total, n = loss_fn(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"])
             nll.append(float(total) / int(n))
     assert _losses(tmp_path / "rpo")[0] == pytest.approx(0.693147 + coef * sum(nll) / len(nll), rel=1e-4)
+
+
+def test_pairs_that_truncation_makes_identical_are_dropped():
+    tok = load_char_tokenizer()
+    pairs = [
+        {
+            "prompt": "Q: 1+1=?\nA:",
+            "chosen": " long shared reasoning; answer 2",
+            "rejected": " long shared reasoning; answer 3",
+        },
+        {"prompt": "Q: 2+2=?\nA:", "chosen": " 4", "rejected": " 5"},
+    ]
+    with pytest.warns(UserWarning, match="dropped 1 pairs whose chosen and rejected sides are the same"):
+        kept = tokenize_pairs(pairs, tok, 24)  # cuts the first pair before its answers
+    assert [p.index for p in kept] == [1]

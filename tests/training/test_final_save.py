@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.training import checkpoint as ckpt
-from fastpeft.training import rl_common, sft
+from fastpeft.training import recipe
 from fastpeft.training.model_setup import build_model
-from fastpeft.training.rl_common import RecipeConfig, RunContext, save_final
+from fastpeft.training.recipe import RecipeConfig, RunContext, save_final
 from fastpeft.training.sft import SFTConfig, train
 
 
@@ -19,8 +19,7 @@ def _no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output directory was checked")
 
-    monkeypatch.setattr(sft, "build_model", refuse)
-    monkeypatch.setattr(rl_common, "build_model", refuse)
+    monkeypatch.setattr(recipe, "build_model", refuse)  # every recipe builds its model there
 
 
 @pytest.mark.parametrize("where", ["file", "under_a_file", "adapter_is_a_file"])
@@ -32,8 +31,10 @@ def test_unusable_output_dir_is_refused_before_loading(where, tmp_path, tiny_lla
     if where == "adapter_is_a_file":
         out.mkdir()
         (out / "adapter").write_text("x")
-    for run in (lambda: train(SFTConfig(model_config=tiny_llama(), train_data=[{"text": "a"}], output_dir=str(out))),
-                lambda: rl_common.setup_run(RecipeConfig(model_config=tiny_llama(), output_dir=str(out)))):
+    for run in (
+        lambda: train(SFTConfig(model_config=tiny_llama(), train_data=[{"text": "a"}], output_dir=str(out))),
+        lambda: recipe.setup_run(RecipeConfig(model_config=tiny_llama(), output_dir=str(out))),
+    ):
         with pytest.raises(ValueError, match=r"^output_dir: .* exists and is not a directory$"):
             run()
 
@@ -46,8 +47,17 @@ def test_a_failed_final_save_rescues_the_trained_adapter(tmp_path, tiny_llama, a
         if step == 2:
             (out / "adapter").write_text("in the way")
 
-    config = SFTConfig(model_config=tiny_llama(), finetune="lora", lora={"r": 4}, train_data=arithmetic_records[:8],
-                       max_steps=2, micro_batch_size=4, output_dir=str(out), progress=False, plot=False)  # fmt: skip
+    config = SFTConfig(
+        model_config=tiny_llama(),
+        finetune="lora",
+        lora={"r": 4},
+        train_data=arithmetic_records[:8],
+        max_steps=2,
+        micro_batch_size=4,
+        output_dir=str(out),
+        progress=False,
+        plot=False,
+    )
     with pytest.raises(ckpt.FinalSaveError) as err:
         train(config, model=model, callbacks=[block_the_adapter_dir])
     message = str(err.value)
@@ -71,8 +81,11 @@ def test_rl_final_save_falls_back_to_the_temp_dir(tmp_path, tiny_llama, monkeypa
     monkeypatch.setattr(ckpt.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     real_save = fastpeft.save_adapter
-    monkeypatch.setattr(fastpeft, "save_adapter", lambda m, d: (_ for _ in ()).throw(OSError("disk full"))
-                        if str(d).startswith(str(out)) else real_save(m, d))  # fmt: skip
+    monkeypatch.setattr(
+        fastpeft,
+        "save_adapter",
+        lambda m, d: (_ for _ in ()).throw(OSError("disk full")) if str(d).startswith(str(out)) else real_save(m, d),
+    )
     ctx = RunContext(0, 1, torch.device("cpu"), False, None, model, True, out)
     with pytest.raises(ckpt.FinalSaveError, match=f"saved to {tmp_path / 'tmp'}/fastpeft-final-weights-rescued-"):
         save_final(ctx, extra={"head": torch.ones(2)})

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fastpeft
+from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.reasoning.types import Completion
 from fastpeft.training import grpo
-from fastpeft.demo.arithmetic import make_arithmetic_dataset
 from fastpeft.training.grpo import GRPOConfig, train
 from fastpeft.training.rewards import MultiObjectiveReward, arithmetic_reward
 from fastpeft.training.rollout import layout
@@ -20,10 +20,23 @@ RECORDS = make_arithmetic_dataset(8, seed=2)
 
 
 def _config(model_config, tmp_path, **kw):
-    base = dict(model_config=model_config, train_data=RECORDS, eval_data=RECORDS[:2], max_steps=2, prompts_per_step=2,
-                num_generations=4, max_new_tokens=8, max_seq_len=64, lr=1e-2, lora={"r": 4, "lora_alpha": 8},
-                output_dir=str(tmp_path / "grpo"), progress=False, plot=False, device="cpu",
-                eval_max_examples=2)  # fmt: skip
+    base = dict(
+        model_config=model_config,
+        train_data=RECORDS,
+        eval_data=RECORDS[:2],
+        max_steps=2,
+        prompts_per_step=2,
+        num_generations=4,
+        max_new_tokens=8,
+        max_seq_len=64,
+        lr=1e-2,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / "grpo"),
+        progress=False,
+        plot=False,
+        device="cpu",
+        eval_max_examples=2,
+    )
     return GRPOConfig(**{**base, **kw})
 
 
@@ -41,14 +54,14 @@ def _lora_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _run(config, reward, model=None):
+def _run(config, reward, model=None, sampler=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return train(config, model=model, reward=reward)
+        return train(config, model=model, reward=reward, sampler=sampler)
 
 
 def test_layout_puts_every_completion_at_the_same_column():
-    ids, mask, pos, comp, lp = layout([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    ids, _mask, pos, comp, lp = layout([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
     assert lp == 3 and ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
     assert pos[1, 2:].tolist() == [0, 1, 2, 3] and comp.tolist() == [[1, 1, 0], [1, 1, 1]]
 
@@ -78,8 +91,18 @@ def test_grpo_steps_update_the_adapter_and_count_skipped_rewards(tmp_path, monke
 @pytest.mark.parametrize("aggregation", ["dr_grpo", "dapo"])
 def test_beta_zero_skips_the_reference_pass(tmp_path, monkeypatch, aggregation, tiny_config):
     monkeypatch.setattr(grpo.fastpeft, "disable_adapters", lambda m: pytest.fail("reference pass with beta=0"))
-    result = _run(_config(tiny_config, tmp_path, beta=0.0, max_steps=1, loss_aggregation=aggregation, advantage_scale="none",
-                          eval_data=None), MultiObjectiveReward({"len": _length}))  # fmt: skip
+    result = _run(
+        _config(
+            tiny_config,
+            tmp_path,
+            beta=0.0,
+            max_steps=1,
+            loss_aggregation=aggregation,
+            advantage_scale="none",
+            eval_data=None,
+        ),
+        MultiObjectiveReward({"len": _length}),
+    )
     assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])
 
 
@@ -100,10 +123,14 @@ def test_masked_truncated_completions_give_no_gradient(tmp_path, mask_truncated,
     from fastpeft.training.model_setup import build_model
 
     model = build_model(None, tiny_config, seed=0)
-    config = _config(tiny_config, tmp_path, max_new_tokens=3, mask_truncated=mask_truncated, max_steps=1, eval_data=None)
+    config = _config(
+        tiny_config, tmp_path, max_new_tokens=3, mask_truncated=mask_truncated, max_steps=1, eval_data=None
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train(config, model=model, reward=MultiObjectiveReward({"len": _length}), sampler=TruncatingGenerator())
+        result = train(
+            config, model=model, reward=MultiObjectiveReward({"len": _length}), sampler=TruncatingGenerator()
+        )
     rec = result.history[-1]
     assert rec["truncated_frac"] == 1.0 and rec["reward_std"] > 0
     lora_b = [float(p.abs().max()) for n, p in _lora_state(model).items() if "lora_B" in n]
@@ -122,29 +149,75 @@ def test_config_errors():
         GRPOConfig(beta=-0.1)
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
-def test_resume_continues_exactly(tmp_path, recipe, tiny_config):
-    from safetensors.torch import load_file
+def test_no_reward_configured_says_so_in_one_line(tmp_path, tiny_config, capsys):
+    with pytest.raises(ValueError, match="no reward configured") as err:
+        train(_config(tiny_config, tmp_path, max_steps=1))  # rewards: none, and no reward= given
+    assert "\n" not in str(err.value) and "rewards.answer" in str(err.value)
+    from fastpeft.cli import main
 
-    from fastpeft.training import ppo
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    for command in ("grpo", "ppo"):
+        assert main([command, "--train_data", str(data), "--model_config", json.dumps(tiny_config)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"fastpeft {command}: error: no reward configured") and "\n" not in err
 
-    def run(name, **kw):
-        if recipe == "grpo":
-            config = _config(tiny_config, tmp_path / name, eval_data=None, beta=0.1, num_iterations=2, **kw)
-            return _run(config, MultiObjectiveReward({"len": _length}))
-        config = ppo.PPOConfig(model_config=tiny_config, train_data=RECORDS, prompts_per_step=2, samples_per_prompt=2,
-                               max_new_tokens=8, max_seq_len=64, mini_batch_size=2, lr=1e-2,
-                               lora={"r": 4, "lora_alpha": 8}, output_dir=str(tmp_path / name / "grpo"),
-                               progress=False, plot=False, device="cpu", **kw)  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ppo.train(config, reward=MultiObjectiveReward({"len": _length}))
 
-    full = run("full", max_steps=3)
-    run("cut", max_steps=2, save_every=2)
-    resumed = run("cut", max_steps=3, resume=True)
-    assert [r["step"] for r in resumed.history] == [3]  # only the missing step ran
-    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-6)
-    a = load_file(str(tmp_path / "full" / "grpo" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "grpo" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+def test_answer_reward_is_the_built_in_name(tiny_config):
+    from fastpeft.training.rewards import build_reward
+
+    record = {"answer": "12"}
+    for name in ("answer", "arithmetic"):  # the old name still reads
+        reward = build_reward({name: 1.0})
+        assert reward(["Q"], ["so answer 12"], [record]).totals == [1.0]
+    with pytest.raises(ValueError, match="built-in rewards"):
+        build_reward({"nope": 1.0})
+
+
+def test_sampling_never_holds_the_previous_backward(tmp_path, tiny_config):
+    """Every tensor autograd saves for a backward is counted from its save until it is freed: when
+    the sampler runs (steps 2 and 3) none is alive, and no gradient is held either."""
+    import weakref
+
+    from fastpeft.reasoning.sampler import Sampler
+    from fastpeft.training.model_setup import build_model
+    from fastpeft.training.tokenizer import load_char_tokenizer
+
+    alive: set[int] = set()
+
+    class Saved:
+        def __init__(self, tensor):
+            self.tensor = tensor
+            alive.add(id(self))
+            weakref.finalize(self, alive.discard, id(self))
+
+    model = build_model(None, tiny_config, seed=0)
+    seen = []
+
+    class CheckingSampler:
+        def __init__(self):
+            self.sampler = None
+
+        def generate_ids(self, prompt_ids, params, n=1, adapters=None):
+            self.sampler = self.sampler or Sampler(model, load_char_tokenizer(), max_seq_len=64)
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            seen.append((len(alive), sum(g is not None for g in grads)))
+            return self.sampler.generate_ids(prompt_ids, params, n)
+
+    config = _config(tiny_config, tmp_path, max_steps=3, eval_data=None, beta=0.1)
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        _run(config, MultiObjectiveReward({"len": _length}), model, CheckingSampler())
+    assert seen == [(0, 0)] * 3
+
+
+def test_qlora_policy_samples_and_trains_on_the_same_nf4_weights(tmp_path, tiny_config):
+    """The sampler (inference mode) and the update share the NF4 weights and their dequantization
+    workspace: a buffer first made while sampling is written again by the training forward."""
+    from fastpeft.kernels.workspace import clear_workspaces
+
+    clear_workspaces()  # the first dequantization of this test happens inside the sampler
+    result = _run(
+        _config(tiny_config, tmp_path, finetune="qlora", max_steps=2, eval_data=None, beta=0.1),
+        MultiObjectiveReward({"len": _length}),
+    )
+    assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)

@@ -49,10 +49,23 @@ class DigitPRM:
 
 def test_grpo_trains_on_process_advantages(tmp_path, tiny_config, char_tokenizer):
     records = make_arithmetic_dataset(8, seed=2)
-    config = GRPOConfig(model_config=tiny_config, train_data=records, max_steps=2, prompts_per_step=2, num_generations=4,
-                        max_new_tokens=12, max_seq_len=64, lr=1e-2, beta=0.0, lora={"r": 4, "lora_alpha": 8},
-                        output_dir=str(tmp_path / "grpo"), progress=False, plot=False, device="cpu",
-                        eval_at_start=False)  # fmt: skip
+    config = GRPOConfig(
+        model_config=tiny_config,
+        train_data=records,
+        max_steps=2,
+        prompts_per_step=2,
+        num_generations=4,
+        max_new_tokens=12,
+        max_seq_len=64,
+        lr=1e-2,
+        beta=0.0,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / "grpo"),
+        progress=False,
+        plot=False,
+        device="cpu",
+        eval_at_start=False,
+    )
     reward = ProcessSupervisionReward(DigitPRM(), char_tokenizer)
     seen = []
     original = reward.token_advantages

@@ -73,8 +73,13 @@ def test_rollouts_kept_as_outcome_data():
 
 def test_builder_without_rollouts_writes_outcomes_and_checker_labels(tmp_path):
     full = make_hard_dataset(3, seed=0)
-    config = StepLabelConfig(output=str(tmp_path / "h.jsonl"), rollouts=0, samples_per_prompt=2, progress=False,
-                             checker="fastpeft.demo.hard_tier:check_steps")  # fmt: skip
+    config = StepLabelConfig(
+        output=str(tmp_path / "h.jsonl"),
+        rollouts=0,
+        samples_per_prompt=2,
+        progress=False,
+        checker="fastpeft.demo.hard_tier:check_steps",
+    )
     build_step_labels(config, SeededPolicy(full), [{"prompt": r["prompt"], "answer": r["answer"]} for r in full])
     lines = [json.loads(x) for x in (tmp_path / "h.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and all("soft" not in x and len(x["checker"]) == len(x["step_ends"]) for x in lines)
@@ -84,7 +89,8 @@ def test_builder_without_rollouts_writes_outcomes_and_checker_labels(tmp_path):
 def test_monte_carlo_splits_calls_by_max_rows():
     policy = TablePolicy(ROLLOUTS)
     MonteCarloLabeller(policy, SamplingParams(), rollouts=4, max_rows=8).label(
-        [(PROMPT, "5", " 2+3=5; answer 5"), (PROMPT, "5", " 2+3=6; answer 6")])
+        [(PROMPT, "5", " 2+3=5; answer 5"), (PROMPT, "5", " 2+3=6; answer 6")]
+    )
     assert [len(p) for p, _ in policy.calls] == [2, 2]
     with pytest.raises(ValueError, match="max_rows"):
         MonteCarloLabeller(policy, SamplingParams(), rollouts=4, max_rows=3)
@@ -116,12 +122,12 @@ class SeededPolicy:
         out = []
         for p in prompts:
             head = next(q for q in self.reference if p.startswith(q))
-            done = p[len(head):]
+            done = p[len(head) :]
             full = self.reference[head]["completion"]
             rows = []
             for j in range(n):
                 rng = random.Random(zlib.crc32(f"{p}|{params.seed}|{j}".encode()))
-                text = full[len(done):] if full.startswith(done) else "answer 0"
+                text = full[len(done) :] if full.startswith(done) else "answer 0"
                 if rng.random() < 0.3:
                     text = text.rsplit("answer", 1)[0] + "answer 1"
                 rows.append(Completion(text, [0], [0.0], "eos"))
@@ -132,8 +138,14 @@ class SeededPolicy:
 def test_builder_resumes_to_the_same_file(tmp_path):
     records = [{"prompt": r["prompt"], "answer": r["answer"]} for r in make_hard_dataset(5, seed=0)]
     full = [{**r, "completion": c["completion"]} for r, c in zip(records, make_hard_dataset(5, seed=0))]
-    config = StepLabelConfig(output=str(tmp_path / "a.jsonl"), rollouts=3, batch_prompts=2, samples_per_prompt=2,
-                             checker="fastpeft.demo.hard_tier:check_steps", progress=False)  # fmt: skip
+    config = StepLabelConfig(
+        output=str(tmp_path / "a.jsonl"),
+        rollouts=3,
+        batch_prompts=2,
+        samples_per_prompt=2,
+        checker="fastpeft.demo.hard_tier:check_steps",
+        progress=False,
+    )
     summary = build_step_labels(config, SeededPolicy(full), records)
     assert summary["written"] == 10 and summary["records"] == 10
     # interrupted in chunk 2 (calls: solutions + rollouts per chunk), then resumed
@@ -156,8 +168,11 @@ def test_builder_resumes_to_the_same_file(tmp_path):
 
 def test_builder_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="'answer'"):
-        build_step_labels(StepLabelConfig(output=str(tmp_path / "x.jsonl"), progress=False), SeededPolicy([]),
-                          [{"prompt": "Q: 1+1=?\nA:"}])  # fmt: skip
+        build_step_labels(
+            StepLabelConfig(output=str(tmp_path / "x.jsonl"), progress=False),
+            SeededPolicy([]),
+            [{"prompt": "Q: 1+1=?\nA:"}],
+        )
     with pytest.raises(ValueError, match="rollouts must be >= 0"):
         StepLabelConfig(rollouts=-1)
     with pytest.raises(ValueError, match="temperature"):

@@ -30,24 +30,37 @@ PROMPT = "Q: 2+3=?\nA:"
 def record(response, soft, outcome, checker=None):
     from fastpeft.training.step_labels import step_ends
 
-    rec = {"prompt": PROMPT, "answer": "5", "response": response, "step_ends": step_ends(response), "soft": soft,
-           "hard": [int(s > 0) for s in soft], "outcome": outcome}  # fmt: skip
+    rec = {
+        "prompt": PROMPT,
+        "answer": "5",
+        "response": response,
+        "step_ends": step_ends(response),
+        "soft": soft,
+        "hard": [int(s > 0) for s in soft],
+        "outcome": outcome,
+    }
     if checker is not None:
         rec["checker"] = checker
     return rec
 
 
 def records():
-    return [record(" 2+3=5; answer 5", [0.5, 0.75, 1.0], 1, [1, 1, 1]),
-            record(" 2+3=6; answer 6", [0.5, 0.0, 0.0], 0, [1, 0, 0]),
-            record(" 2+3=5; answer 6", [0.5, 0.75, 0.0], 0, [1, 1, 0])]  # fmt: skip
+    return [
+        record(" 2+3=5; answer 5", [0.5, 0.75, 1.0], 1, [1, 1, 1]),
+        record(" 2+3=6; answer 6", [0.5, 0.0, 0.0], 0, [1, 0, 0]),
+        record(" 2+3=5; answer 6", [0.5, 0.75, 0.0], 0, [1, 1, 0]),
+    ]
 
 
 def test_boundaries_are_the_last_token_of_each_prefix(char_tokenizer):
     text = PROMPT + " 2+3=5; answer 5"
     ids, positions = boundary_positions(char_tokenizer, text, [len(PROMPT), len(PROMPT) + 8, len(text)])
     assert len(ids) == len(text)  # one token per character
-    assert [text[p] for p in positions] == [":", " ", "5"] and positions == [len(PROMPT) - 1, len(PROMPT) + 7, len(text) - 1]
+    assert [text[p] for p in positions] == [":", " ", "5"] and positions == [
+        len(PROMPT) - 1,
+        len(PROMPT) + 7,
+        len(text) - 1,
+    ]
     with pytest.raises(ValueError, match="outside the text"):
         boundary_positions(char_tokenizer, text, [len(text) + 1])
 
@@ -83,9 +96,20 @@ def test_label_loss_metrics_by_hand():
 @pytest.mark.parametrize("objective", ["process", "outcome"])
 def test_reward_recipe_trains_on_step_labels(tmp_path, tiny_config, objective):
     data = records() * 4
-    config = RewardConfig(model_config=tiny_config, objective=objective, train_data=data, eval_data=records(),
-                          max_steps=8, lr=1e-2, micro_batch_size=4, lora={"r": 4, "lora_alpha": 8},
-                          output_dir=str(tmp_path / objective), progress=False, device="cpu", plot=False)  # fmt: skip
+    config = RewardConfig(
+        model_config=tiny_config,
+        objective=objective,
+        train_data=data,
+        eval_data=records(),
+        max_steps=8,
+        lr=1e-2,
+        micro_batch_size=4,
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / objective),
+        progress=False,
+        device="cpu",
+        plot=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train(config)
@@ -99,9 +123,20 @@ def test_reward_recipe_trains_on_step_labels(tmp_path, tiny_config, objective):
 
 
 def test_scorer_extracts_step_scores_and_shares_the_policy_model(tmp_path, tiny_config, char_tokenizer):
-    config = RewardConfig(model_config=tiny_config, objective="process", train_data=records() * 4, max_steps=2,
-                          lr=1e-2, micro_batch_size=4, finetune="qlora", lora={"r": 4, "lora_alpha": 8},
-                          output_dir=str(tmp_path / "prm"), progress=False, device="cpu", plot=False)  # fmt: skip
+    config = RewardConfig(
+        model_config=tiny_config,
+        objective="process",
+        train_data=records() * 4,
+        max_steps=2,
+        lr=1e-2,
+        micro_batch_size=4,
+        finetune="qlora",
+        lora={"r": 4, "lora_alpha": 8},
+        output_dir=str(tmp_path / "prm"),
+        progress=False,
+        device="cpu",
+        plot=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train(config)
@@ -115,8 +150,11 @@ def test_scorer_extracts_step_scores_and_shares_the_policy_model(tmp_path, tiny_
 
     # one model: a policy adapter (active, what the sampler runs) plus the PRM routed by rows
     shared = build_model(None, tiny_config, seed=0)
-    fastpeft.inject(shared, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", quantize="nf4"),
-                    adapter_name="policy")  # fmt: skip
+    fastpeft.inject(
+        shared,
+        fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", quantize="nf4"),
+        adapter_name="policy",
+    )
     for p in shared.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.05)

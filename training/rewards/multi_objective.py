@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float | None]
+# the names build_reward knows; "arithmetic" is accepted for "answer" (its name in older configs)
+BUILTIN_REWARDS = ("answer", "format", "code", "process", "length")
 
 
 @dataclasses.dataclass
@@ -81,9 +83,13 @@ def _finite(value: Any) -> float | None:
 class MultiObjectiveReward:
     """Weighted reward functions plus an optional subtracted detector; see the module docstring."""
 
-    def __init__(self, objectives: Mapping[str, RewardFn] | Sequence[tuple[str, RewardFn]],
-                 weights: Mapping[str, float] | None = None, detector: Any = None,
-                 detector_weight: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        objectives: Mapping[str, RewardFn] | Sequence[tuple[str, RewardFn]],
+        weights: Mapping[str, float] | None = None,
+        detector: Any = None,
+        detector_weight: float = 1.0,
+    ):
         items = list(objectives.items() if isinstance(objectives, Mapping) else objectives)
         if not items:
             raise ValueError("MultiObjectiveReward needs at least one reward function")
@@ -107,15 +113,21 @@ class MultiObjectiveReward:
         self.weights = {n: float(weights.get(n, 1.0)) for n in names}
         self.detector, self.detector_weight = detector, float(detector_weight)
 
-    def _run(self, name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[str],
-             records: Sequence[Mapping[str, Any]]) -> tuple[list[float | None], list[str]]:  # fmt: skip
+    def _run(
+        self,
+        name: str,
+        fn: Callable,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        records: Sequence[Mapping[str, Any]],
+    ) -> tuple[list[float | None], list[str]]:
         errors: list[str] = []
         if hasattr(fn, "score_batch"):
             try:
                 values = list(fn.score_batch(prompts, completions, records))
                 if len(values) != len(prompts):
                     raise ValueError(f"score_batch returned {len(values)} rewards for {len(prompts)} samples")
-            except Exception as err:  # noqa: BLE001 - fall back to one by one, isolating the bad samples
+            except Exception as err:
                 errors.append(f"batch call: {type(err).__name__}: {err}")
             else:
                 out = [_finite(v) for v in values]
@@ -125,7 +137,7 @@ class MultiObjectiveReward:
         for p, c, r in zip(prompts, completions, records):
             try:
                 value = fn(p, c, r)
-            except Exception as err:  # noqa: BLE001 - a failing reward skips the sample, by design
+            except Exception as err:
                 errors.append(f"{type(err).__name__}: {err}")
                 out.append(None)
                 continue
@@ -134,8 +146,9 @@ class MultiObjectiveReward:
                 errors.append(f"returned {value!r}")
         return out, errors
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 records: Sequence[Mapping[str, Any]] | None = None) -> RewardBatch:  # fmt: skip
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[Mapping[str, Any]] | None = None
+    ) -> RewardBatch:
         records = list(records) if records is not None else [{} for _ in prompts]
         if not (len(prompts) == len(completions) == len(records)):
             raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions, {len(records)} records")
@@ -146,17 +159,24 @@ class MultiObjectiveReward:
             components[name] = values
             failures[name] = sum(v is None for v in values)
             if failures[name]:
-                warnings.warn(f"reward {name!r} failed on {failures[name]}/{len(values)} samples (first: "
-                              f"{errors[0][:200] if errors else 'invalid value'}); those samples are skipped",
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"reward {name!r} failed on {failures[name]}/{len(values)} samples (first: "
+                    f"{errors[0][:200] if errors else 'invalid value'}); those samples are skipped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         detector = None
         if self.detector is not None:
-            detector, errors = self._run("detector", lambda p, c, r: self.detector.score(p, c),
-                                         prompts, completions, records)  # fmt: skip
+            detector, errors = self._run(
+                "detector", lambda p, c, r: self.detector.score(p, c), prompts, completions, records
+            )
             failures["detector"] = sum(v is None for v in detector)
             if failures["detector"]:
-                warnings.warn(f"the hacking detector failed on {failures['detector']} samples; they are skipped",
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"the hacking detector failed on {failures['detector']} samples; they are skipped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         totals: list[float | None] = []
         for i in range(len(prompts)):
             parts = [components[n][i] for n, _ in self.objectives]
@@ -170,26 +190,29 @@ class MultiObjectiveReward:
 
 
 def build_reward(names: Sequence[str] | Mapping[str, float], **options: Any) -> MultiObjectiveReward:
-    """A :class:`MultiObjectiveReward` from built-in reward names (``arithmetic``, ``format``,
-    ``code``, ``process``, ``length``), a list (unit weights) or a name -> weight mapping.
+    """A :class:`MultiObjectiveReward` from built-in reward names (:data:`BUILTIN_REWARDS`: ``answer``,
+    the final answer against ``record["answer"]``; ``format``; ``code``; ``process``; ``length``), a
+    list (unit weights) or a name -> weight mapping.
     ``options`` go to the rewards that take them: ``code_limits`` (a dict of
     :class:`~fastpeft.training.rewards.code_sandbox.SandboxLimits` fields), ``code_isolation``
     (``"bwrap"``, the default, or ``"unsafe-rlimits-only"``), ``process_weights``."""
     from fastpeft.training.rewards.code_sandbox import CodeReward, SandboxLimits
     from fastpeft.training.rewards.hacking import length_reward
-    from fastpeft.training.rewards.outcome import answer_format_reward, arithmetic_reward
+    from fastpeft.training.rewards.outcome import answer_format_reward, answer_reward
     from fastpeft.training.rewards.process import StepCheckerReward
 
-    weights = dict(names) if isinstance(names, Mapping) else {n: 1.0 for n in names}
+    weights = dict(names) if isinstance(names, Mapping) else dict.fromkeys(names, 1.0)
     factories: dict[str, Callable[[], RewardFn]] = {
-        "arithmetic": lambda: arithmetic_reward,
+        "answer": lambda: answer_reward,
+        "arithmetic": lambda: answer_reward,
         "format": lambda: answer_format_reward,
-        "code": lambda: CodeReward(SandboxLimits(**options.get("code_limits", {})),
-                                   isolation=options.get("code_isolation", "bwrap")),
+        "code": lambda: CodeReward(
+            SandboxLimits(**options.get("code_limits", {})), isolation=options.get("code_isolation", "bwrap")
+        ),
         "process": lambda: StepCheckerReward(weights=options.get("process_weights")),
         "length": lambda: length_reward,
     }
     unknown = [n for n in weights if n not in factories]
     if unknown or not weights:
-        raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {sorted(factories)}")
+        raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {list(BUILTIN_REWARDS)}")
     return MultiObjectiveReward({n: factories[n]() for n in weights}, weights)

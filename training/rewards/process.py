@@ -66,15 +66,23 @@ class ColumnStepCoherence:
 
 
 def arithmetic_step_checkers() -> dict[str, Any]:
-    return {"syntax": FormulaVerifier(check_values=False), "coherence": ColumnStepCoherence(),
-            "fact": FormulaVerifier(check_values=True)}  # fmt: skip
+    return {
+        "syntax": FormulaVerifier(check_values=False),
+        "coherence": ColumnStepCoherence(),
+        "fact": FormulaVerifier(check_values=True),
+    }
 
 
 class StepCheckerReward:
     """Reward function ``(prompt, completion, record) -> float`` from per-step checker scores."""
 
-    def __init__(self, checkers: Mapping[str, Any] | None = None, weights: Mapping[str, float] | None = None,
-                 delimiter: str = ";", reduce: str = "mean"):  # fmt: skip
+    def __init__(
+        self,
+        checkers: Mapping[str, Any] | None = None,
+        weights: Mapping[str, float] | None = None,
+        delimiter: str = ";",
+        reduce: str = "mean",
+    ):
         checkers = dict(checkers) if checkers is not None else arithmetic_step_checkers()
         weights = dict(weights) if weights is not None else {k: DEFAULT_WEIGHTS.get(k, 1.0) for k in checkers}
         if reduce not in _REDUCE:
@@ -141,8 +149,14 @@ class ProcessRewardModel:
         return float(torch.sigmoid(self._logits(ids, [len(ids) - 1])[0]))
 
 
-def train_process_reward_model(prm: ProcessRewardModel, records: Sequence[Mapping[str, Any]], steps: int = 50,
-                               lr: float = 1e-3, batch_size: int = 8, seed: int = 0) -> list[float]:  # fmt: skip
+def train_process_reward_model(
+    prm: ProcessRewardModel,
+    records: Sequence[Mapping[str, Any]],
+    steps: int = 50,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[float]:
     """Fit ``prm.model``'s trainable parameters (adapter + head) on step labels.
 
     ``records``: ``{"prompt": str, "steps": [str, ...], "labels": [0/1, ...]}``. Loss: mean binary

@@ -25,5 +25,7 @@ def test_list_and_errors(capsys):
     assert out.splitlines()[0].startswith("decode-linear") and "sampling" in out
     assert main(["bench", "--record-cpu", "--no-record"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    assert main(["bench", "--ledger", "--ledger-recipes"]) == 2
+    assert "two runs" in capsys.readouterr().err
     assert main(["bench", "--full=yes"]) == 2
     assert "--full takes no value" in capsys.readouterr().err

@@ -32,3 +32,22 @@ def test_python_m_fastpeft_from_the_root_does_not_import_our_kernels_as_kernels(
     assert seen["code"] == 0 and seen["before"] == ours  # the shadowing is real before the command runs
     assert seen["after"] != ours and seen["imported"] != ours
     assert "from 'kernels'" not in done.stderr  # bitsandbytes' "cannot import name 'get_kernel'" warning
+
+
+DEMO_CHILD = """
+import importlib.util, json, sys
+before = importlib.util.find_spec("kernels")
+sys.argv = ["-m"]  # what `python -m fastpeft.demo.efficacy` shows while it imports the package
+import fastpeft.demo
+after = importlib.util.find_spec("kernels")
+print(json.dumps({"before": before and before.origin, "after": after and after.origin}))
+"""
+
+
+def test_python_m_fastpeft_demo_script_from_the_root_unshadows_too(python_command):
+    argv, env, root = python_command(DEMO_CHILD)
+    env.pop("PYTHONPATH")
+    done = subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["before"] == f"{root}/kernels/__init__.py" and seen["after"] != seen["before"]

@@ -17,9 +17,18 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     tok = load_char_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=128,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tok),
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -33,9 +42,30 @@ def write_jsonl(path, rows):
 def test_search_command_writes_one_row_per_prompt(tiny_model_dir, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q: 1+2=?\nA:", "answer": "3"}, {"prompt": "Q: 4+4=?\nA:"}])
     out = tmp_path / "out.jsonl"
-    rc = fastpeft_main(["search", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(out),
-                        "--strategy", "beam_search", "--n", "4", "--beam-width", "2", "--stop", "; ",
-                        "--budget", "48", "--max-new-tokens", "6", "--no-progress"])
+    rc = fastpeft_main(
+        [
+            "search",
+            "--model",
+            str(tiny_model_dir),
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--strategy",
+            "beam_search",
+            "--n",
+            "4",
+            "--beam-width",
+            "2",
+            "--stop",
+            "; ",
+            "--budget",
+            "48",
+            "--max-new-tokens",
+            "6",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2
@@ -48,13 +78,16 @@ def test_search_command_writes_one_row_per_prompt(tiny_model_dir, tmp_path, caps
     assert "accuracy 0/1" in capsys.readouterr().err or rows[0]["correct"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--strategy", "telepathy"], "unknown strategy 'telepathy'; known strategies: beam_search"),
-    (["--budget", "0"], "--budget must be positive"),
-    (["--strategy", "greedy", "--beam-width", "3"], "takes no --beam-width"),
-    (["--strategy", "greedy", "--stop", "; "], "has no steps"),
-    (["--verifier", "fact"], "needs --kb"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "telepathy"], "unknown strategy 'telepathy'; known strategies: beam_search"),
+        (["--budget", "0"], "--budget must be positive"),
+        (["--strategy", "greedy", "--beam-width", "3"], "takes no --beam-width"),
+        (["--strategy", "greedy", "--stop", "; "], "has no steps"),
+        (["--verifier", "fact"], "needs --kb"),
+    ],
+)
 def test_argument_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q: 1+2=?\nA:"}])
     rc = fastpeft_main(["search", "--model", str(tmp_path), "--input", str(inp), *args])
@@ -62,11 +95,14 @@ def test_argument_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message
     assert rc == 2 and message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize(("rows", "message"), [
-    ([{"prompt": ""}], "in.jsonl:1: prompt is empty"),
-    ([{"prompt": "ok"}, {"question": "x"}], "in.jsonl:2: expected an object with a string 'prompt'"),
-    ([], "no requests"),
-])
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"prompt": ""}], "in.jsonl:1: prompt is empty"),
+        ([{"prompt": "ok"}, {"question": "x"}], "in.jsonl:2: expected an object with a string 'prompt'"),
+        ([], "no requests"),
+    ],
+)
 def test_bad_input_files(tmp_path, capsys, rows, message):
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     rc = fastpeft_main(["search", "--model", str(tmp_path), "--input", str(inp)])
@@ -81,8 +117,9 @@ def test_missing_model_directory(tmp_path, capsys):
 
 
 def test_adapter_is_loaded_and_changes_the_output(tiny_model_dir, tmp_path):
-    import fastpeft
     from transformers import AutoModelForCausalLM
+
+    import fastpeft
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     fastpeft.inject(model, fastpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
@@ -96,8 +133,25 @@ def test_adapter_is_loaded_and_changes_the_output(tiny_model_dir, tmp_path):
     texts = []
     for extra in ([], ["--adapter", str(tmp_path / "adapter")]):
         out = tmp_path / f"out{len(texts)}.jsonl"
-        rc = fastpeft_main(["search", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(out),
-                            "--strategy", "greedy", "--verifier", "none", "--budget", "12", "--no-progress", *extra])
+        rc = fastpeft_main(
+            [
+                "search",
+                "--model",
+                str(tiny_model_dir),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--strategy",
+                "greedy",
+                "--verifier",
+                "none",
+                "--budget",
+                "12",
+                "--no-progress",
+                *extra,
+            ]
+        )
         assert rc == 0
         texts.append(json.loads(out.read_text())["text"])
     assert texts[0] != texts[1]
@@ -112,13 +166,30 @@ def test_search_with_a_learned_reward_model_on_the_policy_model(tiny_model_dir, 
     from fastpeft.training.model_setup import build_model
     from fastpeft.training.reward_model import RewardConfig, train
 
-    rec = {"prompt": "Q: 1+2=?\nA:", "answer": "3", "response": " 1+2=3; answer 3", "step_ends": [0, 8, 16],
-           "soft": [0.5, 1.0, 1.0], "outcome": 1}  # fmt: skip
+    rec = {
+        "prompt": "Q: 1+2=?\nA:",
+        "answer": "3",
+        "response": " 1+2=3; answer 3",
+        "step_ends": [0, 8, 16],
+        "soft": [0.5, 1.0, 1.0],
+        "outcome": 1,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rm = train(RewardConfig(model=str(tiny_model_dir), objective="process", train_data=[rec] * 4, max_steps=2,
-                                micro_batch_size=2, lora={"r": 2, "lora_alpha": 4}, output_dir=str(tmp_path / "prm"),
-                                progress=False, plot=False, device="cpu"))  # fmt: skip
+        rm = train(
+            RewardConfig(
+                model=str(tiny_model_dir),
+                objective="process",
+                train_data=[rec] * 4,
+                max_steps=2,
+                micro_batch_size=2,
+                lora={"r": 2, "lora_alpha": 4},
+                output_dir=str(tmp_path / "prm"),
+                progress=False,
+                plot=False,
+                device="cpu",
+            )
+        )
     policy = build_model(str(tiny_model_dir), None)
     fastpeft.inject(policy, fastpeft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
     fastpeft.save_adapter(policy, tmp_path / "policy")
@@ -126,16 +197,54 @@ def test_search_with_a_learned_reward_model_on_the_policy_model(tiny_model_dir, 
     rows = {}
     for flag in ("false", "true"):
         out = tmp_path / f"out-{flag}.jsonl"
-        rc = fastpeft_main(["search", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "policy"),
-                            "--reward_model", str(rm.saved), "--reward_batch", flag, "--input", str(inp),
-                            "--output", str(out), "--strategy", "beam_search", "--n", "4", "--beam-width", "2",
-                            "--stop", "; ", "--budget", "48", "--max-new-tokens", "6", "--no-progress",
-                            "--device", "cpu"])  # fmt: skip
+        rc = fastpeft_main(
+            [
+                "search",
+                "--model",
+                str(tiny_model_dir),
+                "--adapter",
+                str(tmp_path / "policy"),
+                "--reward_model",
+                str(rm.saved),
+                "--reward_batch",
+                flag,
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--strategy",
+                "beam_search",
+                "--n",
+                "4",
+                "--beam-width",
+                "2",
+                "--stop",
+                "; ",
+                "--budget",
+                "48",
+                "--max-new-tokens",
+                "6",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
         assert rc == 0
         rows[flag] = json.loads(out.read_text())
         assert 0.0 <= rows[flag]["score"] <= 1.0
     assert rows["true"]["text"] == rows["false"]["text"]
     assert rows["true"]["score"] == pytest.approx(rows["false"]["score"], abs=1e-5)
-    rc = fastpeft_main(["search", "--model", str(tiny_model_dir), "--input", str(inp), "--reward_batch", "true",
-                        "--reward_model", str(rm.saved)])  # fmt: skip
+    rc = fastpeft_main(
+        [
+            "search",
+            "--model",
+            str(tiny_model_dir),
+            "--input",
+            str(inp),
+            "--reward_batch",
+            "true",
+            "--reward_model",
+            str(rm.saved),
+        ]
+    )
     assert rc == 2
