@@ -16,7 +16,8 @@ Shapes: q ``[P, H_kv, M, D]``, k / v ``[P, H_kv, L, D]`` (any strides), bias ``[
 lse = -inf, which the merge weighs as nothing.
 
 Inference only (the sampler decodes under ``torch.inference_mode``): no autograd; the function
-refuses inputs that require grad while grad mode is on.
+refuses inputs that require grad while grad mode is on. The op ``fastpeft::cascade_prefix_attention``
+(``triton_op`` with ``register_fake``: traced, and stepped on fake tensors by the memory ledger).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from fastpeft.kernels import prefix_attention_launch
 from fastpeft.kernels._constants import FLOAT_DTYPES, LN2_JIT, LOG2E, LOG2E_JIT
-from fastpeft.kernels.backend import backend
+from fastpeft.kernels.backend import triton_launcher, use_triton
 from fastpeft.kernels.prefix_attention import _online_softmax_update
 from fastpeft.kernels.prefix_attention_launch import attention_dot, attention_dot_precision
 
@@ -122,7 +123,7 @@ def cascade_prefix_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
     cfg = cascade_config(m, q.device)
     bias = bias.to(torch.float32)
     grid = (triton.cdiv(m, cfg["block_m"]), p * h)
-    _cascade_prefix_kernel[grid](
+    triton_launcher(_cascade_prefix_kernel)[grid](
         q, k, v, bias, o, lse, m, k.shape[2], h, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *o.stride(), *lse.stride(),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
@@ -147,9 +148,23 @@ def cascade_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The prompt part of a shared-prefix decode step (module docstring): ``(o, lse)``."""
     _check(q, k, v, bias, scale)
-    if backend(q) == "triton":
-        return cascade_prefix_attention_triton(q, k, v, bias, float(scale))
-    return cascade_prefix_attention_reference(q, k, v, bias, float(scale))
+    return torch.ops.fastpeft.cascade_prefix_attention(q, k, v, bias, float(scale))
+
+
+@torch.library.triton_op("fastpeft::cascade_prefix_attention", mutates_args=())
+def _cascade_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kernel where :func:`~fastpeft.kernels.backend.use_triton` says so, else the reference."""
+    if use_triton(q):
+        return cascade_prefix_attention_triton(q, k, v, bias, scale)
+    return cascade_prefix_attention_reference(q, k, v, bias, scale)
+
+
+@_cascade_op.register_fake
+def _(q, k, v, bias, scale):  # type: ignore[no-untyped-def]
+    """o ``[P, H, M, D]`` and lse ``[P, H, M]`` in fp32 (float64 for float64 inputs), as both paths make them."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    return q.new_empty(q.shape, dtype=acc), q.new_empty(q.shape[:3], dtype=acc)
 
 
 def merge_attention_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
