@@ -100,6 +100,8 @@ class Case:
     floor: tuple[str, float] | None = None  # ("hbm", bytes) or ("gemm", flops)
     tolerance: float = 2e-2  # largest relative error accepted by the check
     self_timed: bool = False  # implementations return Measured (whole workloads) instead of Prepared
+    interleaved: bool = False  # time the implementations in alternating rounds (benchmarks/interleaved.py)
+    target: tuple[str, float] | None = None  # ("speedup", 1.5): ours >= 1.5x; ("time_ratio", 2.0): <= 2x
 
     @property
     def label(self) -> str:
@@ -180,11 +182,17 @@ def median_time_ms(fn: Callable[[], Any], ctx: Context) -> float:
     return statistics.median(times) * 1e3
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int,
-                      device: torch.device) -> dict[str, list[float]]:  # fmt: skip
-    """Wall seconds of each of ``fns`` over ``rounds`` rounds, one call of each per round, the order
-    reversed every other round: on a shared machine load changes hit every implementation alike, so
-    per-round ratios are steadier than ratios of separately measured medians."""
+def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int, device: torch.device,
+                      calls: dict[str, int] | None = None,
+                      last_round: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
+                      ) -> dict[str, list[float]]:  # fmt: skip
+    """Wall seconds per call of each of ``fns`` over ``rounds`` rounds, one turn of each per round,
+    the order reversed every other round: on a shared machine load changes hit every implementation
+    alike, so per-round ratios are steadier than ratios of separately measured medians.
+
+    A turn is ``calls[name]`` back-to-back calls (default 1; a short call repeated so that one
+    preemption is a small share of its turn). ``last_round(name)``, a context manager, wraps each
+    turn of the last round (e.g. to measure peak memory without an extra call)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -192,11 +200,14 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, rounds: in
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
-            synchronize(device)
-            start = time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            n = max(1, (calls or {}).get(name, 1))
+            with last_round(name) if last_round is not None and i == rounds - 1 else contextlib.nullcontext():
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(n):
+                    fns[name]()
+                synchronize(device)
+                times[name].append((time.perf_counter() - start) / n)
     return times
 
 
@@ -421,8 +432,13 @@ def run_case(case: Case, ctx: Context) -> list[Row]:
         row = Row(scenario=case.scenario, group=case.group, x_name=case.x_name, x=case.x, impl="(case)",
                   role=BASELINE, status=str(exc), metric=case.metric)  # fmt: skip
         return [row]
+    from .interleaved import run_interleaved, set_target
+
+    if case.interleaved:
+        return run_interleaved(case, specs, ctx)
     rows = [run_impl(case, spec, ctx) for spec in specs]
     del specs
     free_memory(ctx.device)
     set_ratios(rows)
+    set_target(rows, case)
     return rows

@@ -22,6 +22,9 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
     # 30.0M parameters: whole-model CPU comparisons (lora-step --full)
     "30M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=8, vocab_size=16000, max_position_embeddings=2048),
+    # the CPU scenarios' model (33.6M parameters): big enough that the linears dominate a step
+    "cpu-34M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048),
     # CPU "--small" runs: checks that the harness works, not a timing
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),

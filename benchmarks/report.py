@@ -78,6 +78,38 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+INTERLEAVED_COLUMNS = ("case", "implementation", "median", "rate", "speedup vs baseline (median of rounds)",
+                       "target", "met", "peak memory", "rel. error", "status")  # fmt: skip
+
+
+def fmt_target(target: Sequence[Any] | None) -> str:
+    if not target:
+        return ""
+    kind, value = target
+    return f"≥ {value:g}× faster" if kind == "speedup" else f"≤ {value:g}× the time"
+
+
+def interleaved_cells(row: dict[str, Any]) -> list[str]:
+    """Cells of a row timed in interleaved rounds (benchmarks/interleaved.py): speedup and target."""
+    extra = row.get("extra") or {}
+    speedup = extra.get("speedup")
+    base = extra.get("baseline")
+    pairs = extra.get("pairs")  # ratios of pairs of rounds (benchmarks/interleaved.py), else of rounds
+    counted = f"{pairs} pairs of {extra.get('rounds')} rounds" if pairs else f"{extra.get('rounds')} rounds"
+    speed = "-" if speedup is None else f"{speedup:.2f}× ({counted})"
+    if speedup is not None and base and base != row["impl"]:
+        speed += f" vs {base}"
+    met = {True: "yes", False: "**no**"}.get(extra.get("target_met"), "")
+    cells = row_cells(row)
+    return [*cells[:4], speed, fmt_target(extra.get("target")), met, *cells[6:]]
+
+
+def interleaved_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(INTERLEAVED_COLUMNS) + " |", "|" + "---|" * len(INTERLEAVED_COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in interleaved_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON
 
@@ -195,17 +227,37 @@ def render_results_md(results: Iterable[dict[str, Any]], md_dir: Path, ledger: d
     lines += ["Columns: median time; TFLOP/s or GB/s from the formulas in `benchmarks/formulas.py`; "
               "time ÷ fastest comparable baseline (< 1 is faster); time ÷ hardware floor (≥ 1); peak "
               "memory; relative error against a float64 reference at the same shapes.", ""]  # fmt: skip
+    gpu = [r for r in results if r["device"]["type"] == "cuda"]
+    cpu = [r for r in results if r["device"]["type"] != "cuda"]
+    if gpu and cpu:
+        lines += ["## GPU runs", ""]
+    lines += _result_sections(gpu, md_dir)
+    if cpu:
+        lines += ["## CPU runs", "",
+                  "This project's shared 2-core CPU machine. Cases marked as interleaved time their "
+                  "implementations in rounds whose order flips every other round; their speedup is the median "
+                  "over pairs of rounds of (baseline time ÷ ours) within a round, so load from other work on "
+                  "the machine cancels out (benchmarks/interleaved.py). Targets are issue 17's.", ""]  # fmt: skip
+        lines += _result_sections(cpu, md_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _result_sections(results: Sequence[dict[str, Any]], md_dir: Path) -> list[str]:
+    lines: list[str] = []
     for result in results:
-        lines += [f"## {result['date'][:16].replace('T', ' ')} UTC · {result['device']['name']} "
+        lines += [f"### {result['date'][:16].replace('T', ' ')} UTC · {result['device']['name']} "
                   f"({result['device']['type']}{', small shapes' if result.get('small') else ''})", "",
                   _versions_line(result), "", f"`{result.get('command', 'fastpeft bench')}`", ""]  # fmt: skip
         for scenario in dict.fromkeys(r["scenario"] for r in result["rows"]):
-            lines += [f"### {scenario}", "", markdown_table([r for r in result["rows"] if r["scenario"] == scenario]), ""]
+            rows = [r for r in result["rows"] if r["scenario"] == scenario]
+            interleaved = any("rounds" in (r.get("extra") or {}) for r in rows)
+            table = interleaved_markdown_table(rows) if interleaved else markdown_table(rows)
+            lines += [f"#### {scenario}", "", table, ""]
             source = Path(result.get("_path", md_dir / "results" / "x.json")).parent
             for name in result.get("plots", []):
                 if name.endswith(f"-{scenario}.png"):
                     lines += [f"![{scenario}]({Path(os.path.relpath(source / name, md_dir)).as_posix()})", ""]
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def write_results_md(results_dir: Path, md_path: Path) -> tuple[Path, list[str]]:

@@ -9,8 +9,10 @@ a variant such as AdaLoRA or Delta-LoRA plugs into, and :mod:`fastpeft.variants`
 Forward, for x ``[..., in]`` (leading dims flattened for the fused op):
 - ``disabled`` or no active adapter: the base layer only;
 - a merged adapter: the base layer only (the adapter lives in W);
-- rows routed (``row_routing``, set by ``fastpeft.route_adapters``): x·Wᵀ once, then each group of
-  batch rows gets its adapter's contribution;
+- rows routed (``row_routing``, set by ``fastpeft.route_adapters``): plain LoRA adapters take one
+  fused op with per-row adapter ids (:mod:`fastpeft.kernels.lora_linear_routed`: W read once, each
+  row bit for bit its adapter's single-adapter result); with other variants, x·Wᵀ once, then each
+  group of batch rows gets its adapter's contribution;
 - otherwise the active adapter's ``forward`` (fused LoRA op; unfused with dropout > 0 in training).
 
 The layer's dtype and device are its base weight's (the compute dtype for NF4); x must match both,
@@ -28,6 +30,8 @@ from torch import nn
 
 from fastpeft.adapters import LoraAdapter
 from fastpeft.kernels.autocast import autocast_dtype, compute_dtype
+from fastpeft.kernels.backend import tracing
+from fastpeft.kernels.lora_linear_routed import lora_linear_routed
 from fastpeft.kernels.nf4 import NF4Weight
 from fastpeft.variants import get_variant
 
@@ -59,12 +63,24 @@ class RowRouting:
             if name is not None:
                 self._rows.setdefault(name, []).append(i)
         self._by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        self._ids: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
 
     def groups(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """(adapter name, int64 batch-row indices on ``device``) per adapter, built once per device."""
         if device not in self._by_device:
             self._by_device[device] = [(n, torch.tensor(r, device=device)) for n, r in self._rows.items()]
         return self._by_device[device]
+
+    def adapter_ids(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """int64 ``[batch]``: batch row i's index in ``names`` (-1 when its adapter is not among them)."""
+        key = (names, device)
+        if key in self._ids:
+            return self._ids[key]
+        ids = torch.tensor([names.index(a) if a in names else -1 for a in self.row_adapters], dtype=torch.int64,
+                           device=device)  # fmt: skip
+        if not (torch.compiler.is_compiling() or tracing(ids)):  # a traced tensor is never kept
+            self._ids[key] = ids
+        return ids
 
 
 class AdapterLinear(nn.Module):
@@ -244,6 +260,16 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"route_adapters got {routing.batch_size} row adapters but x has shape {tuple(x.shape)}")
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before routing rows")
+        names = tuple(name for name, _ in routing.groups(x.device) if name in self.adapters)
+        adapters = [self.adapters[name] for name in names]
+        if names and not self.base_needs_grad() and all(type(a) is LoraAdapter and not a.dropout_active()
+                                                        for a in adapters):  # fmt: skip
+            # plain LoRA: one fused op with per-row adapter ids (the base weight read once)
+            ids = routing.adapter_ids(names, x.device).repeat_interleave(x[0].numel() // self.in_features)
+            y = lora_linear_routed(x.reshape(-1, self.in_features), self.base_operand(), self.bias, ids,
+                                   [a.lora_A for a in adapters], [a.lora_B for a in adapters],
+                                   [a.scaling for a in adapters])  # fmt: skip
+            return y.reshape(*x.shape[:-1], self.out_features)
         base = F.linear(x, self.dense_weight(compute_dtype(x)))  # [B, ..., out], no bias
         y = base if self.bias is None else base + self.bias
         for name, rows in routing.groups(x.device):

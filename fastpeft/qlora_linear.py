@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastpeft.bnb_interop import linear4bit_view, nf4_from_linear4bit
+from fastpeft.kernels.backend import tracing
 from fastpeft.kernels.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_nf4
 from fastpeft.lora_linear import AdapterLinear, _plain_dense_module, linear_kind
 
@@ -50,6 +51,7 @@ class QLoRALinear(AdapterLinear):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
 
     def _set_nf4(self, weight: NF4Weight) -> None:
+        self.__dict__.pop("_nf4_view", None)
         self.double_quant = weight.double_quant
         for name, tensor in weight.tensors().items():
             if name == "nested_code":  # one cached [256] map shared by every layer: safetensors refuses that
@@ -104,10 +106,18 @@ class QLoRALinear(AdapterLinear):
 
     # -- base layer -------------------------------------------------------------------------------
     def nf4_weight(self) -> NF4Weight:
-        """The buffers as an :class:`NF4Weight` (a view, no copy)."""
+        """The buffers as an :class:`NF4Weight` (a view, no copy); built once per set of buffers (its
+        checks cost more than a small layer's CPU matmul), again after ``.to()`` or a re-quantization."""
+        buffers = tuple(self._buffers.get(n) for n in _NF4_BUFFERS)
+        cached = self.__dict__.get("_nf4_view")
+        if cached is not None and all(a is b for a, b in zip(cached[0], buffers)):
+            return cached[1]
         nested = {n: getattr(self, n) for n in _NF4_BUFFERS[2:]} if self.double_quant else {}
-        return NF4Weight(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
-                         blocksize=self.blocksize, dtype=self.weight_dtype, **nested)  # fmt: skip
+        weight = NF4Weight(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
+                           blocksize=self.blocksize, dtype=self.weight_dtype, **nested)  # fmt: skip
+        if not (torch.compiler.is_compiling() or tracing(*buffers)):  # never keep a traced view
+            self.__dict__["_nf4_view"] = (buffers, weight)
+        return weight
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,6 +163,7 @@ class QLoRALinear(AdapterLinear):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # keep the NF4 tensors' dtypes (uint8 codes, fp32 statistics) through .half()/.to(dtype):
         # take only the device from fn's result
+        self.__dict__.pop("_nf4_view", None)  # it holds the buffers being replaced
         saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS if n in self._buffers}
         try:
             super()._apply(fn, recurse)

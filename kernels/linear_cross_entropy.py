@@ -26,6 +26,8 @@ range-checked there, a host sync). The row kernel inside launches directly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -39,10 +41,10 @@ from fastpeft.kernels.workspace import accounting, note_transient
 @triton.jit
 def _cross_entropy_grad_kernel(
     logits_ptr, labels_ptr, loss_ptr, lse_ptr,
-    n_cols, stride_row, ignore_index,
+    n_cols, stride_row, ignore_index, grad_scale,
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """One program per row: loss and log-sum-exp out, softmax − onehot written over the logits."""
+    """One program per row: loss and log-sum-exp out, (softmax − onehot)·grad_scale over the logits."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
@@ -66,7 +68,7 @@ def _cross_entropy_grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
         x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where(cols == safe_label, 1.0, 0.0)
+        g = (tl.exp(x - lse) - tl.where(cols == safe_label, 1.0, 0.0)) * grad_scale
         g = tl.where(ignored, 0.0, g)
         tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
@@ -95,11 +97,11 @@ def _outputs(logits: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                              out: tuple[torch.Tensor, torch.Tensor] | None = None, block_v: int | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Launch the row kernel on ``logits [C, V]`` (overwritten with dloss/dlogits); returns fp32
-    ``(loss [C], lse [C])``, written into ``out`` when given. ``block_v`` (a power of two) overrides
-    the vocabulary tile, e.g. to exercise the multi-tile loop on small V."""
+                              out: tuple[torch.Tensor, torch.Tensor] | None = None, block_v: int | None = None,
+                              grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Launch the row kernel on ``logits [C, V]`` (overwritten with grad_scale·dloss/dlogits); returns
+    fp32 ``(loss [C], lse [C])``, written into ``out`` when given. ``block_v`` (a power of two)
+    overrides the vocabulary tile, e.g. to exercise the multi-tile loop on small V."""
     _check_chunk_args(logits, labels)
     n_rows, n_cols = logits.shape
     loss, lse = _outputs(logits, out)
@@ -110,35 +112,39 @@ def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     num_warps = 4 if block_v <= 2048 else 8  # row kernels are bandwidth bound: a cheap heuristic, no autotune
     _cross_entropy_grad_kernel[(n_rows,)](
-        logits, labels, loss, lse, n_cols, logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=num_warps
-    )
+        logits, labels, loss, lse, n_cols, logits.stride(0), ignore_index, float(grad_scale), BLOCK_V=block_v,
+        num_warps=num_warps,
+    )  # fmt: skip
     return loss, lse
 
 
 def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                                 out: tuple[torch.Tensor, torch.Tensor] | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                 grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Torch reference of :func:`cross_entropy_grad_triton` (same in-place contract, fp32 math)."""
+    if not grad_scale > 0:
+        raise ValueError(f"grad_scale must be positive, got {grad_scale}")
     _check_chunk_args(logits, labels)
     loss_out, lse_out = _outputs(logits, out)
-    x = logits.float()
+    x = logits.float()  # fp32 logits: x is logits, and the gradient is written in place (no [C, V] temporary)
     lse = torch.logsumexp(x, dim=-1)
     ignored = labels == ignore_index
     safe = torch.where(ignored, torch.zeros_like(labels), labels)
     loss = torch.where(ignored, 0.0, lse - x.gather(1, safe[:, None]).squeeze(1))
-    grad = torch.exp(x - lse[:, None])
-    grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-    grad.masked_fill_(ignored[:, None], 0.0)
-    logits.copy_(grad)
+    x.sub_(lse[:, None] - math.log(grad_scale)).exp_()  # grad_scale·softmax, in the same pass
+    x.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -grad_scale))
+    x.masked_fill_(ignored[:, None], 0.0)
+    if x.data_ptr() != logits.data_ptr():
+        logits.copy_(x)
     return loss_out.copy_(loss), lse_out.copy_(lse)
 
 
-def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor,
-                       ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                       grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Dispatch the row step (Triton on CUDA / interpreter, torch reference otherwise)."""
     if use_triton(logits):
-        return cross_entropy_grad_triton(logits, labels, ignore_index)
-    return cross_entropy_grad_reference(logits, labels, ignore_index)
+        return cross_entropy_grad_triton(logits, labels, ignore_index, grad_scale=grad_scale)
+    return cross_entropy_grad_reference(logits, labels, ignore_index, grad_scale=grad_scale)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -149,41 +155,63 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
                                              reduction=reduction)  # fmt: skip
 
 
-def default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk: about ``n_rows / ceil(V/H)`` (so a chunk's logits are no bigger than the
-    hidden states), rounded to a power of two; Liger-Kernel uses the same rule."""
-    n_chunks = max(1, -(-vocab // hidden))
-    return max(1, triton.next_power_of_2(-(-max(n_rows, 1) // n_chunks)))
+# The fp32 logits of one chunk, [C, V], may take this many bytes. Sized so that short sequences are
+# one chunk (the LM head read once forward, once for dH/dW: as cheap as materialising the logits)
+# and long ones stay bounded: 8B Llama (V = 128256) gets 512 rows a chunk, 16 chunks at 8192 tokens.
+CHUNK_BYTES = 256 * 2**20
+
+
+def default_chunk_size(n_rows: int, vocab: int, hidden: int | None = None, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: as many as fit ``budget_bytes`` of fp32 logits ``[C, V]`` (a multiple of 16
+    once there are 16), spread evenly over the fewest chunks that hold ``n_rows``.
+
+    A fixed chunk count (the old rule, V/H chunks) re-read the LM head ~2·V/H times per step even
+    for a 127-token batch whose logits are a few MB. ``hidden`` is accepted for callers of that rule.
+    """
+    cap = max(1, budget_bytes // (4 * max(vocab, 1)))
+    if cap >= 16:
+        cap -= cap % 16
+    n_rows = max(n_rows, 1)
+    n_chunks = -(-n_rows // cap)
+    rows = -(-n_rows // n_chunks)
+    return min(cap, -(-rows // 16) * 16) if rows >= 16 else rows
 
 
 def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                            chunk_size: int, want_h: bool, want_w: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:  # fmt: skip
-    """(summed loss fp32 ``[]``, its dH ``[N, H]`` and dW ``[V, H]`` (None where not wanted), number of
-    counted rows). ``chunk_size`` 0: :func:`default_chunk_size`."""
+                            chunk_size: int, want_h: bool, want_w: bool, mean: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
+    """(summed loss fp32 ``[]``, dH ``[N, H]`` and dW ``[V, H]`` of the reduced loss (None where not
+    wanted), the reduction scale). ``chunk_size`` 0: :func:`default_chunk_size`. The scale goes into
+    the row step's gradient, so nothing rescales dW afterwards; with no ignored label the chunks are
+    slices (no gathers, dH written in place) and dW comes from the first chunk's GEMM."""
     v = weight.shape[0]
     rows = (labels != ignore_index).nonzero().squeeze(1)  # only these rows can contribute
     count = rows.numel()
-    grad_h = torch.zeros_like(hidden) if want_h else None
+    every_row = count == labels.numel()
+    scale = 1.0 / max(count, 1) if mean else 1.0
+    grad_h = (torch.empty_like(hidden) if every_row else torch.zeros_like(hidden)) if want_h else None
     # fp32 weights accumulate dW in fp32; half weights accumulate through addmm in their dtype
-    grad_w = torch.zeros_like(weight) if want_w else None
+    grad_w = torch.zeros_like(weight) if want_w and count == 0 else None
     chunk = chunk_size or default_chunk_size(count, v, hidden.shape[1])
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, count, chunk):
         idx = rows[start : start + chunk]
-        h_c = hidden.index_select(0, idx)  # [C, H]
+        h_c = hidden[start : start + chunk] if every_row else hidden.index_select(0, idx)  # [C, H]
         logits = h_c @ weight.t()  # [C, V]
         if logits.dtype != torch.float32:
             logits = logits.float()  # the softmax and its gradient want fp32
-        loss_c, _ = cross_entropy_grad(logits, labels.index_select(0, idx), ignore_index)
+        labels_c = labels[start : start + chunk] if every_row else labels.index_select(0, idx)
+        loss_c, _ = cross_entropy_grad(logits, labels_c, ignore_index, grad_scale=scale)
         total += loss_c.sum()
         if want_h or want_w:
-            g = logits.to(hidden.dtype)  # [C, V] = softmax − onehot
-            if want_h:
+            g = logits.to(hidden.dtype)  # [C, V] = scale·(softmax − onehot)
+            if want_h and every_row:
+                torch.mm(g, weight, out=grad_h[start : start + chunk])
+            elif want_h:
                 grad_h.index_copy_(0, idx, g @ weight)
             if want_w:
-                grad_w.addmm_(g.t(), h_c)
-    return total, grad_h, grad_w, count
+                grad_w = torch.mm(g.t(), h_c) if grad_w is None else grad_w.addmm_(g.t(), h_c)
+    return total, grad_h, grad_w, scale
 
 
 def _chunk_bytes(hidden: torch.Tensor, weight: torch.Tensor, rows: int, chunk_size: int, with_grads: bool) -> int:
@@ -199,18 +227,18 @@ def _chunk_bytes(hidden: torch.Tensor, weight: torch.Tensor, rows: int, chunk_si
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                              mean: bool, chunk_size: int, want_h: bool, want_w: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(loss fp32 ``[]`` (mean over counted rows, 0 without any, or the sum), dH and dW of the
-    *summed* loss (``[0]`` where not wanted), the reduction scale fp32 ``[]``). hidden ``[N, H]``,
-    weight ``[V, H]``, labels int64 ``[N]``."""
+    """(loss fp32 ``[]`` (mean over counted rows, 0 without any, or the sum), dH and dW of that loss
+    (``[0]`` where not wanted), the reduction scale fp32 ``[]``). hidden ``[N, H]``, weight ``[V, H]``,
+    labels int64 ``[N]``."""
     v = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     if bool(bad.any()):
         raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) "
                          f"and is not ignore_index={ignore_index}")  # fmt: skip
     with autocast_off(hidden.device):
-        total, grad_h, grad_w, count = _chunked_loss_and_grads(hidden, weight, labels, ignore_index, chunk_size,
-                                                               want_h, want_w)  # fmt: skip
-    scale = total.new_full((), 1.0 / max(count, 1) if mean else 1.0)
+        total, grad_h, grad_w, scale = _chunked_loss_and_grads(hidden, weight, labels, ignore_index, chunk_size,
+                                                               want_h, want_w, mean)  # fmt: skip
+    scale = total.new_full((), scale)
     grad_h = grad_h if want_h else hidden.new_empty(0)
     grad_w = grad_w if want_w else hidden.new_empty(0)
     return total * scale, grad_h, grad_w, scale
@@ -218,7 +246,7 @@ def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, ignore_index, mean, chunk_size, want_h, want_w):  # type: ignore[no-untyped-def]
-    """Outputs as the real op allocates them (dH, dW zero-filled there, accumulated chunk by chunk).
+    """Outputs as the real op allocates them (dH, dW filled chunk by chunk).
     No workspace; per chunk of C counted rows it holds transient logits fp32 ``[C, V]`` (plus a copy
     in hidden's dtype for 16-bit inputs), the chunk of hidden ``[C, H]`` and its dH rows ``[C, H]``:
     reported to the memory ledger with every row counted (a fake tensor has no labels to skip)."""
@@ -238,10 +266,12 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 
 def _backward(ctx, grad_out, *_):  # type: ignore[no-untyped-def]
-    grad_h, grad_w, scale = ctx.saved_tensors
-    factor = grad_out * scale
-    dh = grad_h * factor.to(grad_h.dtype) if ctx.want[0] else None
-    dw = grad_w * factor.to(grad_w.dtype) if ctx.want[1] else None
+    grad_h, grad_w, _scale = ctx.saved_tensors  # already scaled by the reduction
+    # the usual upstream gradient is 1 (the loss itself): then no pass over dW [V, H]; the check
+    # needs the value: only for a real CPU tensor (free there; a sync on a GPU; no value when traced)
+    unit = type(grad_out) is torch.Tensor and grad_out.device.type == "cpu" and bool(grad_out == 1)
+    dh = (grad_h if unit else grad_h * grad_out.to(grad_h.dtype)) if ctx.want[0] else None
+    dw = (grad_w if unit else grad_w * grad_out.to(grad_w.dtype)) if ctx.want[1] else None
     return dh, dw, None, None, None, None, None, None
 
 

@@ -44,6 +44,7 @@ from fastpeft.kernels.lora_linear_inputs import (
     weight_op_args,
 )
 from fastpeft.kernels.nf4 import NF4Weight, dequantize_into, dequantize_nf4
+from fastpeft.kernels.nf4_cpu import gemv_applicable, nf4_linear_cpu
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
 from fastpeft.kernels.workspace import accounting, get_workspace
 
@@ -116,14 +117,21 @@ def _training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")  # fmt: skip
-    w = dense_weight(weight, x.dtype)
-    if bias is None:
-        y = torch.mm(x, w.t(), out=out)
-    else:
-        y = torch.addmm(bias, x, w.t(), out=out)
+    y = base_linear(x, weight, bias, out)
     xa = torch.mm(x, lora_A.t())  # [M, r]
     y.addmm_(xa, lora_B.t(), alpha=scaling)  # one GEMM with beta=1: no [M, N] temporary
     return y, xa
+
+
+def base_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x·Wᵀ + b ``[M, N]`` as the training path computes it (into ``out`` when given): bitsandbytes'
+    fused GEMV for CPU decode rows of an NF4 W, else W dense (the workspace for NF4) and one GEMM."""
+    if isinstance(weight, NF4Weight) and gemv_applicable(x, weight):
+        y = nf4_linear_cpu(x, weight, bias)
+        return y if out is None else out.copy_(y)
+    w = dense_weight(weight, x.dtype)
+    return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
 
 
 def lora_linear_training_backward(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, weight: Weight,
@@ -181,15 +189,22 @@ def _forward_fake(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per 32-column tile). They are made
     here only for the memory ledger (:func:`fastpeft.kernels.workspace.accounting`).
     """
-    m, k = x.shape
     n, r = lora_B.shape
-    if accounting():
-        if m > DECODE_MAX_ROWS and nf4:
-            get_workspace("nf4_dequant", n * k, x.dtype, x.device)
-        elif m <= DECODE_MAX_ROWS:
-            get_workspace("lora_decode_acc", DECODE_MAX_ROWS * n, torch.float32, x.device, zeroed=True)
-            get_workspace("lora_decode_count", -(-n // 32), torch.int32, x.device, zeroed=True)
-    return x.new_empty((m, n)), x.new_empty((m if save_xa else 0, r))
+    account_forward_workspaces(x, n, nf4)
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0] if save_xa else 0, r))
+
+
+def account_forward_workspaces(x: torch.Tensor, n: int, nf4: bool) -> None:
+    """Inside a forward op's fake implementation: make the workspaces the real op uses for x
+    ``[M, K]`` and N output columns, for the memory ledger only (:func:`~fastpeft.kernels.workspace.accounting`)."""
+    if not accounting():
+        return
+    m, k = x.shape
+    if m > DECODE_MAX_ROWS and nf4:
+        get_workspace("nf4_dequant", n * k, x.dtype, x.device)
+    elif m <= DECODE_MAX_ROWS:
+        get_workspace("lora_decode_acc", DECODE_MAX_ROWS * n, torch.float32, x.device, zeroed=True)
+        get_workspace("lora_decode_count", -(-n // 32), torch.int32, x.device, zeroed=True)
 
 
 # Two forward ops, not one with optional NF4 arguments: a differentiable torch.library op pays per

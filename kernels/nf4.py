@@ -14,13 +14,16 @@ Format (bitsandbytes ``quantize_4bit(..., quant_type="nf4")``):
   the map directly and can pick the neighbouring code in rare near-midpoint cases.
 
 The Triton kernel below dequantizes into a dense tensor; the fused linear kernels reuse
-:func:`nf4_dequant_tile` to dequantize in registers.
+:func:`nf4_unpack_bytes` (aligned tiles: 128-bit loads, both nibbles of a byte used by the thread
+that loaded it, the code table in registers) or :func:`nf4_dequant_tile` (any tile) to dequantize in
+registers.
 
 Custom ops (``torch.library``; an :class:`NF4Weight` travels as its tensors and ints, see
 :meth:`NF4Weight.op_args`): ``fastpeft::quantize_nf4`` (torch, opaque), ``fastpeft::dequantize_nf4``
-and ``fastpeft::dequantize_nf4_out`` (``triton_op``: the Triton kernel on CUDA, the torch
-reference on CPU, the interpreter on CPU with ``TRITON_INTERPRET=1``; see
-:mod:`fastpeft.kernels.backend`). Neither is differentiable: an NF4 weight is frozen.
+and ``fastpeft::dequantize_nf4_out`` (``triton_op``: the Triton kernel on CUDA, on CPU
+:mod:`fastpeft.kernels.nf4_cpu` (bit-identical to the torch reference), the interpreter on CPU with
+``TRITON_INTERPRET=1``; see :mod:`fastpeft.kernels.backend`). Neither is differentiable: an NF4
+weight is frozen.
 """
 
 from __future__ import annotations
@@ -407,7 +410,10 @@ def nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, 
 def nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                      flat_idx, mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      NESTED_BLOCK: tl.constexpr):  # fmt: skip
-    """fp32 values of the weight at flat (row-major) indices ``flat_idx`` (int64, any shape)."""
+    """fp32 values of the weight at flat (row-major) indices ``flat_idx`` (int64, any shape).
+
+    Element by element (a byte load, a table load and a scale per element): the general case, for
+    tiles whose rows straddle bytes or blocks. Aligned tiles use :func:`nf4_unpack_bytes`."""
     byte = tl.load(packed_ptr + flat_idx // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where((flat_idx % 2) == 0, byte >> 4, byte & 0xF)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
@@ -417,16 +423,40 @@ def nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested
 
 
 @triton.jit
+def nf4_unpack_bytes(code_ptr, byte):
+    """fp32 NF4 values ``[R, 2·C]`` (element order: high nibble first) of packed bytes ``[R, C]`` (int32).
+
+    The 16-entry table is loaded once and held in registers; each byte's two codes are looked up in
+    it (``tl.gather``: warp shuffles), so a byte is read from memory once, by the thread that uses
+    both of its nibbles."""
+    rows: tl.constexpr = byte.shape[0] * byte.shape[1] // 32
+    # the gather is cheapest (two shuffles per element) on rows of 32 bytes, whatever the caller's tile
+    flat = byte.reshape(rows, 32)
+    table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (rows, 16))
+    values = tl.interleave(tl.gather(table, flat >> 4, 1), tl.gather(table, flat & 0xF, 1))
+    return values.reshape(byte.shape[0], 2 * byte.shape[1])
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-    n,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    n, n_bytes,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n
-    value = nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                             idx, mask, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
-    tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+    # One program: BLOCKS absmax blocks as a [BLOCKS, BLOCKSIZE / 2] tile of bytes (contiguous), so
+    # each thread reads 16 bytes with one vector load, one scale per block, and writes whole rows.
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
+    scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block,
+                            block * BLOCKSIZE < n, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+    value = nf4_unpack_bytes(code_ptr, byte) * scale[:, None]  # [BLOCKS, BLOCKSIZE]
+    elem = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + elem, value.to(out_ptr.dtype.element_ty), mask=elem < n)
+
+
+DEQUANT_TILE_BYTES = 2048  # bytes per program: 16 per thread at 4 warps
 
 
 def kernel_args(q: NF4Weight) -> tuple[Any, ...]:
@@ -463,11 +493,12 @@ def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None,
     dtype = _check_dequant_args(q, dtype, out)
     out = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
     packed, code, absmax, nested_absmax, nested_code, offset = kernel_args(q)
-    block = 1024
-    grid = (triton.cdiv(q.numel, block),)
+    blocks = max(1, DEQUANT_TILE_BYTES // (q.blocksize // 2))
+    grid = (triton.cdiv(triton.cdiv(q.numel, q.blocksize), blocks),)
     triton_launcher(_nf4_dequant_kernel)[grid](
-        packed, code, absmax, nested_absmax, nested_code, offset, out, q.numel,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK=block,
+        packed, code, absmax, nested_absmax, nested_code, offset, out, q.numel, q.packed.numel(),
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCKS=blocks,
+        num_warps=4,
     )  # fmt: skip
     return out
 
@@ -478,9 +509,11 @@ def dequantize_nf4_reference(q: NF4Weight, dtype: torch.dtype | None = None,
 
     Bit-identical to bitsandbytes' portable implementation (``backends/default/ops.py``
     ``_dequantize_4bit_compute``). bitsandbytes 0.50.2's public CPU ``dequantize_4bit`` sends even last
-    dims to its C kernel, which on some layouts applies the wrong block scales (e.g. shape (64, 64)
-    with blocksize 128..1024, (4, 96) with 64..256, (10, 48) with 32..256, (33, 80) with 64); there it
-    disagrees with its own portable code and with this function (tests/kernels/test_nf4.py).
+    dims to its C kernel, which looks a row's scales up as if each row were whole blocks, so it is
+    wrong whenever the last dim is not a multiple of the blocksize (e.g. shape (64, 64) with
+    blocksize 128..1024, (4, 96) with 64..256, (33, 80) with 64); there it disagrees with its own
+    portable code and with this function (tests/kernels/test_nf4.py). :mod:`fastpeft.kernels.nf4_cpu`
+    runs that kernel on one-block rows, where it is right for every shape.
     """
     dtype = _check_dequant_args(q, dtype, out)
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[: q.numel]
@@ -511,6 +544,10 @@ def dequantize_into(q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
     implementation: the body of the dequantization ops, also called inside other ops' bodies."""
     if use_triton(q.packed):
         return dequantize_nf4_triton(q, out.dtype, out)
+    if q.device.type == "cpu":  # bit-identical to the reference, 4-100x faster (kernels/nf4_cpu.py)
+        from fastpeft.kernels.nf4_cpu import dequantize_nf4_cpu  # imports this module
+
+        return dequantize_nf4_cpu(q, out.dtype, out)
     return dequantize_nf4_reference(q, out.dtype, out)
 
 

@@ -42,7 +42,15 @@ from fastpeft.kernels.lora_linear_inputs import (
     weight_from_op_args,
     weight_op_args,
 )
-from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, kernel_args, nf4_dequant_tile
+from fastpeft.kernels.nf4 import (
+    NESTED_BLOCKSIZE,
+    NF4Weight,
+    dequantize_nf4_reference,
+    kernel_args,
+    nf4_block_scale,
+    nf4_dequant_tile,
+    nf4_unpack_bytes,
+)
 from fastpeft.kernels.workspace import get_workspace
 
 DECODE_MAX_ROWS = 16  # tl.dot's smallest M tile; more rows go to the training path (dequant + cuBLAS)
@@ -52,14 +60,15 @@ DECODE_MAX_ROWS = 16  # tl.dot's smallest M tile; more rows go to the training p
 def _lora_decode_kernel(
     # pointers
     x_ptr, w_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    bias_ptr, a_ptr, b_ptr, y_ptr, acc_ptr, count_ptr,
+    bias_ptr, a_ptr, b_ptr, y_ptr, acc_ptr, count_ptr, row_adapter_ptr, adapter_scale_ptr,
     # sizes
-    M, N, K, R, k_per_split, scaling,
+    M, N, K, k_bytes, R, rank_per_adapter, k_per_split, k_per_split_bytes, scaling,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
     # meta-parameters
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FP32_DOT: tl.constexpr, ALIGNED: tl.constexpr,
+    ROUTED: tl.constexpr, SCALES_PER_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -77,13 +86,31 @@ def _lora_decode_kernel(
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # partial x·Aᵀ over this K-slice
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # byte offsets from their own multiple-of-16 argument: k0 // 2 would only be known 8-aligned,
+    # which caps the packed loads at 64 bits
+    kb_start = pid_k * k_per_split_bytes
+    for step in range(tl.cdiv(k_end - k_start, BLOCK_K)):
+        k0 = k_start + step * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
         w_mask = mask_k[:, None] & mask_n[None, :]
-        if IS_NF4:
+        if IS_NF4 and ALIGNED:
+            # K % BLOCKSIZE == 0: row n is bytes [n·K/2, (n+1)·K/2) and whole blocks. The tile is
+            # read as [BLOCK_N, BLOCK_K/2] bytes, 16 per thread in one vector load, unpacked in
+            # registers (both nibbles by the thread that loaded the byte), one scale per block.
+            offs_kb = kb_start + step * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            byte = tl.load(w_ptr + offs_n[:, None] * k_bytes + offs_kb[None, :],
+                           mask=mask_n[:, None] & (offs_kb[None, :] < k_end // 2), other=0).to(tl.int32)  # fmt: skip
+            seg_k = k0 + tl.arange(0, SCALES_PER_TILE) * (BLOCK_K // SCALES_PER_TILE)  # first k of each segment
+            block_idx = offs_n[:, None] * (K // BLOCKSIZE) + seg_k[None, :] // BLOCKSIZE
+            scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx,
+                                    mask_n[:, None] & (seg_k[None, :] < k_end), DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+            values = nf4_unpack_bytes(code_ptr, byte).reshape(BLOCK_N, SCALES_PER_TILE, BLOCK_K // SCALES_PER_TILE)
+            # masked-off k columns hold code 0 times a real scale: x is 0 there, so they add nothing
+            w = tl.trans((values * scale[:, :, None]).reshape(BLOCK_N, BLOCK_K))
+        elif IS_NF4:
             # Wᵀ tile [BLOCK_K, BLOCK_N] at flat row-major indices n·K + k: rows may straddle
             # both bytes (odd K) and absmax blocks (K not a multiple of BLOCKSIZE).
             flat = offs_n[None, :] * K + offs_k[:, None]
@@ -108,7 +135,17 @@ def _lora_decode_kernel(
     # LoRA up-projection of this slice's partial x·Aᵀ; fp32 throughout (it is r-sized, cheap).
     b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                 mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    acc = tl.dot(xa * scaling, b, acc, input_precision="ieee")
+    if ROUTED:
+        # Several adapters stacked along r (rank_per_adapter rows of A each): row m keeps only the
+        # columns of its own adapter (id -1: none), times that adapter's scale. One stream of W
+        # serves every adapter of the batch; a row's sums are those of a single-adapter launch.
+        ids = tl.load(row_adapter_ptr + offs_m, mask=mask_m, other=-1)
+        col_adapter = offs_r // rank_per_adapter
+        col_scale = tl.load(adapter_scale_ptr + col_adapter, mask=mask_r, other=0.0)
+        xa = tl.where(ids[:, None] == col_adapter[None, :], xa * col_scale[None, :], 0.0)
+    else:
+        xa = xa * scaling
+    acc = tl.dot(xa, b, acc, input_precision="ieee")
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y_mask = mask_m[:, None] & mask_n[None, :]
@@ -137,22 +174,28 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_config(m: int, n: int, k: int, r: int, is_nf4: bool, device: torch.device) -> dict[str, int]:
+def decode_config(m: int, n: int, k: int, r: int, is_nf4: bool, device: torch.device,
+                  aligned: bool = False) -> dict[str, int]:  # fmt: skip
     """Heuristic tiles and split for the decode kernel (a GEMV: a cheap rule, no autotuning).
 
     Aim for ~8 programs per SM so enough loads are in flight to saturate HBM, but keep each K-slice
     at least two BLOCK_K tiles long so the split-K atomics stay a small share of the traffic.
-    The NF4 tiles are small and unpipelined (num_stages=1) because the dequantization is a gather
-    per element. Chosen from offline sm_90 compiles (Triton 3.9; register and shared-memory use,
-    not timings): NF4 32 x 64 with 8 warps needs 70-196 registers and no spills for r <= 128, where
-    64 x 128 spilled and 3 stages took 140-260 KB of shared memory; dense 64 x 64, 8 warps, 3 stages.
+    NF4 with K a multiple of the blocksize (every real layer): 32 x 128 over 4 warps, so each thread
+    reads 16 packed bytes with one 128-bit load; 32 x 64 (64-bit loads) once the stacked A is wider
+    than 32. Other NF4 shapes go element by element: 32 x 64, 8 warps, unpipelined. Chosen from
+    offline sm_90 compiles (Triton 3.9, pointers 16-byte aligned as in a launch; registers, spills and
+    load widths in tests/kernels/test_nf4_sass.py, not timings); dense 64 x 64, 8 warps, 3 stages.
     """
     block_r = max(16, triton.next_power_of_2(r))
-    if is_nf4:
+    if is_nf4 and aligned:  # [32, 64] bytes per K-step over 4 warps: one 16-byte load per thread
+        block_n, block_k, num_warps, num_stages = 32, 128, 4, 1
+    elif is_nf4:
         block_n, block_k, num_warps, num_stages = 32, 64, 8, 1
     else:
         block_n, block_k, num_warps, num_stages = 64, 64, 8, 3
-    if block_r > 64:  # keep the [BLOCK_K, BLOCK_R] tile of A in registers
+    if is_nf4 and aligned and block_r > 32:  # wide (or routed, stacked) A: 8-byte loads, no spills
+        block_k = 64 if block_r <= 128 else 32
+    elif block_r > 64:  # keep the [BLOCK_K, BLOCK_R] tile of A in registers
         block_k = 32 if block_r > 128 else 64
     if device.type == "cuda":
         programs = 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -228,15 +271,23 @@ def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, lo
 def launch_nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
                            lora_B: torch.Tensor, scaling: float, *, out: torch.Tensor | None = None,
                            block_n: int | None = None, block_k: int | None = None,
-                           split_k: int | None = None) -> torch.Tensor:  # fmt: skip
+                           split_k: int | None = None, row_adapters: torch.Tensor | None = None,
+                           adapter_scales: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """:func:`nf4_lora_decode` without the argument checks, for callers that already ran
-    :func:`check_lora_linear_args` (saves host time per decode step). ``scaling`` must be a float."""
+    :func:`check_lora_linear_args` (saves host time per decode step). ``scaling`` must be a float.
+
+    Routed (several adapters in one batch, :mod:`fastpeft.kernels.lora_linear_routed`): ``lora_A``
+    ``[n_adapters·r, K]`` and ``lora_B`` ``[N, n_adapters·r]`` stacked along r, ``row_adapters``
+    int32 ``[M]`` (an adapter index, or -1), ``adapter_scales`` fp32 ``[n_adapters]``; ``scaling``
+    is then unused."""
     m, k = x.shape
     n, r = lora_B.shape
     out = _decode_output(x, n, out)
     if m == 0:
         return out
-    cfg = decode_config(m, n, k, r, isinstance(weight, NF4Weight), x.device)
+    is_nf4 = isinstance(weight, NF4Weight)
+    aligned = is_nf4 and k % weight.blocksize == 0
+    cfg = decode_config(m, n, k, r, is_nf4, x.device, aligned)
     block_n, block_k = block_n or cfg["block_n"], block_k or cfg["block_k"]
     _check_tiles(block_n, block_k)
     k_tiles = triton.cdiv(k, block_k)
@@ -257,16 +308,23 @@ def launch_nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor |
         count = get_workspace("lora_decode_count", n_tiles, torch.int32, x.device, zeroed=True)
     else:
         acc, count = out, out  # unused
+    routed = row_adapters is not None
+    if routed and (adapter_scales is None or r % adapter_scales.numel()):
+        raise ValueError(f"routed decode needs adapter_scales with one entry per adapter; lora_B has r={r}, "
+                         f"got {None if adapter_scales is None else adapter_scales.numel()} scales")  # fmt: skip
+    rank_per_adapter = r // adapter_scales.numel() if routed else r
     grid = (n_tiles, split_k)
     triton_launcher(_lora_decode_kernel)[grid](
         x, w, code, absmax, nested_absmax, nested_code, offset,
         bias if bias is not None else x, lora_A, lora_B, out, acc, count,
-        m, n, k, r, k_per_split, scaling,
+        row_adapters if routed else x, adapter_scales if routed else x,
+        m, n, k, k // 2, r, rank_per_adapter, k_per_split, k_per_split // 2, scaling,
         x.stride(0), x.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
         IS_NF4=isinstance(weight, NF4Weight), BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant,
         NESTED_BLOCK=NESTED_BLOCKSIZE, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         FP32_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()),
+        ALIGNED=aligned, ROUTED=routed, SCALES_PER_TILE=max(1, block_k // blocksize),
         BLOCK_M=DECODE_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=cfg["block_r"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

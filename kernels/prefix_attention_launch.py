@@ -49,8 +49,9 @@ def attention_launch_config(head_dim: int, device: torch.device, phase: str) -> 
     wide = head_dim > 64
     table = {
         "fwd": LaunchConfig(128, 32, 8, 3) if wide else LaunchConfig(128, 64, 8, 3),
-        # dK and dV accumulators are [BLOCK_N, D] fp32 each: narrower key blocks at D=128
-        "dkdv": LaunchConfig(64, 32, 8, 3) if wide else LaunchConfig(32, 128, 8, 3),
+        # dK and dV accumulators are [BLOCK_N, D] fp32 each: narrower key blocks at D=128; 3 stages
+        # spill 24 bytes once the pointers are known 16-byte aligned (as in every real launch)
+        "dkdv": LaunchConfig(64, 32, 8, 2) if wide else LaunchConfig(32, 128, 8, 3),
         "dq": LaunchConfig(64, 16, 8, 3) if wide else LaunchConfig(128, 32, 8, 3),
     }
     if phase not in table:

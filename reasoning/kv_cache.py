@@ -5,9 +5,10 @@ Two layouts (``prefix_mode`` of :class:`fastpeft.reasoning.sampler.Sampler`):
 * ``"shared"``: the P prompts are prefilled once into a prompt cache ``[P, Hkv, Lp, D]``; the
   ``B = P·n`` decode rows write only their own generated tokens into a second static cache
   ``[B, Hkv, G, D]``. During decode the model's attention is switched to
-  :func:`shared_prefix_attention`, which scores every row's query against its prompt's KV *in place*
-  (the n rows of a prompt are folded into the matmul's M dimension, so the prompt KV is neither
-  copied nor expanded) plus the row's own generated KV, under one softmax.
+  :func:`shared_prefix_attention`: every row's query against its prompt's KV *in place* (the n rows
+  of a prompt, with their g heads per KV head, are one group of query rows for the cascade kernel,
+  :mod:`fastpeft.kernels.cascade_attention`, which reads the prompt KV once per group), then against
+  the row's own generated KV, the two merged exactly through their log-sum-exp.
 * ``"copy"``: the prompts are still prefilled once, then each prompt's KV is copied n times into a
   ``[B, Hkv, Lp + G, D]`` static cache and the model's own attention runs unchanged. Works for any
   attention transformers implements (softcapping, sinks, ...), at n copies of the prompt KV.
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, StaticCache, StaticLayer
+
+from fastpeft.kernels.cascade_attention import cascade_prefix_attention, merge_attention_states
 
 SHARED_PREFIX_ATTENTION = "fastpeft_shared_prefix"
 STATE_KWARG = "fastpeft_shared_prefix_state"
@@ -144,30 +147,30 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     if q_len != 1 or b % p or hq % hkv:
         raise ValueError(f"shared-prefix attention expects query [P*n, Hq, 1, D] with Hq % Hkv == 0; got query "
                          f"{tuple(query.shape)} for prompt keys {tuple(prompt_k.shape)}")  # fmt: skip
-    n, g, gen_len = b // p, hq // hkv, key.shape[2]
+    n, g = b // p, hq // hkv
     scaling = d**-0.5 if scaling is None else scaling
     acc = state.base_bias.dtype
-
-    # Prompt part: fold the n rows and the g query heads of a KV head into M, so one matmul per
-    # (prompt, kv head) reads the prompt's keys once for all n samples.
-    q_prompt = query.reshape(p, n, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(p, hkv, n * g, d)
-    s_prompt = torch.matmul(q_prompt, prompt_k.transpose(-1, -2))  # [P, Hkv, n*g, Lp]
-    s_prompt = s_prompt.view(p, hkv, n, g, lp).permute(0, 2, 1, 3, 4)  # [P, n, Hkv, g, Lp]
-    s_gen = torch.matmul(query.reshape(b, hkv, g, d), key.transpose(-1, -2))  # [B, Hkv, g, G]
-    scores = torch.cat([s_prompt, s_gen.view(p, n, hkv, g, gen_len)], dim=-1).to(acc) * scaling
 
     bias = state.base_bias  # [P, Lp+G]
     if sliding_window is not None:
         # transformers' window: key visible iff query_pos - key_pos < sliding_window
         too_far = state.query_positions - state.key_positions >= sliding_window
         bias = bias.masked_fill(too_far, float("-inf"))
-    weights = torch.softmax(scores + bias[:, None, None, None, :], dim=-1).to(value.dtype)
 
-    w_prompt = weights[..., :lp].permute(0, 2, 1, 3, 4).reshape(p, hkv, n * g, lp)
-    out_prompt = torch.matmul(w_prompt, prompt_v).view(p, hkv, n, g, d).permute(0, 2, 1, 3, 4)
-    out_gen = torch.matmul(weights[..., lp:].reshape(b, hkv, g, gen_len), value)  # [B, Hkv, g, D]
-    out = out_prompt.reshape(b, hkv, g, d) + out_gen
-    return out.reshape(b, 1, hq, d), None
+    # Prompt part (kernels/cascade_attention.py): the n rows and the g query heads of a KV head are
+    # one group of n·g query rows, for which the prompt's keys and values are read once.
+    q_prompt = query.reshape(p, n, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(p, hkv, n * g, d)
+    o_prompt, lse_prompt = cascade_prefix_attention(q_prompt, prompt_k, prompt_v, bias[:, :lp], scaling)
+    o_prompt = o_prompt.view(p, hkv, n, g, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, g, d)
+    lse_prompt = lse_prompt.view(p, hkv, n, g).permute(0, 2, 1, 3).reshape(b, hkv, g)
+    # Own part: each row's generated keys [B, Hkv, G, D] (the step's own token is always visible)
+    s_gen = torch.matmul(query.reshape(b, hkv, g, d), key.transpose(-1, -2)).to(acc) * scaling  # [B, Hkv, g, G]
+    s_gen = s_gen + bias[:, lp:].repeat_interleave(n, dim=0)[:, None, None, :]
+    lse_gen = torch.logsumexp(s_gen, dim=-1)
+    weights = torch.exp(s_gen - lse_gen[..., None]).to(value.dtype)
+    o_gen = torch.matmul(weights, value)  # [B, Hkv, g, D]
+    out, _ = merge_attention_states(o_prompt.to(acc), lse_prompt.to(acc), o_gen.to(acc), lse_gen)
+    return out.to(query.dtype).reshape(b, 1, hq, d), None
 
 
 def _register() -> None:

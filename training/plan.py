@@ -16,7 +16,8 @@ d = h/n_h, n_kv key/value heads (kv = n_kv·d), vocabulary V, B·T tokens per mi
   Gradient checkpointing keeps only each layer's input (h per token per layer) plus one layer's
   full activations while it is recomputed;
 - the loss: full logits cost ~3·B·T·V fp32 values (logits, their fp32 copy, their gradient);
-  fastpeft's chunked loss one ``[C, V]`` fp32 chunk plus dH (and dW when the head trains).
+  fastpeft's chunked loss one ``[C, V]`` fp32 chunk (C from the op's 256 MiB budget, so a short
+  batch is one chunk) plus dH (and dW when the head trains).
 
 The total is the plain sum (gradients are counted as if they coexisted with every activation,
 which makes full fine-tuning estimates a little high); on CPU it lands within ~20% of the
@@ -35,6 +36,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from fastpeft.kernels.linear_cross_entropy import default_chunk_size
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
@@ -176,7 +179,7 @@ def estimate(inputs: PlanInputs, shape: ModelShape, method: str) -> dict[str, fl
     if inputs.loss_impl == "full":
         loss = 3 * tokens * shape.vocab * 4
     else:
-        chunk = max(1, tokens // max(1, -(-shape.vocab // shape.hidden)))
+        chunk = min(tokens, default_chunk_size(tokens, shape.vocab))  # the op's own rule: a byte budget
         head_grad = shape.vocab * shape.hidden * wb if method == "full" else 0
         loss = chunk * shape.vocab * 4 + tokens * shape.hidden * wb + head_grad
     static = weights + adapters + grads + optimizer

@@ -18,6 +18,9 @@ SCENARIOS: dict[str, str] = {
     "lora-step": "lora_step",
     "sampling": "sampling",
     "trl-sft-step": "trl_sft_step",
+    "multi-adapter": "multi_adapter",
+    "cpu-kernels": "cpu_kernels",
+    "cpu-models": "cpu_models",
     "memory": "memory",
 }
 

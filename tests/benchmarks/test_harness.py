@@ -1,5 +1,6 @@
 """The benchmark harness: every scenario end to end on CPU, bad names, missing baselines, formulas."""
 
+import contextlib
 import json
 import sys
 
@@ -39,9 +40,12 @@ def test_every_scenario_runs_small_on_cpu_and_writes_json_table_png_results_md(t
             assert r["median_ms"] > 0 and r["vs_floor"] is None  # no floor on CPU
             assert r["vs_fastest_baseline"] is not None or not r["comparable"]
             assert (r["tflops"] or r["gbps"]) > 0
-        elif r["scenario"] in ("decode-linear", "train-linear", "prefix-attention"):
+        elif r["scenario"] in ("decode-linear", "train-linear", "prefix-attention", "multi-adapter"):
             assert r["status"] == "ok" and r["backend"] == "torch", r
             assert 0 < r["rel_err"] <= r["tolerance"]  # the check ran against the float64 reference
+        elif r["scenario"].startswith("cpu-"):  # interleaved rounds against the baselines (interleaved.py)
+            assert r["status"] == "ok" and r["extra"]["speedup"] > 0 and r["extra"]["rounds"] == 1, r
+            assert r["rel_err"] is None or r["rel_err"] <= r["tolerance"]
         else:  # whole workloads, measured by benchmarks/training_steps.py and sampling_throughput.py
             assert r["status"] == "ok" and r["extra"]["tokens_per_s"] > 0, r
     for name in scenarios.SCENARIOS:
@@ -184,6 +188,20 @@ def test_interleaved_rounds_alternate_order_and_give_the_ratio_by_round():
     # whoever runs second is 4% slower: rounds 0, 2 (ours first) and 1, 3 (ours second) pair up
     pairs = harness.paired_round_ratios([1.0, 1.04, 2.0, 2.08, 5.0], [1.04, 1.0, 2.08, 2.0, 1.0])
     assert pairs == pytest.approx([1.0, 1.0])  # the odd last round has no partner
+
+
+def test_interleaved_turns_repeat_short_calls_and_the_last_round_is_wrapped():
+    calls, wrapped = [], []
+
+    @contextlib.contextmanager
+    def last_round(name):
+        wrapped.append(name)
+        yield
+
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = harness.interleaved_times(fns, 0, 2, torch.device("cpu"), calls={"a": 3}, last_round=last_round)
+    assert calls == ["a", "a", "a", "b", "b", "a", "a", "a"] and wrapped == ["b", "a"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
 
 
 def test_relative_error_catches_mismatch_and_shape():

@@ -72,3 +72,74 @@ def test_inductor_on_cuda_traces_the_triton_kernels(lm, kind):
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=5e-2)
+
+
+# The CPU NF4 path (kernels/nf4_cpu.py) calls bitsandbytes' C kernels through ctypes: bf16 decode
+# rows take its GEMV, everything else its dequantization into the workspace. Eager calls run them;
+# a trace (torch.compile decomposes the ops into their bodies, the ledger runs fake tensors) takes
+# the torch reference instead, so neither breaks a graph nor hands a traced tensor to C.
+CPU_PATHS = {"bf16 decode (GEMV)": (torch.bfloat16, "_gemv"),
+             "fp32 training (dequant)": (torch.float32, "_dequant_native_blocks")}
+
+
+def _spy(monkeypatch, name: str) -> list[int]:
+    from fastpeft.kernels import nf4_cpu
+
+    calls: list[int] = []
+    real = getattr(nf4_cpu, name)
+    monkeypatch.setattr(nf4_cpu, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_qlora_cpu_path_compiles_without_graph_breaks_and_runs_natively(lm, monkeypatch, path):
+    dtype, native_call = CPU_PATHS[path]
+    model = _adapted(lm, "qlora", num_layers=1).to(dtype)  # hidden 64, MLP 128: the GEMV's shapes
+    ids = lm.ids(batch=1, seq=3)  # 3 rows: decode-sized
+    calls = _spy(monkeypatch, native_call)
+    breaks, reasons = _graph_breaks(model, ids)
+    assert breaks == 0, reasons
+    want = model(input_ids=ids).logits
+    eager_calls = len(calls)
+    assert eager_calls > 0  # the eager step takes bitsandbytes' kernel
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids).logits
+    assert len(calls) == eager_calls  # the compiled graph traced the reference
+    if dtype == torch.float32:  # the native dequantization is bit for bit the reference
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    else:  # the GEMV rounds the block scales to bf16
+        torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=3e-2)
+        assert not torch.equal(got, want)  # (so the eager logits did come from the GEMV)
+
+
+def test_qlora_cpu_path_under_fake_tensor_mode(lm, monkeypatch):
+    """The memory ledger's setting: a QLoRA model built and stepped on fake tensors; no native call
+    is made, nothing derived from a weight is cached, no fake NF4 view stays on a layer."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from fastpeft.kernels import nf4, nf4_cpu
+    from fastpeft.kernels.workspace import isolated_workspaces
+    from fastpeft.qlora_linear import QLoRALinear
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bitsandbytes' C kernel called on a traced tensor")
+
+    for name in ("_gemv", "_dequant_native_blocks", "_absmax_native"):
+        monkeypatch.setattr(nf4_cpu, name, refuse)
+    nf4_cpu.clear_derived()
+    nf4.nf4_code("cpu"), nf4.dynamic_map("cpu")  # cached real constants, made outside the fake mode
+    default = torch.get_default_dtype()
+    for dtype, rows in ((torch.float32, 9), (torch.bfloat16, 3)):  # training path, GEMV-sized rows
+        with isolated_workspaces(), FakeTensorMode(allow_non_fake_inputs=True):
+            try:
+                torch.set_default_dtype(dtype)  # built in dtype: .to() cannot swap fake parameters
+                model = _adapted(lm, "qlora", num_layers=1)
+            finally:
+                torch.set_default_dtype(default)
+            logits = model(input_ids=lm.ids(batch=1, seq=rows)).logits
+            logits.float().square().mean().backward()
+        assert isinstance(logits, FakeTensor) and logits.shape == (1, rows, 128) and logits.dtype == dtype
+        layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+        assert len(layers) == 7 and all("_nf4_view" not in layer.__dict__ for layer in layers)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert not nf4_cpu._derived

@@ -14,10 +14,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from fastpeft.kernels import dequantize_nf4, force_backend, nf4, quantize_nf4
+from fastpeft.kernels.cascade_attention import cascade_prefix_attention
 from fastpeft.kernels.linear_cross_entropy import linear_cross_entropy
 from fastpeft.kernels.linear_logprobs import linear_logprobs
 from fastpeft.kernels.lora_linear import lora_linear
 from fastpeft.kernels.lora_linear_inputs import weight_op_args
+from fastpeft.kernels.lora_linear_routed import lora_linear_routed
 from fastpeft.kernels.nf4_lora_decode import nf4_lora_decode
 from fastpeft.kernels.prefix_attention import prefix_attention
 from fastpeft.kernels.workspace import clear_workspaces, workspace_bytes
@@ -25,7 +27,7 @@ from fastpeft.kernels.workspace import clear_workspaces, workspace_bytes
 OPS = {
     "quantize_nf4", "dequantize_nf4", "dequantize_nf4_out", "lora_linear", "nf4_lora_linear", "lora_linear_backward",
     "nf4_lora_decode", "prefix_attention", "prefix_attention_backward", "linear_cross_entropy", "linear_logprobs",
-    "linear_logprobs_backward",
+    "linear_logprobs_backward", "lora_linear_routed", "lora_linear_routed_backward", "cascade_prefix_attention",
 }  # fmt: skip
 
 
@@ -41,6 +43,8 @@ def op_cases(kind: str):
     q = quantize_nf4(_rand(gen, 20, 40), 32, double_quant=False)
     x, xs = _rand(gen, 24, 40, grad=True), _rand(gen, 3, 40, grad=True)  # training / decode rows
     a, b, bias = _rand(gen, 4, 40, grad=True), _rand(gen, 20, 4, grad=True), _rand(gen, 20, grad=True)
+    a2, b2 = _rand(gen, 2, 40, grad=True), _rand(gen, 20, 2, grad=True)  # a second adapter, rank 2
+    ids = torch.tensor([1, -1, 0] + [0, 1, -1, 1] * 5 + [0])  # routed rows: an adapter index or -1
     q4, k4, v4 = _rand(gen, 2, 4, 5, 16, grad=True), _rand(gen, 2, 2, 5, 16, grad=True), _rand(gen, 2, 2, 5, 16, grad=True)
     pk, pv = _rand(gen, 3, 2, 16, grad=True), _rand(gen, 3, 2, 16, grad=True)
     mask = torch.tensor([[True] * 5, [False, True, True, True, True]])
@@ -62,6 +66,16 @@ def op_cases(kind: str):
         "prefix_attention": (ops.prefix_attention, attn),
         "prefix_attention_backward": (ops.prefix_attention_backward, (_rand(gen, 2, 4, 5, 16), *detached, mask,
                                       gate.detach(), out, lse, 0.25, True, True)),
+        "cascade_prefix_attention": (ops.cascade_prefix_attention, (_rand(gen, 2, 2, 6, 16), _rand(gen, 2, 2, 5, 16),
+                                     _rand(gen, 2, 2, 5, 16), torch.tensor([[0.0] * 5, [-math.inf, 0, 0, 0, 0]]),
+                                     0.25)),
+        "lora_linear_routed": (ops.lora_linear_routed, (x, *weight_op_args(q_dq), bias, ids, [a, a2], [b, b2],
+                               [0.5, 2.0], True)),
+        "lora_linear_routed decode rows": (ops.lora_linear_routed, (xs, *weight_op_args(q), None, ids[:3], [a, a2],
+                                           [b, b2], [0.5, 2.0], False)),
+        "lora_linear_routed_backward": (ops.lora_linear_routed_backward, (_rand(gen, 24, 20), x.detach(),
+                                        _rand(gen, 24, 6), *weight_op_args(q_dq), ids, [a.detach(), a2.detach()],
+                                        [b.detach(), b2.detach()], [0.5, 2.0], True, True, True)),
     }  # fmt: skip
     # LM-head log-probs: 9 rows, V = 13 over chunks of 4; the backward with and without the entropy term
     h9, w13, t9 = _rand(gen, 9, 8, grad=True), _rand(gen, 13, 8, grad=True), torch.tensor([1, 4, 0, 12, 3, 7, 2, 5, 9])
@@ -117,6 +131,14 @@ def test_public_ops_run_under_fake_tensor_mode_forward_and_backward():
         assert y.shape == (33, 70) and x.grad.shape == x.shape and a.grad.shape == a.shape and b.grad.shape == b.shape
         assert bias.grad.shape == (70,)
         assert nf4_lora_decode(x[:4].detach(), q, None, a.detach(), b.detach(), 0.25).shape == (4, 70)
+        a2, b2 = torch.randn(3, 96, requires_grad=True), torch.randn(70, 3, requires_grad=True)
+        ids = torch.tensor([0, 1, -1] * 11)
+        o_c, lse_c = cascade_prefix_attention(torch.randn(2, 2, 6, 16), torch.randn(2, 2, 5, 16),
+                                              torch.randn(2, 2, 5, 16), torch.zeros(2, 5), 0.25)
+        assert o_c.shape == (2, 2, 6, 16) and lse_c.shape == (2, 2, 6) and o_c.dtype == torch.float32
+        routed = lora_linear_routed(x, q, bias, ids, [a, a2], [b, b2], [0.25, 2.0])
+        routed.sum().backward()
+        assert routed.shape == (33, 70) and a2.grad.shape == a2.shape and b2.grad.shape == b2.shape
         qh, kh = torch.randn(2, 4, 9, 16, requires_grad=True), torch.randn(2, 2, 9, 16, requires_grad=True)
         pk = torch.randn(3, 2, 16, requires_grad=True)
         o = prefix_attention(qh, kh, kh, pk, pk)

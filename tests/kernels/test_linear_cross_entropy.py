@@ -182,6 +182,50 @@ def test_dispatch_follows_the_backend_switch(monkeypatch):
     assert torch.isfinite(hidden.grad).all()
 
 
+@pytest.mark.parametrize("n_rows,vocab", [(1, 5), (127, 32000), (1023, 32000), (2047, 32000), (8191, 128256),
+                                          (32768, 128256), (300_001, 32000), (3, 2**40)])  # fmt: skip
+def test_chunk_rule_is_a_byte_budget(n_rows, vocab):
+    """Short batches are one chunk (the LM head read once, as when materialising the logits); a
+    chunk's fp32 logits never exceed the budget (one row at least); chunks are evenly filled."""
+    from fastpeft.kernels.linear_cross_entropy import CHUNK_BYTES, default_chunk_size
+
+    chunk = default_chunk_size(n_rows, vocab)
+    n_chunks = -(-n_rows // chunk)
+    assert chunk == 1 or chunk * vocab * 4 <= CHUNK_BYTES
+    fits = max(1, CHUNK_BYTES // (4 * vocab))
+    assert n_chunks == -(-n_rows // (fits - fits % 16 if fits >= 16 else fits))  # the fewest chunks
+    assert n_chunks * chunk - n_rows < 16 * n_chunks  # evenly filled: under 16 rows to spare per chunk
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_row_kernel_grad_scale(impl):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 37, generator=gen) * 3
+    labels = torch.tensor([0, 36, -100, 7])
+    _, _, want_grad = _float64_ce(logits, labels)
+    buf = logits.clone()
+    if impl == "triton":
+        cross_entropy_grad_triton(buf, labels, -100, block_v=16, grad_scale=0.25)
+    else:
+        cross_entropy_grad_reference(buf, labels, -100, grad_scale=0.25)
+    torch.testing.assert_close(buf.double(), 0.25 * want_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size,ignored", [(None, False), (4, False), (4, True)])
+def test_every_row_fast_path_and_upstream_gradient(chunk_size, ignored):
+    """No ignored label: chunks are slices of hidden, dH written in place, dW from its first GEMM;
+    an upstream gradient other than 1 still scales both."""
+    gen = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(10, 12, generator=gen), torch.randn(23, 12, generator=gen) / 4
+    labels = torch.randint(0, 23, (10,), generator=gen)
+    if ignored:
+        labels[3] = -100
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (torch.nn.functional.cross_entropy(h64 @ w64.t(), labels) * 2.5).backward()
+    hid, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (linear_cross_entropy(hid, wt, labels, chunk_size=chunk_size) * 2.5).backward()
+    torch.testing.assert_close(hid.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wt.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
 @pytest.mark.gpu
 def test_cuda_llama3_vocabulary_matches_float64():
     """The Triton row kernel and the chunk loop on a GPU at Llama-3's shapes (H 4096, V 128256), bf16."""

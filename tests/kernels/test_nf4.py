@@ -1,11 +1,13 @@
 """NF4 quantization is bit-exact with bitsandbytes on CPU; dequantization (torch and Triton) agrees.
 
 bitsandbytes 0.50.2's public CPU ``dequantize_4bit`` sends even last dims to a C kernel that applies
-the wrong block scales on some layouts (observed: (64, 64) with blocksize 128..1024, (4, 96) with
+the wrong block scales when the last dim is not a multiple of the blocksize (it indexes the scales
+per row as if rows were whole blocks; observed: (64, 64) with blocksize 128..1024, (4, 96) with
 64..256, (10, 48) with 32..256, (16, 256) with 512 and 1024, (33, 80) with 64; errors of the order of
-the weights themselves). There it also disagrees with bitsandbytes' own portable implementation
-(``_dequantize_4bit_compute``), so those cases are compared with the portable code only and the
-public-API comparison skips with a reason.
+the weights themselves). Its CPU repack (``packing_format_for_cpu``) is not involved. There it also
+disagrees with bitsandbytes' own portable implementation (``_dequantize_4bit_compute``), so those
+cases are compared with the portable code only and the public-API comparison skips with a reason
+(tests/kernels/test_nf4_cpu.py pins the cause on bitsandbytes' kernel itself).
 """
 
 import math

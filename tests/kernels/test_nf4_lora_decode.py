@@ -133,3 +133,23 @@ def test_decode_cuda_llama_shapes(m, n, k):
     for _ in range(2):
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         assert_close64(nf4_lora_decode(x, weight, bias, a, b, 2.0, out=out), ref, torch.bfloat16, f"{m}x{n}x{k}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n,k,blocksize,double_quant", [(33, 64, 32, False), (40, 128, 64, True), (21, 256, 256, True),
+                                                        (64, 96, 32, True), (17, 75, 64, True), (8, 512, 128, False)])  # fmt: skip
+def test_decode_dequantizes_bit_exact_with_reference(n, k, blocksize, double_quant):
+    """The weight the kernel multiplies by, read back exactly: one-hot rows x = e_k (fp32, ieee dots)
+    and B = 0 make y[m] = W[:, k_m], which must equal the reference dequantization bit for bit, on
+    the aligned path (vector loads; K a multiple of the blocksize, one or several blocks per K step)
+    and the general one (K = 75), with split-K (other slices add exact zeros)."""
+    gen = torch.Generator().manual_seed(n * k)
+    q = quantize_nf4(torch.randn(n, k, generator=gen) * 3, blocksize, double_quant)
+    w = dequantize_nf4_reference(q, torch.float32)
+    cols = torch.randperm(k, generator=gen)[:DECODE_MAX_ROWS]
+    x = torch.zeros(len(cols), k)
+    x[torch.arange(len(cols)), cols] = 1.0
+    a, b = torch.randn(4, k, generator=gen), torch.zeros(n, 4)
+    for split_k in (1, 3):
+        y = nf4_lora_decode(x, q, None, a, b, 1.0, split_k=split_k)
+        assert torch.equal(y, w[:, cols].t()), split_k
