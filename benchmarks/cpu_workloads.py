@@ -26,8 +26,9 @@ def hf_model(model_dir: str, quantized: bool, training: bool, device: torch.devi
         return hf_bnb_peft_model(model_dir, device, training=training)
     transformers, peft = import_optional("transformers"), import_optional("peft")
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).to(device)
-    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS),
-                           task_type="CAUSAL_LM")  # fmt: skip
+    lora = peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM"
+    )
     model = peft.get_peft_model(model, lora)
     return model.train() if training else model.eval()
 
@@ -38,8 +39,12 @@ def fastpeft_model(model_dir: str, quantized: bool, device: torch.device) -> tor
 
     transformers = import_optional("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).to(device)
-    config = fastpeft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LLAMA_PROJECTIONS),
-                                 quantize="nf4" if quantized else None)  # fmt: skip
+    config = fastpeft.LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        target_modules=list(LLAMA_PROJECTIONS),
+        quantize="nf4" if quantized else None,
+    )
     return fastpeft.inject(model, config).eval()
 
 
@@ -47,8 +52,9 @@ def prompt_ids(num_prompts: int, length: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (num_prompts, length), generator=torch.Generator().manual_seed(0))
 
 
-def ours_generate(model: torch.nn.Module, prompts: torch.Tensor, n: int, new_tokens: int,
-                  temperature: float) -> Callable[[], Any]:  # fmt: skip
+def ours_generate(
+    model: torch.nn.Module, prompts: torch.Tensor, n: int, new_tokens: int, temperature: float
+) -> Callable[[], Any]:
     """fastpeft's sampler: ``n`` continuations of each prompt, exactly ``new_tokens`` each."""
     from fastpeft.reasoning.sampler import Sampler
     from fastpeft.reasoning.types import SamplingParams
@@ -59,12 +65,17 @@ def ours_generate(model: torch.nn.Module, prompts: torch.Tensor, n: int, new_tok
     return lambda: sampler.generate_ids(ids, params, n, ignore_eos=True)
 
 
-def hf_generate_call(model: torch.nn.Module, prompts: torch.Tensor, n: int, new_tokens: int,
-                     temperature: float) -> Callable[[], Any]:  # fmt: skip
+def hf_generate_call(
+    model: torch.nn.Module, prompts: torch.Tensor, n: int, new_tokens: int, temperature: float
+) -> Callable[[], Any]:
     """``model.generate`` on the prompts repeated ``n`` times (what HF users do for N samples)."""
     ids = prompts.repeat_interleave(n, dim=0).to(model.device)
-    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens,
-                              "min_new_tokens": new_tokens, "pad_token_id": 0}  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "pad_token_id": 0,
+    }
     # the distribution ours samples: temperature only (generate would add its default top-k of 50)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     kwargs.update(sampling if temperature > 0 else {"do_sample": False})
@@ -118,8 +129,9 @@ def ours_training_step(model_dir: str, batch: int, seq: int, vocab: int, device:
     return step
 
 
-def loss_inputs(rows: int, hidden: int, vocab: int, device: torch.device,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def loss_inputs(
+    rows: int, hidden: int, vocab: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[rows, H]`` and an LM head ``[V, H]`` (bf16, requiring grad), labels ``[rows]``."""
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(rows, hidden, generator=gen).to(device, DTYPE).requires_grad_()

@@ -182,10 +182,14 @@ def median_time_ms(fn: Callable[[], Any], ctx: Context) -> float:
     return statistics.median(times) * 1e3
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int, device: torch.device,
-                      calls: dict[str, int] | None = None,
-                      last_round: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
-                      ) -> dict[str, list[float]]:  # fmt: skip
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]],
+    warmup: int,
+    rounds: int,
+    device: torch.device,
+    calls: dict[str, int] | None = None,
+    last_round: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
+) -> dict[str, list[float]]:
     """Wall seconds per call of each of ``fns`` over ``rounds`` rounds, one turn of each per round,
     the order reversed every other round: on a shared machine load changes hit every implementation
     alike, so per-round ratios are steadier than ratios of separately measured medians.
@@ -292,12 +296,12 @@ def measure_floors(device: torch.device) -> dict[str, float] | None:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
     copy_gbps = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # the lambda's cells too: frees 4 GiB before the GEMM
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn_like(a)
     ms = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
     gemm_tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
-    del a, b
+    a = b = None
     free_memory(device)
     return {"copy_GBps": copy_gbps, "gemm_TFLOPs": gemm_tflops}
 
@@ -341,11 +345,21 @@ def free_memory(device: torch.device) -> None:
 
 def _base_row(case: Case, spec: ImplSpec, ctx: Context) -> Row:
     return Row(
-        scenario=case.scenario, group=case.group, x_name=case.x_name, x=case.x, impl=spec.name,
-        role=spec.role, metric=case.metric, flops=case.flops, bytes=case.bytes,
-        floor_kind=case.floor[0] if case.floor else None, floor_ms=floor_ms(case.floor, ctx.floors),
-        mem_kind=memory_kind(ctx.device), tolerance=case.tolerance, comparable=spec.comparable,
-    )  # fmt: skip
+        scenario=case.scenario,
+        group=case.group,
+        x_name=case.x_name,
+        x=case.x,
+        impl=spec.name,
+        role=spec.role,
+        metric=case.metric,
+        flops=case.flops,
+        bytes=case.bytes,
+        floor_kind=case.floor[0] if case.floor else None,
+        floor_ms=floor_ms(case.floor, ctx.floors),
+        mem_kind=memory_kind(ctx.device),
+        tolerance=case.tolerance,
+        comparable=spec.comparable,
+    )
 
 
 def _fill_rates(row: Row) -> None:
@@ -429,8 +443,16 @@ def run_case(case: Case, ctx: Context) -> list[Row]:
     try:
         specs = case.make_impls(ctx)
     except Unavailable as exc:
-        row = Row(scenario=case.scenario, group=case.group, x_name=case.x_name, x=case.x, impl="(case)",
-                  role=BASELINE, status=str(exc), metric=case.metric)  # fmt: skip
+        row = Row(
+            scenario=case.scenario,
+            group=case.group,
+            x_name=case.x_name,
+            x=case.x,
+            impl="(case)",
+            role=BASELINE,
+            status=str(exc),
+            metric=case.metric,
+        )
         return [row]
     from .interleaved import run_interleaved, set_target
 

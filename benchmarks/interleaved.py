@@ -114,6 +114,7 @@ def run_interleaved(case: Case, specs: list[ImplSpec], ctx: Context) -> list[Row
                     runs[name].run()
                 except Exception as exc:
                     failed[name] = exc
+
         return call
 
     @contextlib.contextmanager
@@ -122,8 +123,9 @@ def run_interleaved(case: Case, specs: list[ImplSpec], ctx: Context) -> list[Row
             yield
         peaks[name] = window.peak
 
-    times = interleaved_times({name: turn(name) for name in runs}, 0, max(ctx.cpu_reps, 1), ctx.device, calls,
-                              peak_memory)  # fmt: skip
+    times = interleaved_times(
+        {name: turn(name) for name in runs}, 0, max(ctx.cpu_reps, 1), ctx.device, calls, peak_memory
+    )
     times = {name: [t * 1e3 for t in ts] for name, ts in times.items()}  # ms per call
     for name, exc in failed.items():
         next(row for row in rows if row.impl == name).status = _error_status(exc, ctx)
@@ -153,8 +155,13 @@ def _set_round_ratios(rows: list[Row], times: dict[str, list[float]], case: Case
         paired = paired_round_ratios(times[row.impl], base)
         ratios = paired or [t / b for t, b in zip(times[row.impl], base)]  # one round: its ratio
         row.vs_fastest_baseline = statistics.median(ratios)
-        row.extra.update(speedup=1.0 / row.vs_fastest_baseline, round_ratios=ratios, baseline=fastest.impl,
-                         rounds=len(times[row.impl]), pairs=len(paired))  # fmt: skip
+        row.extra.update(
+            speedup=1.0 / row.vs_fastest_baseline,
+            round_ratios=ratios,
+            baseline=fastest.impl,
+            rounds=len(times[row.impl]),
+            pairs=len(paired),
+        )
     set_target(rows, case)
 
 

@@ -15,20 +15,55 @@ if TYPE_CHECKING:
     from .harness import Context
 
 LLAMA_SIZES: dict[str, dict[str, int]] = {
-    "1.2B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
-    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    "1.2B": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "8B": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    ),
     # 30.0M parameters: whole-model CPU comparisons (lora-step --full)
-    "30M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=16000, max_position_embeddings=2048),
+    "30M": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=16000,
+        max_position_embeddings=2048,
+    ),
     # the CPU scenarios' model (33.6M parameters): big enough that the linears dominate a step
-    "cpu-34M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048),
+    "cpu-34M": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=8192,
+        max_position_embeddings=2048,
+    ),
     # CPU "--small" runs: checks that the harness works, not a timing
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
-}  # fmt: skip
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+    ),
+}
 
 
 def llama_config(size: str) -> Any:
@@ -44,8 +79,14 @@ def llama_config(size: str) -> Any:
 def formula_dims(size: str) -> dict[str, int]:
     """The dimensions the FLOP/byte formulas take, for ``size``."""
     c = LLAMA_SIZES[size]
-    return dict(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
-                heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], vocab=c["vocab_size"])  # fmt: skip
+    return dict(
+        hidden=c["hidden_size"],
+        intermediate=c["intermediate_size"],
+        layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"],
+        kv_heads=c["num_key_value_heads"],
+        vocab=c["vocab_size"],
+    )
 
 
 def checkpoint_dir(ctx: Context, size: str) -> str:

@@ -15,8 +15,17 @@ from typing import Any
 
 SCHEMA = 1
 RESULTS_HEADER = "# fastpeft benchmark results"
-TABLE_COLUMNS = ("case", "implementation", "median", "rate", "vs fastest baseline", "vs floor",
-                 "peak memory", "rel. error", "status")  # fmt: skip
+TABLE_COLUMNS = (
+    "case",
+    "implementation",
+    "median",
+    "rate",
+    "vs fastest baseline",
+    "vs floor",
+    "peak memory",
+    "rel. error",
+    "status",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,10 +63,16 @@ def fmt_rate(row: dict[str, Any]) -> str:
 def row_cells(row: dict[str, Any]) -> list[str]:
     err = row.get("rel_err")
     return [
-        f"{row['group']} {row['x_name']}={row['x']}", row["impl"], fmt_time(row.get("median_ms")), fmt_rate(row),
-        fmt_ratio(row.get("vs_fastest_baseline")), fmt_ratio(row.get("vs_floor")),
-        fmt_bytes(row.get("peak_mem_bytes")), "-" if err is None else f"{err:.1e}", row["status"],
-    ]  # fmt: skip
+        f"{row['group']} {row['x_name']}={row['x']}",
+        row["impl"],
+        fmt_time(row.get("median_ms")),
+        fmt_rate(row),
+        fmt_ratio(row.get("vs_fastest_baseline")),
+        fmt_ratio(row.get("vs_floor")),
+        fmt_bytes(row.get("peak_mem_bytes")),
+        "-" if err is None else f"{err:.1e}",
+        row["status"],
+    ]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -78,8 +93,18 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-INTERLEAVED_COLUMNS = ("case", "implementation", "median", "rate", "speedup vs baseline (median of rounds)",
-                       "target", "met", "peak memory", "rel. error", "status")  # fmt: skip
+INTERLEAVED_COLUMNS = (
+    "case",
+    "implementation",
+    "median",
+    "rate",
+    "speedup vs baseline (median of rounds)",
+    "target",
+    "met",
+    "peak memory",
+    "rel. error",
+    "status",
+)
 
 
 def fmt_target(target: Sequence[Any] | None) -> str:
@@ -160,7 +185,9 @@ def plot_result(result: dict[str, Any], directory: Path, stem: str) -> list[Path
     paths = []
     for scenario in dict.fromkeys(r["scenario"] for r in result["rows"]):
         # memory-only rows (the ledger: no time) still get their memory bars
-        rows = [r for r in result["rows"] if r["scenario"] == scenario and (r.get("median_ms") or r.get("peak_mem_bytes"))]
+        rows = [
+            r for r in result["rows"] if r["scenario"] == scenario and (r.get("median_ms") or r.get("peak_mem_bytes"))
+        ]
         if not rows:
             continue
         fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -169,14 +196,27 @@ def plot_result(result: dict[str, Any], directory: Path, stem: str) -> list[Path
         color = {impl: plt.cm.tab10(i % 10) for i, impl in enumerate(impls)}  # one colour per implementation
         styles = ("-", "--", ":", "-.")  # one line style per shape group
         for group, impl in dict.fromkeys((r["group"], r["impl"]) for r in rows):
-            pts = sorted((r["x"], r["median_ms"]) for r in rows if (r["group"], r["impl"]) == (group, impl) and r.get("median_ms"))
-            ax_time.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[impl],
-                         linestyle=styles[groups.index(group) % len(styles)], label=f"{impl} [{group}]")  # fmt: skip
+            pts = sorted(
+                (r["x"], r["median_ms"])
+                for r in rows
+                if (r["group"], r["impl"]) == (group, impl) and r.get("median_ms")
+            )
+            ax_time.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                color=color[impl],
+                linestyle=styles[groups.index(group) % len(styles)],
+                label=f"{impl} [{group}]",
+            )
         ax_time.set(xlabel=rows[0]["x_name"], ylabel="median time (ms)", title=f"{scenario}: time", yscale="log")
         ax_time.legend(fontsize=6)
         with_mem = [r for r in rows if r.get("peak_mem_bytes") is not None]
-        ax_mem.barh(range(len(with_mem)), [r["peak_mem_bytes"] / 2**20 for r in with_mem],
-                    color=[color[r["impl"]] for r in with_mem])  # same colours as the time plot  # fmt: skip
+        ax_mem.barh(
+            range(len(with_mem)),
+            [r["peak_mem_bytes"] / 2**20 for r in with_mem],
+            color=[color[r["impl"]] for r in with_mem],
+        )  # same colours as the time plot
         ax_mem.set_yticks(range(len(with_mem)), [f"{r['group']} {r['x_name']}={r['x']}" for r in with_mem], fontsize=6)
         ax_mem.legend(handles=[Patch(color=color[i], label=i) for i in impls], fontsize=6)
         kind = with_mem[0]["mem_kind"] if with_mem else ""
@@ -200,20 +240,31 @@ def _versions_line(result: dict[str, Any]) -> str:
     git = result.get("git", {})
     commit = f"commit {git.get('commit', 'unknown')[:10]}" + (" (uncommitted changes)" if git.get("dirty") else "")
     floors = result.get("floors")
-    floor = ("floors: copy {:.0f} GB/s, bf16 GEMM {:.0f} TFLOP/s".format(floors["copy_GBps"], floors["gemm_TFLOPs"])
-             if floors else "floors: n/a (no GPU)")  # fmt: skip
+    floor = (
+        "floors: copy {:.0f} GB/s, bf16 GEMM {:.0f} TFLOP/s".format(floors["copy_GBps"], floors["gemm_TFLOPs"])
+        if floors
+        else "floors: n/a (no GPU)"
+    )
     return " · ".join([commit, *parts, floor])
 
 
-def render_results_md(results: Iterable[dict[str, Any]], md_dir: Path, ledger: dict[str, Any] | None = None,
-                      recipe_ledger: dict[str, Any] | None = None) -> str:  # fmt: skip
+def render_results_md(
+    results: Iterable[dict[str, Any]],
+    md_dir: Path,
+    ledger: dict[str, Any] | None = None,
+    recipe_ledger: dict[str, Any] | None = None,
+) -> str:
     """The whole RESULTS.md text for ``results`` (newest first); plots linked relative to ``md_dir``;
     ``ledger``: the memory-ledger section's data (``ledger_report``), rendered first, then
     ``recipe_ledger`` (``recipe_ledger_report``: the GRPO / DPO recipes)."""
     results = list(results)
-    lines = [RESULTS_HEADER, "",
-             "_Generated by `fastpeft bench` from `benchmarks/results/*.json`; do not edit by hand "
-             "(rerun `fastpeft bench --regenerate`)._", ""]  # fmt: skip
+    lines = [
+        RESULTS_HEADER,
+        "",
+        "_Generated by `fastpeft bench` from `benchmarks/results/*.json`; do not edit by hand "
+        "(rerun `fastpeft bench --regenerate`)._",
+        "",
+    ]
     if ledger is not None:
         from .ledger_report import render
 
@@ -224,20 +275,27 @@ def render_results_md(results: Iterable[dict[str, Any]], md_dir: Path, ledger: d
         lines += [render_recipes(recipe_ledger), ""]
     if not any(r["device"]["type"] == "cuda" for r in results):
         lines += ["**No GPU run has been recorded yet.**", ""]
-    lines += ["Columns: median time; TFLOP/s or GB/s from the formulas in `benchmarks/formulas.py`; "
-              "time ÷ fastest comparable baseline (< 1 is faster); time ÷ hardware floor (≥ 1); peak "
-              "memory; relative error against a float64 reference at the same shapes.", ""]  # fmt: skip
+    lines += [
+        "Columns: median time; TFLOP/s or GB/s from the formulas in `benchmarks/formulas.py`; "
+        "time ÷ fastest comparable baseline (< 1 is faster); time ÷ hardware floor (≥ 1); peak "
+        "memory; relative error against a float64 reference at the same shapes.",
+        "",
+    ]
     gpu = [r for r in results if r["device"]["type"] == "cuda"]
     cpu = [r for r in results if r["device"]["type"] != "cuda"]
     if gpu and cpu:
         lines += ["## GPU runs", ""]
     lines += _result_sections(gpu, md_dir)
     if cpu:
-        lines += ["## CPU runs", "",
-                  "This project's shared 2-core CPU machine. Cases marked as interleaved time their "
-                  "implementations in rounds whose order flips every other round; their speedup is the median "
-                  "over pairs of rounds of (baseline time ÷ ours) within a round, so load from other work on "
-                  "the machine cancels out (benchmarks/interleaved.py). Targets are issue 17's.", ""]  # fmt: skip
+        lines += [
+            "## CPU runs",
+            "",
+            "This project's shared 2-core CPU machine. Cases marked as interleaved time their "
+            "implementations in rounds whose order flips every other round; their speedup is the median "
+            "over pairs of rounds of (baseline time ÷ ours) within a round, so load from other work on "
+            "the machine cancels out (benchmarks/interleaved.py). Targets are issue 17's.",
+            "",
+        ]
         lines += _result_sections(cpu, md_dir)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -245,9 +303,15 @@ def render_results_md(results: Iterable[dict[str, Any]], md_dir: Path, ledger: d
 def _result_sections(results: Sequence[dict[str, Any]], md_dir: Path) -> list[str]:
     lines: list[str] = []
     for result in results:
-        lines += [f"### {result['date'][:16].replace('T', ' ')} UTC · {result['device']['name']} "
-                  f"({result['device']['type']}{', small shapes' if result.get('small') else ''})", "",
-                  _versions_line(result), "", f"`{result.get('command', 'fastpeft bench')}`", ""]  # fmt: skip
+        lines += [
+            f"### {result['date'][:16].replace('T', ' ')} UTC · {result['device']['name']} "
+            f"({result['device']['type']}{', small shapes' if result.get('small') else ''})",
+            "",
+            _versions_line(result),
+            "",
+            f"`{result.get('command', 'fastpeft bench')}`",
+            "",
+        ]
         for scenario in dict.fromkeys(r["scenario"] for r in result["rows"]):
             rows = [r for r in result["rows"] if r["scenario"] == scenario]
             interleaved = any("rounds" in (r.get("extra") or {}) for r in rows)
@@ -267,6 +331,7 @@ def write_results_md(results_dir: Path, md_path: Path) -> tuple[Path, list[str]]
 
     results, skipped = load_results(results_dir)
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(render_results_md(results, md_path.parent, load(results_dir),
-                                         recipe_ledger_report.load(results_dir)))  # fmt: skip
+    md_path.write_text(
+        render_results_md(results, md_path.parent, load(results_dir), recipe_ledger_report.load(results_dir))
+    )
     return md_path, skipped

@@ -37,7 +37,7 @@ from fastpeft.variants import get_variant
 
 
 def linear_kind(module: nn.Module) -> str | None:
-    """"linear4bit" (bitsandbytes NF4/FP4), "conv1d" (GPT-2, weight ``[in, out]``), "linear" or None."""
+    """ "linear4bit" (bitsandbytes NF4/FP4), "conv1d" (GPT-2, weight ``[in, out]``), "linear" or None."""
     bnb = sys.modules.get("bitsandbytes")  # a model can only hold bnb layers if bnb was imported
     if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
         return "linear4bit"
@@ -76,8 +76,9 @@ class RowRouting:
         key = (names, device)
         if key in self._ids:
             return self._ids[key]
-        ids = torch.tensor([names.index(a) if a in names else -1 for a in self.row_adapters], dtype=torch.int64,
-                           device=device)  # fmt: skip
+        ids = torch.tensor(
+            [names.index(a) if a in names else -1 for a in self.row_adapters], dtype=torch.int64, device=device
+        )
         if not (torch.compiler.is_compiling() or tracing(ids)):  # a traced tensor is never kept
             self._ids[key] = ids
         return ids
@@ -137,18 +138,35 @@ class AdapterLinear(nn.Module):
         return F.linear(x, self.dense_weight(compute_dtype(x)), self.bias if bias else None)
 
     # -- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, *, variant: str = "lora", init_lora_weights: bool | str = True,
-                    variant_config: dict | None = None) -> LoraAdapter:  # fmt: skip
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        variant: str = "lora",
+        init_lora_weights: bool | str = True,
+        variant_config: dict | None = None,
+    ) -> LoraAdapter:
         """Create adapter ``name`` (a no-op with the default init); it becomes active if none is."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters: {list(self.adapters)})")
         adapter = get_variant(variant).adapter(
-            self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-            dtype=self.dtype, device=self.device, **(variant_config or {}),
-        )  # fmt: skip
+            self.in_features,
+            self.out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            dtype=self.dtype,
+            device=self.device,
+            **(variant_config or {}),
+        )
         adapter.init_from_layer(self)
         adapter.train(self.training)
         self.adapters[name] = adapter
@@ -262,13 +280,22 @@ class AdapterLinear(nn.Module):
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before routing rows")
         names = tuple(name for name, _ in routing.groups(x.device) if name in self.adapters)
         adapters = [self.adapters[name] for name in names]
-        if names and not self.base_needs_grad() and all(type(a) is LoraAdapter and not a.dropout_active()
-                                                        for a in adapters):  # fmt: skip
+        if (
+            names
+            and not self.base_needs_grad()
+            and all(type(a) is LoraAdapter and not a.dropout_active() for a in adapters)
+        ):
             # plain LoRA: one fused op with per-row adapter ids (the base weight read once)
             ids = routing.adapter_ids(names, x.device).repeat_interleave(x[0].numel() // self.in_features)
-            y = lora_linear_routed(x.reshape(-1, self.in_features), self.base_operand(), self.bias, ids,
-                                   [a.lora_A for a in adapters], [a.lora_B for a in adapters],
-                                   [a.scaling for a in adapters])  # fmt: skip
+            y = lora_linear_routed(
+                x.reshape(-1, self.in_features),
+                self.base_operand(),
+                self.bias,
+                ids,
+                [a.lora_A for a in adapters],
+                [a.lora_B for a in adapters],
+                [a.scaling for a in adapters],
+            )
             return y.reshape(*x.shape[:-1], self.out_features)
         base = F.linear(x, self.dense_weight(compute_dtype(x)))  # [B, ..., out], no bias
         y = base if self.bias is None else base + self.bias
@@ -300,8 +327,9 @@ def _plain_dense_module(weight: torch.Tensor, bias: torch.Tensor | None, fan_in_
 
         module: nn.Module = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
         module.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-        module.bias = nn.Parameter(bias.detach() if bias is not None else weight.new_zeros(out_features),
-                                   requires_grad=False)  # fmt: skip
+        module.bias = nn.Parameter(
+            bias.detach() if bias is not None else weight.new_zeros(out_features), requires_grad=False
+        )
         return module
     module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
     module.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -338,13 +366,29 @@ class LoRALinear(AdapterLinear):
         raise TypeError(f"LoRALinear wraps nn.Linear or GPT-2 Conv1D, got {type(linear).__name__}")
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, *, use_dora: bool = False, init_lora_weights: bool | str = True,
-                    adapter_name: str = "default") -> LoRALinear:  # fmt: skip
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        use_dora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+    ) -> LoRALinear:
         """Wrap ``linear`` with one adapter ``adapter_name`` (a no-op until trained)."""
         layer = cls.wrap(linear)
-        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                          variant="dora" if use_dora else "lora", init_lora_weights=init_lora_weights)  # fmt: skip
+        layer.add_adapter(
+            adapter_name,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            variant="dora" if use_dora else "lora",
+            init_lora_weights=init_lora_weights,
+        )
         return layer
 
     @property

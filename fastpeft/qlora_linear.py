@@ -31,8 +31,13 @@ _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
 class QLoRALinear(AdapterLinear):
     """NF4 base ``[out, in]`` + adapters; computes in ``compute_dtype``."""
 
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
-                 fan_in_fan_out: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        weight: NF4Weight,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        fan_in_fan_out: bool = False,
+    ) -> None:
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"QLoRALinear needs an NF4Weight, got {type(weight).__name__}")
         if len(weight.shape) != 2:
@@ -44,8 +49,9 @@ class QLoRALinear(AdapterLinear):
         self.blocksize, self.weight_dtype = weight.blocksize, weight.dtype
         self._set_nf4(weight)
         # an empty tensor whose dtype/device follow .to(): the compute dtype and the device
-        self.register_buffer("_compute_marker", torch.empty(0, dtype=compute_dtype, device=weight.device),
-                             persistent=False)  # fmt: skip
+        self.register_buffer(
+            "_compute_marker", torch.empty(0, dtype=compute_dtype, device=weight.device), persistent=False
+        )
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
@@ -63,8 +69,9 @@ class QLoRALinear(AdapterLinear):
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def quantize_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
-                        compute_dtype: torch.dtype | None = None) -> QLoRALinear:  # fmt: skip
+    def quantize_linear(
+        cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None
+    ) -> QLoRALinear:
         """An adapter-less QLoRALinear holding ``linear``'s weight in NF4 (nn.Linear or GPT-2 Conv1D)."""
         kind = linear_kind(linear)
         if kind not in ("linear", "conv1d"):
@@ -74,14 +81,32 @@ class QLoRALinear(AdapterLinear):
         return cls(quantized, linear.bias, compute_dtype or weight.dtype, fan_in_fan_out=kind == "conv1d")
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, use_dora: bool = False,
-                    init_lora_weights: bool | str = True, adapter_name: str = "default") -> QLoRALinear:  # fmt: skip
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+    ) -> QLoRALinear:
         """Quantize ``linear`` to NF4 and add adapter ``adapter_name``."""
         layer = cls.quantize_linear(linear, blocksize, double_quant, compute_dtype)
-        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                          variant="dora" if use_dora else "lora", init_lora_weights=init_lora_weights)  # fmt: skip
+        layer.add_adapter(
+            adapter_name,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            variant="dora" if use_dora else "lora",
+            init_lora_weights=init_lora_weights,
+        )
         return layer
 
     @classmethod
@@ -95,13 +120,30 @@ class QLoRALinear(AdapterLinear):
         return cls(weight, bias, compute_dtype)
 
     @classmethod
-    def from_bnb(cls, linear4bit: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, *, compute_dtype: torch.dtype | None = None, use_dora: bool = False,
-                 init_lora_weights: bool | str = True, adapter_name: str = "default") -> QLoRALinear:  # fmt: skip
+    def from_bnb(
+        cls,
+        linear4bit: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+    ) -> QLoRALinear:
         """Wrap a bitsandbytes NF4 ``Linear4bit`` without re-quantizing and add adapter ``adapter_name``."""
         layer = cls.wrap_bnb(linear4bit, compute_dtype)
-        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                          variant="dora" if use_dora else "lora", init_lora_weights=init_lora_weights)  # fmt: skip
+        layer.add_adapter(
+            adapter_name,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            variant="dora" if use_dora else "lora",
+            init_lora_weights=init_lora_weights,
+        )
         return layer
 
     # -- base layer -------------------------------------------------------------------------------
@@ -113,8 +155,14 @@ class QLoRALinear(AdapterLinear):
         if cached is not None and all(a is b for a, b in zip(cached[0], buffers)):
             return cached[1]
         nested = {n: getattr(self, n) for n in _NF4_BUFFERS[2:]} if self.double_quant else {}
-        weight = NF4Weight(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
-                           blocksize=self.blocksize, dtype=self.weight_dtype, **nested)  # fmt: skip
+        weight = NF4Weight(
+            packed=self.packed,
+            absmax=self.absmax,
+            shape=(self.out_features, self.in_features),
+            blocksize=self.blocksize,
+            dtype=self.weight_dtype,
+            **nested,
+        )
         if not (torch.compiler.is_compiling() or tracing(*buffers)):  # never keep a traced view
             self.__dict__["_nf4_view"] = (buffers, weight)
         return weight
@@ -146,8 +194,9 @@ class QLoRALinear(AdapterLinear):
     def write_base_weight(self, weight: torch.Tensor) -> None:
         warnings.warn(
             "merging into an NF4 weight re-quantizes it: outputs change by the NF4 rounding error and "
-            "unmerge() cannot restore the original bytes exactly", stacklevel=3,
-        )  # fmt: skip
+            "unmerge() cannot restore the original bytes exactly",
+            stacklevel=3,
+        )
         self._set_nf4(quantize_nf4(weight.to(self.weight_dtype), self.blocksize, self.double_quant))
 
     def to_dense_module(self, weight: torch.Tensor | None = None) -> nn.Module:

@@ -35,14 +35,43 @@ from fastpeft.kernels.prefix_attention_launch import attention_dot, attention_do
 
 @triton.jit
 def _cascade_prefix_kernel(
-    Q, K, V, BIAS, O, LSE,
-    M, L, H_kv, scale_log2,
-    stride_qp, stride_qh, stride_qm, stride_qd, stride_kp, stride_kh, stride_kl, stride_kd,
-    stride_vp, stride_vh, stride_vl, stride_vd, stride_bp, stride_bl,
-    stride_op, stride_oh, stride_om, stride_od, stride_lp, stride_lh, stride_lm,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    BIAS,
+    O,
+    LSE,
+    M,
+    L,
+    H_kv,
+    scale_log2,
+    stride_qp,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kp,
+    stride_kh,
+    stride_kl,
+    stride_kd,
+    stride_vp,
+    stride_vh,
+    stride_vl,
+    stride_vd,
+    stride_bp,
+    stride_bl,
+    stride_op,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_lp,
+    stride_lh,
+    stride_lm,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     pid_m = tl.program_id(0)
     pid_ph = tl.program_id(1).to(tl.int64)
     p = pid_ph // H_kv
@@ -51,8 +80,11 @@ def _cascade_prefix_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = rows < M
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(Q + p * stride_qp + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        Q + p * stride_qp + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -61,18 +93,27 @@ def _cascade_prefix_kernel(
     for start in range(0, L, BLOCK_N):
         keys = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = keys < L
-        k = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]  # fmt: skip
+        k = tl.load(
+            k_base + keys[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+            mask=mask_n[None, :] & mask_d[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
         bias = tl.load(BIAS + p * stride_bp + keys * stride_bl, mask=mask_n, other=float("-inf"))
         s = attention_dot(q, k, DOT_PRECISION) * scale_log2 + bias[None, :].to(tl.float32) * LOG2E_JIT
-        v = tl.load(v_base + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+        v = tl.load(
+            v_base + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         m_i, l_i, acc = _online_softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2_JIT)
-    tl.store(O + p * stride_op + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od, o,
-             mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
+    tl.store(
+        O + p * stride_op + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+        o,
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
     tl.store(LSE + p * stride_lp + h * stride_lh + rows * stride_lm, lse, mask=mask_m)
 
 
@@ -92,8 +133,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [P, H_kv, M, D] and k, v [P, H_kv, L, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")  # fmt: skip
+        raise ValueError(
+            f"expected q [P, H_kv, M, D] and k, v [P, H_kv, L, D]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     p, h, _, d = q.shape
     if k.shape[:2] != (p, h) or k.shape[3] != d:
         raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} (P, H_kv and D must match)")
@@ -109,8 +152,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         raise ValueError("cascade_prefix_attention is inference only (no backward); run it under torch.no_grad()")
 
 
-def cascade_prefix_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cascade_prefix_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel (arguments already checked); returns (o fp32, lse fp32)."""
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"the cascade attention kernel takes {FLOAT_DTYPES}, got {q.dtype}")
@@ -124,17 +168,36 @@ def cascade_prefix_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
     bias = bias.to(torch.float32)
     grid = (triton.cdiv(m, cfg["block_m"]), p * h)
     triton_launcher(_cascade_prefix_kernel)[grid](
-        q, k, v, bias, o, lse, m, k.shape[2], h, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *o.stride(), *lse.stride(),
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        q,
+        k,
+        v,
+        bias,
+        o,
+        lse,
+        m,
+        k.shape[2],
+        h,
+        scale * LOG2E,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias.stride(),
+        *o.stride(),
+        *lse.stride(),
+        HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=cfg["block_m"],
+        BLOCK_N=cfg["block_n"],
         DOT_PRECISION=attention_dot_precision(q.dtype, q.device),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return o, lse
 
 
-def cascade_prefix_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cascade_prefix_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference, the CPU path: the kernel's numerics (the two matmuls in the inputs' dtype,
     scores, softmax and outputs in fp32, or float64 for float64 inputs)."""
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -144,16 +207,18 @@ def cascade_prefix_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torc
     return torch.matmul(probs.to(v.dtype), v).to(acc), lse
 
 
-def cascade_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cascade_prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt part of a shared-prefix decode step (module docstring): ``(o, lse)``."""
     _check(q, k, v, bias, scale)
     return torch.ops.fastpeft.cascade_prefix_attention(q, k, v, bias, float(scale))
 
 
 @torch.library.triton_op("fastpeft::cascade_prefix_attention", mutates_args=())
-def _cascade_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _cascade_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel where :func:`~fastpeft.kernels.backend.use_triton` says so, else the reference."""
     if use_triton(q):
         return cascade_prefix_attention_triton(q, k, v, bias, scale)
@@ -167,8 +232,9 @@ def _(q, k, v, bias, scale):  # type: ignore[no-untyped-def]
     return q.new_empty(q.shape, dtype=acc), q.new_empty(q.shape[:3], dtype=acc)
 
 
-def merge_attention_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
-                           lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def merge_attention_states(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over two disjoint key sets from each one's (o ``[..., D]``, lse ``[...]``)."""
     m = torch.maximum(lse1, lse2)
     m = torch.where(torch.isinf(m), 0.0, m)  # both empty: weights 0, output 0

@@ -40,10 +40,16 @@ from fastpeft.kernels.workspace import accounting, note_transient
 
 @triton.jit
 def _cross_entropy_grad_kernel(
-    logits_ptr, labels_ptr, loss_ptr, lse_ptr,
-    n_cols, stride_row, ignore_index, grad_scale,
+    logits_ptr,
+    labels_ptr,
+    loss_ptr,
+    lse_ptr,
+    n_cols,
+    stride_row,
+    ignore_index,
+    grad_scale,
     BLOCK_V: tl.constexpr,
-):  # fmt: skip
+):
     """One program per row: loss and log-sum-exp out, (softmax − onehot)·grad_scale over the logits."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -75,8 +81,10 @@ def _cross_entropy_grad_kernel(
 
 def _check_chunk_args(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be 2-D [C, V] with unit column stride, got shape {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")  # fmt: skip
+        raise ValueError(
+            f"logits must be 2-D [C, V] with unit column stride, got shape {tuple(logits.shape)} "
+            f"strides {logits.stride()}"
+        )
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32/float16/bfloat16, got {logits.dtype}")
     if labels.shape != (logits.shape[0],) or labels.dtype != torch.int64:
@@ -91,14 +99,21 @@ def _outputs(logits: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None
         return tuple(torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(2))  # type: ignore[return-value]
     for t in out:
         if t.shape != (n_rows,) or t.dtype != torch.float32 or t.device != logits.device:
-            raise ValueError(f"out tensors must be float32 [{n_rows}] on {logits.device}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")  # fmt: skip
+            raise ValueError(
+                f"out tensors must be float32 [{n_rows}] on {logits.device}, got {t.dtype} "
+                f"{tuple(t.shape)} on {t.device}"
+            )
     return out
 
 
-def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                              out: tuple[torch.Tensor, torch.Tensor] | None = None, block_v: int | None = None,
-                              grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cross_entropy_grad_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_v: int | None = None,
+    grad_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the row kernel on ``logits [C, V]`` (overwritten with grad_scale·dloss/dlogits); returns
     fp32 ``(loss [C], lse [C])``, written into ``out`` when given. ``block_v`` (a power of two)
     overrides the vocabulary tile, e.g. to exercise the multi-tile loop on small V."""
@@ -112,15 +127,27 @@ def cross_entropy_grad_triton(logits: torch.Tensor, labels: torch.Tensor, ignore
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     num_warps = 4 if block_v <= 2048 else 8  # row kernels are bandwidth bound: a cheap heuristic, no autotune
     _cross_entropy_grad_kernel[(n_rows,)](
-        logits, labels, loss, lse, n_cols, logits.stride(0), ignore_index, float(grad_scale), BLOCK_V=block_v,
+        logits,
+        labels,
+        loss,
+        lse,
+        n_cols,
+        logits.stride(0),
+        ignore_index,
+        float(grad_scale),
+        BLOCK_V=block_v,
         num_warps=num_warps,
-    )  # fmt: skip
+    )
     return loss, lse
 
 
-def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                                 grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cross_entropy_grad_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grad_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of :func:`cross_entropy_grad_triton` (same in-place contract, fp32 math)."""
     if not grad_scale > 0:
         raise ValueError(f"grad_scale must be positive, got {grad_scale}")
@@ -139,20 +166,21 @@ def cross_entropy_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ign
     return loss_out.copy_(loss), lse_out.copy_(lse)
 
 
-def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                       grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def cross_entropy_grad(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, grad_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch the row step (Triton on CUDA / interpreter, torch reference otherwise)."""
     if use_triton(logits):
         return cross_entropy_grad_triton(logits, labels, ignore_index, grad_scale=grad_scale)
     return cross_entropy_grad_reference(logits, labels, ignore_index, grad_scale=grad_scale)
 
 
-def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                   ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
     """Ground truth that materializes the logits (differentiable by plain autograd)."""
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
-    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index,
-                                             reduction=reduction)  # fmt: skip
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
 
 
 # The fp32 logits of one chunk, [C, V], may take this many bytes. Sized so that short sequences are
@@ -177,9 +205,16 @@ def default_chunk_size(n_rows: int, vocab: int, hidden: int | None = None, budge
     return min(cap, -(-rows // 16) * 16) if rows >= 16 else rows
 
 
-def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                            chunk_size: int, want_h: bool, want_w: bool, mean: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
+def _chunked_loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    want_h: bool,
+    want_w: bool,
+    mean: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
     """(summed loss fp32 ``[]``, dH ``[N, H]`` and dW ``[V, H]`` of the reduced loss (None where not
     wanted), the reduction scale). ``chunk_size`` 0: :func:`default_chunk_size`. The scale goes into
     the row step's gradient, so nothing rescales dW afterwards; with no ignored label the chunks are
@@ -224,20 +259,29 @@ def _chunk_bytes(hidden: torch.Tensor, weight: torch.Tensor, rows: int, chunk_si
 
 
 @torch.library.custom_op("fastpeft::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                             mean: bool, chunk_size: int, want_h: bool, want_w: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    mean: bool,
+    chunk_size: int,
+    want_h: bool,
+    want_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss fp32 ``[]`` (mean over counted rows, 0 without any, or the sum), dH and dW of that loss
     (``[0]`` where not wanted), the reduction scale fp32 ``[]``). hidden ``[N, H]``, weight ``[V, H]``,
     labels int64 ``[N]``."""
     v = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     if bool(bad.any()):
-        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) "
-                         f"and is not ignore_index={ignore_index}")  # fmt: skip
+        raise ValueError(
+            f"label {int(labels[bad][0])} is outside the vocabulary [0, {v}) and is not ignore_index={ignore_index}"
+        )
     with autocast_off(hidden.device):
-        total, grad_h, grad_w, scale = _chunked_loss_and_grads(hidden, weight, labels, ignore_index, chunk_size,
-                                                               want_h, want_w, mean)  # fmt: skip
+        total, grad_h, grad_w, scale = _chunked_loss_and_grads(
+            hidden, weight, labels, ignore_index, chunk_size, want_h, want_w, mean
+        )
     scale = total.new_full((), scale)
     grad_h = grad_h if want_h else hidden.new_empty(0)
     grad_w = grad_w if want_w else hidden.new_empty(0)
@@ -278,15 +322,22 @@ def _backward(ctx, grad_out, *_):  # type: ignore[no-untyped-def]
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, name: str,
-                   chunk_size: int | None, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def lm_head_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    name: str,
+    chunk_size: int | None,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Check an LM-head op's ``hidden [*, H]``, ``weight [V, H]`` and ``targets [*]`` (called ``name``
     in messages) and return hidden and weight cast to the autocast dtype when autocast is on (the
     casts are differentiable, so fp32 master weights get fp32 gradients)."""
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit: "
-                         "expected hidden [*, H] and weight [V, H]")  # fmt: skip
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit: "
+            "expected hidden [*, H] and weight [V, H]"
+        )
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"{name} {tuple(targets.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
     if targets.dtype not in (torch.int64, torch.int32):
@@ -303,9 +354,14 @@ def lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return hidden, weight
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean",
-                         chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Cross-entropy of ``hidden [*, H] @ weight[V, H]ᵀ`` against ``labels [*]``, chunked (the op
     ``fastpeft::linear_cross_entropy``).
 
@@ -318,7 +374,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     hidden, weight = lm_head_inputs(hidden, weight, labels, "labels", chunk_size)
     grad = torch.is_grad_enabled()
     loss, _, _, _ = torch.ops.fastpeft.linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), ignore_index, reduction == "mean",
-        chunk_size or 0, grad and hidden.requires_grad, grad and weight.requires_grad,
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1).long(),
+        ignore_index,
+        reduction == "mean",
+        chunk_size or 0,
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+    )
     return loss

@@ -49,10 +49,15 @@ from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_de
 from fastpeft.kernels.workspace import accounting, get_workspace
 
 __all__ = [
-    "DECODE_MAX_ROWS", "check_lora_linear_args", "dense_weight", "lora_linear",
-    "lora_linear_backward_reference", "lora_linear_reference", "lora_linear_training_backward",
+    "DECODE_MAX_ROWS",
+    "check_lora_linear_args",
+    "dense_weight",
+    "lora_linear",
+    "lora_linear_backward_reference",
+    "lora_linear_reference",
+    "lora_linear_training_backward",
     "lora_linear_training_forward",
-]  # fmt: skip
+]
 
 
 def _dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -75,17 +80,23 @@ def dense_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
 # torch reference (ground truth for tests)
 
 
-def lora_linear_reference(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
-                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
     """Torch reference of the forward; differentiable through plain autograd. Returns ``[M, N]``."""
     w = _dense(weight, x.dtype)
     y = x @ w.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())
     return y if bias is None else y + bias.to(x.dtype)
 
 
-def lora_linear_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: Weight,
-                                   lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def lora_linear_backward_reference(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX ``[M, K]``, dA ``[r, K]``, dB ``[N, r]``) by the formulas in the module docstring."""
     w = _dense(weight, grad_y.dtype)
     g_b = grad_y @ lora_B  # [M, r]
@@ -99,9 +110,16 @@ def lora_linear_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight
 # training regime (both backends): dequant into the workspace + BLAS
 
 
-def lora_linear_training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
-                                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
-                                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def lora_linear_training_forward(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward for large M: returns (y ``[M, N]``, x·Aᵀ ``[M, r]``, kept for the backward).
 
     ``out`` (``[M, N]``, x's dtype, contiguous) receives y when given.
@@ -110,21 +128,29 @@ def lora_linear_training_forward(x: torch.Tensor, weight: Weight, bias: torch.Te
     return _training_forward(x, weight, bias, lora_A, lora_B, check_scaling(scaling), out)
 
 
-def _training_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                      lora_B: torch.Tensor, scaling: float, out: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _training_forward(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], lora_B.shape[0]
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device):
-        raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+        raise ValueError(
+            f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     y = base_linear(x, weight, bias, out)
     xa = torch.mm(x, lora_A.t())  # [M, r]
     y.addmm_(xa, lora_B.t(), alpha=scaling)  # one GEMM with beta=1: no [M, N] temporary
     return y, xa
 
 
-def base_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def base_linear(
+    x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x·Wᵀ + b ``[M, N]`` as the training path computes it (into ``out`` when given): bitsandbytes'
     fused GEMV for CPU decode rows of an NF4 W, else W dense (the workspace for NF4) and one GEMM."""
     if isinstance(weight, NF4Weight) and gemv_applicable(x, weight):
@@ -134,10 +160,16 @@ def base_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
     return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
 
 
-def lora_linear_training_backward(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, weight: Weight,
-                                  lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                                  needs: tuple[bool, bool, bool] = (True, True, True),
-                                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+def lora_linear_training_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor | None,
+    weight: Weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX ``[M, K]``, dA ``[r, K]``, dB ``[N, r]``), each None where ``needs`` says so.
 
     ``xa`` is x·Aᵀ ``[M, r]`` from the forward (recomputed when None). dX reuses the dequant
@@ -167,8 +199,15 @@ def _no_rows(t: torch.Tensor, r: int) -> torch.Tensor:
     return t.new_empty((0, r))
 
 
-def _forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-             lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _forward(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    save_xa: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The body of the forward ops: (y ``[M, N]``, x·Aᵀ ``[M, r]`` if ``save_xa`` else ``[0, r]``)."""
     r = lora_A.shape[0]
     with autocast_off(x.device):
@@ -179,8 +218,9 @@ def _forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A:
         return y, (xa if save_xa else _no_rows(x, r))
 
 
-def _forward_fake(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, save_xa: bool,
-                  nf4: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _forward_fake(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, save_xa: bool, nf4: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """y ``[M, N]`` and x·Aᵀ ``[M or 0, r]``, contiguous, as the real ops allocate them.
 
     Workspaces the real ops use (held across calls): an NF4 W is dequantized into ``"nf4_dequant"``
@@ -210,8 +250,15 @@ def account_forward_workspaces(x: torch.Tensor, n: int, nf4: bool) -> None:
 # Two forward ops, not one with optional NF4 arguments: a differentiable torch.library op pays per
 # call for every argument of its schema (~70 µs per eager call at 12 arguments vs 7 on a CPU core).
 @torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
-def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    save_xa: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense W ``[N, K]``: (y ``[M, N]``, x·Aᵀ ``[M, r]`` if ``save_xa`` else ``[0, r]``)."""
     return _forward(x, weight, bias, lora_A, lora_B, scaling, save_xa)
 
@@ -222,13 +269,24 @@ def _(x, weight, bias, lora_A, lora_B, scaling, save_xa):  # type: ignore[no-unt
 
 
 @torch.library.triton_op("fastpeft::nf4_lora_linear", mutates_args=())
-def _nf4_lora_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
-                        nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
-                        offset: torch.Tensor | None, blocksize: int, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                        lora_B: torch.Tensor, scaling: float, save_xa: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _nf4_lora_linear_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    save_xa: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4 W (:meth:`NF4Weight.op_args` and its blocksize): as ``fastpeft::lora_linear``."""
-    w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, (lora_B.shape[0], x.shape[1]),
-                               blocksize, x.dtype)  # fmt: skip
+    w = NF4Weight.from_op_args(
+        packed, absmax, nested_absmax, nested_code, offset, (lora_B.shape[0], x.shape[1]), blocksize, x.dtype
+    )
     return _forward(x, w, bias, lora_A, lora_B, scaling, save_xa)
 
 
@@ -238,33 +296,64 @@ def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lo
 
 
 @torch.library.triton_op("fastpeft::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
-                             absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
-                             nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
-                             lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, need_x: bool,
-                             need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _lora_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX ``[M, K]``, dA ``[r, K]``, dB ``[N, r]``), each an empty ``[0]`` tensor where not needed.
     ``xa`` is the forward's x·Aᵀ (``[0, r]``: not kept, recomputed for dB)."""
     m, k = x.shape
-    w = weight_from_op_args(weight, absmax, nested_absmax, nested_code, offset, blocksize, (lora_B.shape[0], k),
-                            grad_y.dtype)  # fmt: skip
+    w = weight_from_op_args(
+        weight, absmax, nested_absmax, nested_code, offset, blocksize, (lora_B.shape[0], k), grad_y.dtype
+    )
     with autocast_off(x.device):
-        grads = lora_linear_training_backward(grad_y, x, xa if xa.shape[0] == m else None, w, lora_A, lora_B,
-                                              scaling, (need_x, need_a, need_b))  # fmt: skip
+        grads = lora_linear_training_backward(
+            grad_y, x, xa if xa.shape[0] == m else None, w, lora_A, lora_B, scaling, (need_x, need_a, need_b)
+        )
     return tuple(g if g is not None else x.new_empty(0) for g in grads)  # type: ignore[return-value]
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
-      need_x, need_a, need_b):  # type: ignore[no-untyped-def]  # fmt: skip
+def _(
+    grad_y,
+    x,
+    xa,
+    weight,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    lora_A,
+    lora_B,
+    scaling,
+    need_x,
+    need_a,
+    need_b,
+):  # type: ignore[no-untyped-def]
     """The gradients as the real op allocates them; it dequantizes an NF4 W into the same
     ``"nf4_dequant"`` workspace as the forward (made here for the memory ledger only), and
     allocates a transient dY·B ``[M, r]``."""
     if accounting() and absmax is not None:
         get_workspace("nf4_dequant", lora_B.shape[0] * x.shape[1], grad_y.dtype, x.device)
-    return (grad_y.new_empty(x.shape) if need_x else x.new_empty(0),
-            grad_y.new_empty(lora_A.shape) if need_a else x.new_empty(0),
-            grad_y.new_empty(lora_B.shape) if need_b else x.new_empty(0))  # fmt: skip
+    return (
+        grad_y.new_empty(x.shape) if need_x else x.new_empty(0),
+        grad_y.new_empty(lora_A.shape) if need_a else x.new_empty(0),
+        grad_y.new_empty(lora_B.shape) if need_b else x.new_empty(0),
+    )
 
 
 def _save(ctx, weight_args: WeightArgs, x, bias, lora_A, lora_B, scaling, xa) -> None:  # type: ignore[no-untyped-def]
@@ -277,9 +366,22 @@ def _grads(ctx, grad_y, need_x: bool, need_bias: bool, need_a: bool, need_b: boo
     """(dX, db, dA, dB), None where not needed, through ``fastpeft::lora_linear_backward``."""
     x, xa, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
     grad_x, grad_a, grad_b = torch.ops.fastpeft.lora_linear_backward(
-        grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B,
-        ctx.scaling, need_x, need_a, need_b,
-    )  # fmt: skip
+        grad_y,
+        x,
+        xa,
+        weight,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        ctx.blocksize,
+        lora_A,
+        lora_B,
+        ctx.scaling,
+        need_x,
+        need_a,
+        need_b,
+    )
     grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
     return grad_x if need_x else None, grad_bias, grad_a if need_a else None, grad_b if need_b else None
 
@@ -297,8 +399,16 @@ def _backward_dense(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
 
 def _setup_nf4(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling, _ = inputs
-    _save(ctx, (packed, absmax, nested_absmax, nested_code, offset, blocksize), x, bias, lora_A, lora_B, scaling,
-          output[1])  # fmt: skip
+    _save(
+        ctx,
+        (packed, absmax, nested_absmax, nested_code, offset, blocksize),
+        x,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        output[1],
+    )
 
 
 def _backward_nf4(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
@@ -311,8 +421,14 @@ _lora_linear_op.register_autograd(_backward_dense, setup_context=_setup_dense)
 _nf4_lora_linear_op.register_autograd(_backward_nf4, setup_context=_setup_nf4)
 
 
-def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+def lora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
     """Fused (Q)LoRA linear, ``x [M, K] -> y [M, N]``; differentiable in x, A, B (and b).
 
     Inside ``torch.autocast`` it computes in the autocast dtype, like ``nn.Linear``: x, b, A, B and
@@ -325,8 +441,9 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
     save_xa = torch.is_grad_enabled() and lora_B.requires_grad  # dB = s·dYᵀ·(x·Aᵀ)
     scaling = check_scaling(scaling)
     if isinstance(weight, NF4Weight):
-        y, _ = torch.ops.fastpeft.nf4_lora_linear(x, *weight.op_args(), weight.blocksize, bias, lora_A, lora_B, scaling,
-                                                  save_xa)  # fmt: skip
+        y, _ = torch.ops.fastpeft.nf4_lora_linear(
+            x, *weight.op_args(), weight.blocksize, bias, lora_A, lora_B, scaling, save_xa
+        )
     else:
         y, _ = torch.ops.fastpeft.lora_linear(x, weight, bias, lora_A, lora_B, scaling, save_xa)
     return y

@@ -79,11 +79,21 @@ def _unstacked(xa: torch.Tensor, lora_A: Sequence[torch.Tensor]) -> list[torch.T
 
 
 @torch.library.triton_op("fastpeft::lora_linear_routed", mutates_args=())
-def _routed_op(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
-               nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
-               bias: torch.Tensor | None, row_adapters: torch.Tensor, lora_A: list[torch.Tensor],
-               lora_B: list[torch.Tensor], scalings: list[float], save_xa: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _routed_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    bias: torch.Tensor | None,
+    row_adapters: torch.Tensor,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    scalings: list[float],
+    save_xa: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y ``[M, N]``, every adapter's x·Aᵀ with other adapters' rows zeroed, ``[M, Σ r_a]``, or
     ``[0, Σ r_a]`` when not ``save_xa``: the backward recomputes it)."""
     n = lora_B[0].shape[0]
@@ -93,9 +103,16 @@ def _routed_op(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | Non
         if _regime(x) == "decode":
             rank = max(a.shape[0] for a in lora_A)
             scales = torch.tensor(scalings, dtype=torch.float32, device=x.device)
-            y = launch_nf4_lora_decode(x, w, bias, _stacked(lora_A, 0, rank), _stacked(lora_B, 1, rank), 0.0,
-                                       row_adapters=row_adapters.to(torch.int32).contiguous(),
-                                       adapter_scales=scales)  # fmt: skip
+            y = launch_nf4_lora_decode(
+                x,
+                w,
+                bias,
+                _stacked(lora_A, 0, rank),
+                _stacked(lora_B, 1, rank),
+                0.0,
+                row_adapters=row_adapters.to(torch.int32).contiguous(),
+                adapter_scales=scales,
+            )
             xas = _masked_xas(x, lora_A, row_adapters) if save_xa else []
         else:
             y = base_linear(x, w, bias)
@@ -106,8 +123,21 @@ def _routed_op(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | Non
 
 
 @_routed_op.register_fake
-def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, row_adapters, lora_A, lora_B, scalings,
-      save_xa):  # type: ignore[no-untyped-def]  # fmt: skip
+def _(
+    x,
+    weight,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    bias,
+    row_adapters,
+    lora_A,
+    lora_B,
+    scalings,
+    save_xa,
+):  # type: ignore[no-untyped-def]
     """As the real op allocates them, with the workspaces of ``fastpeft::lora_linear``'s path."""
     m, n = x.shape[0], lora_B[0].shape[0]
     account_forward_workspaces(x, n, nf4=absmax is not None)
@@ -115,17 +145,30 @@ def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, ro
 
 
 @torch.library.triton_op("fastpeft::lora_linear_routed_backward", mutates_args=())
-def _routed_backward_op(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
-                        absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
-                        nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
-                        row_adapters: torch.Tensor, lora_A: list[torch.Tensor], lora_B: list[torch.Tensor],
-                        scalings: list[float], need_x: bool, need_a: bool, need_b: bool
-                        ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+def _routed_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    row_adapters: torch.Tensor,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    scalings: list[float],
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(dX ``[M, K]``, dA_a ``[r_a, K]`` per adapter, dB_a ``[N, r_a]`` per adapter), empty ``[0]``
     tensors where not needed; ``xa`` the forward's (``[0, Σ r_a]``: recomputed)."""
     m, k = x.shape
-    w = weight_from_op_args(weight, absmax, nested_absmax, nested_code, offset, blocksize, (lora_B[0].shape[0], k),
-                            grad_y.dtype)  # fmt: skip
+    w = weight_from_op_args(
+        weight, absmax, nested_absmax, nested_code, offset, blocksize, (lora_B[0].shape[0], k), grad_y.dtype
+    )
     kept = xa.shape[0] == m
     xas = _unstacked(xa, lora_A) if kept else _masked_xas(x, lora_A, row_adapters) if need_b else [None] * len(lora_A)
     with autocast_off(x.device):
@@ -141,21 +184,54 @@ def _routed_backward_op(grad_y: torch.Tensor, x: torch.Tensor, xa: torch.Tensor,
 
 
 @_routed_backward_op.register_fake
-def _(grad_y, x, xa, weight, absmax, nested_absmax, nested_code, offset, blocksize, row_adapters, lora_A, lora_B,
-      scalings, need_x, need_a, need_b):  # type: ignore[no-untyped-def]  # fmt: skip
+def _(
+    grad_y,
+    x,
+    xa,
+    weight,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    row_adapters,
+    lora_A,
+    lora_B,
+    scalings,
+    need_x,
+    need_a,
+    need_b,
+):  # type: ignore[no-untyped-def]
     """As the real op allocates them; an NF4 W is dequantized into the ``"nf4_dequant"`` workspace."""
     if accounting() and absmax is not None and need_x:
         get_workspace("nf4_dequant", lora_B[0].shape[0] * x.shape[1], grad_y.dtype, x.device)
-    return (grad_y.new_empty(x.shape) if need_x else x.new_empty(0),
-            [grad_y.new_empty(a.shape) if need_a else x.new_empty(0) for a in lora_A],
-            [grad_y.new_empty(b.shape) if need_b else x.new_empty(0) for b in lora_B])  # fmt: skip
+    return (
+        grad_y.new_empty(x.shape) if need_x else x.new_empty(0),
+        [grad_y.new_empty(a.shape) if need_a else x.new_empty(0) for a in lora_A],
+        [grad_y.new_empty(b.shape) if need_b else x.new_empty(0) for b in lora_B],
+    )
 
 
 def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, row_adapters, lora_A, lora_B, scalings, _ = inputs
+    (
+        x,
+        weight,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        bias,
+        row_adapters,
+        lora_A,
+        lora_B,
+        scalings,
+        _,
+    ) = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, output[1], weight, absmax, nested_absmax, nested_code, offset, row_adapters,
-                          *lora_A, *lora_B)  # fmt: skip
+    ctx.save_for_backward(
+        x, output[1], weight, absmax, nested_absmax, nested_code, offset, row_adapters, *lora_A, *lora_B
+    )
     ctx.blocksize, ctx.scalings, ctx.has_bias, ctx.n_adapters = blocksize, scalings, bias is not None, len(lora_A)
 
 
@@ -167,20 +243,53 @@ def _backward(ctx, grad_y, _grad_xa):  # type: ignore[no-untyped-def]
     need_x, need_bias = need[0], need[7]
     need_a, need_b = any(a.requires_grad for a in lora_A), any(b.requires_grad for b in lora_B)
     grad_x, grads_a, grads_b = torch.ops.fastpeft.lora_linear_routed_backward(
-        grad_y.contiguous(), x, xa, weight, absmax, nested_absmax, nested_code, offset, ctx.blocksize, row_adapters,
-        lora_A, lora_B, ctx.scalings, need_x, need_a, need_b,
-    )  # fmt: skip
+        grad_y.contiguous(),
+        x,
+        xa,
+        weight,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        ctx.blocksize,
+        row_adapters,
+        lora_A,
+        lora_B,
+        ctx.scalings,
+        need_x,
+        need_a,
+        need_b,
+    )
     grad_bias = grad_y.sum(0) if ctx.has_bias and need_bias else None
-    return (grad_x if need_x else None, None, None, None, None, None, None, grad_bias, None,
-            grads_a if need_a else None, grads_b if need_b else None, None, None)  # fmt: skip
+    return (
+        grad_x if need_x else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        grad_bias,
+        None,
+        grads_a if need_a else None,
+        grads_b if need_b else None,
+        None,
+        None,
+    )
 
 
 _routed_op.register_autograd(_backward, setup_context=_setup)
 
 
-def lora_linear_routed(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, row_adapters: torch.Tensor,
-                       lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
-                       scalings: Sequence[float]) -> torch.Tensor:  # fmt: skip
+def lora_linear_routed(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    row_adapters: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+) -> torch.Tensor:
     """``x [M, K] -> y [M, N]`` with row i through adapter ``row_adapters[i]`` (-1: the base only).
 
     ``lora_A[a]`` ``[r_a, K]``, ``lora_B[a]`` ``[N, r_a]``, ``scalings[a]`` a float, for each adapter
@@ -189,8 +298,9 @@ def lora_linear_routed(x: torch.Tensor, weight: Weight, bias: torch.Tensor | Non
     """
     n_adapters = len(lora_A)
     if n_adapters == 0 or len(lora_B) != n_adapters or len(scalings) != n_adapters:
-        raise ValueError(f"need one lora_A, lora_B and scaling per adapter, got {len(lora_A)}, {len(lora_B)}, "
-                         f"{len(scalings)}")  # fmt: skip
+        raise ValueError(
+            f"need one lora_A, lora_B and scaling per adapter, got {len(lora_A)}, {len(lora_B)}, {len(scalings)}"
+        )
     if not isinstance(row_adapters, torch.Tensor) or row_adapters.dtype not in (torch.int32, torch.int64):
         got = getattr(row_adapters, "dtype", type(row_adapters).__name__)
         raise TypeError(f"row_adapters must be an int32/int64 tensor, got {got}")
@@ -201,18 +311,25 @@ def lora_linear_routed(x: torch.Tensor, weight: Weight, bias: torch.Tensor | Non
     for a_, b_ in zip(lora_A, lora_B):
         check_lora_linear_args(x, weight, bias, a_, b_)
     if row_adapters.shape != (x.shape[0],) or row_adapters.device != x.device:
-        raise ValueError(f"row_adapters must be [{x.shape[0]}] on {x.device}, got {tuple(row_adapters.shape)} on "
-                         f"{row_adapters.device}")  # fmt: skip
+        raise ValueError(
+            f"row_adapters must be [{x.shape[0]}] on {x.device}, got {tuple(row_adapters.shape)} on "
+            f"{row_adapters.device}"
+        )
     # values are checked where that costs no device sync (callers on CUDA pass ids they built), and
     # not on traced ids, whose values are unknown
-    if (row_adapters.device.type == "cpu" and row_adapters.numel() and not torch.compiler.is_compiling()
-            and not tracing(row_adapters)):  # fmt: skip
+    if (
+        row_adapters.device.type == "cpu"
+        and row_adapters.numel()
+        and not torch.compiler.is_compiling()
+        and not tracing(row_adapters)
+    ):
         low, high = int(row_adapters.min()), int(row_adapters.max())
         if low < -1 or high >= n_adapters:
-            raise ValueError(f"row_adapters must be in [-1, {n_adapters}) for {n_adapters} adapters, got values "
-                             f"from {low} to {high}")  # fmt: skip
+            raise ValueError(
+                f"row_adapters must be in [-1, {n_adapters}) for {n_adapters} adapters, got values from {low} to {high}"
+            )
     save_xa = torch.is_grad_enabled() and any(b.requires_grad for b in lora_B)  # dB_a = s_a·dYᵀ·xa_a
-    y, _ = torch.ops.fastpeft.lora_linear_routed(x, *weight_op_args(weight), bias, row_adapters, list(lora_A),
-                                                 list(lora_B), scalings, save_xa)  # fmt: skip
+    y, _ = torch.ops.fastpeft.lora_linear_routed(
+        x, *weight_op_args(weight), bias, row_adapters, list(lora_A), list(lora_B), scalings, save_xa
+    )
     return y
-

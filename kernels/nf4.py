@@ -41,16 +41,28 @@ from fastpeft.kernels.backend import tracing, triton_launcher, use_triton
 
 # The 16 NF4 values (QLoRA, normal-distribution quantiles), fp32, as bitsandbytes stores them.
 NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 NESTED_BLOCKSIZE = 256
 ALLOWED_BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nf4_code_cpu() -> torch.Tensor:
     return torch.tensor(NF4_VALUES, dtype=torch.float32)
 
@@ -62,12 +74,12 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return _nf4_code_on(torch.device(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nf4_code_on(device: torch.device) -> torch.Tensor:
     return _nf4_code_cpu().to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_cpu() -> torch.Tensor:
     # bitsandbytes' signed dynamic 8-bit map (7 exponent bits): a sign, a run of zero bits that
     # sets the decade, then a linear fraction in that decade. The values are built with the same
@@ -154,12 +166,16 @@ class NF4Weight:
         if self.absmax.dtype != torch.uint8:
             raise ValueError(f"double-quantized NF4Weight.absmax must be uint8, got {self.absmax.dtype}")
         n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
-        checks = (("nested_absmax", self.nested_absmax, n_nested), ("nested_code", self.nested_code, 256),
-                  ("offset", self.offset, 1))  # fmt: skip
+        checks = (
+            ("nested_absmax", self.nested_absmax, n_nested),
+            ("nested_code", self.nested_code, 256),
+            ("offset", self.offset, 1),
+        )
         for name, t, numel in checks:
             if t.dtype != torch.float32 or t.numel() != numel:
-                raise ValueError(f"NF4Weight.{name} must be float32 with {numel} entries, got {t.dtype} "
-                                 f"with {t.numel()}")  # fmt: skip
+                raise ValueError(
+                    f"NF4Weight.{name} must be float32 with {numel} entries, got {t.dtype} with {t.numel()}"
+                )
 
     @property
     def double_quant(self) -> bool:
@@ -185,19 +201,36 @@ class NF4Weight:
             out.update(nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset)
         return out
 
-    def op_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                               torch.Tensor | None]:  # fmt: skip
+    def op_args(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(packed, absmax, nested_absmax, nested_code, offset): how the ``fastpeft::`` ops take this
         weight (custom ops take tensors and ints, not dataclasses); None without double quant."""
         return self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset
 
     @classmethod
-    def from_op_args(cls, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-                     nested_code: torch.Tensor | None, offset: torch.Tensor | None, shape: Any, blocksize: int,
-                     dtype: torch.dtype) -> NF4Weight:  # fmt: skip
+    def from_op_args(
+        cls,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None,
+        nested_code: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        shape: Any,
+        blocksize: int,
+        dtype: torch.dtype,
+    ) -> NF4Weight:
         """The inverse of :meth:`op_args` (inside an op: the same tensors, no copy)."""
-        return cls(packed=packed, absmax=absmax, shape=shape, blocksize=blocksize, dtype=dtype,
-                   nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)  # fmt: skip
+        return cls(
+            packed=packed,
+            absmax=absmax,
+            shape=shape,
+            blocksize=blocksize,
+            dtype=dtype,
+            nested_absmax=nested_absmax,
+            nested_code=nested_code,
+            offset=offset,
+        )
 
     def to(self, device: torch.device | str) -> NF4Weight:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
@@ -226,8 +259,10 @@ class NF4Weight:
         if getattr(state, "quant_type", None) != "nf4":
             raise ValueError(f"only NF4 weights are supported, got quant_type={getattr(state, 'quant_type', None)!r}")
         if getattr(state, "packing_format_for_cpu", False):
-            raise ValueError("this bitsandbytes weight is in bitsandbytes' CPU-packed layout "
-                             "(quant_state.packing_format_for_cpu); undo it before NF4Weight.from_bnb")  # fmt: skip
+            raise ValueError(
+                "this bitsandbytes weight is in bitsandbytes' CPU-packed layout "
+                "(quant_state.packing_format_for_cpu); undo it before NF4Weight.from_bnb"
+            )
         packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         if not isinstance(packed, torch.Tensor):
             raise TypeError(f"NF4Weight.from_bnb expects a Params4bit or tensor, got {type(weight).__name__}")
@@ -238,8 +273,13 @@ class NF4Weight:
             return cls(absmax=state.absmax.float(), **common)
         if state.state2.blocksize != NESTED_BLOCKSIZE:
             raise ValueError(f"nested absmax blocksize must be {NESTED_BLOCKSIZE}, got {state.state2.blocksize}")
-        return cls(absmax=state.absmax, nested_absmax=state.state2.absmax, nested_code=state.state2.code,
-                   offset=state.offset.reshape(()).float(), **common)  # fmt: skip
+        return cls(
+            absmax=state.absmax,
+            nested_absmax=state.state2.absmax,
+            nested_code=state.state2.code,
+            offset=state.offset.reshape(()).float(),
+            **common,
+        )
 
     def to_bnb(self) -> tuple[torch.Tensor, Any]:
         """(packed uint8 ``[ceil(n / 2), 1]``, ``bitsandbytes.functional.QuantState``) sharing our tensors.
@@ -252,10 +292,19 @@ class NF4Weight:
         code = nf4_code(self.device)
         state2 = None
         if self.double_quant:
-            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE,
-                                dtype=torch.float32)  # fmt: skip
-        state = QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
-                           quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=state2)  # fmt: skip
+            state2 = QuantState(
+                absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+            )
+        state = QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=code,
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=state2,
+        )
         return self.packed.view(-1, 1), state
 
 
@@ -348,15 +397,22 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     if not double_quant:
         return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, blocksize=blocksize, dtype=w.dtype)
     return NF4Weight(
-        packed=packed, absmax=absmax, shape=w.shape, blocksize=blocksize,
-        dtype=w.dtype, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
-    )  # fmt: skip
+        packed=packed,
+        absmax=absmax,
+        shape=w.shape,
+        blocksize=blocksize,
+        dtype=w.dtype,
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+        offset=offset,
+    )
 
 
 # Opaque (no Triton kernel inside, and the NaN check reads the data): torch.compile calls it as is.
 @torch.library.custom_op("fastpeft::quantize_nf4", mutates_args=())
-def _quantize_nf4_op(w: torch.Tensor, blocksize: int, double_quant: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _quantize_nf4_op(
+    w: torch.Tensor, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed, absmax, nested_absmax, nested_code, offset); without double quant the last three are
     empty fp32 tensors (an op returns tensors, never None) and absmax is fp32, else uint8 codes."""
     if not torch.isfinite(w).all():
@@ -375,17 +431,26 @@ def _quantize_nf4_op(w: torch.Tensor, blocksize: int, double_quant: bool
 
 
 @_quantize_nf4_op.register_fake
-def _(w: torch.Tensor, blocksize: int, double_quant: bool
-      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _(
+    w: torch.Tensor, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Outputs as the real op allocates them (its temporaries: fp32 copies of w, transient)."""
     n = w.numel()
     n_blocks = -(-n // blocksize)
     packed = w.new_empty((n + 1) // 2, dtype=torch.uint8)
     if not double_quant:
-        return packed, w.new_empty(n_blocks, dtype=torch.float32), *(w.new_empty(0, dtype=torch.float32) for _ in range(3))
-    return (packed, w.new_empty(n_blocks, dtype=torch.uint8),
-            w.new_empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32),
-            w.new_empty(256, dtype=torch.float32), w.new_empty((), dtype=torch.float32))  # fmt: skip
+        return (
+            packed,
+            w.new_empty(n_blocks, dtype=torch.float32),
+            *(w.new_empty(0, dtype=torch.float32) for _ in range(3)),
+        )
+    return (
+        packed,
+        w.new_empty(n_blocks, dtype=torch.uint8),
+        w.new_empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32),
+        w.new_empty(256, dtype=torch.float32),
+        w.new_empty((), dtype=torch.float32),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +458,16 @@ def _(w: torch.Tensor, blocksize: int, double_quant: bool
 
 
 @triton.jit
-def nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, mask,
-                    DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr):  # fmt: skip
+def nf4_block_scale(
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    block_idx,
+    mask,
+    DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCK: tl.constexpr,
+):
     """fp32 absmax of the blocks ``block_idx`` (any shape), undoing double quantization."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block_idx, mask=mask, other=0).to(tl.int32)
@@ -407,9 +480,19 @@ def nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, 
 
 
 @triton.jit
-def nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                     flat_idx, mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                     NESTED_BLOCK: tl.constexpr):  # fmt: skip
+def nf4_dequant_tile(
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    flat_idx,
+    mask,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCK: tl.constexpr,
+):
     """fp32 values of the weight at flat (row-major) indices ``flat_idx`` (int64, any shape).
 
     Element by element (a byte load, a table load and a scale per element): the general case, for
@@ -417,8 +500,16 @@ def nf4_dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested
     byte = tl.load(packed_ptr + flat_idx // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where((flat_idx % 2) == 0, byte >> 4, byte & 0xF)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat_idx // BLOCKSIZE,
-                            mask, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+    scale = nf4_block_scale(
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        flat_idx // BLOCKSIZE,
+        mask,
+        DOUBLE_QUANT,
+        NESTED_BLOCK,
+    )
     return value * scale
 
 
@@ -439,18 +530,36 @@ def nf4_unpack_bytes(code_ptr, byte):
 
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-    n, n_bytes,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
-):  # fmt: skip
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    out_ptr,
+    n,
+    n_bytes,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
     # One program: BLOCKS absmax blocks as a [BLOCKS, BLOCKSIZE / 2] tile of bytes (contiguous), so
     # each thread reads 16 bytes with one vector load, one scale per block, and writes whole rows.
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
     byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
-    scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block,
-                            block * BLOCKSIZE < n, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+    scale = nf4_block_scale(
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        block,
+        block * BLOCKSIZE < n,
+        DOUBLE_QUANT,
+        NESTED_BLOCK,
+    )
     value = nf4_unpack_bytes(code_ptr, byte) * scale[:, None]  # [BLOCKS, BLOCKSIZE]
     elem = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + elem, value.to(out_ptr.dtype.element_ty), mask=elem < n)
@@ -487,8 +596,9 @@ def _check_dequant_args(q: NF4Weight, dtype: torch.dtype | None, out: torch.Tens
     return dtype
 
 
-def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def dequantize_nf4_triton(
+    q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Launch the Triton dequantization kernel; ``out`` (if given) is reused as the buffer."""
     dtype = _check_dequant_args(q, dtype, out)
     out = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
@@ -496,15 +606,27 @@ def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None,
     blocks = max(1, DEQUANT_TILE_BYTES // (q.blocksize // 2))
     grid = (triton.cdiv(triton.cdiv(q.numel, q.blocksize), blocks),)
     triton_launcher(_nf4_dequant_kernel)[grid](
-        packed, code, absmax, nested_absmax, nested_code, offset, out, q.numel, q.packed.numel(),
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCKS=blocks,
+        packed,
+        code,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        out,
+        q.numel,
+        q.packed.numel(),
+        BLOCKSIZE=q.blocksize,
+        DOUBLE_QUANT=q.double_quant,
+        NESTED_BLOCK=NESTED_BLOCKSIZE,
+        BLOCKS=blocks,
         num_warps=4,
-    )  # fmt: skip
+    )
     return out
 
 
-def dequantize_nf4_reference(q: NF4Weight, dtype: torch.dtype | None = None,
-                             out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def dequantize_nf4_reference(
+    q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Torch reference: ``code[nibble] * absmax[block]`` in fp32, then cast to ``dtype``.
 
     Bit-identical to bitsandbytes' portable implementation (``backends/default/ops.py``
@@ -552,9 +674,16 @@ def dequantize_into(q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.triton_op("fastpeft::dequantize_nf4", mutates_args=())
-def _dequantize_nf4_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-                       nested_code: torch.Tensor | None, offset: torch.Tensor | None, shape: list[int],
-                       blocksize: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def _dequantize_nf4_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     q = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype)
     return dequantize_into(q, torch.empty(shape, dtype=dtype, device=packed.device))
 
@@ -566,9 +695,15 @@ def _(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtyp
 
 
 @torch.library.triton_op("fastpeft::dequantize_nf4_out", mutates_args={"out"})
-def _dequantize_nf4_out_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-                           nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
-                           out: torch.Tensor) -> None:  # fmt: skip
+def _dequantize_nf4_out_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    out: torch.Tensor,
+) -> None:
     q = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, out.shape, blocksize, out.dtype)
     dequantize_into(q, out)
 

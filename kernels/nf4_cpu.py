@@ -98,15 +98,20 @@ def native() -> _Native:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return none
-    nf4 = {dt: _declare(lib, f"cdequantize_blockwise_cpu_nf4_{s}", [_c_ptr, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64])
-           for dt, s in _NATIVE_DTYPES.items()}  # fmt: skip
+    nf4 = {
+        dt: _declare(lib, f"cdequantize_blockwise_cpu_nf4_{s}", [_c_ptr, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64])
+        for dt, s in _NATIVE_DTYPES.items()
+    }
     blockwise = _declare(lib, "cdequantize_blockwise_cpu_fp32", [_c_ptr] * 4 + [_c_i64, _c_i64])
     gemv = _declare(lib, "gemv_4bit_inference_cpu_nf4_bf16", [_c_i64] * 3 + [_c_ptr] * 4 + [_c_i64] * 3)
     has_bf16 = getattr(lib, "has_avx512bf16_cpu", None)
     if has_bf16 is not None:
         has_bf16.restype = ctypes.c_bool
-    found = _Native({dt: fn for dt, fn in nf4.items() if fn is not None}, blockwise,
-                    gemv if has_bf16 is not None and has_bf16() else None)  # fmt: skip
+    found = _Native(
+        {dt: fn for dt, fn in nf4.items() if fn is not None},
+        blockwise,
+        gemv if has_bf16 is not None and has_bf16() else None,
+    )
     with torch.inference_mode(False), torch.no_grad():  # the first call may come from inside either
         return _self_checked(found)
 
@@ -147,8 +152,7 @@ def _plain_cpu(*tensors: torch.Tensor | None) -> bool:
     torch.compile trace (which gets the traceable reference instead): ctypes may read them."""
     if torch.compiler.is_compiling() or tracing(*tensors):
         return False
-    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu")
-               for t in tensors)  # fmt: skip
+    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu") for t in tensors)
 
 
 def _absmax_native(q: NF4Weight, lib: _Native) -> torch.Tensor:
@@ -160,11 +164,18 @@ def _absmax_native(q: NF4Weight, lib: _Native) -> torch.Tensor:
     return out.add_(q.offset)
 
 
-def _dequant_native_blocks(fn, packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int,
-                           n: int) -> None:  # fmt: skip
+def _dequant_native_blocks(
+    fn, packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int, n: int
+) -> None:
     """The first ``n`` elements (a multiple of the blocksize) into ``out``, one block per kernel row."""
-    fn(_c_ptr(packed.data_ptr()), _c_ptr(absmax.data_ptr()), _c_ptr(out.data_ptr()), blocksize, n // blocksize,
-       blocksize)  # fmt: skip
+    fn(
+        _c_ptr(packed.data_ptr()),
+        _c_ptr(absmax.data_ptr()),
+        _c_ptr(out.data_ptr()),
+        blocksize,
+        n // blocksize,
+        blocksize,
+    )
 
 
 @functools.cache
@@ -175,8 +186,9 @@ def _byte_pair_table() -> torch.Tensor:
     return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous().view(torch.float64).view(-1)
 
 
-def _dequant_table(packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int,
-                   start: int, stop: int) -> None:  # fmt: skip
+def _dequant_table(
+    packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int, start: int, stop: int
+) -> None:
     """Elements ``[start, stop)`` of the flat weight into ``out[start:stop]`` (start block-aligned):
     the byte-pair gather, then the fp32 scale per block (written into ``out`` when it is fp32)."""
     table = _byte_pair_table()
@@ -188,8 +200,11 @@ def _dequant_table(packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor
         full = (hi - lo) - (hi - lo) % blocksize
         first = lo // blocksize
         if full:
-            torch.mul(values[:full].view(-1, blocksize), absmax[first : first + full // blocksize, None],
-                      out=dest[:full].view(-1, blocksize))  # fmt: skip
+            torch.mul(
+                values[:full].view(-1, blocksize),
+                absmax[first : first + full // blocksize, None],
+                out=dest[:full].view(-1, blocksize),
+            )
         if full < hi - lo:  # the weight's trailing partial block
             torch.mul(values[full:], absmax[first + full // blocksize], out=dest[full:])
         if dest.data_ptr() != out[lo:hi].data_ptr():
@@ -229,8 +244,7 @@ class _Derived:
     gemv: tuple[torch.Tensor, torch.Tensor] | None = None  # uint8 [N, K/2] in bnb's CPU order, bf16 [K/bs, N]
 
     def current(self, tensors: tuple[torch.Tensor, ...]) -> bool:
-        return (all(not ref.expired() for ref in self.source)
-                and self.versions == _versions(tensors))  # fmt: skip
+        return all(not ref.expired() for ref in self.source) and self.versions == _versions(tensors)
 
 
 _derived: dict[tuple[int, int, int], _Derived] = {}
@@ -302,9 +316,16 @@ def clear_derived() -> None:
 def gemv_applicable(x: torch.Tensor, q: NF4Weight) -> bool:
     """Whether :func:`nf4_linear_cpu` takes bitsandbytes' GEMV for this call."""
     n, k = q.shape
-    return (x.dtype == torch.bfloat16 and x.shape[0] <= GEMV_MAX_ROWS and len(q.shape) == 2 and n % 32 == 0
-            and k % q.blocksize == 0 and x.stride(-1) == 1 and _plain_cpu(x, *q.tensors().values())
-            and native().gemv_bf16 is not None)  # fmt: skip
+    return (
+        x.dtype == torch.bfloat16
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and len(q.shape) == 2
+        and n % 32 == 0
+        and k % q.blocksize == 0
+        and x.stride(-1) == 1
+        and _plain_cpu(x, *q.tensors().values())
+        and native().gemv_bf16 is not None
+    )
 
 
 def _gemv(x: torch.Tensor, q: NF4Weight, lib: _Native | None = None) -> torch.Tensor:
@@ -313,8 +334,18 @@ def _gemv(x: torch.Tensor, q: NF4Weight, lib: _Native | None = None) -> torch.Te
     m, k = x.shape
     n = q.shape[0]
     out = torch.empty((m, n), dtype=torch.bfloat16)
-    lib.gemv_bf16(m, n, k, _c_ptr(x.data_ptr()), _c_ptr(packed.data_ptr()), _c_ptr(absmax.data_ptr()),
-                  _c_ptr(out.data_ptr()), q.blocksize, x.stride(0), out.stride(0))  # fmt: skip
+    lib.gemv_bf16(
+        m,
+        n,
+        k,
+        _c_ptr(x.data_ptr()),
+        _c_ptr(packed.data_ptr()),
+        _c_ptr(absmax.data_ptr()),
+        _c_ptr(out.data_ptr()),
+        q.blocksize,
+        x.stride(0),
+        out.stride(0),
+    )
     return out
 
 

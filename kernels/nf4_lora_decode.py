@@ -59,18 +59,58 @@ DECODE_MAX_ROWS = 16  # tl.dot's smallest M tile; more rows go to the training p
 @triton.jit
 def _lora_decode_kernel(
     # pointers
-    x_ptr, w_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    bias_ptr, a_ptr, b_ptr, y_ptr, acc_ptr, count_ptr, row_adapter_ptr, adapter_scale_ptr,
+    x_ptr,
+    w_ptr,
+    code_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    acc_ptr,
+    count_ptr,
+    row_adapter_ptr,
+    adapter_scale_ptr,
     # sizes
-    M, N, K, k_bytes, R, rank_per_adapter, k_per_split, k_per_split_bytes, scaling,
+    M,
+    N,
+    K,
+    k_bytes,
+    R,
+    rank_per_adapter,
+    k_per_split,
+    k_per_split_bytes,
+    scaling,
     # strides
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
     # meta-parameters
-    IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FP32_DOT: tl.constexpr, ALIGNED: tl.constexpr,
-    ROUTED: tl.constexpr, SCALES_PER_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
+    IS_NF4: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ROUTED: tl.constexpr,
+    SCALES_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # int64: the flat NF4 index n·K + k passes 2^31 for large layers (e.g. 128256 x 4096), and x
@@ -93,20 +133,34 @@ def _lora_decode_kernel(
         k0 = k_start + step * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
         w_mask = mask_k[:, None] & mask_n[None, :]
         if IS_NF4 and ALIGNED:
             # K % BLOCKSIZE == 0: row n is bytes [n·K/2, (n+1)·K/2) and whole blocks. The tile is
             # read as [BLOCK_N, BLOCK_K/2] bytes, 16 per thread in one vector load, unpacked in
             # registers (both nibbles by the thread that loaded the byte), one scale per block.
             offs_kb = kb_start + step * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-            byte = tl.load(w_ptr + offs_n[:, None] * k_bytes + offs_kb[None, :],
-                           mask=mask_n[:, None] & (offs_kb[None, :] < k_end // 2), other=0).to(tl.int32)  # fmt: skip
+            byte = tl.load(
+                w_ptr + offs_n[:, None] * k_bytes + offs_kb[None, :],
+                mask=mask_n[:, None] & (offs_kb[None, :] < k_end // 2),
+                other=0,
+            ).to(tl.int32)
             seg_k = k0 + tl.arange(0, SCALES_PER_TILE) * (BLOCK_K // SCALES_PER_TILE)  # first k of each segment
             block_idx = offs_n[:, None] * (K // BLOCKSIZE) + seg_k[None, :] // BLOCKSIZE
-            scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx,
-                                    mask_n[:, None] & (seg_k[None, :] < k_end), DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+            scale = nf4_block_scale(
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                block_idx,
+                mask_n[:, None] & (seg_k[None, :] < k_end),
+                DOUBLE_QUANT,
+                NESTED_BLOCK,
+            )
             values = nf4_unpack_bytes(code_ptr, byte).reshape(BLOCK_N, SCALES_PER_TILE, BLOCK_K // SCALES_PER_TILE)
             # masked-off k columns hold code 0 times a real scale: x is 0 there, so they add nothing
             w = tl.trans((values * scale[:, :, None]).reshape(BLOCK_N, BLOCK_K))
@@ -114,14 +168,28 @@ def _lora_decode_kernel(
             # Wᵀ tile [BLOCK_K, BLOCK_N] at flat row-major indices n·K + k: rows may straddle
             # both bytes (odd K) and absmax blocks (K not a multiple of BLOCKSIZE).
             flat = offs_n[None, :] * K + offs_k[:, None]
-            w = nf4_dequant_tile(w_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                 flat, w_mask, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCK)  # fmt: skip
+            w = nf4_dequant_tile(
+                w_ptr,
+                code_ptr,
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                flat,
+                w_mask,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+                NESTED_BLOCK,
+            )
         else:
             w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
         # round to x's dtype as the dequantize-then-matmul reference does
         w = w.to(x_ptr.dtype.element_ty)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
+        a = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
         if FP32_DOT:
             # fp32 inputs: full fp32 products, not TF32 (torch's default matmul). Also bf16 under
             # the interpreter, whose tl.dot reads bf16 bits as integers; the upcast is exact.
@@ -133,8 +201,11 @@ def _lora_decode_kernel(
             xa = tl.dot(x, a, xa)
 
     # LoRA up-projection of this slice's partial x·Aᵀ; fp32 throughout (it is r-sized, cheap).
-    b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    b = tl.load(
+        b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    ).to(tl.float32)
     if ROUTED:
         # Several adapters stacked along r (rank_per_adapter rows of A each): row m keeps only the
         # columns of its own adapter (id -1: none), times that adapter's scale. One stream of W
@@ -169,13 +240,14 @@ def _lora_decode_kernel(
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_config(m: int, n: int, k: int, r: int, is_nf4: bool, device: torch.device,
-                  aligned: bool = False) -> dict[str, int]:  # fmt: skip
+def decode_config(
+    m: int, n: int, k: int, r: int, is_nf4: bool, device: torch.device, aligned: bool = False
+) -> dict[str, int]:
     """Heuristic tiles and split for the decode kernel (a GEMV: a cheap rule, no autotuning).
 
     Aim for ~8 programs per SM so enough loads are in flight to saturate HBM, but keep each K-slice
@@ -203,14 +275,29 @@ def decode_config(m: int, n: int, k: int, r: int, is_nf4: bool, device: torch.de
         block_n, block_k, programs = 32, 32, 8
     n_tiles, k_tiles = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
     split_k = max(1, min(programs // n_tiles, k_tiles // 2))
-    return {"block_n": block_n, "block_k": block_k, "block_r": block_r, "split_k": split_k,
-            "num_warps": num_warps, "num_stages": num_stages}  # fmt: skip
+    return {
+        "block_n": block_n,
+        "block_k": block_k,
+        "block_r": block_r,
+        "split_k": split_k,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
 
 
-def nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, *, out: torch.Tensor | None = None,
-                    block_n: int | None = None, block_k: int | None = None,
-                    split_k: int | None = None) -> torch.Tensor:  # fmt: skip
+def nf4_lora_decode(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
     """Launch the fused decode kernel: x ``[M <= 16, K]`` -> y ``[M, N]`` (forward only, no autograd).
 
     ``weight`` is an :class:`NF4Weight` (dequantized in registers) or a dense ``[N, K]`` tensor.
@@ -220,8 +307,18 @@ def nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, 
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
     out = _decode_output(x, lora_B.shape[0], out)
     _check_tiles(block_n, block_k)
-    torch.ops.fastpeft.nf4_lora_decode(x, *weight_op_args(weight), bias, lora_A, lora_B, check_scaling(scaling),
-                                       block_n or 0, block_k or 0, split_k or 0, out)  # fmt: skip
+    torch.ops.fastpeft.nf4_lora_decode(
+        x,
+        *weight_op_args(weight),
+        bias,
+        lora_A,
+        lora_B,
+        check_scaling(scaling),
+        block_n or 0,
+        block_k or 0,
+        split_k or 0,
+        out,
+    )
     return out
 
 
@@ -233,8 +330,9 @@ def _decode_output(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.T
     if out is None:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     if tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+        raise ValueError(
+            f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     return out
 
 
@@ -245,34 +343,82 @@ def _check_tiles(block_n: int | None, block_k: int | None) -> None:
 
 
 @torch.library.triton_op("fastpeft::nf4_lora_decode", mutates_args={"out"})
-def _nf4_lora_decode_op(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None,
-                        nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
-                        offset: torch.Tensor | None, blocksize: int, bias: torch.Tensor | None,
-                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, block_n: int, block_k: int,
-                        split_k: int, out: torch.Tensor) -> None:  # fmt: skip
+def _nf4_lora_decode_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    out: torch.Tensor,
+) -> None:
     """Writes y into ``out``; W as in :func:`weight_op_args`; tiles and split 0 = :func:`decode_config`."""
-    w = weight_from_op_args(weight, absmax, nested_absmax, nested_code, offset, blocksize,
-                            (lora_B.shape[0], x.shape[1]), x.dtype)  # fmt: skip
+    w = weight_from_op_args(
+        weight, absmax, nested_absmax, nested_code, offset, blocksize, (lora_B.shape[0], x.shape[1]), x.dtype
+    )
     if use_triton(x):
-        launch_nf4_lora_decode(x, w, bias, lora_A, lora_B, scaling, out=out, block_n=block_n or None,
-                               block_k=block_k or None, split_k=split_k or None)  # fmt: skip
+        launch_nf4_lora_decode(
+            x,
+            w,
+            bias,
+            lora_A,
+            lora_B,
+            scaling,
+            out=out,
+            block_n=block_n or None,
+            block_k=block_k or None,
+            split_k=split_k or None,
+        )
     else:
         with autocast_off(x.device):
             nf4_lora_decode_reference(x, w, bias, lora_A, lora_B, scaling, out=out)
 
 
 @_nf4_lora_decode_op.register_fake
-def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B, scaling,
-      block_n, block_k, split_k, out):  # type: ignore[no-untyped-def]  # fmt: skip
+def _(
+    x,
+    weight,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+    block_n,
+    block_k,
+    split_k,
+    out,
+):  # type: ignore[no-untyped-def]
     """Writes ``out`` only. Workspaces of the Triton path (held across calls): ``"lora_decode_acc"``
     (fp32 ``[16, N]``) and ``"lora_decode_count"`` (int32, one per column tile) when split-K > 1."""
 
 
-def launch_nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                           lora_B: torch.Tensor, scaling: float, *, out: torch.Tensor | None = None,
-                           block_n: int | None = None, block_k: int | None = None,
-                           split_k: int | None = None, row_adapters: torch.Tensor | None = None,
-                           adapter_scales: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def launch_nf4_lora_decode(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    row_adapters: torch.Tensor | None = None,
+    adapter_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`nf4_lora_decode` without the argument checks, for callers that already ran
     :func:`check_lora_linear_args` (saves host time per decode step). ``scaling`` must be a float.
 
@@ -310,35 +456,84 @@ def launch_nf4_lora_decode(x: torch.Tensor, weight: Weight, bias: torch.Tensor |
         acc, count = out, out  # unused
     routed = row_adapters is not None
     if routed and (adapter_scales is None or r % adapter_scales.numel()):
-        raise ValueError(f"routed decode needs adapter_scales with one entry per adapter; lora_B has r={r}, "
-                         f"got {None if adapter_scales is None else adapter_scales.numel()} scales")  # fmt: skip
+        raise ValueError(
+            f"routed decode needs adapter_scales with one entry per adapter; lora_B has r={r}, "
+            f"got {None if adapter_scales is None else adapter_scales.numel()} scales"
+        )
     rank_per_adapter = r // adapter_scales.numel() if routed else r
     grid = (n_tiles, split_k)
     triton_launcher(_lora_decode_kernel)[grid](
-        x, w, code, absmax, nested_absmax, nested_code, offset,
-        bias if bias is not None else x, lora_A, lora_B, out, acc, count,
-        row_adapters if routed else x, adapter_scales if routed else x,
-        m, n, k, k // 2, r, rank_per_adapter, k_per_split, k_per_split // 2, scaling,
-        x.stride(0), x.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
-        IS_NF4=isinstance(weight, NF4Weight), BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant,
-        NESTED_BLOCK=NESTED_BLOCKSIZE, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        x,
+        w,
+        code,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        bias if bias is not None else x,
+        lora_A,
+        lora_B,
+        out,
+        acc,
+        count,
+        row_adapters if routed else x,
+        adapter_scales if routed else x,
+        m,
+        n,
+        k,
+        k // 2,
+        r,
+        rank_per_adapter,
+        k_per_split,
+        k_per_split // 2,
+        scaling,
+        x.stride(0),
+        x.stride(1),
+        stride_wn,
+        stride_wk,
+        lora_A.stride(0),
+        lora_A.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        out.stride(0),
+        out.stride(1),
+        IS_NF4=isinstance(weight, NF4Weight),
+        BLOCKSIZE=blocksize,
+        DOUBLE_QUANT=double_quant,
+        NESTED_BLOCK=NESTED_BLOCKSIZE,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
         FP32_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()),
-        ALIGNED=aligned, ROUTED=routed, SCALES_PER_TILE=max(1, block_k // blocksize),
-        BLOCK_M=DECODE_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=cfg["block_r"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+        ALIGNED=aligned,
+        ROUTED=routed,
+        SCALES_PER_TILE=max(1, block_k // blocksize),
+        BLOCK_M=DECODE_MAX_ROWS,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_R=cfg["block_r"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return out
 
 
-def nf4_lora_decode_reference(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                              lora_B: torch.Tensor, scaling: float, *,
-                              out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def nf4_lora_decode_reference(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Torch reference of :func:`nf4_lora_decode`: W rounded to x's dtype, fp32 math, one final cast."""
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
     if isinstance(weight, NF4Weight):
         weight = dequantize_nf4_reference(weight, x.dtype)
-    y = x.float() @ weight.float().t() + check_scaling(scaling) * ((x.float() @ lora_A.float().t()) @ lora_B.float().t())
+    y = x.float() @ weight.float().t() + check_scaling(scaling) * (
+        (x.float() @ lora_A.float().t()) @ lora_B.float().t()
+    )
     if bias is not None:
         y = y + bias.float()
     y = y.to(x.dtype)

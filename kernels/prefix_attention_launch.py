@@ -79,10 +79,15 @@ def strides_of_prefix(prefix: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(prefix.stride())  # type: ignore[return-value]
 
 
-def check_prefix_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
-                                key_padding_mask: torch.Tensor | None,
-                                prefix_logit_bias: torch.Tensor | None) -> None:  # fmt: skip
+def check_prefix_attention_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    prefix_logit_bias: torch.Tensor | None,
+) -> None:
     """Raise a ValueError/TypeError naming the offending shape, dtype or device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -91,7 +96,9 @@ def check_prefix_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected [{batch}, H_kv, T_k, {head_dim}]")
+        raise ValueError(
+            f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected [{batch}, H_kv, T_k, {head_dim}]"
+        )
     h_kv, t_k = k.shape[1], k.shape[2]
     if h_kv == 0 or h_q % h_kv != 0:
         raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
@@ -120,8 +127,10 @@ def check_prefix_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise ValueError("prefix_logit_bias given without a prefix")
     if prefix_logit_bias is not None:
         if prefix_logit_bias.numel() != 1 or not prefix_logit_bias.is_floating_point():
-            raise ValueError(f"prefix_logit_bias must be a one-element float tensor, got {tuple(prefix_logit_bias.shape)} "
-                             f"{prefix_logit_bias.dtype}")  # fmt: skip
+            raise ValueError(
+                f"prefix_logit_bias must be a one-element float tensor, got {tuple(prefix_logit_bias.shape)} "
+                f"{prefix_logit_bias.dtype}"
+            )
         if prefix_logit_bias.device != q.device:
             raise ValueError(f"q is on {q.device} but prefix_logit_bias is on {prefix_logit_bias.device}")
     if key_padding_mask is not None:

@@ -41,8 +41,9 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return torch.log_softmax(scaled, dim=-1)
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row. Returns (tokens ``[B]`` long, their logprobs ``[B]``).
 
     logits: ``[B, V]``; half-precision logits are upcast to float32 first (float64 stays float64).
@@ -160,5 +161,7 @@ class RowFinishState:
         """(token ids, logprobs, finish reason) per row; one transfer to the host."""
         lengths, reasons = self.lengths.tolist(), self.reasons.tolist()
         tokens, logprobs = self.tokens.tolist(), self.logprobs.tolist()
-        return [(tokens[r][: lengths[r]], logprobs[r][: lengths[r]], self.REASONS.get(reasons[r], "length"))
-                for r in range(len(lengths))]  # fmt: skip
+        return [
+            (tokens[r][: lengths[r]], logprobs[r][: lengths[r]], self.REASONS.get(reasons[r], "length"))
+            for r in range(len(lengths))
+        ]

@@ -120,10 +120,19 @@ class SharedPrefixState:
         self.query_positions = self.prompt_lengths[:, None] + step
 
 
-def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, scaling: float | None = None,
-                            dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
-                            s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """Decode attention over [prompt KV shared by n rows | the row's own generated KV].
 
     query ``[B, Hq, 1, D]`` with ``B = P·n`` (row ``p·n + j`` is sample j of prompt p); key/value
@@ -135,8 +144,10 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     if state is None:
         raise RuntimeError(f"attention '{SHARED_PREFIX_ATTENTION}' called without the {STATE_KWARG} kwarg")
     if softcap is not None or s_aux is not None:
-        raise ValueError("shared-prefix attention does not support logit softcapping or attention sinks; "
-                         "use Sampler(prefix_mode='copy')")  # fmt: skip
+        raise ValueError(
+            "shared-prefix attention does not support logit softcapping or attention sinks; "
+            "use Sampler(prefix_mode='copy')"
+        )
     if dropout:
         raise ValueError(f"shared-prefix attention is for inference; got dropout={dropout}")
     state.calls += 1
@@ -145,8 +156,10 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     b, hq, q_len, d = query.shape
     p, hkv, lp, _ = prompt_k.shape
     if q_len != 1 or b % p or hq % hkv:
-        raise ValueError(f"shared-prefix attention expects query [P*n, Hq, 1, D] with Hq % Hkv == 0; got query "
-                         f"{tuple(query.shape)} for prompt keys {tuple(prompt_k.shape)}")  # fmt: skip
+        raise ValueError(
+            f"shared-prefix attention expects query [P*n, Hq, 1, D] with Hq % Hkv == 0; got query "
+            f"{tuple(query.shape)} for prompt keys {tuple(prompt_k.shape)}"
+        )
     n, g = b // p, hq // hkv
     scaling = d**-0.5 if scaling is None else scaling
     acc = state.base_bias.dtype
@@ -188,8 +201,10 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
     model.set_attn_implementation(name)
     if _text_config(model)._attn_implementation != name:
         model.set_attn_implementation(original)
-        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to {name!r}; "
-                         "use Sampler(prefix_mode='copy')")  # fmt: skip
+        raise ValueError(
+            f"{type(model).__name__} cannot switch its attention implementation to {name!r}; "
+            "use Sampler(prefix_mode='copy')"
+        )
     try:
         yield
     finally:

@@ -75,9 +75,17 @@ class Sampler:
         eos_token_id: int or list; default from the tokenizer, then the generation config / config.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_seq_len: int | None = None,
-                 prefix_mode: PrefixMode = "shared", cuda_graph: bool = True,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        max_seq_len: int | None = None,
+        prefix_mode: PrefixMode = "shared",
+        cuda_graph: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ):
         if prefix_mode not in ("shared", "copy"):
             raise ValueError(f"prefix_mode must be 'shared' or 'copy', got {prefix_mode!r}")
         self.model, self.tokenizer, self.prefix_mode, self.cuda_graph = model, tokenizer, prefix_mode, cuda_graph
@@ -103,8 +111,13 @@ class Sampler:
         self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
 
     # ---------------------------------------------------------------- public API
-    def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1,
-                 adapters: str | Sequence[str | None] | None = None) -> list[list[Completion]]:  # fmt: skip
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        n: int = 1,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> list[list[Completion]]:
         """``n`` completions per prompt: ``result[i][j]`` is sample j of ``prompts[i]``."""
         if self.tokenizer is None:
             raise ValueError("Sampler.generate needs a tokenizer; use generate_ids for token ids")
@@ -120,9 +133,15 @@ class Sampler:
         prompt_ids = [list(self.tokenizer.encode(p)) for p in prompts]
         return self.generate_ids(prompt_ids, params, n, adapters)
 
-    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, n: int = 1,
-                     adapters: str | Sequence[str | None] | None = None, *,
-                     ignore_eos: bool = False) -> list[list[Completion]]:  # fmt: skip
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        n: int = 1,
+        adapters: str | Sequence[str | None] | None = None,
+        *,
+        ignore_eos: bool = False,
+    ) -> list[list[Completion]]:
         """Like :meth:`generate` on token ids; ``text`` is empty without a tokenizer.
 
         ``ignore_eos`` keeps rows going past EOS (for throughput measurements).
@@ -158,8 +177,14 @@ class Sampler:
                 cache = make_static_cache(self.model, width + gen_len)
                 prefill_mask = torch.cat([mask, mask.new_ones(num_prompts, gen_len)], dim=1)
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=prefill_mask.long(), position_ids=positions,
-                             past_key_values=cache, use_cache=True, **self._keep_one())  # fmt: skip
+            out = self.model(
+                input_ids=ids,
+                attention_mask=prefill_mask.long(),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **self._keep_one(),
+            )
             logits = out.logits[:, -1, :].repeat_interleave(n, dim=0)  # [B, V]
             zero_padding_slots(cache, mask)
 
@@ -210,26 +235,41 @@ class Sampler:
             def forward() -> torch.Tensor:
                 state.advance(step_buf, acc)
                 positions = (row_lengths + step_buf).clamp(max=max_pos)[:, None]
-                out = self.model(input_ids=ids_buf, position_ids=positions, attention_mask=ones,
-                                 past_key_values=gen_cache, use_cache=True, **{STATE_KWARG: state}, **keep,
-                                 **self._cache_position(step_buf))  # fmt: skip
+                out = self.model(
+                    input_ids=ids_buf,
+                    position_ids=positions,
+                    attention_mask=ones,
+                    past_key_values=gen_cache,
+                    use_cache=True,
+                    **{STATE_KWARG: state},
+                    **keep,
+                    **self._cache_position(step_buf),
+                )
                 step_buf.add_(1)
                 return out.logits[:, -1, :]
 
             def check_routed() -> None:
                 # a model whose attention bypasses AttentionInterface would silently ignore the prompt
                 if state.calls == 0:
-                    raise RuntimeError(f"{type(self.model).__name__}'s attention does not dispatch through "
-                                       "transformers' AttentionInterface; use Sampler(prefix_mode='copy')")  # fmt: skip
+                    raise RuntimeError(
+                        f"{type(self.model).__name__}'s attention does not dispatch through "
+                        "transformers' AttentionInterface; use Sampler(prefix_mode='copy')"
+                    )
         else:
             repeat_cache_rows(cache, n)
             row_mask = torch.cat([mask, mask.new_ones(mask.shape[0], gen_len)], dim=1).repeat_interleave(n, 0).long()
 
             def forward() -> torch.Tensor:
                 positions = (row_lengths + step_buf).clamp(max=max_pos)[:, None]
-                out = self.model(input_ids=ids_buf, position_ids=positions, attention_mask=row_mask,
-                                 past_key_values=cache, use_cache=True, **keep,
-                                 **self._cache_position(step_buf + mask.shape[1]))  # fmt: skip
+                out = self.model(
+                    input_ids=ids_buf,
+                    position_ids=positions,
+                    attention_mask=row_mask,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **keep,
+                    **self._cache_position(step_buf + mask.shape[1]),
+                )
                 step_buf.add_(1)
                 return out.logits[:, -1, :]
 
@@ -263,8 +303,10 @@ class Sampler:
             if len(p) == 0:
                 raise ValueError(f"prompt {i} has no tokens")
             if len(p) >= self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the cache holds max_seq_len={self.max_seq_len} "
-                                 "tokens per row, including at least one new token")  # fmt: skip
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; the cache holds max_seq_len={self.max_seq_len} "
+                    "tokens per row, including at least one new token"
+                )
             bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
@@ -299,8 +341,13 @@ class _DecodeStep:
     the graph's static output, valid until the next call.
     """
 
-    def __init__(self, forward: Callable[[], torch.Tensor], ids_buf: torch.Tensor, use_graph: bool,
-                 check_routed: Callable[[], None] | None):  # fmt: skip
+    def __init__(
+        self,
+        forward: Callable[[], torch.Tensor],
+        ids_buf: torch.Tensor,
+        use_graph: bool,
+        check_routed: Callable[[], None] | None,
+    ):
         self.forward, self.ids_buf, self.use_graph, self.check_routed = forward, ids_buf, use_graph, check_routed
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -358,4 +405,3 @@ def _inference(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
-

@@ -34,7 +34,5 @@ def resolve(names: Sequence[str] | None) -> list[ModuleType]:
     names = list(dict.fromkeys(names or SCENARIOS))
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
-        raise UnknownScenario(
-            f"unknown scenario {', '.join(map(repr, unknown))}; choose from: {', '.join(SCENARIOS)}"
-        )
+        raise UnknownScenario(f"unknown scenario {', '.join(map(repr, unknown))}; choose from: {', '.join(SCENARIOS)}")
     return [importlib.import_module(f"{__name__}.{SCENARIOS[n]}") for n in names]

@@ -24,8 +24,15 @@ from .linear_common import make_tensors, reference64
 
 NAME = "cpu-kernels"
 TITLE = "CPU: NF4 dequantization, decode QLoRA linear, LM-head loss (interleaved vs bnb / HF)"
-IMPL_NAMES = ("ours", "ours (fresh tensor)", "bitsandbytes", "bnb NF4 + LoRA (unfused)", "dense bf16 + LoRA",
-              "ours (chunked loss)", "HF (full logits + CE)")  # fmt: skip
+IMPL_NAMES = (
+    "ours",
+    "ours (fresh tensor)",
+    "bitsandbytes",
+    "bnb NF4 + LoRA (unfused)",
+    "dense bf16 + LoRA",
+    "ours (chunked loss)",
+    "HF (full logits + CE)",
+)
 DEQUANT, SMALL_DEQUANT = (4096, 14336), (64, 96)
 DECODE, SMALL_DECODE = ((4096, 14336, (1, 16)),), ((64, 96, (5,)),)
 LOSS, SMALL_LOSS = (512, 32000, (127, 1023, 2047)), (32, 100, (33,))
@@ -59,8 +66,11 @@ def _dequant_impls(k: int, n: int, dtype: torch.dtype) -> Callable[[Context], li
             state.dtype = dtype
             return Prepared(run=lambda: functional.dequantize_4bit(packed, state), reference=exact)
 
-        return [ImplSpec(IMPL_NAMES[0], OURS, ours), ImplSpec(IMPL_NAMES[1], OURS, fresh),
-                ImplSpec(IMPL_NAMES[2], BASELINE, bnb)]  # fmt: skip
+        return [
+            ImplSpec(IMPL_NAMES[0], OURS, ours),
+            ImplSpec(IMPL_NAMES[1], OURS, fresh),
+            ImplSpec(IMPL_NAMES[2], BASELINE, bnb),
+        ]
 
     return make
 
@@ -93,8 +103,11 @@ def _decode_impls(m: int, k: int, n: int, r: int) -> Callable[[Context], list[Im
         def dense() -> Prepared:
             return prepared(lambda: baselines.dense_lora_linear(t.x, t.w, t.lora_A, t.lora_B, t.scaling), t.w.float())
 
-        return [ImplSpec(IMPL_NAMES[0], OURS, ours), ImplSpec(IMPL_NAMES[3], BASELINE, bnb),
-                ImplSpec(IMPL_NAMES[4], BASELINE, dense, comparable=False)]  # fmt: skip
+        return [
+            ImplSpec(IMPL_NAMES[0], OURS, ours),
+            ImplSpec(IMPL_NAMES[3], BASELINE, bnb),
+            ImplSpec(IMPL_NAMES[4], BASELINE, dense, comparable=False),
+        ]
 
     return make
 
@@ -122,23 +135,54 @@ def cases(small: bool) -> list[Case]:
     nf4_bytes = formulas.nf4_weight_bytes(k, n, 64, True)
     for dtype in (torch.bfloat16,) if small else (torch.bfloat16, torch.float32):
         written = k * n * dtype.itemsize
-        out.append(Case(scenario=NAME, group=f"NF4 dequantize {k}x{n} to {str(dtype)[6:]}", x_name="N", x=n,
-                        make_impls=_dequant_impls(k, n, dtype), metric="GB/s", bytes=nf4_bytes + written,
-                        tolerance=1e-7, interleaved=True, target=("speedup", 1.0)))  # fmt: skip
+        out.append(
+            Case(
+                scenario=NAME,
+                group=f"NF4 dequantize {k}x{n} to {str(dtype)[6:]}",
+                x_name="N",
+                x=n,
+                make_impls=_dequant_impls(k, n, dtype),
+                metric="GB/s",
+                bytes=nf4_bytes + written,
+                tolerance=1e-7,
+                interleaved=True,
+                target=("speedup", 1.0),
+            )
+        )
     r = 4 if small else 16
     for k, n, rows in SMALL_DECODE if small else DECODE:
         nf4_bytes = formulas.nf4_weight_bytes(k, n, 64, True)
         for m in rows:
-            out.append(Case(scenario=NAME, group=f"decode QLoRA linear {k}→{n} bf16", x_name="M", x=m,
-                            make_impls=_decode_impls(m, k, n, r), metric="GB/s",
-                            flops=formulas.lora_linear_flops(m, k, n, r),
-                            bytes=formulas.lora_linear_bytes(m, k, n, r, nf4_bytes), tolerance=2e-2,
-                            interleaved=True, target=("time_ratio", 2.0) if m == 1 else None))  # fmt: skip
+            out.append(
+                Case(
+                    scenario=NAME,
+                    group=f"decode QLoRA linear {k}→{n} bf16",
+                    x_name="M",
+                    x=m,
+                    make_impls=_decode_impls(m, k, n, r),
+                    metric="GB/s",
+                    flops=formulas.lora_linear_flops(m, k, n, r),
+                    bytes=formulas.lora_linear_bytes(m, k, n, r, nf4_bytes),
+                    tolerance=2e-2,
+                    interleaved=True,
+                    target=("time_ratio", 2.0) if m == 1 else None,
+                )
+            )
     hidden, vocab, lengths = SMALL_LOSS if small else LOSS
     for t in lengths:
         flops = 3 * 2 * t * hidden * vocab  # logits, dH, dW
-        out.append(Case(scenario=NAME, group=f"LM head + cross-entropy fwd+bwd H{hidden} V{vocab} bf16", x_name="T",
-                        x=t, make_impls=_loss_impls(t, hidden, vocab), metric="TFLOP/s", flops=flops,
-                        tolerance=2e-2, interleaved=True, target=("speedup", 1.0)))  # fmt: skip
+        out.append(
+            Case(
+                scenario=NAME,
+                group=f"LM head + cross-entropy fwd+bwd H{hidden} V{vocab} bf16",
+                x_name="T",
+                x=t,
+                make_impls=_loss_impls(t, hidden, vocab),
+                metric="TFLOP/s",
+                flops=flops,
+                tolerance=2e-2,
+                interleaved=True,
+                target=("speedup", 1.0),
+            )
+        )
     return out
-

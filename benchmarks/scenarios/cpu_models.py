@@ -24,8 +24,11 @@ TITLE = "CPU: QLoRA/LoRA sampling, greedy decoding, QLoRA training step (interle
 IMPL_NAMES = ("ours (fastpeft)", "HF + PEFT (+ bnb)")
 SIZE, PROMPT, NEW, GREEDY_PROMPTS, GREEDY_NEW, SEQS = "cpu-34M", 128, 128, 8, 128, (128, 1024)
 SMALL = ("tiny", 8, 4, 3, 4, (16, 32))
-SAMPLING = (("QLoRA", True, 16, ("speedup", 1.5)), ("QLoRA", True, 64, ("speedup", 2.0)),
-            ("LoRA", False, 16, ("speedup", 2.0)))  # fmt: skip
+SAMPLING = (
+    ("QLoRA", True, 16, ("speedup", 1.5)),
+    ("QLoRA", True, 64, ("speedup", 2.0)),
+    ("LoRA", False, 16, ("speedup", 2.0)),
+)
 
 
 def _models(ctx: Context, size: str, quantized: bool) -> tuple[object, object]:
@@ -35,13 +38,16 @@ def _models(ctx: Context, size: str, quantized: bool) -> tuple[object, object]:
     key = f"models-{size}-{quantized}"
     if key not in ctx.cache:
         directory = checkpoint_dir(ctx, size)
-        ctx.cache[key] = (cpu_workloads.fastpeft_model(directory, quantized, ctx.device),
-                          cpu_workloads.hf_model(directory, quantized, training=False, device=ctx.device))  # fmt: skip
+        ctx.cache[key] = (
+            cpu_workloads.fastpeft_model(directory, quantized, ctx.device),
+            cpu_workloads.hf_model(directory, quantized, training=False, device=ctx.device),
+        )
     return ctx.cache[key]
 
 
-def _generate_impls(size: str, quantized: bool, num_prompts: int, n: int, prompt: int, new: int,
-                    temperature: float) -> Callable[[Context], list[ImplSpec]]:  # fmt: skip
+def _generate_impls(
+    size: str, quantized: bool, num_prompts: int, n: int, prompt: int, new: int, temperature: float
+) -> Callable[[Context], list[ImplSpec]]:
     def make(ctx: Context) -> list[ImplSpec]:
         ours_model, hf_model = _models(ctx, size, quantized)
         prompts = cpu_workloads.prompt_ids(num_prompts, prompt, formula_dims(size)["vocab"])
@@ -76,27 +82,56 @@ def _training_impls(size: str, seq: int) -> Callable[[Context], list[ImplSpec]]:
 
 
 def cases(small: bool) -> list[Case]:
-    size, prompt, new, greedy_prompts, greedy_new, seqs = SMALL if small else (SIZE, PROMPT, NEW, GREEDY_PROMPTS,
-                                                                               GREEDY_NEW, SEQS)  # fmt: skip
+    size, prompt, new, greedy_prompts, greedy_new, seqs = (
+        SMALL if small else (SIZE, PROMPT, NEW, GREEDY_PROMPTS, GREEDY_NEW, SEQS)
+    )
     dims = formula_dims(size)
     out = []
     step_bytes = formulas.llama_decode_step_bytes(**dims, r=16, double_quant=True)
     for label, quantized, n, target in SAMPLING:
         n = n // 8 if small else n
-        out.append(Case(scenario=NAME, group=f"{label} sampling, prompt {prompt} + {new} new", x_name="N", x=n,
-                        make_impls=_generate_impls(size, quantized, 1, n, prompt, new, 1.0), metric="GB/s",
-                        bytes=step_bytes * new, interleaved=True, target=target))  # fmt: skip
+        out.append(
+            Case(
+                scenario=NAME,
+                group=f"{label} sampling, prompt {prompt} + {new} new",
+                x_name="N",
+                x=n,
+                make_impls=_generate_impls(size, quantized, 1, n, prompt, new, 1.0),
+                metric="GB/s",
+                bytes=step_bytes * new,
+                interleaved=True,
+                target=target,
+            )
+        )
     for label, quantized in (("QLoRA", True), ("LoRA", False)):
-        out.append(Case(scenario=NAME, group=f"{label} greedy, distinct prompts of {prompt} + {greedy_new} new",
-                        x_name="prompts", x=greedy_prompts,
-                        make_impls=_generate_impls(size, quantized, greedy_prompts, 1, prompt, greedy_new, 0.0),
-                        metric="GB/s", bytes=step_bytes * greedy_new, interleaved=True,
-                        target=("speedup", 1.1)))  # fmt: skip
+        out.append(
+            Case(
+                scenario=NAME,
+                group=f"{label} greedy, distinct prompts of {prompt} + {greedy_new} new",
+                x_name="prompts",
+                x=greedy_prompts,
+                make_impls=_generate_impls(size, quantized, greedy_prompts, 1, prompt, greedy_new, 0.0),
+                metric="GB/s",
+                bytes=step_bytes * greedy_new,
+                interleaved=True,
+                target=("speedup", 1.1),
+            )
+        )
     for seq in seqs:
         flops = formulas.llama_qlora_step_flops(**dims, batch=1, seq=seq, r=16)
-        out.append(Case(scenario=NAME, group="QLoRA training step, batch 1", x_name="seq", x=seq,
-                        make_impls=_training_impls(size, seq), metric="TFLOP/s", flops=flops, interleaved=True,
-                        target=("speedup", 1.0)))  # fmt: skip
+        out.append(
+            Case(
+                scenario=NAME,
+                group="QLoRA training step, batch 1",
+                x_name="seq",
+                x=seq,
+                make_impls=_training_impls(size, seq),
+                metric="TFLOP/s",
+                flops=flops,
+                interleaved=True,
+                target=("speedup", 1.0),
+            )
+        )
     if small:  # the harness check in CI: one case of each kind is enough
         out = [out[0], out[len(SAMPLING)], out[-1]]
     return out

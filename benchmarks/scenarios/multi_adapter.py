@@ -73,10 +73,19 @@ def cases(small: bool) -> list[Case]:
         nf4_bytes = formulas.nf4_weight_bytes(k, n, blocksize=64, double_quant=True)
         lora_bytes = formulas.BF16_BYTES * ADAPTERS * r * (k + n)
         for m in rows:
-            out.append(Case(
-                scenario=NAME, group=f"{k}→{n}, {ADAPTERS} adapters", x_name="M", x=m, make_impls=_impls(m, k, n, r),
-                metric="GB/s", flops=formulas.lora_linear_flops(m, k, n, r),
-                bytes=nf4_bytes + lora_bytes + formulas.BF16_BYTES * m * (k + n), floor=("hbm", nf4_bytes),
-                tolerance=2e-2, target=("time_ratio", 1.2),
-            ))  # fmt: skip
+            out.append(
+                Case(
+                    scenario=NAME,
+                    group=f"{k}→{n}, {ADAPTERS} adapters",
+                    x_name="M",
+                    x=m,
+                    make_impls=_impls(m, k, n, r),
+                    metric="GB/s",
+                    flops=formulas.lora_linear_flops(m, k, n, r),
+                    bytes=nf4_bytes + lora_bytes + formulas.BF16_BYTES * m * (k + n),
+                    floor=("hbm", nf4_bytes),
+                    tolerance=2e-2,
+                    target=("time_ratio", 1.2),
+                )
+            )
     return out

@@ -23,9 +23,16 @@ VERSIONED = {"torch", "triton", "transformers", "bitsandbytes", "peft"}
 def test_every_scenario_runs_small_on_cpu_and_writes_json_table_png_results_md(tmp_path):
     lines = []
     run = runner.run_bench(
-        None, device="cpu", small=True, results_dir=tmp_path / "results", results_md=tmp_path / "RESULTS.md",
-        record_cpu=True, cpu_reps=1, strict=True, log=lines.append,
-    )  # fmt: skip
+        None,
+        device="cpu",
+        small=True,
+        results_dir=tmp_path / "results",
+        results_md=tmp_path / "RESULTS.md",
+        record_cpu=True,
+        cpu_reps=1,
+        strict=True,
+        log=lines.append,
+    )
     result = json.loads(run.json_path.read_text())
     assert run.json_path.parent == tmp_path / "results"
     assert result["device"]["type"] == "cpu" and set(result["versions"]) == VERSIONED
@@ -60,16 +67,25 @@ def test_every_scenario_runs_small_on_cpu_and_writes_json_table_png_results_md(t
 
 def test_cpu_run_without_record_flag_leaves_results_md_alone(tmp_path):
     md = tmp_path / "RESULTS.md"
-    run = runner.run_bench(["decode-linear"], device="cpu", small=True, out_dir=tmp_path / "out",
-                           results_dir=tmp_path / "results", results_md=md, plots=False, cpu_reps=1,
-                           case_filter="M=1", log=lambda _: None)  # fmt: skip
+    run = runner.run_bench(
+        ["decode-linear"],
+        device="cpu",
+        small=True,
+        out_dir=tmp_path / "out",
+        results_dir=tmp_path / "results",
+        results_md=md,
+        plots=False,
+        cpu_reps=1,
+        case_filter="M=1",
+        log=lambda _: None,
+    )
     assert run.results_md is None and not md.exists() and not (tmp_path / "results").exists()
     assert run.json_path.parent == tmp_path / "out"
     assert {r["x"] for r in run.result["rows"]} == {1}
 
 
 def test_bad_scenario_name_is_a_clear_error(capsys):
-    with pytest.raises(scenarios.UnknownScenario, match="unknown scenario 'decode'.*decode-linear"):
+    with pytest.raises(scenarios.UnknownScenario, match=r"unknown scenario 'decode'.*decode-linear"):
         runner.run_bench(["decode"], device="cpu")
     assert cli.main(["bench", "decode-linear", "no-such-thing"]) == 2
     err = capsys.readouterr().err
@@ -161,28 +177,57 @@ def test_llama_formulas_by_hand():
 
 def test_rates_and_ratios_by_hand():
     def row(impl, role, ms, comparable=True):
-        return harness.Row(scenario="s", group="g", x_name="M", x=1, impl=impl, role=role, median_ms=ms,
-                           comparable=comparable)  # fmt: skip
+        return harness.Row(
+            scenario="s", group="g", x_name="M", x=1, impl=impl, role=role, median_ms=ms, comparable=comparable
+        )
 
-    rows = [row("ours", harness.OURS, 1.0), row("a", harness.BASELINE, 4.0), row("b", harness.BASELINE, 2.0),
-            row("other op", harness.BASELINE, 0.5, comparable=False)]  # fmt: skip
+    rows = [
+        row("ours", harness.OURS, 1.0),
+        row("a", harness.BASELINE, 4.0),
+        row("b", harness.BASELINE, 2.0),
+        row("other op", harness.BASELINE, 0.5, comparable=False),
+    ]
     harness.set_ratios(rows)
     assert [r.vs_fastest_baseline for r in rows] == [0.5, 2.0, 1.0, 0.25]
-    r = harness.Row(scenario="s", group="g", x_name="M", x=1, impl="i", role=harness.OURS, median_ms=2.0,
-                    flops=4e12, bytes=6e9, floor_ms=0.5)  # fmt: skip
+    r = harness.Row(
+        scenario="s",
+        group="g",
+        x_name="M",
+        x=1,
+        impl="i",
+        role=harness.OURS,
+        median_ms=2.0,
+        flops=4e12,
+        bytes=6e9,
+        floor_ms=0.5,
+    )
     harness._fill_rates(r)
     assert (r.tflops, r.gbps, r.vs_floor) == (2000.0, 3000.0, 4.0)
 
 
 def test_interleaved_rounds_alternate_order_and_give_the_ratio_by_round():
     calls = []
-    times = harness.interleaved_times({"ours": lambda: calls.append("o"), "base": lambda: calls.append("b")},
-                                      warmup=1, rounds=3, device=torch.device("cpu"))  # fmt: skip
+    times = harness.interleaved_times(
+        {"ours": lambda: calls.append("o"), "base": lambda: calls.append("b")},
+        warmup=1,
+        rounds=3,
+        device=torch.device("cpu"),
+    )
     assert calls == ["o", "b", "o", "b", "b", "o", "o", "b"]  # warm-up, then the order flips each round
     assert {k: len(v) for k, v in times.items()} == {"ours": 3, "base": 3} and min(times["ours"]) >= 0
-    rows = [harness.Row(scenario="s", group="g", x_name="seq", x=1, impl="ours", role=harness.OURS, median_ms=3.0,
-                        extra={"vs_baseline_interleaved": 0.9}),
-            harness.Row(scenario="s", group="g", x_name="seq", x=1, impl="b", role=harness.BASELINE, median_ms=2.0)]  # fmt: skip
+    rows = [
+        harness.Row(
+            scenario="s",
+            group="g",
+            x_name="seq",
+            x=1,
+            impl="ours",
+            role=harness.OURS,
+            median_ms=3.0,
+            extra={"vs_baseline_interleaved": 0.9},
+        ),
+        harness.Row(scenario="s", group="g", x_name="seq", x=1, impl="b", role=harness.BASELINE, median_ms=2.0),
+    ]
     harness.set_ratios(rows)  # the per-round median wins over the quotient of medians (1.5)
     assert [r.vs_fastest_baseline for r in rows] == [0.9, 1.0]
     # whoever runs second is 4% slower: rounds 0, 2 (ours first) and 1, 3 (ours second) pair up
@@ -215,12 +260,30 @@ def test_relative_error_catches_mismatch_and_shape():
 def test_results_md_keeps_gpu_runs_newest_first_and_skips_bad_files(tmp_path, capsys):
     results, md = tmp_path / "results", tmp_path / "RESULTS.md"
     results.mkdir()
-    row = harness.Row(scenario="decode-linear", group="4096→4096", x_name="M", x=1, impl="ours", role="ours",
-                      median_ms=0.0123, metric="GB/s", gbps=700.0, vs_floor=4.1, rel_err=3e-3).to_json()  # fmt: skip
+    row = harness.Row(
+        scenario="decode-linear",
+        group="4096→4096",
+        x_name="M",
+        x=1,
+        impl="ours",
+        role="ours",
+        median_ms=0.0123,
+        metric="GB/s",
+        gbps=700.0,
+        vs_floor=4.1,
+        rel_err=3e-3,
+    ).to_json()
     for date, dev in (("2026-11-20T10:00:00+00:00", "cuda"), ("2026-11-22T09:30:00+00:00", "cuda")):
-        result = {"schema": report.SCHEMA, "date": date, "device": {"type": dev, "name": "NVIDIA H100"},
-                  "versions": {"torch": "2.11.0"}, "git": {"commit": "abcdef1234567", "dirty": False},
-                  "floors": {"copy_GBps": 3020.0, "gemm_TFLOPs": 687.0}, "rows": [row], "plots": []}  # fmt: skip
+        result = {
+            "schema": report.SCHEMA,
+            "date": date,
+            "device": {"type": dev, "name": "NVIDIA H100"},
+            "versions": {"torch": "2.11.0"},
+            "git": {"commit": "abcdef1234567", "dirty": False},
+            "floors": {"copy_GBps": 3020.0, "gemm_TFLOPs": 687.0},
+            "rows": [row],
+            "plots": [],
+        }
         report.write_json(result, results, report.result_stem(result))
     (results / "broken.json").write_text("{not json")
     assert cli.main(["bench", "--regenerate", "--results-dir", str(results), "--results-md", str(md)]) == 0

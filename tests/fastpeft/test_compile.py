@@ -78,8 +78,10 @@ def test_inductor_on_cuda_traces_the_triton_kernels(lm, kind):
 # rows take its GEMV, everything else its dequantization into the workspace. Eager calls run them;
 # a trace (torch.compile decomposes the ops into their bodies, the ledger runs fake tensors) takes
 # the torch reference instead, so neither breaks a graph nor hands a traced tensor to C.
-CPU_PATHS = {"bf16 decode (GEMV)": (torch.bfloat16, "_gemv"),
-             "fp32 training (dequant)": (torch.float32, "_dequant_native_blocks")}
+CPU_PATHS = {
+    "bf16 decode (GEMV)": (torch.bfloat16, "_gemv"),
+    "fp32 training (dequant)": (torch.float32, "_dequant_native_blocks"),
+}
 
 
 def _spy(monkeypatch, name: str) -> list[int]:

@@ -67,10 +67,16 @@ class Compiled:
         lines = self.sass.splitlines()
         if loop_only:
             addr = lambda line: int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16)  # noqa: E731
-            spans = [(int(m.group(1), 16), addr(line)) for line in lines
-                     if (m := re.search(r"\bBRA(?:\.\w+)* (0x[0-9a-f]+)", line)) and int(m.group(1), 16) < addr(line)]
-            lines = [line for line in lines if re.search(r"/\*[0-9a-f]{4,}\*/", line)
-                     and any(lo <= addr(line) <= hi for lo, hi in spans)]  # fmt: skip
+            spans = [
+                (int(m.group(1), 16), addr(line))
+                for line in lines
+                if (m := re.search(r"\bBRA(?:\.\w+)* (0x[0-9a-f]+)", line)) and int(m.group(1), 16) < addr(line)
+            ]
+            lines = [
+                line
+                for line in lines
+                if re.search(r"/\*[0-9a-f]{4,}\*/", line) and any(lo <= addr(line) <= hi for lo, hi in spans)
+            ]
         ops = re.findall(r"\b(LDG(?:\.[\w]+)*)\b", "\n".join(lines))
         return dict(collections.Counter(ops))
 
@@ -91,8 +97,9 @@ def compile_sm90(specs: list[dict]) -> dict[str, Compiled]:
         pytest.skip("Triton's NVIDIA toolchain (ptxas, cuobjdump) is not installed")
     specs = [{"divisible": [], "ones": [], "num_stages": 1, **s} for s in specs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SCRIPT], input=json.dumps(specs), capture_output=True,
-                            text=True, env=env, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], input=json.dumps(specs), capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = {}
     for label, got in json.loads(result.stdout.splitlines()[-1]).items():

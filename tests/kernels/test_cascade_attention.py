@@ -60,8 +60,15 @@ def assert_close(o, lse, want_o, want_lse, dtype):
     assert (lse.double()[finite] - want_lse[finite]).abs().max().item() <= tol * 10
 
 
-CASES = [(1, 1, 1, 1, 16), (2, 2, 3, 5, 16), (1, 4, 16, 17, 64), (3, 1, 17, 33, 40), (2, 2, 64, 16, 32),
-         (1, 2, 70, 130, 64), (4, 1, 8, 64, 128)]  # (P, H_kv, M = n·g rows, L, D)  # fmt: skip
+CASES = [
+    (1, 1, 1, 1, 16),
+    (2, 2, 3, 5, 16),
+    (1, 4, 16, 17, 64),
+    (3, 1, 17, 33, 40),
+    (2, 2, 64, 16, 32),
+    (1, 2, 70, 130, 64),
+    (4, 1, 8, 64, 128),
+]  # (P, H_kv, M = n·g rows, L, D)
 
 
 @pytest.mark.triton
@@ -109,8 +116,9 @@ def test_prefix_plus_own_keys_merged_equal_one_softmax(poisoned, n, g, prompt, o
     o2 = torch.einsum("phmj,phmjd->phmd", torch.softmax(s2, -1), ov)
     o, lse = merge_attention_states(o1, lse1, o2, lse2)
     # float64: every row's softmax over [its prompt keys | its own keys]
-    keys = torch.cat([pk.double().expand(p, 1, prompt, d)[:, :, None].expand(p, 1, n * g, prompt, d),
-                      ok.double()], dim=3)  # fmt: skip
+    keys = torch.cat(
+        [pk.double().expand(p, 1, prompt, d)[:, :, None].expand(p, 1, n * g, prompt, d), ok.double()], dim=3
+    )
     values = torch.cat([pv.double()[:, :, None].expand(p, 1, n * g, prompt, d), ov.double()], dim=3)
     s = torch.einsum("phmd,phmjd->phmj", q.double(), keys) * 0.25
     s[..., :prompt] += bias.double()[:, None, None, :]
@@ -149,12 +157,34 @@ def test_kernel_compiles_for_sm90_without_spills(sm90):
 
     fn = ca._cascade_prefix_kernel
     cfg = ca.cascade_config(64, torch.device("cuda"))
-    const = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": cfg["block_m"], "BLOCK_N": cfg["block_n"],
-             "DOT_PRECISION": "tf32"}  # fmt: skip
-    sig = {n: "constexpr" if n in const else "*fp32" if n in ("BIAS", "O", "LSE") else "*bf16" if n in "QKV"
-           else "fp32" if n == "scale_log2" else "i32" for n in fn.arg_names}  # fmt: skip
-    spec = {"label": "cascade", "module": ca.__name__, "kernel": fn.__name__, "signature": sig, "constexprs": const,
-            "ones": ["stride_qd", "stride_kd", "stride_vd", "stride_bl", "stride_od", "stride_lm"],
-            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}  # fmt: skip
+    const = {
+        "HEAD_DIM": 128,
+        "BLOCK_D": 128,
+        "BLOCK_M": cfg["block_m"],
+        "BLOCK_N": cfg["block_n"],
+        "DOT_PRECISION": "tf32",
+    }
+    sig = {
+        n: "constexpr"
+        if n in const
+        else "*fp32"
+        if n in ("BIAS", "O", "LSE")
+        else "*bf16"
+        if n in "QKV"
+        else "fp32"
+        if n == "scale_log2"
+        else "i32"
+        for n in fn.arg_names
+    }
+    spec = {
+        "label": "cascade",
+        "module": ca.__name__,
+        "kernel": fn.__name__,
+        "signature": sig,
+        "constexprs": const,
+        "ones": ["stride_qd", "stride_kd", "stride_vd", "stride_bl", "stride_od", "stride_lm"],
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+    }
     got = sm90([spec])["cascade"]
     assert got.stack == 0 and not got.memory_ops["STL"]

@@ -25,10 +25,22 @@ from fastpeft.kernels.prefix_attention import prefix_attention
 from fastpeft.kernels.workspace import clear_workspaces, workspace_bytes
 
 OPS = {
-    "quantize_nf4", "dequantize_nf4", "dequantize_nf4_out", "lora_linear", "nf4_lora_linear", "lora_linear_backward",
-    "nf4_lora_decode", "prefix_attention", "prefix_attention_backward", "linear_cross_entropy", "linear_logprobs",
-    "linear_logprobs_backward", "lora_linear_routed", "lora_linear_routed_backward", "cascade_prefix_attention",
-}  # fmt: skip
+    "quantize_nf4",
+    "dequantize_nf4",
+    "dequantize_nf4_out",
+    "lora_linear",
+    "nf4_lora_linear",
+    "lora_linear_backward",
+    "nf4_lora_decode",
+    "prefix_attention",
+    "prefix_attention_backward",
+    "linear_cross_entropy",
+    "linear_logprobs",
+    "linear_logprobs_backward",
+    "lora_linear_routed",
+    "lora_linear_routed_backward",
+    "cascade_prefix_attention",
+}
 
 
 def _rand(gen, *shape, grad=False):
@@ -45,7 +57,11 @@ def op_cases(kind: str):
     a, b, bias = _rand(gen, 4, 40, grad=True), _rand(gen, 20, 4, grad=True), _rand(gen, 20, grad=True)
     a2, b2 = _rand(gen, 2, 40, grad=True), _rand(gen, 20, 2, grad=True)  # a second adapter, rank 2
     ids = torch.tensor([1, -1, 0] + [0, 1, -1, 1] * 5 + [0])  # routed rows: an adapter index or -1
-    q4, k4, v4 = _rand(gen, 2, 4, 5, 16, grad=True), _rand(gen, 2, 2, 5, 16, grad=True), _rand(gen, 2, 2, 5, 16, grad=True)
+    q4, k4, v4 = (
+        _rand(gen, 2, 4, 5, 16, grad=True),
+        _rand(gen, 2, 2, 5, 16, grad=True),
+        _rand(gen, 2, 2, 5, 16, grad=True),
+    )
     pk, pv = _rand(gen, 3, 2, 16, grad=True), _rand(gen, 3, 2, 16, grad=True)
     mask = torch.tensor([[True] * 5, [False, True, True, True, True]])
     gate = torch.tensor(-0.3, requires_grad=True)
@@ -59,37 +75,82 @@ def op_cases(kind: str):
         "nf4_lora_linear decode rows": (ops.nf4_lora_linear, (xs, *weight_op_args(q), bias, a, b, 0.5, True)),
         "lora_linear": (ops.lora_linear, (x, _rand(gen, 20, 40), None, a, b, 0.5, True)),
         "lora_linear decode rows": (ops.lora_linear, (xs, _rand(gen, 20, 40), bias, a, b, 0.5, False)),
-        "lora_linear_backward": (ops.lora_linear_backward, (_rand(gen, 24, 20), x.detach(), _rand(gen, 24, 4),
-                                 *weight_op_args(q_dq), a.detach(), b.detach(), 0.5, True, True, True)),
-        "nf4_lora_decode": (ops.nf4_lora_decode, (xs.detach(), *weight_op_args(q_dq), None, a.detach(), b.detach(),
-                            0.5, 0, 0, 0, torch.empty(3, 20))),
+        "lora_linear_backward": (
+            ops.lora_linear_backward,
+            (
+                _rand(gen, 24, 20),
+                x.detach(),
+                _rand(gen, 24, 4),
+                *weight_op_args(q_dq),
+                a.detach(),
+                b.detach(),
+                0.5,
+                True,
+                True,
+                True,
+            ),
+        ),
+        "nf4_lora_decode": (
+            ops.nf4_lora_decode,
+            (xs.detach(), *weight_op_args(q_dq), None, a.detach(), b.detach(), 0.5, 0, 0, 0, torch.empty(3, 20)),
+        ),
         "prefix_attention": (ops.prefix_attention, attn),
-        "prefix_attention_backward": (ops.prefix_attention_backward, (_rand(gen, 2, 4, 5, 16), *detached, mask,
-                                      gate.detach(), out, lse, 0.25, True, True)),
-        "cascade_prefix_attention": (ops.cascade_prefix_attention, (_rand(gen, 2, 2, 6, 16), _rand(gen, 2, 2, 5, 16),
-                                     _rand(gen, 2, 2, 5, 16), torch.tensor([[0.0] * 5, [-math.inf, 0, 0, 0, 0]]),
-                                     0.25)),
-        "lora_linear_routed": (ops.lora_linear_routed, (x, *weight_op_args(q_dq), bias, ids, [a, a2], [b, b2],
-                               [0.5, 2.0], True)),
-        "lora_linear_routed decode rows": (ops.lora_linear_routed, (xs, *weight_op_args(q), None, ids[:3], [a, a2],
-                                           [b, b2], [0.5, 2.0], False)),
-        "lora_linear_routed_backward": (ops.lora_linear_routed_backward, (_rand(gen, 24, 20), x.detach(),
-                                        _rand(gen, 24, 6), *weight_op_args(q_dq), ids, [a.detach(), a2.detach()],
-                                        [b.detach(), b2.detach()], [0.5, 2.0], True, True, True)),
-    }  # fmt: skip
+        "prefix_attention_backward": (
+            ops.prefix_attention_backward,
+            (_rand(gen, 2, 4, 5, 16), *detached, mask, gate.detach(), out, lse, 0.25, True, True),
+        ),
+        "cascade_prefix_attention": (
+            ops.cascade_prefix_attention,
+            (
+                _rand(gen, 2, 2, 6, 16),
+                _rand(gen, 2, 2, 5, 16),
+                _rand(gen, 2, 2, 5, 16),
+                torch.tensor([[0.0] * 5, [-math.inf, 0, 0, 0, 0]]),
+                0.25,
+            ),
+        ),
+        "lora_linear_routed": (
+            ops.lora_linear_routed,
+            (x, *weight_op_args(q_dq), bias, ids, [a, a2], [b, b2], [0.5, 2.0], True),
+        ),
+        "lora_linear_routed decode rows": (
+            ops.lora_linear_routed,
+            (xs, *weight_op_args(q), None, ids[:3], [a, a2], [b, b2], [0.5, 2.0], False),
+        ),
+        "lora_linear_routed_backward": (
+            ops.lora_linear_routed_backward,
+            (
+                _rand(gen, 24, 20),
+                x.detach(),
+                _rand(gen, 24, 6),
+                *weight_op_args(q_dq),
+                ids,
+                [a.detach(), a2.detach()],
+                [b.detach(), b2.detach()],
+                [0.5, 2.0],
+                True,
+                True,
+                True,
+            ),
+        ),
+    }
     # LM-head log-probs: 9 rows, V = 13 over chunks of 4; the backward with and without the entropy term
     h9, w13, t9 = _rand(gen, 9, 8, grad=True), _rand(gen, 13, 8, grad=True), torch.tensor([1, 4, 0, 12, 3, 7, 2, 5, 9])
     _, ent9, lse9 = ops.linear_logprobs(h9.detach(), w13.detach(), t9, 1.25, 4)
     cases["linear_logprobs"] = (ops.linear_logprobs, (h9, w13, t9, 1.25, 4))
     back = (h9.detach(), w13.detach(), t9, lse9, ent9, _rand(gen, 9))
     cases["linear_logprobs_backward"] = (ops.linear_logprobs_backward, (*back, _rand(gen, 9), 1.25, 4, True, True))
-    cases["linear_logprobs_backward without entropy"] = (ops.linear_logprobs_backward, (*back, None, 1.25, 0, True,
-                                                                                         False))  # fmt: skip
+    cases["linear_logprobs_backward without entropy"] = (
+        ops.linear_logprobs_backward,
+        (*back, None, 1.25, 0, True, False),
+    )
     if kind == "all":
         labels = torch.tensor([1, -100, 4, 0, 12, 3, -100, 7, 2])
         cases["quantize_nf4"] = (ops.quantize_nf4, (_rand(gen, 20, 40), 64, True))
-        cases["linear_cross_entropy"] = (ops.linear_cross_entropy, (_rand(gen, 9, 8, grad=True),
-                                         _rand(gen, 13, 8, grad=True), labels, -100, True, 4, True, True))  # fmt: skip
+        cases["linear_cross_entropy"] = (
+            ops.linear_cross_entropy,
+            (_rand(gen, 9, 8, grad=True), _rand(gen, 13, 8, grad=True), labels, -100, True, 4, True, True),
+        )
     return cases
 
 
@@ -133,8 +194,9 @@ def test_public_ops_run_under_fake_tensor_mode_forward_and_backward():
         assert nf4_lora_decode(x[:4].detach(), q, None, a.detach(), b.detach(), 0.25).shape == (4, 70)
         a2, b2 = torch.randn(3, 96, requires_grad=True), torch.randn(70, 3, requires_grad=True)
         ids = torch.tensor([0, 1, -1] * 11)
-        o_c, lse_c = cascade_prefix_attention(torch.randn(2, 2, 6, 16), torch.randn(2, 2, 5, 16),
-                                              torch.randn(2, 2, 5, 16), torch.zeros(2, 5), 0.25)
+        o_c, lse_c = cascade_prefix_attention(
+            torch.randn(2, 2, 6, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16), torch.zeros(2, 5), 0.25
+        )
         assert o_c.shape == (2, 2, 6, 16) and lse_c.shape == (2, 2, 6) and o_c.dtype == torch.float32
         routed = lora_linear_routed(x, q, bias, ids, [a, a2], [b, b2], [0.25, 2.0])
         routed.sum().backward()
@@ -181,9 +243,13 @@ def test_backward_op_uses_the_kept_x_times_a():
     _, xa = torch.ops.fastpeft.lora_linear(x, w, None, a, b, 0.5, True)
     torch.testing.assert_close(xa, x @ a.t())
     other = _rand(gen, 17, 3)  # not x·Aᵀ: shows which one the backward reads
-    _, _, grad_b = torch.ops.fastpeft.lora_linear_backward(gy, x, other, *weight_op_args(w), a, b, 0.5, False, False, True)
+    _, _, grad_b = torch.ops.fastpeft.lora_linear_backward(
+        gy, x, other, *weight_op_args(w), a, b, 0.5, False, False, True
+    )
     torch.testing.assert_close(grad_b, 0.5 * gy.t() @ other)
-    _, _, grad_b = torch.ops.fastpeft.lora_linear_backward(gy, x, xa[:0], *weight_op_args(w), a, b, 0.5, False, False, True)
+    _, _, grad_b = torch.ops.fastpeft.lora_linear_backward(
+        gy, x, xa[:0], *weight_op_args(w), a, b, 0.5, False, False, True
+    )
     torch.testing.assert_close(grad_b, 0.5 * gy.t() @ (x @ a.t()))
     assert torch.ops.fastpeft.lora_linear(x, w, None, a, b, 0.5, False)[1].shape == (0, 3)
 

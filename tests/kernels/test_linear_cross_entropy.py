@@ -109,8 +109,7 @@ def test_leading_dims_and_all_ignored():
     labels[1, 2] = 4
     hidden.grad = weight.grad = None
     got = linear_cross_entropy(hidden, weight, labels, reduction="sum")
-    want = torch.nn.functional.cross_entropy((hidden @ weight.t()).reshape(-1, 13), labels.reshape(-1),
-                                             reduction="sum")  # fmt: skip
+    want = torch.nn.functional.cross_entropy((hidden @ weight.t()).reshape(-1, 13), labels.reshape(-1), reduction="sum")
     torch.testing.assert_close(got, want)
 
 
@@ -182,8 +181,10 @@ def test_dispatch_follows_the_backend_switch(monkeypatch):
     assert torch.isfinite(hidden.grad).all()
 
 
-@pytest.mark.parametrize("n_rows,vocab", [(1, 5), (127, 32000), (1023, 32000), (2047, 32000), (8191, 128256),
-                                          (32768, 128256), (300_001, 32000), (3, 2**40)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n_rows,vocab",
+    [(1, 5), (127, 32000), (1023, 32000), (2047, 32000), (8191, 128256), (32768, 128256), (300_001, 32000), (3, 2**40)],
+)
 def test_chunk_rule_is_a_byte_budget(n_rows, vocab):
     """Short batches are one chunk (the LM head read once, as when materialising the logits); a
     chunk's fp32 logits never exceed the budget (one row at least); chunks are evenly filled."""
@@ -226,6 +227,8 @@ def test_every_row_fast_path_and_upstream_gradient(chunk_size, ignored):
     (linear_cross_entropy(hid, wt, labels, chunk_size=chunk_size) * 2.5).backward()
     torch.testing.assert_close(hid.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wt.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 def test_cuda_llama3_vocabulary_matches_float64():
     """The Triton row kernel and the chunk loop on a GPU at Llama-3's shapes (H 4096, V 128256), bf16."""

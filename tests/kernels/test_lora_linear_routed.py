@@ -135,13 +135,21 @@ def test_model_under_route_adapters_equals_separate_runs_exactly(quantize):
     import fastpeft
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=101, max_position_embeddings=32)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config).eval()
     names = ["policy", "critic", "judge"]
     for i, name in enumerate(names):
-        cfg = fastpeft.LoraConfig(r=4 + 2 * i, lora_alpha=8, target_modules="all-linear", quantize=quantize,
-                                  init_lora_weights=False)  # fmt: skip
+        cfg = fastpeft.LoraConfig(
+            r=4 + 2 * i, lora_alpha=8, target_modules="all-linear", quantize=quantize, init_lora_weights=False
+        )
         fastpeft.inject(model, cfg, adapter_name=name)
     ids = torch.randint(0, 101, (5, 7), generator=torch.Generator().manual_seed(0))
     separate = {}

@@ -69,8 +69,14 @@ def bnb_absmax_fp32(state):
 
 def bnb_portable(packed, state, dtype=None):
     code = bnb_functional.get_4bit_type("nf4", device=packed.device)
-    return bnb_portable_dequant(packed.reshape(-1).view(torch.uint8), bnb_absmax_fp32(state), code,
-                                state.blocksize, state.shape, dtype or state.dtype)  # fmt: skip
+    return bnb_portable_dequant(
+        packed.reshape(-1).view(torch.uint8),
+        bnb_absmax_fp32(state),
+        code,
+        state.blocksize,
+        state.shape,
+        dtype or state.dtype,
+    )
 
 
 def bnb_public(packed, state):
@@ -95,8 +101,9 @@ def assert_same_as_bnb(q: NF4Weight, packed, state):
 def test_quantize_bit_exact_with_bitsandbytes(shape, blocksize, double_quant):
     for dtype in DTYPES:
         w = make_weight(shape, dtype, seed_of(shape, blocksize, double_quant, dtype), blocksize)
-        packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
-                                                     quant_type="nf4")  # fmt: skip
+        packed, state = bnb_functional.quantize_4bit(
+            w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+        )
         q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
         assert_same_as_bnb(q, packed, state)
         # dequantization: always bnb's portable implementation, bit for bit
@@ -111,13 +118,16 @@ def test_quantize_bit_exact_with_bitsandbytes(shape, blocksize, double_quant):
 def test_dequantize_equals_bitsandbytes_public_api(shape, blocksize, double_quant):
     dtype = torch.bfloat16 if double_quant else torch.float32
     w = make_weight(shape, dtype, seed_of("public", shape, blocksize, double_quant), blocksize)
-    packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
-                                                 quant_type="nf4")  # fmt: skip
+    packed, state = bnb_functional.quantize_4bit(
+        w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+    )
     theirs, portable = bnb_public(packed, state), bnb_portable(packed, state)
     if not torch.equal(theirs, portable):
         worst = (theirs.float() - portable.float()).abs().max().item()
-        pytest.skip(f"bitsandbytes {bnb.__version__} CPU dequantize_4bit disagrees with its own portable code "
-                    f"for shape {shape}, blocksize {blocksize} (max abs diff {worst:.3g}); see module docstring")
+        pytest.skip(
+            f"bitsandbytes {bnb.__version__} CPU dequantize_4bit disagrees with its own portable code "
+            f"for shape {shape}, blocksize {blocksize} (max abs diff {worst:.3g}); see module docstring"
+        )
     assert torch.equal(dequantize_nf4(NF4Weight.from_bnb(packed, state)), theirs)
 
 
@@ -195,11 +205,22 @@ def test_triton_dequant_kernel_matches_reference(shape, blocksize, double_quant)
 
 
 def _bnb_linear4bit(dense: torch.nn.Linear, blocksize, double_quant, quant_storage=torch.uint8):
-    layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, quant_type="nf4",
-                              compress_statistics=double_quant, quant_storage=quant_storage)  # fmt: skip
-    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     blocksize=blocksize, compress_statistics=double_quant,
-                                     quant_storage=quant_storage)  # fmt: skip
+    layer = bnb.nn.Linear4bit(
+        dense.in_features,
+        dense.out_features,
+        bias=False,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        quant_storage=quant_storage,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(),
+        requires_grad=False,
+        quant_type="nf4",
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_storage=quant_storage,
+    )
     return layer.to("cpu")  # Params4bit quantizes on its first move to a device
 
 

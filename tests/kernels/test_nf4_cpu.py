@@ -16,8 +16,19 @@ from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_refer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (64, 64) / 128, (4, 96) / 64, (33, 80) / 64: where bitsandbytes' own CPU dequantize is wrong
-CASES = [((64, 64), 128), ((4, 96), 64), ((33, 80), 64), ((10, 48), 32), ((37, 53), 64), ((1, 1), 32),
-         ((300, 257), 32), ((3, 4, 64), 256), ((16, 256), 1024), ((5, 4096), 4096), ((7, 2048), 2048)]  # fmt: skip
+CASES = [
+    ((64, 64), 128),
+    ((4, 96), 64),
+    ((33, 80), 64),
+    ((10, 48), 32),
+    ((37, 53), 64),
+    ((1, 1), 32),
+    ((300, 257), 32),
+    ((3, 4, 64), 256),
+    ((16, 256), 1024),
+    ((5, 4096), 4096),
+    ((7, 2048), 2048),
+]
 
 
 def weight(shape, blocksize, double_quant, seed_text):
@@ -103,8 +114,13 @@ def test_linear_matches_float64(m, n, k, blocksize, dtype):
     got = nc.nf4_linear_cpu(x, q, bias)
     assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
     gemv = nc.gemv_applicable(x, q)
-    assert gemv == (dtype == torch.bfloat16 and m <= nc.GEMV_MAX_ROWS and n % 32 == 0 and k % blocksize == 0
-                    and nc.native().gemv_bf16 is not None)  # fmt: skip
+    assert gemv == (
+        dtype == torch.bfloat16
+        and m <= nc.GEMV_MAX_ROWS
+        and n % 32 == 0
+        and k % blocksize == 0
+        and nc.native().gemv_bf16 is not None
+    )
     assert rel_err(got, want) <= (3e-7 if dtype == torch.float32 else 8e-3)
 
 
@@ -120,8 +136,12 @@ def test_linear_error_no_worse_than_bitsandbytes(m):
     layer.weight = bnb.nn.Params4bit(w.bfloat16(), requires_grad=False, quant_type="nf4", blocksize=64)
     layer = layer.to("cpu").eval()
     q = NF4Weight.from_bnb(layer.weight)
-    q = NF4Weight(**{**q.tensors(), "packed": q.packed.clone(), "absmax": q.absmax.clone()}, shape=q.shape,
-                  blocksize=q.blocksize, dtype=q.dtype)  # fmt: skip  # bnb repacks its own copy below
+    q = NF4Weight(
+        **{**q.tensors(), "packed": q.packed.clone(), "absmax": q.absmax.clone()},
+        shape=q.shape,
+        blocksize=q.blocksize,
+        dtype=q.dtype,
+    )
     x = torch.randn(m, k, generator=gen).bfloat16()
     want = x.double() @ dequantize_nf4_reference(q, torch.float32).double().t()
     with torch.no_grad():

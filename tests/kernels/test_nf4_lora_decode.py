@@ -136,8 +136,17 @@ def test_decode_cuda_llama_shapes(m, n, k):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("n,k,blocksize,double_quant", [(33, 64, 32, False), (40, 128, 64, True), (21, 256, 256, True),
-                                                        (64, 96, 32, True), (17, 75, 64, True), (8, 512, 128, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n,k,blocksize,double_quant",
+    [
+        (33, 64, 32, False),
+        (40, 128, 64, True),
+        (21, 256, 256, True),
+        (64, 96, 32, True),
+        (17, 75, 64, True),
+        (8, 512, 128, False),
+    ],
+)
 def test_decode_dequantizes_bit_exact_with_reference(n, k, blocksize, double_quant):
     """The weight the kernel multiplies by, read back exactly: one-hot rows x = e_k (fp32, ieee dots)
     and B = 0 make y[m] = W[:, k_m], which must equal the reference dequantization bit for bit, on

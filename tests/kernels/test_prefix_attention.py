@@ -39,7 +39,11 @@ def make_case(batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    case = {"q": rand(batch, h_q, t_q, head_dim), "k": rand(batch, h_kv, t_k, head_dim), "v": rand(batch, h_kv, t_k, head_dim)}
+    case = {
+        "q": rand(batch, h_q, t_q, head_dim),
+        "k": rand(batch, h_kv, t_k, head_dim),
+        "v": rand(batch, h_kv, t_k, head_dim),
+    }
     if prefix is not None:
         shape = (n_prefix, h_kv, head_dim) if prefix == "shared" else (batch, n_prefix, h_kv, head_dim)
         case["prefix_k"], case["prefix_v"] = rand(*shape), rand(*shape)
@@ -74,7 +78,9 @@ def run_and_compare(case, mask, dtype):
         assert not torch.isnan(got).any(), name
         # the bias gradient sums over every (row, prefix column): scale its tolerance with that count
         scale = max(1.0, want.abs().max().item()) if name == "prefix_logit_bias" else 1.0
-        torch.testing.assert_close(got.double(), want, atol=gatol * scale, rtol=grtol, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got.double(), want, atol=gatol * scale, rtol=grtol, msg=lambda m, n=name: f"{n}: {m}"
+        )
     return out
 
 
@@ -97,15 +103,20 @@ TRITON_CASES = [
 
 @pytest.mark.triton
 @pytest.mark.parametrize("batch,h_q,h_kv,t_q,t_k,n_prefix,head_dim,dtype,prefix,pad,bias", TRITON_CASES)
-def test_triton_matches_float64_reference(poisoned, batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias):
+def test_triton_matches_float64_reference(
+    poisoned, batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias
+):
     case, mask = make_case(batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias)
     run_and_compare(case, mask, dtype)
 
 
-@pytest.mark.parametrize("batch,h_q,h_kv,t_q,t_k,n_prefix,head_dim,dtype,prefix,pad,bias",
-                         [*TRITON_CASES, (2, 2, 1, 5, 5, 2, 48, f32, "shared", "left", True)])
-def test_torch_path_matches_float64_reference(poisoned, batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix,
-                                              pad, bias):  # fmt: skip
+@pytest.mark.parametrize(
+    "batch,h_q,h_kv,t_q,t_k,n_prefix,head_dim,dtype,prefix,pad,bias",
+    [*TRITON_CASES, (2, 2, 1, 5, 5, 2, 48, f32, "shared", "left", True)],
+)
+def test_torch_path_matches_float64_reference(
+    poisoned, batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias
+):
     """The CPU path of the op: any head_dim (48 has no kernel tile), outputs in the kernel's layouts."""
     case, mask = make_case(batch, h_q, h_kv, t_q, t_k, n_prefix, head_dim, dtype, prefix, pad, bias)
     out = run_and_compare(case, mask, dtype)
@@ -178,6 +189,7 @@ def test_logit_bias_scales_the_prefix_share():
     (right padding, so every row sees at least one sequence key)."""
     case, mask = make_case(2, 2, 2, 6, 6, 3, 16, torch.float64, "shared", "right", False)
     plain, _ = prefix_attention_forward_reference(case["q"], case["k"], case["v"], key_padding_mask=mask)
+
     def log(x):
         return torch.tensor(x, dtype=torch.float64).log()
 
@@ -199,7 +211,7 @@ def test_bad_arguments_raise_clear_errors():
         prefix_attention(q, k, v, torch.randn(3, 4, 16), torch.randn(3, 4, 16))
     with pytest.raises(ValueError, match="per-sample"):
         prefix_attention(q, k, v, torch.randn(3, 3, 2, 16), torch.randn(3, 3, 2, 16))
-    with pytest.raises(TypeError, match="prefix_k is torch.float16"):
+    with pytest.raises(TypeError, match=r"prefix_k is torch\.float16"):
         prefix_attention(q, k, v, pk.half(), pk.half())
     with pytest.raises(TypeError, match="bool"):
         prefix_attention(q, k, v, pk, pk, key_padding_mask=torch.ones(2, 5))
@@ -230,19 +242,48 @@ def test_kernels_compile_for_sm90_without_register_spills(sm90):
     sizes = {"H_q", "H_kv", "T_q", "T_k", "P", "GROUP", "CAUSAL_OFFSET", "N_PREFIX_BLOCKS"}
     fp32 = {"LSE", "DELTA", "DPK", "DPV", "DBIAS_PART", "BIAS"}
     specs = []
-    for phase, module, name in (("fwd", "fastpeft.kernels.prefix_attention", "_prefix_attn_fwd_kernel"),
-                                ("dkdv", pb.__name__, "_prefix_attn_bwd_dkdv_kernel"),
-                                ("dq", pb.__name__, "_prefix_attn_bwd_dq_kernel")):  # fmt: skip
+    for phase, module, name in (
+        ("fwd", "fastpeft.kernels.prefix_attention", "_prefix_attn_fwd_kernel"),
+        ("dkdv", pb.__name__, "_prefix_attn_bwd_dkdv_kernel"),
+        ("dq", pb.__name__, "_prefix_attn_bwd_dq_kernel"),
+    ):
         fn = getattr(pa if phase == "fwd" else pb, name)
         cfg = pb.attention_launch_config(128, torch.device("cuda"), phase)
-        const = {"HAS_PREFIX": True, "HAS_MASK": True, "HAS_BIAS": True, "HEAD_DIM": 128, "BLOCK_M": cfg.block_m,
-                 "BLOCK_N": cfg.block_n, "DOT_PRECISION": "tf32"}  # fmt: skip
+        const = {
+            "HAS_PREFIX": True,
+            "HAS_MASK": True,
+            "HAS_BIAS": True,
+            "HEAD_DIM": 128,
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            "DOT_PRECISION": "tf32",
+        }
         const = {k: v for k, v in const.items() if k in fn.arg_names}
-        sig = {n: "constexpr" if n in const else "*fp32" if n in fp32 else "*u8" if n == "KMASK" else
-               "fp32" if n.endswith("scale") else "i32" if n in sizes or not n.isupper() else "*bf16"
-               for n in fn.arg_names}  # fmt: skip
-        specs.append({"label": phase, "module": module, "kernel": name, "signature": sig, "constexprs": const,
-                      "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})  # fmt: skip
+        sig = {
+            n: "constexpr"
+            if n in const
+            else "*fp32"
+            if n in fp32
+            else "*u8"
+            if n == "KMASK"
+            else "fp32"
+            if n.endswith("scale")
+            else "i32"
+            if n in sizes or not n.isupper()
+            else "*bf16"
+            for n in fn.arg_names
+        }
+        specs.append(
+            {
+                "label": phase,
+                "module": module,
+                "kernel": name,
+                "signature": sig,
+                "constexprs": const,
+                "num_warps": cfg.num_warps,
+                "num_stages": cfg.num_stages,
+            }
+        )
     compiled = sm90(specs)
     assert {phase: c.stack for phase, c in compiled.items()} == {"fwd": 0, "dkdv": 0, "dq": 0}
 

@@ -48,8 +48,9 @@ def test_batched_checks_equal_per_token_checks(every, stops, ignore_eos):
     rows, steps = 9, 30
     budgets = [rng.randint(1, steps) for _ in range(rows)]
     budgets[0] = steps
-    streams = [[rng.choice(range(len(VOCAB))) if rng.random() < 0.9 else EOS for _ in range(steps)]
-               for _ in range(rows)]  # fmt: skip
+    streams = [
+        [rng.choice(range(len(VOCAB))) if rng.random() < 0.9 else EOS for _ in range(steps)] for _ in range(rows)
+    ]
     state = RowFinishState(budgets, () if ignore_eos else (EOS,), torch.device("cpu"))
     checker = StopStringChecker(stops, decode) if stops else None
     gen_len = max(budgets)
@@ -75,8 +76,15 @@ def test_decode_loop_syncs_every_few_steps_not_every_token(monkeypatch):
     from fastpeft.reasoning.types import SamplingParams
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=50, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=50,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
     sampler = sampler_module.Sampler(model)
     new_tokens = 40

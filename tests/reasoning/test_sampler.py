@@ -27,24 +27,54 @@ def _ids(text: str) -> list[int]:
 
 def _llama(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1,
-                         eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def _gpt2(seed: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, initializer_range=0.1,
-                        eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)  # fmt: skip
+    config = GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        initializer_range=0.1,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=1,
+    )
     return GPT2LMHeadModel(config).double().eval()
 
 
 def _mistral(seed: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)  # a window of 4 is much shorter than prompt + completion: exercised
-    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=4,
-                           initializer_range=0.1, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)  # fmt: skip
+    config = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        sliding_window=4,
+        initializer_range=0.1,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=1,
+    )
     return MistralForCausalLM(config).double().eval()
 
 
@@ -59,8 +89,14 @@ def _hf_greedy(model, prompts: list[str], max_new_tokens: int) -> list[list[int]
     width = max(map(len, rows))
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=PAD, eos_token_id=EOS)[:, width:].tolist()  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )[:, width:].tolist()
     return [r[: r.index(EOS) + 1] if EOS in r else r for r in out]
 
 
@@ -189,8 +225,9 @@ def test_shared_prefix_equals_copies_and_separate_runs(llama):
     for s_row, c_row in zip(shared, copied):
         for s, c in zip(s_row, c_row):
             assert s.token_ids == c.token_ids and s.finish_reason == c.finish_reason
-            torch.testing.assert_close(torch.tensor(s.token_logprobs), torch.tensor(c.token_logprobs),
-                                       atol=1e-9, rtol=0)  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor(s.token_logprobs), torch.tensor(c.token_logprobs), atol=1e-9, rtol=0
+            )
     # greedy: n samples over a shared prompt == each prompt run alone with n=1 (no batch, no padding)
     greedy = SamplingParams(max_new_tokens=9, temperature=0)
     batched = Sampler(llama, TOK).generate(PROMPTS, greedy, n=3)
@@ -199,8 +236,9 @@ def test_shared_prefix_equals_copies_and_separate_runs(llama):
         assert all(c.token_ids == alone.token_ids for c in row)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12),
-                                        pytest.param(torch.float32, 2e-5, marks=pytest.mark.triton)])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype,atol", [(torch.float64, 1e-12), pytest.param(torch.float32, 2e-5, marks=pytest.mark.triton)]
+)
 @pytest.mark.parametrize("window", [None, 3])
 def test_shared_prefix_attention_matches_dense_reference(window, dtype, atol):
     """The two-segment attention against a per-row loop over explicitly gathered keys, float64; in
@@ -218,8 +256,9 @@ def test_shared_prefix_attention_matches_dense_reference(window, dtype, atol):
     state = SharedPrefixState(types.SimpleNamespace(layers=[layer]), mask, lengths, gen)
     state.advance(torch.tensor(step), torch.promote_types(dtype, torch.float32))
     module = types.SimpleNamespace(layer_idx=0)
-    out, _ = shared_prefix_attention(module, q, gk, gv, None, scaling=0.3, sliding_window=window,
-                                     fastpeft_shared_prefix_state=state)  # fmt: skip
+    out, _ = shared_prefix_attention(
+        module, q, gk, gv, None, scaling=0.3, sliding_window=window, fastpeft_shared_prefix_state=state
+    )
     assert out.shape == (P * n, 1, hkv * g, d)
     for b in range(P * n):
         p = b // n
@@ -239,8 +278,9 @@ def test_shared_prefix_attention_matches_dense_reference(window, dtype, atol):
 def test_adapters_route_rows():
     model = _llama(seed=4, dtype=torch.float32)  # the fused LoRA op takes fp32/fp16/bf16
     for name in ("a", "b"):
-        config = fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                     init_lora_weights=False)  # fmt: skip
+        config = fastpeft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        )
         fastpeft.inject(model, config, name)
     params = SamplingParams(max_new_tokens=8, temperature=0)
     routed = Sampler(model, TOK).generate(PROMPTS[:2], params, n=2, adapters=["a", "b"])
@@ -265,7 +305,7 @@ def test_errors(llama):
     for bad_n in (0, -2):
         with pytest.raises(ValueError, match="n must be positive"):
             sampler.generate(["ok"], params, n=bad_n)
-    with pytest.raises(ValueError, match="prompt 0 has 8 tokens.*max_seq_len=8"):
+    with pytest.raises(ValueError, match=r"prompt 0 has 8 tokens.*max_seq_len=8"):
         sampler.generate(["12345678"], params)
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         Sampler(llama).generate_ids([[5, 6]], SamplingParams(stop=("\n\n",)))
@@ -303,8 +343,9 @@ def test_cuda_graph_decode_matches_eager_on_gpu(mode):
     for g_row, e_row in zip(graphed, eager):
         for g, e in zip(g_row, e_row):
             assert g.token_ids == e.token_ids
-            torch.testing.assert_close(torch.tensor(g.token_logprobs), torch.tensor(e.token_logprobs),
-                                       atol=1e-4, rtol=0)  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor(g.token_logprobs), torch.tensor(e.token_logprobs), atol=1e-4, rtol=0
+            )
 
 
 @pytest.mark.gpu
@@ -314,8 +355,12 @@ def test_cuda_graph_decode_with_fastpeft_kernels_matches_eager_on_gpu(quantize):
     attention) inside the captured graph give the eager tokens, greedy, with stop strings (batched
     host checks) and EOS in play."""
     model = _llama().to(torch.bfloat16).cuda()
-    fastpeft.inject(model, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", quantize=quantize,
-                                               init_lora_weights=False))  # fmt: skip
+    fastpeft.inject(
+        model,
+        fastpeft.LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", quantize=quantize, init_lora_weights=False
+        ),
+    )
     params = SamplingParams(max_new_tokens=20, temperature=0.0, stop=("e ",))
     graphed = Sampler(model, TOK, cuda_graph=True).generate(PROMPTS, params, n=3)
     eager = Sampler(model, TOK, cuda_graph=False).generate(PROMPTS, params, n=3)
