@@ -36,7 +36,8 @@ _REPOSITORY = Path(__file__).resolve().parents[2]
 
 def _usage() -> str:
     lines = ["usage: fastpeft <command> [CONFIG.yaml] [--key value ...] [--set key=value ...]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, help_ in sorted(COMMANDS.items())]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {help_}" for name, help_ in sorted(COMMANDS.items())]
     lines += ["", f"With no command, runs `{DEFAULT_COMMAND}`. `fastpeft <command> --help` for its options."]
     return "\n".join(lines)
 
