@@ -55,7 +55,8 @@ def lora_linear_ops() -> dict[str, Callable[..., Any]]:
     """The fused (Q)LoRA linear op, NF4 quantization and the exact dequantization for checks."""
     from fastpeft.kernels.backend import backend
     from fastpeft.kernels.lora_linear import lora_linear
-    from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+    from fastpeft.kernels.nf4 import quantize_nf4
+    from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 
     return {
         "lora_linear": lora_linear,

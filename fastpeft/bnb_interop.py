@@ -15,7 +15,7 @@ standard code order and the fp32 values of exactly the bf16 scales bnb computes 
   the layer sends no gradient to its input (torch only warns);
 - bnb's CPU kernels (the repacked gemv and the C ``dequantize_4bit``) read block ``row * (K // bs) +
   col // bs``, i.e. they assume every weight row splits into whole blocks. That equals the standard
-  flat layout only when ``in_features % blocksize == 0`` (the disagreement noted in kernels/nf4.py).
+  flat layout only when ``in_features % blocksize == 0`` (the disagreement noted in kernels/nf4_dequantize.py).
 
 :func:`linear4bit_view` builds a ``Linear4bit`` whose ``Params4bit`` and ``QuantState`` share a
 :class:`NF4Weight`'s tensors (for ``get_base_layer()`` and the conversion to a PeftModel).

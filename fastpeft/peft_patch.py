@@ -43,7 +43,8 @@ from torch import nn
 from fastpeft.bnb_interop import is_linear4bit, keep_standard_layout, nf4_from_linear4bit
 from fastpeft.kernels import lora_linear as _fused  # module attribute: one place to find the op
 from fastpeft.kernels.autocast import autocast_dtype
-from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4
+from fastpeft.kernels.nf4 import NF4Weight
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4
 
 logger = logging.getLogger("fastpeft")
 

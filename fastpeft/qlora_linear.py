@@ -22,7 +22,8 @@ from torch import nn
 
 from fastpeft.bnb_interop import linear4bit_view, nf4_from_linear4bit
 from fastpeft.kernels.backend import tracing
-from fastpeft.kernels.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_nf4
+from fastpeft.kernels.nf4 import FLOAT_DTYPES, NF4Weight, quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4
 from fastpeft.lora_linear import AdapterLinear, _plain_dense_module, linear_kind
 
 _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")

@@ -32,7 +32,8 @@ from fastpeft.adapters import LoraAdapter
 from fastpeft.kernels.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.kernels.backend import tile_starts
 from fastpeft.kernels.lora_linear import lora_linear_training_backward, lora_linear_training_forward
-from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4
+from fastpeft.kernels.nf4 import NF4Weight
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4
 from fastpeft.kernels.workspace import get_workspace
 from fastpeft.lora_linear import AdapterLinear
 

@@ -6,7 +6,8 @@ first launch. Which implementation runs is decided in one place, :mod:`fastpeft.
 
 The functional ops, by module (one operation per file, the file named after it):
 
-- :func:`quantize_nf4`, :func:`dequantize_nf4`, :class:`NF4Weight` (:mod:`~fastpeft.kernels.nf4`),
+- :func:`quantize_nf4`, :class:`NF4Weight` (:mod:`~fastpeft.kernels.nf4`) and :func:`dequantize_nf4`
+  (:mod:`~fastpeft.kernels.nf4_dequantize`),
   also exported here;
 - ``lora_linear.lora_linear``, the fused (Q)LoRA linear, and ``nf4_lora_decode.nf4_lora_decode``,
   its forward-only decode kernel;
@@ -20,7 +21,8 @@ every op is registered with the package): exporting the function instead would s
 
 from fastpeft.kernels import linear_cross_entropy, lora_linear, nf4_lora_decode, prefix_attention
 from fastpeft.kernels.backend import backend, force_backend, interpreting
-from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from fastpeft.kernels.nf4 import NF4Weight, quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4
 
 __all__ = [
     "NF4Weight",

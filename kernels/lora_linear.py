@@ -43,8 +43,9 @@ from fastpeft.kernels.lora_linear_inputs import (
     weight_from_op_args,
     weight_op_args,
 )
-from fastpeft.kernels.nf4 import NF4Weight, dequantize_into, dequantize_nf4
+from fastpeft.kernels.nf4 import NF4Weight
 from fastpeft.kernels.nf4_cpu import gemv_applicable, nf4_linear_cpu
+from fastpeft.kernels.nf4_dequantize import dequantize_into, dequantize_nf4
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, launch_nf4_lora_decode
 from fastpeft.kernels.workspace import accounting, get_workspace
 

@@ -1,7 +1,7 @@
 """NF4 on the CPU: dequantization and x·Wᵀ fast enough to use (the torch backend's NF4 path).
 
-:func:`fastpeft.kernels.nf4.dequantize_nf4_reference` stays the ground truth; CPU tensors run this
-file instead (:func:`fastpeft.kernels.nf4.dequantize_nf4` dispatches here), and it is tested bit for
+:func:`fastpeft.kernels.nf4_dequantize.dequantize_nf4_reference` stays the ground truth; CPU tensors run this
+file instead (:func:`fastpeft.kernels.nf4_dequantize.dequantize_nf4` dispatches here), and it is tested bit for
 bit against the reference.
 
 - :func:`dequantize_nf4_cpu` writes straight into ``out`` (the shared dequant workspace on the
@@ -46,7 +46,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastpeft.kernels.backend import tracing
-from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, nf4_code, quantize_nf4
+from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, nf4_code, quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 from fastpeft.kernels.workspace import get_workspace
 
 # one thread, bf16, 512-1536 wide layers: the GEMV's time grows with M, dequantize + GEMM's hardly;
@@ -212,8 +213,8 @@ def _dequant_table(
 
 
 def dequantize_nf4_cpu(q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Bit-identical to :func:`~fastpeft.kernels.nf4.dequantize_nf4_reference` (arguments already
-    checked by :func:`~fastpeft.kernels.nf4.dequantize_nf4`), for CPU tensors."""
+    """Bit-identical to :func:`~fastpeft.kernels.nf4_dequantize.dequantize_nf4_reference` (arguments already
+    checked by :func:`~fastpeft.kernels.nf4_dequantize.dequantize_nf4`), for CPU tensors."""
     out = torch.empty(q.shape, dtype=dtype) if out is None else out
     if not _plain_cpu(*q.tensors().values(), out):
         return out.copy_(dequantize_nf4_reference(q, dtype))

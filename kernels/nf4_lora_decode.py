@@ -42,9 +42,8 @@ from fastpeft.kernels.lora_linear_inputs import (
     weight_from_op_args,
     weight_op_args,
 )
-from fastpeft.kernels.nf4 import (
-    NESTED_BLOCKSIZE,
-    NF4Weight,
+from fastpeft.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from fastpeft.kernels.nf4_dequantize import (
     dequantize_nf4_reference,
     kernel_args,
     nf4_block_scale,

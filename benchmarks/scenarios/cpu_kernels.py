@@ -46,7 +46,8 @@ def _cpu_only(ctx: Context) -> None:
 def _dequant_impls(k: int, n: int, dtype: torch.dtype) -> Callable[[Context], list[ImplSpec]]:
     def make(ctx: Context) -> list[ImplSpec]:
         _cpu_only(ctx)
-        from fastpeft.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
+        from fastpeft.kernels.nf4 import quantize_nf4
+        from fastpeft.kernels.nf4_dequantize import dequantize_nf4, dequantize_nf4_reference
 
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / k**0.5
         q = quantize_nf4(w, 64, double_quant=True)
@@ -79,7 +80,8 @@ def _decode_impls(m: int, k: int, n: int, r: int) -> Callable[[Context], list[Im
     def make(ctx: Context) -> list[ImplSpec]:
         _cpu_only(ctx)
         from fastpeft.kernels.lora_linear import lora_linear
-        from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+        from fastpeft.kernels.nf4 import quantize_nf4
+        from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 
         t = make_tensors(m, k, n, r, ctx.device, train=False)
 

@@ -29,7 +29,8 @@ def _impls(m: int, k: int, n: int, r: int) -> Callable[[Context], list[ImplSpec]
         from fastpeft.kernels.backend import backend
         from fastpeft.kernels.lora_linear import lora_linear
         from fastpeft.kernels.lora_linear_routed import lora_linear_routed
-        from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+        from fastpeft.kernels.nf4 import quantize_nf4
+        from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 
         t = make_tensors(m, k, n, r, ctx.device, train=False)
         q = quantize_nf4(t.w, 64, double_quant=True)

@@ -23,7 +23,7 @@ from fastpeft import (
     set_adapter,
     unmerge,
 )
-from fastpeft.kernels.nf4 import dequantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4
 from fastpeft.lora_linear import AdapterLinear, iter_adapter_layers
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from fastpeft import QLoRALinear
-from fastpeft.kernels.nf4 import dequantize_nf4, quantize_nf4
+from fastpeft.kernels.nf4 import quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4
 
 TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 6e-2, 2e-2)]
 SHAPES = [(1, 33, 7, 2), (5, 64, 40, 4), (17, 48, 19, 8)]  # (M, in, out, r): partial last NF4 block too

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import fastpeft
-from fastpeft.kernels.nf4 import dequantize_nf4_reference
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 from fastpeft.kernels.workspace import get_workspace, isolated_workspaces
 from fastpeft.lora_linear import AdapterLinear
 from fastpeft.tiled_mlp import TiledGatedMLP, tile_gated_mlps

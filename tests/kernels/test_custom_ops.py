@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from fastpeft.kernels import dequantize_nf4, force_backend, nf4, quantize_nf4
+from fastpeft.kernels import dequantize_nf4, force_backend, nf4, nf4_dequantize, quantize_nf4
 from fastpeft.kernels.cascade_attention import cascade_prefix_attention
 from fastpeft.kernels.linear_cross_entropy import linear_cross_entropy
 from fastpeft.kernels.linear_logprobs import linear_logprobs
@@ -268,4 +268,4 @@ def test_dequantize_op_is_the_reference_on_the_torch_backend():
     gen = torch.Generator().manual_seed(7)
     q = quantize_nf4(_rand(gen, 5, 70) * math.pi, 32, double_quant=True)
     with force_backend("torch"):
-        assert torch.equal(dequantize_nf4(q), nf4.dequantize_nf4_reference(q))
+        assert torch.equal(dequantize_nf4(q), nf4_dequantize.dequantize_nf4_reference(q))

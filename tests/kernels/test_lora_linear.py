@@ -13,7 +13,8 @@ from fastpeft.kernels.lora_linear import (
     lora_linear_training_backward,
     lora_linear_training_forward,
 )
-from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+from fastpeft.kernels.nf4 import quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 from fastpeft.kernels.workspace import clear_workspaces, get_workspace, workspace_bytes
 
 # max |out - ref| <= TOL * max(1, max |ref|), per tensor; dA sums over M rows so its scale grows

@@ -16,7 +16,8 @@ from torch import nn
 from fastpeft.kernels.backend import force_backend
 from fastpeft.kernels.lora_linear import lora_linear
 from fastpeft.kernels.lora_linear_routed import lora_linear_routed
-from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+from fastpeft.kernels.nf4 import quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 
 RANKS = (4, 8, 3)  # different ranks: the decode kernel pads them to one
 SCALINGS = (2.0, 0.5, 1.25)

@@ -21,12 +21,11 @@ from fastpeft.kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
     _quantize_blockwise_8bit,
-    dequantize_nf4,
-    dequantize_nf4_reference,
     dynamic_map,
     nf4_code,
     quantize_nf4,
 )
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4, dequantize_nf4_reference
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")

@@ -12,7 +12,8 @@ import torch
 
 import fastpeft.kernels.nf4_cpu as nc
 from fastpeft.kernels.lora_linear import lora_linear
-from fastpeft.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference, quantize_nf4
+from fastpeft.kernels.nf4 import NF4Weight, quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4, dequantize_nf4_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (64, 64) / 128, (4, 96) / 64, (33, 80) / 64: where bitsandbytes' own CPU dequantize is wrong

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fastpeft.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+from fastpeft.kernels.nf4 import quantize_nf4
+from fastpeft.kernels.nf4_dequantize import dequantize_nf4_reference
 from fastpeft.kernels.nf4_lora_decode import DECODE_MAX_ROWS, nf4_lora_decode, nf4_lora_decode_reference
 from fastpeft.kernels.workspace import get_workspace
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastpeft.kernels.nf4 as nf4
+import fastpeft.kernels.nf4_dequantize as dequant
 import fastpeft.kernels.nf4_lora_decode as decode
 
 pytestmark = pytest.mark.slow
@@ -27,19 +27,19 @@ NF4_POINTERS = {
 
 
 def dequant_spec(blocksize: int, double_quant: bool) -> dict:
-    fn = nf4._nf4_dequant_kernel
-    blocks = max(1, nf4.DEQUANT_TILE_BYTES // (blocksize // 2))
+    fn = dequant._nf4_dequant_kernel
+    blocks = max(1, dequant.DEQUANT_TILE_BYTES // (blocksize // 2))
     const = {
         "BLOCKSIZE": blocksize,
         "DOUBLE_QUANT": double_quant,
-        "NESTED_BLOCK": nf4.NESTED_BLOCKSIZE,
+        "NESTED_BLOCK": dequant.NESTED_BLOCKSIZE,
         "BLOCKS": blocks,
     }
     sig = {n: NF4_POINTERS.get(n, "i32") for n in fn.arg_names}
     sig.update(absmax_ptr="*u8" if double_quant else "*fp32", out_ptr="*bf16", **dict.fromkeys(const, "constexpr"))
     return {
         "label": f"dequant bs{blocksize} dq={double_quant}",
-        "module": nf4.__name__,
+        "module": dequant.__name__,
         "kernel": fn.__name__,
         "signature": sig,
         "constexprs": const,
@@ -57,7 +57,7 @@ def decode_spec(blocksize: int, double_quant: bool, r: int, aligned: bool = True
         IS_NF4=True,
         BLOCKSIZE=blocksize,
         DOUBLE_QUANT=double_quant,
-        NESTED_BLOCK=nf4.NESTED_BLOCKSIZE,
+        NESTED_BLOCK=dequant.NESTED_BLOCKSIZE,
         HAS_BIAS=True,
         SPLIT_K=4,
         FP32_DOT=False,
