@@ -123,6 +123,28 @@ def test_dispatch_boundary(monkeypatch, m, regime):
     assert calls == [regime]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 37])
+def test_eager_function_equals_the_op_bit_for_bit(kind, m):
+    """Eager calls take LoRALinearFn (no dispatcher); under the profiler (as in any trace) the op
+    runs: the same bodies, so the same bits for y, dX, dA, dB and db."""
+    x0, weight, bias0, a0, b0, _, grad_y = make_case(m, 29, 67, 5, 32, torch.float32, kind, True, seed=m)
+    runs = {}
+    for path in ("eager", "op"):
+        x, bias, a, b = (t.clone().requires_grad_() for t in (x0, bias0, a0, b0))
+        if path == "eager":
+            y = lora_linear(x, weight, bias, a, b, 0.75)
+        else:
+            with torch.profiler.profile() as prof:
+                y = lora_linear(x, weight, bias, a, b, 0.75)
+            assert any(e.name.startswith("fastpeft::") for e in prof.events())
+        assert (type(y.grad_fn).__name__ == "LoRALinearFnBackward") == (path == "eager")
+        y.backward(grad_y)
+        runs[path] = (y.detach(), x.grad, a.grad, b.grad, bias.grad)
+    for name, eager, op in zip(("y", "dX", "dA", "dB", "db"), runs["eager"], runs["op"]):
+        assert torch.equal(eager, op), name
+
+
 @pytest.mark.triton
 def test_training_forward_writes_out_and_returns_xa():
     x, weight, bias, a, b, w64, _ = make_case(20, 33, 99, 5, 64, torch.float16, "nf4_dq", True, seed=4)
