@@ -47,7 +47,7 @@ if [[ $SMOKE == 0 ]]; then
         | tee -a "$SUMMARY" || exit 1
     RESULTS=benchmarks/results
     BENCH=(--reps 5)
-    KERNELS="decode-linear train-linear prefix-attention sampling"
+    KERNELS="decode-linear train-linear prefix-attention sampling multi-adapter"  # cpu-* are CPU-only scenarios
     LIMIT_TESTS=60; LIMIT_BENCH=120; LIMIT_STEP=90; LIMIT_MEMORY=90  # with install: under 8 minutes
 else
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
