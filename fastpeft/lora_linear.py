@@ -127,7 +127,7 @@ class AdapterLinear(nn.Module):
         """The frozen base as the plain module this layer replaced (nn.Linear, GPT-2 Conv1D or a
         bitsandbytes Linear4bit) sharing this layer's tensors, as PEFT layers expose theirs. Built on
         each call and never registered as a child, so ``state_dict`` keys do not change."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define get_base_layer()")
 
     @property
     def base_layer(self) -> nn.Module:

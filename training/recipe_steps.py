@@ -58,7 +58,7 @@ class LocalRun:
         loss.backward()
 
     def count_tokens(self, n: int) -> None:
-        pass
+        """No throughput meter outside a training loop: the tokens are not recorded."""
 
 
 def synthetic_rollouts(
